@@ -1,0 +1,559 @@
+"""Train a vision-language dual encoder: `python main.py [flags]` (no flags: the tiny digits demo).
+
+`get_args_parser()` is shared with run_with_submitit.py; `main(argv)` is callable from tests.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import resource
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+import datasets
+import eval_retrieval
+import eval_zeroshot
+import losses
+import models
+import utils
+
+log = logging.getLogger("clip_lab")
+
+# flags that may change between a run and its resume without making it another run
+RESUME_NEUTRAL_ARGS = {"resume", "workers", "print_freq", "device", "wandb", "wandb_project", "max_steps",
+                       "eval_freq", "save_every_steps", "output_dir", "evaluate", "data_root"}
+
+
+# --------------------------------------------------------------------------- arguments
+def get_args_parser() -> argparse.ArgumentParser:
+    """All training flags, grouped; `add_help=False` so launchers can use it as a parent parser."""
+    p = argparse.ArgumentParser("CLIP Lab training", add_help=False)
+    data = p.add_argument_group("data")
+    data.add_argument("--dataset", default="digits",
+                      help="training set: a key of dataset_catalog.json (digits, digits-zh, synthetic, ...)")
+    data.add_argument("--val-dataset", default=None,
+                      help="zero-shot/retrieval validation set; default: the test split of --dataset")
+    data.add_argument("--data-root", default=None,
+                      help="root for catalog paths (else $CLIP_LAB_DATA_ROOT); change when data moves")
+    data.add_argument("--image-size", type=int, default=None,
+                      help="input resolution; default: the catalog entry's image_size, else the backbone's")
+    data.add_argument("--weak-min-scale", type=float, default=0.5,
+                      help="lower scale bound of the RandomResizedCrop of the training view")
+
+    model = p.add_argument_group("model")
+    model.add_argument("--model", default="CLIP_VITT16_CLIP",
+                       help="<BASE>_<BACKBONE>_<NAME>; see --list-models")
+    model.add_argument("--list-models", nargs="?", const="*", default=None, metavar="PATTERN",
+                       help="print every valid model name (optionally matching a shell PATTERN) and exit")
+    model.add_argument("--text-model", default=None,
+                       help="text tower: 'transformer' for CLIP, a BERT name for CNCLIP (RBT3-chinese, ...)")
+    model.add_argument("--embed-dim", type=int, default=None, help="joint embedding size; default: backbone preset")
+    model.add_argument("--transformer-layers", type=int, default=None,
+                       help="CLIP text transformer depth; default: backbone preset (12 for ViT-B)")
+    model.add_argument("--text-width", type=int, default=None, help="CLIP text transformer width")
+    model.add_argument("--text-heads", type=int, default=None, help="CLIP text transformer heads")
+    model.add_argument("--context-length", type=int, default=None,
+                       help="token context; default 77 (CLIP BPE) or 52 (Chinese BERT)")
+    model.add_argument("--checkpoint-grad", action="store_true",
+                       help="activation checkpointing in both towers: less memory, ~30%% more compute")
+    model.add_argument("--pretrained", default=None, help="initialise weights from this state_dict / checkpoint")
+
+    obj = p.add_argument_group("objective")
+    obj.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing of the contrastive CE")
+    obj.add_argument("--loss-avg-or-sum", default="avg", choices=["avg", "sum"],
+                     help="average or sum the image->text and text->image terms (sum = 2x loss scale)")
+
+    optim = p.add_argument_group("optim")
+    optim.add_argument("--epochs", type=int, default=25, help="training epochs")
+    optim.add_argument("--warmup-epochs", type=float, default=1, help="linear warm-up length in epochs")
+    optim.add_argument("--batch-size", type=int, default=128, help="micro-batch size per rank")
+    optim.add_argument("--lr", type=float, default=5e-4, help="peak learning rate")
+    optim.add_argument("--lr-start", type=float, default=1e-6, help="learning rate at the start of warm-up")
+    optim.add_argument("--lr-end", type=float, default=1e-5, help="learning rate at the end of the cosine")
+    optim.add_argument("--wd", type=float, default=0.1, help="AdamW weight decay (not on biases/norms/embeddings)")
+    optim.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.98), help="AdamW betas")
+    optim.add_argument("--eps", type=float, default=1e-8, help="AdamW epsilon")
+    optim.add_argument("--update-freq", type=int, default=1,
+                       help="micro-batches per optimizer step (global batch = ranks x batch-size x this)")
+    optim.add_argument("--accum-mode", default="exact", choices=["exact", "naive"],
+                       help="exact: negatives from all micro-batches (open_clip accum-freq); naive: loss/k")
+
+    system = p.add_argument_group("system")
+    system.add_argument("--output-dir", default="experiments", help="root folder of experiment folders")
+    system.add_argument("--name", default=None, help="experiment name (folder and wandb id); default <model>_<dataset>")
+    system.add_argument("--seed", type=int, default=0, help="seed of data order, augmentation and init")
+    system.add_argument("--workers", type=int, default=2, help="DataLoader worker processes per rank")
+    system.add_argument("--eval-freq", type=int, default=1, help="evaluate and keep checkpoint_best every N epochs")
+    system.add_argument("--evaluate", action="store_true", help="only evaluate the (resumed/pretrained) model")
+    system.add_argument("--resume", default=None,
+                        help="checkpoint to resume from; default: the experiment folder's checkpoint.pt if any")
+    system.add_argument("--save-every-steps", type=int, default=0,
+                        help="also write checkpoint.pt every N optimizer steps (0: at epoch ends only)")
+    system.add_argument("--max-steps", type=int, default=None,
+                        help="stop (with a checkpoint) after this many optimizer steps in total")
+    system.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                        help="autocast dtype; fp16 uses a GradScaler; logits stay fp32")
+    system.add_argument("--max-nonfinite", type=int, default=0,
+                        help="non-finite losses to skip before stopping with a dump")
+    system.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    system.add_argument("--print-freq", type=int, default=10, help="log every N optimizer steps")
+    system.add_argument("--wandb", action="store_true", help="log to wandb (offline without an API key)")
+    system.add_argument("--wandb-project", default="clip-lab", help="wandb project")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse and validate flags; the model name is checked here, so a typo fails before any work."""
+    parser = argparse.ArgumentParser("CLIP Lab", parents=[get_args_parser()])
+    args = parser.parse_args(argv)
+    if args.list_models is not None:
+        return args
+    try:
+        spec = models.parse_model_name(args.model)
+        if args.text_model is not None and args.text_model not in models.text_model_choices(spec.base):
+            raise models.ModelNameError(f"--text-model {args.text_model!r} does not fit {args.model}; "
+                                        f"choose from {models.text_model_choices(spec.base)}")
+    except models.ModelNameError as exc:
+        parser.error(str(exc))
+    if args.update_freq < 1 or args.batch_size < 1:
+        parser.error("--update-freq and --batch-size must be >= 1")
+    return args
+
+
+# --------------------------------------------------------------------------- set-up
+def model_kwargs(args: argparse.Namespace) -> dict:
+    """The one place where flags become model constructor arguments."""
+    return dict(image_size=args.image_size, embed_dim=args.embed_dim, text_model=args.text_model,
+                text_width=args.text_width, text_heads=args.text_heads, text_layers=args.transformer_layers,
+                context_length=args.context_length, checkpoint_grad=args.checkpoint_grad)
+
+
+def build_criterion(spec: models.ModelSpec, args: argparse.Namespace, env: utils.DistEnv) -> nn.Module:
+    """The loss module registered for the model's objective."""
+    gather = utils.all_gather_with_grad if env.distributed else losses.identity_gather
+    if spec.objective.loss == "clip":
+        return losses.ClipLoss(gather, env.rank, args.label_smoothing, args.loss_avg_or_sum)
+    raise ValueError(f"objective {spec.objective.name}: loss {spec.objective.loss!r} is not implemented")
+
+
+NO_DECAY_KEYS = ("logit_scale", "token_embedding", "positional_embedding", "pos_embed", "cls_token",
+                 "word_embeddings", "position_embeddings", "token_type_embeddings", "class_embedding")
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: no decay for biases, norm weights (ndim < 2), embeddings and logit_scale."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or any(k in name for k in NO_DECAY_KEYS) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def cosine_schedule(base: float, start: float, end: float, total_steps: int, warmup_steps: int) -> np.ndarray:
+    """Per-step LR: linear from `start` to `base` over warm-up, then cosine from `base` to `end`."""
+    warmup = np.linspace(start, base, warmup_steps, endpoint=False)
+    t = np.arange(total_steps - warmup_steps) / max(total_steps - warmup_steps, 1)
+    return np.concatenate([warmup, end + 0.5 * (base - end) * (1 + np.cos(np.pi * t))])
+
+
+def experiment_dir(args: argparse.Namespace) -> str:
+    return os.path.join(args.output_dir, args.name or f"{args.model}_{args.dataset}")
+
+
+def config_of(args: argparse.Namespace) -> dict:
+    """The flags that define a run (everything but RESUME_NEUTRAL_ARGS), JSON-clean."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in sorted(vars(args).items())
+            if k not in RESUME_NEUTRAL_ARGS}
+
+
+def check_folder_owner(exp_dir: str, args: argparse.Namespace) -> None:
+    """Refuse to reuse a folder written by a run with different flags (the same flags resume)."""
+    path = os.path.join(exp_dir, "args.json")
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        old = {k: v for k, v in json.load(f).items() if k not in RESUME_NEUTRAL_ARGS}
+    new = config_of(args)
+    diff = {k: (old.get(k), new.get(k)) for k in set(old) | set(new) if old.get(k) != new.get(k)}
+    if diff:
+        raise SystemExit(f"{exp_dir} belongs to another run (flags differ: "
+                         + ", ".join(f"--{k.replace('_', '-')} {a!r} -> {b!r}" for k, (a, b) in sorted(diff.items()))
+                         + "). Use another --name or --output-dir.")
+
+
+def write_run_files(exp_dir: str, args: argparse.Namespace, commit: str) -> None:
+    os.makedirs(exp_dir, exist_ok=True)
+    with open(os.path.join(exp_dir, "args.json"), "w", encoding="utf-8") as f:
+        json.dump({k: list(v) if isinstance(v, tuple) else v for k, v in sorted(vars(args).items())}, f, indent=1)
+    with open(os.path.join(exp_dir, "command.txt"), "w", encoding="utf-8") as f:
+        f.write(shlex.join([sys.executable] + sys.argv) + "\n")
+    with open(os.path.join(exp_dir, "commit.txt"), "w", encoding="utf-8") as f:
+        f.write(commit + "\n")
+
+
+def load_state_strict(model: nn.Module, state: dict, source: str) -> None:
+    """load_state_dict(strict) with a message listing missing and unexpected keys."""
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise RuntimeError(f"{source}: state_dict does not fit the model. missing keys "
+                           f"({len(result.missing_keys)}): {result.missing_keys[:20]}; unexpected keys "
+                           f"({len(result.unexpected_keys)}): {result.unexpected_keys[:20]}")
+
+
+def setup_logging(exp_dir: str | None, main_process: bool) -> None:
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
+    if exp_dir and main_process:
+        handlers.append(logging.FileHandler(os.path.join(exp_dir, "train.log")))
+    logging.basicConfig(level=logging.INFO if main_process else logging.WARNING, force=True, handlers=handlers,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+
+
+def init_wandb(args: argparse.Namespace, exp_dir: str, commit: str):
+    """wandb run whose id is the experiment id (a resume continues it); offline without an API key."""
+    import wandb
+
+    mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+    run_id = os.path.basename(os.path.normpath(exp_dir))
+    for ch in "/\\#?%:":
+        run_id = run_id.replace(ch, "-")
+    run = wandb.init(project=args.wandb_project, id=run_id, name=run_id, resume="allow", dir=exp_dir, mode=mode,
+                     config={**config_of(args), "commit": commit}, tags=[args.model, args.dataset])
+    run.define_metric("global_step")
+    run.define_metric("*", step_metric="global_step")
+    return run
+
+
+# --------------------------------------------------------------------------- training state
+@dataclass
+class RunState:
+    """Everything about progress that a checkpoint must restore."""
+
+    epoch: int = 0
+    step: int = 0  # optimizer steps done in total
+    step_in_epoch: int = 0  # optimizer steps done in the current epoch
+    best_metric: float = -math.inf
+    nonfinite: int = 0
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def autocast(args: argparse.Namespace, device: torch.device):
+    if args.precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def _rng_snapshot(device: torch.device):
+    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+def _rng_restore(snapshot, device: torch.device) -> None:
+    torch.set_rng_state(snapshot[0])
+    if snapshot[1] is not None:
+        torch.cuda.set_rng_state(snapshot[1], device)
+
+
+def forward_backward(model, criterion, micro_batches, args, device, scaler) -> dict[str, torch.Tensor]:
+    """Forward + backward over the k micro-batches of one optimizer step; returns the loss dict.
+
+    k = 1: plain step. `naive`: each micro-batch is its own contrastive batch, loss / k.
+    `exact` (Cui et al. 2021, ZeroVL; Pham et al. 2021, BASIC): a no-grad pass caches every
+    micro-batch's per-sample outputs; then micro-batch j is recomputed with grad (same RNG state)
+    and the loss is taken over the whole k*B batch with the cached outputs of the others, so the
+    summed gradient equals the gradient of one k*B batch. Scalar outputs (the temperature) keep
+    their graph only at j = 0 so their gradient is counted once. DDP syncs only on the last j.
+    """
+    k = len(micro_batches)
+    no_sync = model.no_sync if isinstance(model, DistributedDataParallel) else contextlib.nullcontext
+    if k == 1 or args.accum_mode == "naive":
+        for j, batch in enumerate(micro_batches):
+            with (no_sync() if j < k - 1 else contextlib.nullcontext()), autocast(args, device):
+                loss_dict = criterion(model(*batch))
+                check_finite(loss_dict, batch, None)
+                scaler.scale(loss_dict["loss"] / k).backward()
+        return loss_dict
+
+    cached, rng = [], []
+    with torch.no_grad(), autocast(args, device):
+        for batch in micro_batches:
+            rng.append(_rng_snapshot(device))
+            cached.append({key: v.detach() for key, v in model(*batch).items() if v.ndim > 0})
+    for j, batch in enumerate(micro_batches):
+        _rng_restore(rng[j], device)
+        with (no_sync() if j < k - 1 else contextlib.nullcontext()), autocast(args, device):
+            fresh = model(*batch)
+            merged = {key: torch.cat([c[key] for c in cached[:j]] + [v] + [c[key] for c in cached[j + 1:]])
+                      if key in cached[j] else (v if j == 0 else v.detach()) for key, v in fresh.items()}
+            loss_dict = criterion(merged)
+            check_finite(loss_dict, batch, merged)
+            scaler.scale(loss_dict["loss"]).backward()
+    return loss_dict
+
+
+def check_finite(loss_dict: dict, batch, outputs) -> None:
+    if not torch.isfinite(loss_dict["loss"]):
+        raise NonFiniteLoss({"batch": batch, "outputs": outputs, "loss": loss_dict})
+
+
+def dump_nonfinite(exp_dir: str, step: int, payload: dict) -> str:
+    """Save the offending batch, outputs and loss parts (tensors only) for post-mortem."""
+    path = os.path.join(exp_dir, f"nonfinite_step{step}.pt")
+    batch = [t.detach().cpu() for t in payload["batch"]]
+    outputs = {k: v.detach().cpu() for k, v in (payload["outputs"] or {}).items()}
+    utils.save_atomic({"step": step, "batch": batch, "outputs": outputs,
+                       "loss": {k: v.detach().cpu() for k, v in payload["loss"].items()}}, path)
+    return path
+
+
+def train_one_epoch(model, criterion, loader, optimizer, scaler, lr_schedule, state: RunState, args, ctx) -> dict:
+    """One pass over the loader in optimizer steps of `update_freq` micro-batches; returns epoch means."""
+    model.train()
+    meters: dict[str, utils.SmoothedValue] = {}
+    micro, t_data, t_start = [], 0.0, time.perf_counter()
+    t_last = time.perf_counter()
+    steps_in_epoch = ctx["steps_per_epoch"]
+    for images, tokens in loader:
+        micro.append((images.to(ctx["device"], non_blocking=True), tokens.to(ctx["device"], non_blocking=True)))
+        if len(micro) < args.update_freq:
+            continue
+        t_data += time.perf_counter() - t_last
+        for group in optimizer.param_groups:
+            group["lr"] = float(lr_schedule[state.step])
+        try:
+            loss_dict = forward_backward(model, criterion, micro, args, ctx["device"], scaler)
+        except NonFiniteLoss as exc:
+            optimizer.zero_grad(set_to_none=True)
+            state.nonfinite += 1
+            if state.nonfinite > args.max_nonfinite:
+                path = dump_nonfinite(ctx["exp_dir"], state.step, exc.args[0])
+                raise SystemExit(f"non-finite loss at step {state.step} (epoch {state.epoch}); batch, features "
+                                 f"and loss parts saved to {path}. Lower --lr, use --precision fp32/bf16, or "
+                                 f"allow skips with --max-nonfinite N.") from None
+            log.warning("non-finite loss at step %d skipped (%d/%d)", state.step, state.nonfinite, args.max_nonfinite)
+            micro = []
+            continue
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        unwrap(model).clamp_logit_scale()
+        micro = []
+        state.step += 1
+        state.step_in_epoch += 1
+        for key, value in loss_dict.items():
+            meters.setdefault(key, utils.SmoothedValue()).update(float(value), args.batch_size)
+        if state.step % args.print_freq == 0 or state.step_in_epoch == steps_in_epoch:
+            log_progress(meters, state, args, ctx, optimizer, t_start, t_data)
+            t_start, t_data = time.perf_counter(), 0.0
+        if args.save_every_steps and state.step % args.save_every_steps == 0:
+            ctx["save"](is_best=False)
+        if state.step_in_epoch >= steps_in_epoch or (args.max_steps and state.step >= args.max_steps):
+            break
+        t_last = time.perf_counter()
+    return {key: utils.all_reduce_mean(m.global_avg) for key, m in meters.items()}
+
+
+def memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def log_progress(meters, state: RunState, args, ctx, optimizer, t_start: float, t_data: float) -> None:
+    """Console line + log.txt JSON line + wandb point for the last logging window."""
+    elapsed = time.perf_counter() - t_start
+    window = {key: m.window_avg() for key, m in meters.items()}
+    steps = (state.step - 1) % args.print_freq + 1
+    record = {"type": "train", "epoch": state.epoch, "global_step": state.step, "lr": optimizer.param_groups[0]["lr"],
+              "logit_scale": float(unwrap(ctx["model"]).logit_scale.exp()),
+              "samples_per_s": steps * ctx["global_batch"] / max(elapsed, 1e-9),
+              "data_time_s": t_data, "memory_mb": memory_mb(ctx["device"]), **window}
+    log.info("epoch %d step %d/%d | %s | %.1f samples/s | data %.2fs | lr %.2e | scale %.2f | mem %.0f MB",
+             state.epoch, state.step_in_epoch, ctx["steps_per_epoch"],
+             " ".join(f"{k} {v:.4f}" for k, v in window.items()), record["samples_per_s"], t_data,
+             record["lr"], record["logit_scale"], record["memory_mb"])
+    ctx["record"](record)
+
+
+# --------------------------------------------------------------------------- evaluation
+def evaluate(model, spec: models.ModelSpec, tokenizer, args, device) -> dict[str, float]:
+    """Zero-shot top-1/top-5 (when the dataset has class names) and image<->text recall on its test split."""
+    model = unwrap(model)
+    was_training = model.training
+    model.eval()
+    name = args.val_dataset or args.dataset
+    entry = datasets.catalog_entry(name)
+    reader = datasets.build_reader(name, "test")
+    transform = datasets.val_transform(ctx_image_size(args, spec))
+    metrics: dict[str, float] = {}
+    try:
+        classnames, templates = datasets.load_labels_and_templates(entry.get("labels", name))
+    except datasets.DatasetError:
+        classnames = None
+    if classnames:
+        loader = DataLoader(datasets.ClassificationDataset(reader, transform), batch_size=256, num_workers=0)
+        acc = eval_zeroshot.zeroshot_accuracy(model, tokenizer, classnames, templates, loader, device)
+        metrics.update({f"zeroshot_{k}": v for k, v in acc.items()})
+    images, captions = zip(*(reader.read(i) for i in range(len(reader))))
+    pixel = torch.stack([transform(im) for im in images])
+    metrics.update(eval_retrieval.caption_retrieval(model, tokenizer, pixel, list(captions), device))
+    model.train(was_training)
+    return metrics
+
+
+def ctx_image_size(args: argparse.Namespace, spec: models.ModelSpec) -> int:
+    """--image-size, else the dataset's catalog image_size, else the backbone preset."""
+    return args.image_size or datasets.catalog_entry(args.dataset).get("image_size") or spec.backbone.image_size
+
+
+# --------------------------------------------------------------------------- checkpoint
+def checkpoint_payload(model, optimizer, scaler, state: RunState, args, commit: str) -> dict:
+    return {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+            "epoch": state.epoch, "step": state.step, "step_in_epoch": state.step_in_epoch,
+            "best_metric": state.best_metric, "nonfinite": state.nonfinite, "rng": utils.capture_rng_state(),
+            "args": config_of(args), "commit": commit}
+
+
+def restore(path: str, model, optimizer, scaler, state: RunState) -> None:
+    ckpt = utils.load_checkpoint(path)
+    missing = [k for k in ("model", "optimizer", "epoch", "step", "step_in_epoch", "rng") if k not in ckpt]
+    if missing:
+        raise RuntimeError(f"checkpoint {path!r} lacks the keys {missing}: not a CLIP Lab training checkpoint "
+                           "(use --pretrained for bare weights)")
+    load_state_strict(unwrap(model), ckpt["model"], path)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    state.epoch, state.step, state.step_in_epoch = ckpt["epoch"], ckpt["step"], ckpt["step_in_epoch"]
+    state.best_metric, state.nonfinite = ckpt["best_metric"], ckpt["nonfinite"]
+    utils.restore_rng_state(ckpt["rng"])
+
+
+# --------------------------------------------------------------------------- main
+def main(args: argparse.Namespace | list[str] | None = None) -> dict:
+    """Train (or evaluate) as the flags say; returns the summary dict also written to summary.json."""
+    args = parse_args(args) if not isinstance(args, argparse.Namespace) else args
+    if args.list_models is not None:
+        print("\n".join(models.list_models(args.list_models)))
+        return {}
+    env = utils.init_distributed(args.device)
+    spec = models.parse_model_name(args.model)
+    exp_dir = experiment_dir(args)
+    main_process = env.rank == 0
+    commit = utils.git_commit()
+    resume_path = args.resume or (os.path.join(exp_dir, "checkpoint.pt")
+                                  if os.path.exists(os.path.join(exp_dir, "checkpoint.pt")) else None)
+    if main_process:
+        check_folder_owner(exp_dir, args)
+        write_run_files(exp_dir, args, commit)
+    setup_logging(exp_dir, main_process)
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+
+    image_size = ctx_image_size(args, spec)
+    kwargs = {**model_kwargs(args), "image_size": image_size}
+    model = models.build_model(spec, **kwargs).to(env.device)
+    if args.pretrained:
+        ckpt = utils.load_checkpoint(args.pretrained)
+        load_state_strict(model, ckpt.get("model", ckpt.get("state_dict", ckpt)), args.pretrained)
+    tokenizer = datasets.build_tokenizer(spec.base.tokenizer, args.context_length or spec.base.context_length)
+    reader = datasets.build_reader(args.dataset, "train")
+    dataset = datasets.ImageTextDataset(reader, datasets.train_transform(image_size, args.weak_min_scale), tokenizer)
+    sampler = datasets.ResumableSampler(len(dataset), args.batch_size, env.rank, env.world_size, args.seed)
+    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
+                        pin_memory=env.device.type == "cuda", persistent_workers=False)
+    steps_per_epoch = sampler.batches_per_epoch // args.update_freq
+    if steps_per_epoch == 0:
+        raise SystemExit(f"--update-freq {args.update_freq} exceeds the {sampler.batches_per_epoch} micro-batches "
+                         "of an epoch")
+    total_steps = args.epochs * steps_per_epoch
+    lr_schedule = cosine_schedule(args.lr, args.lr_start, args.lr_end, total_steps,
+                                  int(args.warmup_epochs * steps_per_epoch))
+    optimizer = torch.optim.AdamW(param_groups(model, args.wd), lr=args.lr, betas=tuple(args.betas), eps=args.eps)
+    scaler = torch.amp.GradScaler(env.device.type, enabled=args.precision == "fp16")
+    state = RunState()
+    if resume_path:
+        restore(resume_path, model, optimizer, scaler, state)
+        log.info("resumed from %s at epoch %d, step %d", resume_path, state.epoch, state.step)
+    ddp_model = DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None) \
+        if env.distributed else model
+    criterion = build_criterion(spec, args, env)
+
+    wandb_run = init_wandb(args, exp_dir, commit) if args.wandb and main_process else None
+
+    def record(entry: dict) -> None:
+        if not main_process:
+            return
+        with open(os.path.join(exp_dir, "log.txt"), "a", encoding="utf-8") as f:
+            f.write(json.dumps(entry) + "\n")
+        if wandb_run is not None:
+            wandb_run.log({k: v for k, v in entry.items() if isinstance(v, (int, float))})
+
+    def save(is_best: bool) -> None:
+        if main_process:
+            payload = checkpoint_payload(model, optimizer, scaler, state, args, commit)
+            utils.save_atomic(payload, os.path.join(exp_dir, "checkpoint.pt"))
+            if is_best:
+                utils.save_atomic(payload, os.path.join(exp_dir, "checkpoint_best.pt"))
+
+    ctx = {"device": env.device, "exp_dir": exp_dir, "steps_per_epoch": steps_per_epoch, "model": ddp_model,
+           "global_batch": args.batch_size * env.world_size * args.update_freq, "record": record, "save": save}
+    log.info("model %s (%.2fM params), %d steps/epoch, global batch %d, %d rank(s) on %s", args.model,
+             sum(p.numel() for p in model.parameters()) / 1e6, steps_per_epoch, ctx["global_batch"],
+             env.world_size, env.device)
+
+    metrics: dict[str, float] = {}
+    t0 = time.time()
+    if args.evaluate:
+        metrics = evaluate(model, spec, tokenizer, args, env.device) if main_process else {}
+    while not args.evaluate and state.epoch < args.epochs and not (args.max_steps and state.step >= args.max_steps):
+        sampler.set_epoch(state.epoch, state.step_in_epoch * args.update_freq)
+        train_stats = train_one_epoch(ddp_model, criterion, loader, optimizer, scaler, lr_schedule, state, args, ctx)
+        if state.step_in_epoch < steps_per_epoch:  # stopped by --max-steps mid-epoch
+            save(is_best=False)
+            break
+        state.epoch, state.step_in_epoch = state.epoch + 1, 0
+        is_best = False
+        if state.epoch % args.eval_freq == 0 or state.epoch == args.epochs:
+            metrics = evaluate(model, spec, tokenizer, args, env.device) if main_process else {}
+            score = metrics.get("zeroshot_acc1", metrics.get("mean_recall", -math.inf))
+            is_best = score > state.best_metric
+            state.best_metric = max(state.best_metric, score)
+            log.info("epoch %d eval: %s", state.epoch, " ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
+        record({"type": "epoch", "epoch": state.epoch, "global_step": state.step,
+                **{f"train_{k}": v for k, v in train_stats.items()}, **{f"test_{k}": v for k, v in metrics.items()}})
+        save(is_best)
+    summary = {"model": args.model, "dataset": args.dataset, "epoch": state.epoch, "step": state.step,
+               "best_metric": state.best_metric, "train_time_s": time.time() - t0, "commit": commit, **metrics}
+    if main_process:
+        with open(os.path.join(exp_dir, "summary.json"), "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=1)
+        log.info("summary: %s", json.dumps(summary))
+    if wandb_run is not None:
+        wandb_run.finish()
+    if env.distributed:
+        torch.distributed.destroy_process_group()
+    return summary
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

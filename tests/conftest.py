@@ -1,0 +1,24 @@
+"""Shared test set-up: offline, wandb offline, repository root importable, tiny-run helpers."""
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+# flags of a tiny, fast training run (a few seconds on 2 cores)
+TINY_RUN = ["--model", "CLIP_VITT16_CLIP", "--dataset", "synthetic", "--image-size", "32", "--batch-size", "8",
+            "--epochs", "1", "--workers", "0", "--transformer-layers", "1", "--print-freq", "1", "--lr", "1e-3"]
+
+
+@pytest.fixture
+def tiny_run_args(tmp_path):
+    """Flags of a tiny run writing into a temporary experiments root."""
+    return TINY_RUN + ["--output-dir", str(tmp_path / "experiments")]

@@ -1,0 +1,209 @@
+"""Small shared helpers, kept under ~300 lines on purpose.
+
+What belongs here and nothing else:
+- distributed set-up and queries (`init_distributed`, `get_rank`, `get_world_size`, `is_main_process`,
+  `all_gather_with_grad`, `all_reduce_mean`);
+- checkpoint I/O (`save_atomic`, `load_checkpoint`, RNG state capture/restore);
+- meters (`SmoothedValue`) and the git commit lookup.
+Model, loss, data and training code live in their own files.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import random
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("clip_lab")
+
+
+# --------------------------------------------------------------------------- distributed
+@dataclass
+class DistEnv:
+    """Where this process sits in the job: global rank, world size, local rank, device."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _slurm_master_addr() -> str:
+    """First host of the Slurm allocation, resolved with `scontrol show hostnames`."""
+    nodelist = os.environ.get("SLURM_JOB_NODELIST", os.environ.get("SLURM_NODELIST", "127.0.0.1"))
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
+                             text=True, check=True, timeout=30).stdout
+        return out.split()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return nodelist.split(",")[0]
+
+
+def detect_launch_env() -> tuple[int, int, int] | None:
+    """Return (rank, world_size, local_rank) from torchrun or Slurm env vars, or None when single-process.
+
+    torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; `srun` (and submitit) set SLURM_PROCID/SLURM_NTASKS/
+    SLURM_LOCALID. A Slurm job with one task is treated as single-process.
+    """
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        env.setdefault("MASTER_ADDR", _slurm_master_addr())
+        env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
+    return None
+
+
+def init_distributed(device: str = "auto") -> DistEnv:
+    """Initialise torch.distributed when launched by torchrun/Slurm; gloo on CPU, nccl on CUDA.
+
+    `device` is "auto" (CUDA when available), "cpu" or "cuda". Each process binds to
+    cuda:LOCAL_RANK, so one task per GPU.
+    """
+    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    launch = detect_launch_env()
+    rank, world, local = launch if launch else (0, 1, 0)
+    dev = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    if launch and world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", init_method="env://", rank=rank,
+                                world_size=world, timeout=datetime.timedelta(minutes=30))
+    return DistEnv(rank, world, local, dev)
+
+
+def get_rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate `tensor` (B, ...) from every rank into (world*B, ...), keeping gradients.
+
+    The backward of the gather sums each rank's gradient into the local slice, so a loss computed on
+    gathered features gives the same gradient as one process holding the whole batch.
+    """
+    if get_world_size() == 1:
+        return tensor
+    import torch.distributed.nn.functional as dist_fn
+
+    return torch.cat(dist_fn.all_gather(tensor), dim=0)
+
+
+def all_reduce_mean(value: float) -> float:
+    """Average a Python number over ranks (for logging)."""
+    if get_world_size() == 1:
+        return float(value)
+    t = torch.tensor([float(value)], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t.item()) / get_world_size()
+
+
+# --------------------------------------------------------------------------- checkpoint I/O
+def save_atomic(obj: dict, path: str) -> None:
+    """torch.save to a temporary file in the same folder, then os.replace: never a half file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".pt", dir=folder)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path: str) -> dict:
+    """Load a checkpoint with `weights_only=True`; a corrupt or unsafe file raises a clear error."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types (RuntimeError, UnpicklingError, EOFError)
+        raise RuntimeError(f"cannot load checkpoint {path!r}: {type(exc).__name__}: {exc}. "
+                           "The file is corrupt, truncated or holds non-tensor objects "
+                           "(only weights_only-safe checkpoints are accepted).") from exc
+
+
+def capture_rng_state() -> dict:
+    """Python, NumPy and torch RNG states as weights_only-safe values (tensors, ints, lists)."""
+    py_version, py_state, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {
+        "python": [py_version, list(py_state), py_gauss],
+        "numpy": [np_name, torch.from_numpy(np_keys.astype(np.int64)), int(np_pos), int(np_has_gauss),
+                  float(np_gauss)],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    """Inverse of `capture_rng_state`."""
+    py_version, py_state, py_gauss = state["python"]
+    random.setstate((py_version, tuple(py_state), py_gauss))
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = state["numpy"]
+    np.random.set_state((np_name, np_keys.numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def git_commit(folder: str | None = None) -> str:
+    """The HEAD commit of the repository holding this file (or `folder`), or 'unknown'.
+
+    run.sh snapshots code with `git archive`, which has no .git: it exports CLIP_LAB_COMMIT.
+    """
+    if os.environ.get("CLIP_LAB_COMMIT"):
+        return os.environ["CLIP_LAB_COMMIT"]
+    folder = folder or os.path.dirname(os.path.abspath(__file__))
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True,
+                              check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+# --------------------------------------------------------------------------- meters
+class SmoothedValue:
+    """Running average of a scalar over a logging window and over the epoch."""
+
+    def __init__(self) -> None:
+        self.total = 0.0
+        self.count = 0
+        self.window_total = 0.0
+        self.window_count = 0
+
+    def update(self, value: float, n: int = 1) -> None:
+        self.total += value * n
+        self.count += n
+        self.window_total += value * n
+        self.window_count += n
+
+    def window_avg(self) -> float:
+        avg = self.window_total / max(self.window_count, 1)
+        self.window_total, self.window_count = 0.0, 0
+        return avg
+
+    @property
+    def global_avg(self) -> float:
+        return self.total / max(self.count, 1)
