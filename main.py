@@ -333,8 +333,8 @@ def train_one_epoch(model, criterion, loader, optimizer, scaler, lr_schedule, st
     micro, t_data, t_start = [], 0.0, time.perf_counter()
     t_last = time.perf_counter()
     steps_in_epoch = ctx["steps_per_epoch"]
-    for images, tokens in loader:
-        micro.append((images.to(ctx["device"], non_blocking=True), tokens.to(ctx["device"], non_blocking=True)))
+    for batch in loader:  # a tuple of tensors, passed to model(*batch); layout set by the dataset
+        micro.append(tuple(t.to(ctx["device"], non_blocking=True) for t in batch))
         if len(micro) < args.update_freq:
             continue
         t_data += time.perf_counter() - t_last
@@ -361,7 +361,7 @@ def train_one_epoch(model, criterion, loader, optimizer, scaler, lr_schedule, st
         state.step += 1
         state.step_in_epoch += 1
         for key, value in loss_dict.items():
-            meters.setdefault(key, utils.SmoothedValue()).update(float(value), args.batch_size)
+            meters.setdefault(key, utils.SmoothedValue()).update(float(value.detach()), args.batch_size)
         if state.step % args.print_freq == 0 or state.step_in_epoch == steps_in_epoch:
             log_progress(meters, state, args, ctx, optimizer, t_start, t_data)
             t_start, t_data = time.perf_counter(), 0.0
@@ -413,7 +413,7 @@ def evaluate(model, spec: models.ModelSpec, tokenizer, args, device) -> dict[str
     if classnames:
         loader = DataLoader(datasets.ClassificationDataset(reader, transform), batch_size=256, num_workers=0)
         acc = eval_zeroshot.zeroshot_accuracy(model, tokenizer, classnames, templates, loader, device)
-        metrics.update({f"zeroshot_{k}": v for k, v in acc.items()})
+        metrics.update(acc)
     images, captions = zip(*(reader.read(i) for i in range(len(reader))))
     pixel = torch.stack([transform(im) for im in images])
     metrics.update(eval_retrieval.caption_retrieval(model, tokenizer, pixel, list(captions), device))
@@ -535,7 +535,7 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
         is_best = False
         if state.epoch % args.eval_freq == 0 or state.epoch == args.epochs:
             metrics = evaluate(model, spec, tokenizer, args, env.device) if main_process else {}
-            score = metrics.get("zeroshot_acc1", metrics.get("mean_recall", -math.inf))
+            score = metrics.get("acc1_z", metrics.get("mean_recall", -math.inf))
             is_best = score > state.best_metric
             state.best_metric = max(state.best_metric, score)
             log.info("epoch %d eval: %s", state.epoch, " ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
@@ -543,7 +543,8 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
                 **{f"train_{k}": v for k, v in train_stats.items()}, **{f"test_{k}": v for k, v in metrics.items()}})
         save(is_best)
     summary = {"model": args.model, "dataset": args.dataset, "epoch": state.epoch, "step": state.step,
-               "best_metric": state.best_metric, "train_time_s": time.time() - t0, "commit": commit, **metrics}
+               "best_metric": state.best_metric if math.isfinite(state.best_metric) else None,
+               "train_time_s": time.time() - t0, "commit": commit, **metrics}
     if main_process:
         with open(os.path.join(exp_dir, "summary.json"), "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=1)

@@ -290,12 +290,17 @@ class CLIP(nn.Module):
         nn.init.normal_(self.text_projection.weight, std=text_width ** -0.5)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
-    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        """(B,3,H,W) -> (B,D) unnormalised projected features."""
+    # embedding heads evaluation can score: "z" is the CLIP projector; CL2L adds "h" (its MLP projector)
+    embedding_heads: tuple[str, ...] = ("z",)
+
+    def encode_image(self, images: torch.Tensor, head: str = "z") -> torch.Tensor:
+        """(B,3,H,W) -> (B,D) unnormalised projected features of embedding head `head`."""
+        assert head == "z", f"{type(self).__name__} has only the 'z' head"
         return self.image_projection(self.visual(images))
 
-    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B,L) -> (B,D) unnormalised projected features."""
+    def encode_text(self, tokens: torch.Tensor, head: str = "z") -> torch.Tensor:
+        """(B,L) -> (B,D) unnormalised projected features of embedding head `head`."""
+        assert head == "z", f"{type(self).__name__} has only the 'z' head"
         return self.text_projection(self.text(tokens))
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
