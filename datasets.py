@@ -10,13 +10,22 @@ depend on worker count, rank layout or where a resumed run restarted.
 """
 from __future__ import annotations
 
+import base64
+import bisect
 import contextlib
+import io
 import json
+import logging
+import math
 import os
+import pickle
 import random
+import zipfile
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Protocol, Sequence
+from typing import Protocol
 
+import lmdb
 import numpy as np
 import torch
 from PIL import Image
@@ -28,6 +37,7 @@ CATALOG_PATH = os.path.join(HERE, "dataset_catalog.json")
 CHINESE_VOCAB = os.path.join(HERE, "assets", "bert_chinese_vocab.txt")
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+log = logging.getLogger("clip_lab")
 
 
 # --------------------------------------------------------------------------- catalog
@@ -150,8 +160,550 @@ class SyntheticReader:
         return index % len(self.WORDS)
 
 
-def build_reader(name: str, split: str, catalog: dict | None = None) -> Reader:
-    """The reader for catalog entry `name` and `split` (train/test), dispatched on its `format`."""
+# --------------------------------------------------------------------------- storage formats at scale
+LMDB_READ_OPTIONS = dict(readonly=True, create=False, lock=False, readahead=False, meminit=False, max_readers=2048)
+CORRUPT_ERRORS = (OSError, ValueError, SyntaxError, EOFError, zipfile.BadZipFile, Image.DecompressionBombError)
+
+
+class CorruptSample(Exception):
+    """A sample whose stored bytes cannot be read or decoded; ImageTextDataset skips, replaces and counts it."""
+
+    def __init__(self, sample_id: str, reason: str) -> None:
+        super().__init__(sample_id, reason)
+        self.sample_id, self.reason = sample_id, reason
+
+    def __str__(self) -> str:
+        return f"{self.sample_id}: {self.reason}"
+
+
+class UnsafePickleError(pickle.UnpicklingError):
+    """A pickle that asks for anything but the plain types a format admits (never loaded)."""
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler that resolves only the (module, name) globals in `allowed` and refuses every other one.
+
+    Plain containers, ints and strings need no global at all, so `allowed=()` admits data only;
+    `os.system`, `builtins.eval`, `subprocess.Popen`, ... are refused before anything is called.
+    """
+
+    def __init__(self, file, allowed: frozenset = frozenset()) -> None:
+        super().__init__(file)
+        self.allowed = allowed
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self.allowed:
+            return super().find_class(module, name)
+        raise UnsafePickleError(f"refusing to unpickle the global {module}.{name}: only plain data is admitted")
+
+
+def restricted_loads(data: bytes, where: str, allowed: frozenset = frozenset()):
+    """pickle.loads with `_RestrictedUnpickler`; `where` (file/key) is named in every error."""
+    try:
+        return _RestrictedUnpickler(io.BytesIO(data), allowed).load()
+    except UnsafePickleError as exc:
+        raise UnsafePickleError(f"{where}: {exc}") from None
+
+
+def load_pair(data: bytes, where: str) -> tuple:
+    """A Chinese-CLIP pairs value, `pickle.dumps((image_id, text_id, text))`, admitting only tuple/int/str."""
+    try:
+        pair = restricted_loads(data, where)
+    except UnsafePickleError:
+        raise
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError) as exc:
+        raise CorruptSample(where, f"unreadable pickle ({exc})") from None
+    if not (type(pair) is tuple and len(pair) == 3 and all(type(v) in (int, str) for v in pair)):
+        raise UnsafePickleError(f"{where}: a pair must be a tuple (image_id, text_id, text) of int/str, "
+                                f"got {type(pair).__name__} {pair!r:.80}")
+    return pair
+
+
+def decode_image(data: bytes, draft: int | None = None) -> Image.Image:
+    """Encoded image bytes -> RGB PIL image, decoded now (errors surface here, not in the transform).
+
+    With `draft`, a JPEG is decoded by libjpeg's DCT scaling at the smallest 1/2, 1/4 or 1/8 size whose
+    sides stay >= draft (PIL `Image.draft`): much less work on large photos, never below `draft`.
+    """
+    image = Image.open(io.BytesIO(data))
+    if draft and image.format == "JPEG":
+        image.draft("RGB", (draft, draft))
+    return image.convert("RGB")
+
+
+def draft_size(image_size: int, min_scale: float, min_ratio: float = 3 / 4) -> int:
+    """Smallest short side that keeps every RandomResizedCrop(image_size, scale=(min_scale, 1),
+    ratio=(min_ratio, 1/min_ratio)) crop at >= image_size pixels a side: a crop has area s*W*H >= s*short^2
+    and aspect r, so its smaller side is >= short*sqrt(s*min_ratio)."""
+    return math.ceil(image_size / math.sqrt(min_scale * min_ratio))
+
+
+def _per_process(obj, attr: str, opener):
+    """`opener()` cached on `obj.attr` for the current process only: a handle opened before a fork
+    (DataLoader workers) is never used in the child, which opens its own."""
+    cached = getattr(obj, attr, None)
+    if cached is None or cached[0] != os.getpid():
+        cached = (os.getpid(), opener())
+        setattr(obj, attr, cached)
+    return cached[1]
+
+
+class _LazyHandles:
+    """Pickling drops per-process handles (files, LMDB environments), so spawned workers reopen them."""
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_h_")}
+
+
+# ---- yfcc15m
+def yfcc_zip_location(root: str, image_id: int) -> tuple[str, str]:
+    """YFCC100M zip layout: image 12345678 is member `678.jpg` of `root/images/12/345.zip`."""
+    d = f"{image_id:08d}"
+    return os.path.join(root, "images", d[:2], d[2:5] + ".zip"), d[5:] + ".jpg"
+
+
+def load_yfcc_metadata(path: str) -> list[tuple[int, str, str]]:
+    """(image id, title, description) rows from SLIP's pickle (a list of 3-tuples; read with the restricted
+    unpickler), a tsv (id<TAB>title<TAB>description) or a jsonl ({"image_id", "title", "description"})."""
+    rows: list[tuple[int, str, str]] = []
+    if path.endswith((".pkl", ".pickle")):
+        with open(path, "rb") as f:
+            data = restricted_loads(f.read(), path)
+        if not isinstance(data, list):
+            raise DatasetError(f"{path}: expected a list of (image_id, title, description), got {type(data).__name__}")
+        for i, row in enumerate(data):
+            if not (isinstance(row, tuple) and len(row) == 3 and type(row[0]) is int
+                    and all(isinstance(v, str) for v in row[1:])):
+                raise DatasetError(f"{path}: item {i} is not an (int, str, str) tuple: {row!r:.80}")
+            rows.append(row)
+        return rows
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                if path.endswith(".jsonl"):
+                    rec = json.loads(line)
+                    rows.append((int(rec["image_id"]), rec.get("title") or "", rec.get("description") or ""))
+                else:
+                    image_id, title, desc = line.rstrip("\n").split("\t")
+                    rows.append((int(image_id), title, desc))
+            except (ValueError, KeyError, TypeError) as exc:
+                raise DatasetError(f"{path}:{lineno}: expected image id, title, description ({exc})") from None
+    return rows
+
+
+class YfccReader(_LazyHandles):
+    """The `yfcc15m` format: zip shards of JPEGs plus (id, title, description) metadata.
+    Captions are the non-empty ones of {title, description}, or [''] (clip-rocket's rule)."""
+
+    def __init__(self, metadata: str, root: str, name: str = "yfcc15m") -> None:
+        self.rows, self.root, self.name, self.draft = load_yfcc_metadata(metadata), root, name, None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _zip(self, path: str) -> zipfile.ZipFile:
+        cache = _per_process(self, "_h_zips", dict)
+        if path not in cache:
+            if len(cache) >= 32:  # keep a few shards open; close the oldest
+                cache.pop(next(iter(cache))).close()
+            cache[path] = zipfile.ZipFile(path)
+        return cache[path]
+
+    def read(self, index: int) -> tuple[Image.Image, list[str]]:
+        image_id, title, desc = self.rows[index]
+        zpath, member = yfcc_zip_location(self.root, image_id)
+        try:
+            image = decode_image(self._zip(zpath).read(member), self.draft)
+        except (*CORRUPT_ERRORS, KeyError) as exc:
+            raise CorruptSample(f"{self.name}[{index}] (image {image_id}, {zpath}:{member})", repr(exc)) from None
+        return image, [c for c in (title, desc) if c] or [""]
+
+
+# ---- cc3m / cc12m
+NPY_ARRAY_GLOBALS = frozenset({("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "_reconstruct"),
+                               ("numpy", "ndarray"), ("numpy", "dtype")})
+
+
+def load_caption_records(path: str) -> list[dict]:
+    """clip-rocket's cc3m/cc12m metadata: a .npy object array of dicts ({'image_id' or 'image_name', 'captions'}),
+    unpickled with only numpy's array-rebuilding globals admitted; or a .jsonl of the same dicts."""
+    if path.endswith(".jsonl"):
+        records = []
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        records.append(json.loads(line))
+                    except ValueError as exc:
+                        raise DatasetError(f"{path}:{lineno}: malformed json ({exc})") from None
+        return records
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        if version not in readers:
+            raise DatasetError(f"{path}: unsupported .npy version {version}")
+        _, _, dtype = readers[version](f)
+        if not dtype.hasobject:
+            raise DatasetError(f"{path}: expected an object array of dicts, got dtype {dtype}")
+        array = restricted_loads(f.read(), path, NPY_ARRAY_GLOBALS)
+    if not isinstance(array, np.ndarray) or array.dtype != object:
+        raise DatasetError(f"{path}: expected an object array of dicts, got {type(array).__name__}")
+    return list(array.ravel())
+
+
+class CaptionRecordsReader(_LazyHandles):
+    """The `cc3m` / `cc12m` formats: metadata records plus an image root; the image of a record is
+    `root/str(image_id)` (cc3m) or `root/image_name` (cc12m)."""
+
+    def __init__(self, metadata: str, root: str, name: str, path_key: str) -> None:
+        self.records, self.root, self.name, self.path_key, self.draft = (load_caption_records(metadata), root, name,
+                                                                         path_key, None)
+        for i, rec in enumerate(self.records[:1000]):  # a cheap schema check at start
+            if not isinstance(rec, dict) or path_key not in rec or not isinstance(rec.get("captions"), (list, tuple)):
+                raise DatasetError(f"{metadata}: record {i} lacks {path_key!r} or a 'captions' list: {rec!r:.80}")
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def read(self, index: int) -> tuple[Image.Image, list[str]]:
+        rec = self.records[index]
+        path = os.path.join(self.root, str(rec[self.path_key]))
+        try:
+            with open(path, "rb") as f:
+                image = decode_image(f.read(), self.draft)
+        except CORRUPT_ERRORS as exc:
+            raise CorruptSample(f"{self.name}[{index}] ({path})", repr(exc)) from None
+        return image, [str(c) for c in rec["captions"]] or [""]
+
+
+# ---- merged mixtures
+class MergedReader:
+    """The `merged` format: the concatenation of several catalog entries (e.g. cc3m + cc12m + yfcc15m = 29M)."""
+
+    def __init__(self, parts: list[tuple[str, Reader]]) -> None:
+        self.names, self.parts = [n for n, _ in parts], [r for _, r in parts]
+        self.offsets = np.cumsum([0] + [len(r) for r in self.parts]).tolist()
+
+    @property
+    def draft(self) -> int | None:
+        return getattr(self.parts[0], "draft", None)
+
+    @draft.setter
+    def draft(self, value: int | None) -> None:
+        for part in self.parts:
+            part.draft = value
+
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    def read(self, index: int) -> tuple[Image.Image, list[str]]:
+        part = bisect.bisect_right(self.offsets, index) - 1
+        return self.parts[part].read(index - self.offsets[part])
+
+
+# ---- Chinese-CLIP LMDB
+class LmdbReader(_LazyHandles):
+    """The `lmdb` format, Chinese-CLIP's layout, possibly sharded over several folders, each holding
+    `imgs` (str(image_id) -> base64 text, + `num_images`) and `pairs` (str(i) -> pickled (image_id, text_id,
+    text), + `num_samples`). Environments are opened lazily in each process (readonly, lock=False,
+    readahead=False, meminit=False) and never used across a fork. Each pair is one sample with captions [text].
+    """
+
+    def __init__(self, folders: list[str], name: str = "lmdb") -> None:
+        self.folders, self.name, self.draft = list(folders), name, None
+        counts = []
+        for folder in self.folders:
+            for sub in ("imgs", "pairs"):
+                if not os.path.isfile(os.path.join(folder, sub, "data.mdb")):
+                    raise DatasetError(f"dataset {name!r}: {os.path.join(folder, sub, 'data.mdb')} not found; build "
+                                       f"the LMDB with `python build_lmdb.py --data-dir DIR --splits ...`")
+            env = lmdb.open(os.path.join(folder, "pairs"), **LMDB_READ_OPTIONS)
+            with env.begin() as txn:
+                n = txn.get(b"num_samples")
+            env.close()
+            if n is None:
+                raise DatasetError(f"dataset {name!r}: {folder}/pairs has no 'num_samples' key: "
+                                   "not a Chinese-CLIP LMDB")
+            counts.append(int(n))
+        self.offsets = np.cumsum([0] + counts).tolist()
+
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    def _txns(self) -> list[tuple]:
+        def open_all():
+            out = []
+            for folder in self.folders:
+                imgs, pairs = (lmdb.open(os.path.join(folder, s), **LMDB_READ_OPTIONS) for s in ("imgs", "pairs"))
+                out.append((imgs.begin(), pairs.begin(), imgs, pairs))  # long-lived read transactions
+            return out
+        return _per_process(self, "_h_envs", open_all)
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """Global sample index -> (shard, index inside the shard)."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"{self.name}: index {index} out of range [0, {len(self)})")
+        shard = bisect.bisect_right(self.offsets, index) - 1
+        return shard, index - self.offsets[shard]
+
+    def pair(self, index: int) -> tuple:
+        """(image_id, text_id, text) of sample `index`."""
+        shard, local = self.locate(index)
+        raw = self._txns()[shard][1].get(str(local).encode("utf-8"))
+        where = f"{self.folders[shard]}/pairs key {local}"
+        if raw is None:
+            raise CorruptSample(f"{self.name}[{index}]", f"{where} is missing")
+        return load_pair(raw, where)
+
+    def image_bytes(self, image_id, shard: int = 0) -> bytes:
+        """The encoded image of `image_id` in a shard (base64-decoded, urlsafe or standard alphabet)."""
+        value = self._txns()[shard][0].get(str(image_id).encode("utf-8"))
+        if value is None:
+            raise KeyError(f"image id {image_id} not in {self.folders[shard]}/imgs")
+        return base64.urlsafe_b64decode(value)
+
+    def image_ids(self, shard: int = 0) -> list[int]:
+        """Every image id of a shard, in key order."""
+        with self._txns()[shard][2].begin() as txn:
+            return [int(k) for k in txn.cursor().iternext(values=False) if k != b"num_images"]
+
+    def read(self, index: int) -> tuple[Image.Image, list[str]]:
+        image_id, text_id, text = self.pair(index)
+        shard, _ = self.locate(index)
+        try:
+            image = decode_image(self.image_bytes(image_id, shard), self.draft)
+        except (*CORRUPT_ERRORS, KeyError) as exc:
+            raise CorruptSample(f"{self.name}[{index}] (image {image_id}, text {text_id})", repr(exc)) from None
+        return image, [text]
+
+
+# ---- raw MUGE / Chinese-CLIP files
+def parse_imgs_tsv_line(line: bytes, where: str) -> tuple[int, bytes]:
+    """`image_id<TAB>base64` -> (int id, base64 bytes); DatasetError naming `where` (file:line) otherwise."""
+    fields = line.rstrip(b"\r\n").split(b"\t")
+    if len(fields) != 2:
+        raise DatasetError(f"{where}: expected 'image_id<TAB>base64', got {len(fields)} field(s)")
+    try:
+        return int(fields[0]), fields[1]
+    except ValueError:
+        raise DatasetError(f"{where}: image id {fields[0][:40]!r} is not an integer") from None
+
+
+def parse_text_record(line: str, where: str) -> tuple[int, str, list[int]]:
+    """A jsonl text line, Chinese-CLIP keys {text_id, text, image_ids} or MUGE's older {query_id, query_text,
+    item_ids} -> (text_id, text, image_ids); DatasetError naming `where` (file:line) otherwise."""
+    try:
+        rec = json.loads(line)
+    except ValueError as exc:
+        raise DatasetError(f"{where}: malformed json ({exc})") from None
+    if not isinstance(rec, dict):
+        raise DatasetError(f"{where}: expected a json object, got {type(rec).__name__}")
+    keys = ("text_id", "text", "image_ids") if "text_id" in rec else ("query_id", "query_text", "item_ids")
+    missing = [k for k in keys if k not in rec]
+    if missing:
+        raise DatasetError(f"{where}: missing key(s) {missing} (expected text_id/text/image_ids or "
+                           "query_id/query_text/item_ids)")
+    text_id, text, image_ids = (rec[k] for k in keys)
+    if type(text_id) is not int or not isinstance(text, str) or not isinstance(image_ids, list) \
+            or not all(type(i) is int for i in image_ids):
+        raise DatasetError(f"{where}: {keys[0]} must be an int, {keys[1]} a string and {keys[2]} a list of ints")
+    return text_id, text, image_ids
+
+
+def texts_jsonl_path(folder: str, split: str) -> str:
+    """`{split}_texts.jsonl` (Chinese-CLIP), else MUGE's older `{split}_queries.jsonl`."""
+    path = os.path.join(folder, f"{split}_texts.jsonl")
+    older = os.path.join(folder, f"{split}_queries.jsonl")
+    return older if not os.path.exists(path) and os.path.exists(older) else path
+
+
+class TsvReader(_LazyHandles):
+    """The `tsv` format: `{split}_imgs.tsv` (id<TAB>base64) + `{split}_texts.jsonl` (or `_queries.jsonl`).
+    Each (text, image) combination is one sample, in jsonl order (as Chinese-CLIP's LMDB builder)."""
+
+    def __init__(self, folder: str, split: str, name: str = "tsv") -> None:
+        self.name, self.draft = name, None
+        self.imgs_path, self.texts_path = os.path.join(folder, f"{split}_imgs.tsv"), texts_jsonl_path(folder, split)
+        for path in (self.imgs_path, self.texts_path):
+            if not os.path.isfile(path):
+                raise DatasetError(f"dataset {name!r}: {path} not found")
+        self.offsets: dict[int, int] = {}  # image id -> byte offset of its line
+        with open(self.imgs_path, "rb") as f:
+            offset = 0
+            for lineno, line in enumerate(f, 1):
+                image_id, _ = parse_imgs_tsv_line(line, f"{self.imgs_path}:{lineno}")
+                if image_id in self.offsets:
+                    raise DatasetError(f"{self.imgs_path}:{lineno}: duplicate image id {image_id}")
+                self.offsets[image_id] = offset
+                offset += len(line)
+        self.pairs: list[tuple[int, int, str]] = []  # (image_id, text_id, text)
+        with open(self.texts_path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                text_id, text, image_ids = parse_text_record(line, f"{self.texts_path}:{lineno}")
+                for image_id in image_ids:
+                    if image_id not in self.offsets:
+                        raise DatasetError(f"{self.texts_path}:{lineno}: image id {image_id} of text {text_id} is "
+                                           f"not in {self.imgs_path}")
+                    self.pairs.append((image_id, text_id, text))
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def image_ids(self) -> list[int]:
+        return list(self.offsets)
+
+    def image_bytes(self, image_id: int) -> bytes:
+        f = _per_process(self, "_h_file", lambda: open(self.imgs_path, "rb"))
+        f.seek(self.offsets[image_id])
+        _, b64 = parse_imgs_tsv_line(f.readline(), self.imgs_path)
+        return base64.urlsafe_b64decode(b64)
+
+    def read(self, index: int) -> tuple[Image.Image, list[str]]:
+        image_id, text_id, text = self.pairs[index]
+        try:
+            image = decode_image(self.image_bytes(image_id), self.draft)
+        except CORRUPT_ERRORS as exc:
+            raise CorruptSample(f"{self.name}[{index}] (image {image_id}, text {text_id})", repr(exc)) from None
+        return image, [text]
+
+
+# ---- downstream classification
+class ImageFolderReader:
+    """The `imagefolder` format: `root/<class>/<image>`; captions are the class name (labels.json if it has
+    the dataset, else the folder name)."""
+
+    def __init__(self, root: str, classnames: list[str] | None = None, name: str = "imagefolder") -> None:
+        from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+        classes, class_to_idx = find_classes(root)
+        self.samples = make_dataset(root, class_to_idx, extensions=IMG_EXTENSIONS)
+        self.classnames = classnames or [c.replace("_", " ") for c in classes]
+        if len(self.classnames) != len(classes):
+            raise DatasetError(f"dataset {name!r}: {root} has {len(classes)} class folders but labels.json "
+                               f"lists {len(self.classnames)} names")
+        self.name, self.draft = name, None
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def read(self, index: int) -> tuple[Image.Image, list[str]]:
+        path, label = self.samples[index]
+        try:
+            with open(path, "rb") as f:
+                image = decode_image(f.read(), self.draft)
+        except CORRUPT_ERRORS as exc:
+            raise CorruptSample(f"{self.name}[{index}] ({path})", repr(exc)) from None
+        return image, [self.classnames[label]]
+
+    def label(self, index: int) -> int:
+        return self.samples[index][1]
+
+
+class FilelistReader(ImageFolderReader):
+    """The `filelist` format: `root/{split}_images.npy` (image paths, relative to root) and
+    `{split}_labels.npy` (ints, or strings mapped through the entry's `label_order`)."""
+
+    def __init__(self, root: str, split: str, classnames: list[str] | None, label_order: list[str] | None = None,
+                 name: str = "filelist") -> None:
+        images = np.load(os.path.join(root, f"{split}_images.npy"), allow_pickle=False)
+        labels = np.load(os.path.join(root, f"{split}_labels.npy"), allow_pickle=False)
+        if label_order is not None:
+            index = {c: i for i, c in enumerate(label_order)}
+            labels = np.array([index[str(v)] for v in labels])
+        self.samples = [(os.path.join(root, str(p)), int(y)) for p, y in zip(images, labels)]
+        n_classes = len(label_order) if label_order else int(labels.max()) + 1
+        self.classnames = classnames or [str(i) for i in range(n_classes)]
+        self.name, self.draft = name, None
+
+
+class TorchvisionReader:
+    """The `torchvision` format (clip-rocket's `special`): CIFAR10, CIFAR100, STL10, MNIST already on disk
+    (never downloaded)."""
+
+    def __init__(self, kind: str, root: str, split: str, name: str) -> None:
+        from torchvision import datasets as tvd
+
+        train = split == "train"
+        builders = {"cifar10": lambda: tvd.CIFAR10(root, train=train, download=False),
+                    "cifar100": lambda: tvd.CIFAR100(root, train=train, download=False),
+                    "stl10": lambda: tvd.STL10(root, split="train" if train else "test", download=False),
+                    "mnist": lambda: tvd.MNIST(root, train=train, download=False)}
+        if kind not in builders:
+            raise DatasetError(f"dataset {name!r}: torchvision kind {kind!r} is not one of {sorted(builders)}")
+        try:
+            self.dataset = builders[kind]()
+        except RuntimeError as exc:
+            raise DatasetError(f"dataset {name!r}: torchvision {kind} not found under {root} ({exc}); place the "
+                               "extracted files there (nothing is downloaded)") from None
+        self.classnames = [str(c) for c in getattr(self.dataset, "classes", [])]
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def read(self, index: int) -> tuple[Image.Image, list[str]]:
+        image, label = self.dataset[index]
+        return image.convert("RGB"), [self.classnames[label] if self.classnames else str(label)]
+
+    def label(self, index: int) -> int:
+        return int(self.dataset[index][1])
+
+
+# ---- catalog paths
+def resolve_data_root(data_root: str | None = None) -> str | None:
+    """`--data-root` if given, else `$CLIP_LAB_DATA_ROOT`, else None."""
+    return data_root or os.environ.get("CLIP_LAB_DATA_ROOT") or None
+
+
+def entry_path(name: str, entry: dict, key: str, data_root: str | None, split: str = "", kind: str = "any") -> str:
+    """The catalog path `entry[key]` (with `{split}` filled in) under the data root, checked to exist.
+
+    A missing path raises a DatasetError naming the entry, the path tried and how to fix it.
+    """
+    rel = str(entry[key]).format(split=split)
+    root = resolve_data_root(data_root)
+    if not os.path.isabs(rel) and root is None:
+        raise DatasetError(f"dataset {name!r} (dataset_catalog.json, {key}={rel!r}) needs a data root: pass "
+                           f"--data-root DIR or export CLIP_LAB_DATA_ROOT=DIR, DIR being the folder that holds {rel!r}")
+    path = os.path.join(root or "", rel)
+    exists = {"dir": os.path.isdir, "file": os.path.isfile}.get(kind, os.path.exists)(path)
+    if not exists:
+        raise DatasetError(f"dataset {name!r} (dataset_catalog.json, {key}={rel!r}): {path} not found. Fix: put the "
+                           f"data there, point --data-root / $CLIP_LAB_DATA_ROOT (now {root!r}) at the folder that "
+                           f"holds {rel!r}, or edit the entry's {key!r}" +
+                           (" (build an LMDB with `python build_lmdb.py --data-dir DIR --splits train,valid,test`)"
+                            if entry.get("format") == "lmdb" else ""))
+    return path
+
+
+def split_name(name: str, entry: dict, split: str) -> str:
+    """The on-disk split of a logical split (train/test), through the entry's optional `splits` map."""
+    splits = entry.get("splits")
+    if splits is None:
+        return split
+    if split not in splits:
+        raise DatasetError(f"dataset {name!r} has no {split!r} split (dataset_catalog.json lists {sorted(splits)}); "
+                           "choose another --val-dataset")
+    return splits[split]
+
+
+def _classnames(entry: dict, name: str) -> list[str] | None:
+    with open(os.path.join(HERE, "labels.json"), encoding="utf-8") as f:
+        labels = json.load(f)
+    names = labels.get(entry.get("labels", name))
+    return [n if isinstance(n, str) else n[0] for n in names] if names else None
+
+
+def build_reader(name: str, split: str, catalog: dict | None = None, data_root: str | None = None) -> Reader:
+    """The reader for catalog entry `name` and logical `split` (train/test), dispatched on its `format`.
+
+    Catalog paths are relative to `data_root` (else $CLIP_LAB_DATA_ROOT); a missing file fails here with the
+    entry name, the path tried and how to fix it.
+    """
+    catalog = catalog if catalog is not None else load_catalog()
     entry = catalog_entry(name, catalog)
     fmt = entry["format"]
     if fmt == "digits":
@@ -159,6 +711,31 @@ def build_reader(name: str, split: str, catalog: dict | None = None) -> Reader:
     if fmt == "synthetic":
         return SyntheticReader(entry.get("num_samples", 256) if split == "train" else entry.get("num_test", 64),
                                entry.get("image_size", 32), entry.get("language", "en"))
+    if fmt == "merged":
+        return MergedReader([(part, build_reader(part, split, catalog, data_root)) for part in entry["datasets"]])
+    on_disk = split_name(name, entry, split)
+    if fmt == "lmdb":
+        keys = entry["path"] if isinstance(entry["path"], list) else [entry["path"]]
+        folders = [entry_path(name, {**entry, "path": p}, "path", data_root, on_disk, "dir") for p in keys]
+        return LmdbReader(folders, name)
+    if fmt == "tsv":
+        return TsvReader(entry_path(name, entry, "path", data_root, on_disk, "dir"), on_disk, name)
+    if fmt == "yfcc15m":
+        return YfccReader(entry_path(name, entry, "metadata", data_root, on_disk, "file"),
+                          entry_path(name, entry, "root", data_root, on_disk, "dir"), name)
+    if fmt in ("cc3m", "cc12m"):
+        return CaptionRecordsReader(entry_path(name, entry, "metadata", data_root, on_disk, "file"),
+                                    entry_path(name, entry, "root", data_root, on_disk, "dir"), name,
+                                    "image_id" if fmt == "cc3m" else "image_name")
+    if fmt == "imagefolder":
+        return ImageFolderReader(entry_path(name, {**entry, "path": os.path.join(entry["path"], on_disk)}, "path",
+                                            data_root, on_disk, "dir"), _classnames(entry, name), name)
+    if fmt == "filelist":
+        return FilelistReader(entry_path(name, entry, "path", data_root, on_disk, "dir"), on_disk,
+                              _classnames(entry, name), entry.get("label_order"), name)
+    if fmt == "torchvision":
+        return TorchvisionReader(entry["kind"], entry_path(name, entry, "path", data_root, on_disk, "dir"), on_disk,
+                                 name)
     raise DatasetError(f"dataset {name!r}: format {fmt!r} has no reader")
 
 
@@ -230,21 +807,93 @@ def build_tokenizer(kind: str, context_length: int) -> BpeTokenizer | BertTokeni
 
 
 # --------------------------------------------------------------------------- datasets
+class TooManyBadSamples(RuntimeError):
+    """More corrupt samples in one epoch than --max-bad-samples; the message lists the offending ids."""
+
+
+class BadSampleCounter:
+    """Corrupt samples of the current epoch, counted across DataLoader workers (shared memory + a lock).
+
+    `record` stores the sample index and raises TooManyBadSamples once the count exceeds `limit`;
+    `reset(epoch)` starts a new epoch (call it in the main process before iterating the loader).
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.ids = torch.full((limit + 1,), -1, dtype=torch.int64).share_memory_()  # first limit+1 offenders
+        self.state = torch.zeros(2, dtype=torch.int64).share_memory_()  # [count, epoch]
+        self.lock = torch.multiprocessing.get_context().Lock()
+
+    @property
+    def count(self) -> int:
+        return int(self.state[0])
+
+    def offenders(self) -> list[int]:
+        return [i for i in self.ids.tolist() if i >= 0]
+
+    def reset(self, epoch: int) -> None:
+        with self.lock:
+            self.ids.fill_(-1)
+            self.state[0], self.state[1] = 0, epoch
+
+    def record(self, index: int, error: CorruptSample) -> None:
+        with self.lock:
+            n = int(self.state[0])
+            if n <= self.limit:
+                self.ids[n] = index
+            self.state[0] = n + 1
+        log.warning("bad sample %d of epoch %d (limit %d), replaced: %s", n + 1, int(self.state[1]), self.limit, error)
+        if n + 1 > self.limit:
+            raise TooManyBadSamples(f"{n + 1} corrupt samples in epoch {int(self.state[1])}, more than "
+                                    f"--max-bad-samples {self.limit}; offending sample ids {self.offenders()} "
+                                    f"(last: {error}). Fix or drop them, or raise --max-bad-samples")
+
+
+def pick_captions(captions: Sequence[str], mode: str, n: int = 1) -> list[str]:
+    """Captions for `n` text views under the caller's seeded RNG (clip-rocket's --caption-sampling):
+    'single' draws one caption at random and gives it to every view; 'multi' lets each view draw its own."""
+    if not captions:
+        raise ValueError("a sample has no caption")
+    if mode == "single":
+        return [captions[random.randrange(len(captions))]] * n
+    if mode == "multi":
+        return [captions[random.randrange(len(captions))] for _ in range(n)]
+    raise ValueError(f"unknown caption sampling {mode!r}: single or multi")
+
+
 class ImageTextDataset(Dataset):
     """(image view, tokens) pairs from a reader. Keys are (index, seed) pairs from ResumableSampler
-    (a bare int index means seed = index)."""
+    (a bare int index means seed = index).
 
-    def __init__(self, reader: Reader, transform, tokenizer) -> None:
+    A corrupt sample (the reader raises CorruptSample) is counted in `bad_samples` and replaced by a sample
+    drawn with random.Random(seed): the same replacement whatever the workers, ranks or resume point.
+    """
+
+    def __init__(self, reader: Reader, transform, tokenizer, caption_sampling: str = "single",
+                 max_bad_samples: int = 0) -> None:
         self.reader, self.transform, self.tokenizer = reader, transform, tokenizer
+        self.caption_sampling = caption_sampling
+        self.bad_samples = BadSampleCounter(max_bad_samples)
 
     def __len__(self) -> int:
         return len(self.reader)
 
+    def read_sample(self, index: int, seed: int) -> tuple[Image.Image, list[str]]:
+        """reader.read(index), or a deterministic replacement when the sample is corrupt."""
+        rng = None
+        while True:
+            try:
+                return self.reader.read(index)
+            except CorruptSample as exc:
+                self.bad_samples.record(index, exc)  # raises past the limit
+                rng = rng or random.Random(seed)
+                index = rng.randrange(len(self.reader))
+
     def __getitem__(self, key) -> tuple[torch.Tensor, torch.Tensor]:
         index, seed = key if isinstance(key, tuple) else (key, key)
-        image, captions = self.reader.read(index)
+        image, captions = self.read_sample(index, seed)
         with seeded(seed):
-            caption = captions[random.randrange(len(captions))]
+            caption = pick_captions(captions, self.caption_sampling)[0]
             view = self.transform(image)  # (3, H, W)
         return view, self.tokenizer(caption)[0]  # (L,)
 
