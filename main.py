@@ -33,7 +33,7 @@ log = logging.getLogger("clip_lab")
 
 # flags that may change between a run and its resume without making it another run
 RESUME_NEUTRAL_ARGS = {"resume", "workers", "print_freq", "device", "wandb", "wandb_project", "max_steps",
-                       "eval_freq", "save_every_steps", "output_dir", "evaluate", "data_root"}
+                       "eval_freq", "save_every_steps", "output_dir", "evaluate", "data_root", "table", "tags"}
 
 
 # --------------------------------------------------------------------------- arguments
@@ -111,6 +111,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     system.add_argument("--print-freq", type=int, default=10, help="log every N optimizer steps")
     system.add_argument("--wandb", action="store_true", help="log to wandb (offline without an API key)")
     system.add_argument("--wandb-project", default="clip-lab", help="wandb project")
+    system.add_argument("--table", default=None,
+                        help="ablation table this run belongs to (wandb group; report.py groups rows by it)")
+    system.add_argument("--tags", nargs="*", default=[], help="extra wandb tags (model and dataset are added)")
     return p
 
 
@@ -198,8 +201,9 @@ def write_run_files(exp_dir: str, args: argparse.Namespace, commit: str) -> None
     os.makedirs(exp_dir, exist_ok=True)
     with open(os.path.join(exp_dir, "args.json"), "w", encoding="utf-8") as f:
         json.dump({k: list(v) if isinstance(v, tuple) else v for k, v in sorted(vars(args).items())}, f, indent=1)
-    with open(os.path.join(exp_dir, "command.txt"), "w", encoding="utf-8") as f:
-        f.write(shlex.join([sys.executable] + sys.argv) + "\n")
+    if not os.path.exists(os.path.join(exp_dir, "command.txt")):  # the command that created it (run.sh's, if so)
+        with open(os.path.join(exp_dir, "command.txt"), "w", encoding="utf-8") as f:
+            f.write(shlex.join([sys.executable] + sys.argv) + "\n")
     with open(os.path.join(exp_dir, "commit.txt"), "w", encoding="utf-8") as f:
         f.write(commit + "\n")
 
@@ -230,8 +234,11 @@ def init_wandb(args: argparse.Namespace, exp_dir: str, commit: str):
     run_id = os.path.basename(os.path.normpath(exp_dir))
     for ch in "/\\#?%:":
         run_id = run_id.replace(ch, "-")
+    config = {k: list(v) if isinstance(v, tuple) else v for k, v in sorted(vars(args).items())}
+    config.update(commit=commit, slurm_job_id=os.environ.get("SLURM_JOB_ID"), world_size=utils.get_world_size())
+    tags = list(dict.fromkeys([args.model, args.dataset, *getattr(args, "tags", [])]))
     run = wandb.init(project=args.wandb_project, id=run_id, name=run_id, resume="allow", dir=exp_dir, mode=mode,
-                     config={**config_of(args), "commit": commit}, tags=[args.model, args.dataset])
+                     group=getattr(args, "table", None), config=config, tags=tags)
     run.define_metric("global_step")
     run.define_metric("*", step_metric="global_step")
     return run
