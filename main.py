@@ -33,7 +33,8 @@ log = logging.getLogger("clip_lab")
 
 # flags that may change between a run and its resume without making it another run
 RESUME_NEUTRAL_ARGS = {"resume", "workers", "print_freq", "device", "wandb", "wandb_project", "max_steps",
-                       "eval_freq", "save_every_steps", "output_dir", "evaluate", "data_root", "table", "tags"}
+                       "eval_freq", "save_every_steps", "output_dir", "evaluate", "data_root", "table", "tags",
+                       "max_bad_samples"}
 
 
 # --------------------------------------------------------------------------- arguments
@@ -51,6 +52,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                       help="input resolution; default: the catalog entry's image_size, else the backbone's")
     data.add_argument("--weak-min-scale", type=float, default=0.5,
                       help="lower scale bound of the RandomResizedCrop of the training view")
+    data.add_argument("--caption-sampling", default="single", choices=["single", "multi"],
+                      help="images with several captions: single = one random caption for all text views, "
+                           "multi = each text view draws its own (clip-rocket)")
+    data.add_argument("--max-bad-samples", type=int, default=0,
+                      help="corrupt samples per epoch to skip (replaced deterministically, logged) before stopping "
+                           "with their ids; raise it for web-scale data")
 
     model = p.add_argument_group("model")
     model.add_argument("--model", default="CLIP_VITT16_CLIP",
@@ -410,7 +417,7 @@ def evaluate(model, spec: models.ModelSpec, tokenizer, args, device) -> dict[str
     model.eval()
     name = args.val_dataset or args.dataset
     entry = datasets.catalog_entry(name)
-    reader = datasets.build_reader(name, "test")
+    reader = datasets.build_reader(name, "test", data_root=args.data_root)
     transform = datasets.val_transform(ctx_image_size(args, spec))
     metrics: dict[str, float] = {}
     try:
@@ -483,8 +490,12 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
         ckpt = utils.load_checkpoint(args.pretrained)
         load_state_strict(model, ckpt.get("model", ckpt.get("state_dict", ckpt)), args.pretrained)
     tokenizer = datasets.build_tokenizer(spec.base.tokenizer, args.context_length or spec.base.context_length)
-    reader = datasets.build_reader(args.dataset, "train")
-    dataset = datasets.ImageTextDataset(reader, datasets.train_transform(image_size, args.weak_min_scale), tokenizer)
+    reader = datasets.build_reader(args.dataset, "train", data_root=args.data_root)
+    if args.val_dataset:  # a missing validation set fails now, not after an epoch
+        datasets.build_reader(args.val_dataset or args.dataset, "test", data_root=args.data_root)
+    reader.draft = datasets.draft_size(image_size, args.weak_min_scale)  # JPEG decode at reduced size when allowed
+    dataset = datasets.ImageTextDataset(reader, datasets.train_transform(image_size, args.weak_min_scale), tokenizer,
+                                        caption_sampling=args.caption_sampling, max_bad_samples=args.max_bad_samples)
     sampler = datasets.ResumableSampler(len(dataset), args.batch_size, env.rank, env.world_size, args.seed)
     loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
                         pin_memory=env.device.type == "cuda", persistent_workers=False)
@@ -534,7 +545,15 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
         metrics = evaluate(model, spec, tokenizer, args, env.device) if main_process else {}
     while not args.evaluate and state.epoch < args.epochs and not (args.max_steps and state.step >= args.max_steps):
         sampler.set_epoch(state.epoch, state.step_in_epoch * args.update_freq)
-        train_stats = train_one_epoch(ddp_model, criterion, loader, optimizer, scaler, lr_schedule, state, args, ctx)
+        dataset.bad_samples.reset(state.epoch)
+        try:
+            train_stats = train_one_epoch(ddp_model, criterion, loader, optimizer, scaler, lr_schedule, state, args,
+                                          ctx)
+        except datasets.TooManyBadSamples as exc:
+            raise SystemExit(f"stopping: {exc}") from None
+        if dataset.bad_samples.count:
+            log.warning("epoch %d: %d corrupt sample(s) replaced: %s", state.epoch, dataset.bad_samples.count,
+                        dataset.bad_samples.offenders())
         if state.step_in_epoch < steps_per_epoch:  # stopped by --max-steps mid-epoch
             save(is_best=False)
             break
