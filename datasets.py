@@ -759,6 +759,48 @@ def val_transform(image_size: int) -> T.Compose:
     ])
 
 
+def strong_view_transform(image_size: int, max_scale: float = 1.0, min_scale: float = 0.08, blur_prob: float = 0.5,
+                          solarize_prob: float = 0.0, grayscale_prob: float = 0.2,
+                          jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1), jitter_prob: float = 0.8,
+                          randaugment: str | None = None) -> T.Compose:
+    """Strong (SimCLR/BYOL-style) view of CL2L: RandomResizedCrop(scale [min_scale, max_scale], bicubic),
+    colour jitter (brightness, contrast, saturation, hue) w.p. jitter_prob, grayscale w.p. grayscale_prob,
+    Gaussian blur (sigma in [0.1, 2], 13-tap kernel = 3 sigma_max each side) w.p. blur_prob, solarize
+    (threshold 128) w.p. solarize_prob, horizontal flip, then optionally timm's RandAugment policy
+    `randaugment` (e.g. 'rand-m9-mstd0.5'), tensor, OpenAI normalisation."""
+    steps = [
+        T.RandomResizedCrop(image_size, scale=(min_scale, max_scale), interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomApply([T.ColorJitter(*jitter)], p=jitter_prob),
+        T.RandomGrayscale(p=grayscale_prob),
+        T.RandomApply([T.GaussianBlur(kernel_size=13, sigma=(0.1, 2.0))], p=blur_prob),
+        T.RandomSolarize(threshold=128, p=solarize_prob),
+        T.RandomHorizontalFlip(),
+    ]
+    if randaugment:
+        from timm.data.auto_augment import rand_augment_transform
+
+        hparams = {"translate_const": int(image_size * 0.45),
+                   "img_mean": tuple(round(255 * m) for m in OPENAI_MEAN)}
+        steps.append(rand_augment_transform(randaugment, hparams))
+    return T.Compose(steps + [T.ToTensor(), T.Normalize(OPENAI_MEAN, OPENAI_STD)])
+
+
+def strong_view_transforms(num_augs: int, image_size: int, max_scale: float = 1.0, blur_prob: float = 0.5,
+                           solarize_prob: float = 0.0, grayscale_prob: float = 0.2, byol_augment: bool = False,
+                           randaugment: str | None = None) -> list[T.Compose]:
+    """The A strong-view pipelines. byol_augment (A = 2): BYOL's asymmetric pair, jitter (0.4, 0.4, 0.2, 0.1),
+    blur p (1.0, 0.1), solarize p (0.0, 0.2), grayscale 0.2 (Grill et al., 2020); otherwise A copies of
+    `strong_view_transform` with the given probabilities (each view sampled independently)."""
+    if byol_augment:
+        if num_augs != 2:
+            raise ValueError(f"--byol-augment defines exactly 2 strong views, got --num-augs {num_augs}")
+        return [strong_view_transform(image_size, max_scale, blur_prob=blur, solarize_prob=sol, grayscale_prob=0.2,
+                                      jitter=(0.4, 0.4, 0.2, 0.1), randaugment=randaugment)
+                for blur, sol in ((1.0, 0.0), (0.1, 0.2))]
+    return [strong_view_transform(image_size, max_scale, blur_prob=blur_prob, solarize_prob=solarize_prob,
+                                  grayscale_prob=grayscale_prob, randaugment=randaugment) for _ in range(num_augs)]
+
+
 # --------------------------------------------------------------------------- tokenizers
 class BpeTokenizer:
     """OpenAI CLIP BPE (open_clip's SimpleTokenizer): [SOT] tokens [EOT], zero-padded to context_length."""
@@ -896,6 +938,41 @@ class ImageTextDataset(Dataset):
             caption = pick_captions(captions, self.caption_sampling)[0]
             view = self.transform(image)  # (3, H, W)
         return view, self.tokenizer(caption)[0]  # (L,)
+
+
+class MultiViewDataset(ImageTextDataset):
+    """CLIP🚀 samples: (weak view (3,H,W), tokens (1+A, L), strong views (A,3,H',W')).
+
+    Token row 0 is the weak text (`text_augmenter.weak`), rows 1..A the strong texts (`.strong`); with
+    caption_sampling 'multi' every text view draws its own caption. All of it (captions, crops, text
+    ops) runs under `seeded(seed)`, so a sample is the same whatever the workers, ranks or resume point.
+    pair_layout=True (a CLIP-layout model with --text-augment, A = 0) returns (weak view, weak tokens (L,)).
+    """
+
+    def __init__(self, reader: Reader, transform, tokenizer, caption_sampling: str = "single",
+                 max_bad_samples: int = 0, strong_transforms: Sequence = (), text_augmenter=None,
+                 pair_layout: bool = False) -> None:
+        super().__init__(reader, transform, tokenizer, caption_sampling, max_bad_samples)
+        self.strong_transforms, self.text_augmenter = list(strong_transforms), text_augmenter
+        self.pair_layout = pair_layout
+        if pair_layout and self.strong_transforms:
+            raise ValueError("pair_layout returns one view: it takes no strong transforms")
+
+    def __getitem__(self, key) -> tuple[torch.Tensor, ...]:
+        index, seed = key if isinstance(key, tuple) else (key, key)
+        image, captions = self.read_sample(index, seed)
+        A = len(self.strong_transforms)
+        with seeded(seed):
+            texts = pick_captions(captions, self.caption_sampling, 1 + A)
+            if self.text_augmenter is not None:
+                texts = [self.text_augmenter.weak(texts[0])] + [self.text_augmenter.strong(t) for t in texts[1:]]
+            view = self.transform(image)  # (3, H, W)
+            strong = [t(image) for t in self.strong_transforms]  # A x (3, H', W')
+        tokens = self.tokenizer(texts)  # (1+A, L)
+        if self.pair_layout:
+            return view, tokens[0]
+        strong_views = torch.stack(strong) if strong else view.new_zeros((0, *view.shape))  # (A, 3, H', W')
+        return view, tokens, strong_views
 
 
 class ClassificationDataset(Dataset):

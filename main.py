@@ -27,6 +27,7 @@ import eval_retrieval
 import eval_zeroshot
 import losses
 import models
+import text_augment
 import utils
 
 log = logging.getLogger("clip_lab")
@@ -81,6 +82,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     obj.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing of the contrastive CE")
     obj.add_argument("--loss-avg-or-sum", default="avg", choices=["avg", "sum"],
                      help="average or sum the image->text and text->image terms (sum = 2x loss scale)")
+    add_recipe_args(p)
 
     optim = p.add_argument_group("optim")
     optim.add_argument("--epochs", type=int, default=25, help="training epochs")
@@ -124,6 +126,106 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
+def add_recipe_args(p: argparse.ArgumentParser) -> None:
+    """Flags of CLIP🚀 (CL2L), the non-contrastive objectives, SigLIP and the image/text augmentations
+    (reference/clip_rocket.md §2.1; defaults as clip-rocket's)."""
+    g = p.add_argument_group("objective:cl2l")
+    g.add_argument("--num-augs", type=int, default=None,
+                   help="strong image views (= strong texts) per sample for the CL2L base (default 2); 0 = CLIP loss")
+    g.add_argument("--separate-proj", action="store_true",
+                   help="strong views get their own MLP projectors (head h) and temperature (init 1/0.1); paper: on")
+    g.add_argument("--clip-proj-type", default="linear", choices=["linear", "mlp"],
+                   help="projector of the weak global pair (head z)")
+    g.add_argument("--clip-hidden-dim", type=int, default=4096, help="hidden width when --clip-proj-type mlp")
+    g.add_argument("--cl2l-img-proj-type", default="mlp", choices=["linear", "mlp"],
+                   help="image projector of the strong views with --separate-proj")
+    g.add_argument("--cl2l-txt-proj-type", default="mlp", choices=["linear", "mlp"],
+                   help="text projector of the strong views with --separate-proj")
+    g.add_argument("--cl2l-hidden-dim", type=int, default=4096, help="hidden width of the strong-view MLP projectors")
+    g.add_argument("--detach-proj", action="store_true",
+                   help="the global text projector sees detached text features (z trains only the projector)")
+    g.add_argument("--separate-proj-child", action="store_true",
+                   help="non-contrastive heads: separate copies for the strong views")
+    g.add_argument("--text-dropout-prob", type=float, default=0.0,
+                   help="dropout on every text block's input, strong texts only (paper: 0.2 CC3M, 0.05-0.1 CC12M)")
+    g.add_argument("--text-drop-path-prob", type=float, default=0.0,
+                   help="drop-path on the text blocks' residual branches, strong texts only")
+    g.add_argument("--momentum", action="store_true",
+                   help="SIAMLIP with a BYOL momentum target network (= the BYOLIP objective)")
+    g.add_argument("--momentum-tau", type=float, default=0.99, help="EMA coefficient of the target network")
+    g.add_argument("--momentum-tau-schedule", default="constant", choices=["constant", "cosine"],
+                   help="constant tau (reference) or BYOL's cosine increase of tau to 1 over training")
+    g = p.add_argument_group("objective:barlip")
+    g.add_argument("--barlip-proj-dim", type=int, default=8192, help="BarLIP projector output width")
+    g.add_argument("--barlip-hidden-dim", type=int, default=3000, help="BarLIP projector hidden width")
+    g.add_argument("--barlip-lamb", type=float, default=5e-3, help="weight of the off-diagonal Barlow Twins terms")
+    g.add_argument("--barlip-scale-loss", type=float, default=0.025, help="scale of the Barlow Twins loss")
+    g = p.add_argument_group("objective:siamlip")
+    g.add_argument("--siamlip-proj-dim", type=int, default=128, help="SiamLIP/BYOLIP projector output width")
+    g.add_argument("--siamlip-hidden-dim", type=int, default=2048, help="SiamLIP projector/predictor hidden width")
+    g.add_argument("--siamlip-no-last-bn", action="store_true", help="no BN (affine=False) after the projector")
+    g = p.add_argument_group("objective:swalip")
+    g.add_argument("--swalip-proj-dim", type=int, default=128, help="SWALIPV1 projector output width")
+    g.add_argument("--swalip-hidden-dim", type=int, default=2048, help="SWALIPV1 projector hidden width")
+    g.add_argument("--swalip-num-proto", type=int, default=3000, help="SWALIPV1 learned prototypes")
+    g.add_argument("--swalip-temperature", type=float, default=0.1, help="SWALIPV1 softmax temperature")
+    g.add_argument("--swalip-learn-temperature", action="store_true", help="SWALIPV1: learn the temperature")
+    g.add_argument("--swalip-no-shared-proto", action="store_true", help="SWALIPV1: one prototype set per modality")
+    g.add_argument("--swalip-freeze-proto-iters", type=int, default=100,
+                   help="SWALIPV1: optimizer steps during which the prototypes do not move")
+    g.add_argument("--sk-iters", type=int, default=3, help="Sinkhorn-Knopp iterations")
+    g.add_argument("--target-epsilon", type=float, default=0.05, help="Sinkhorn-Knopp entropy epsilon")
+    g.add_argument("--swalip-weight", type=float, default=0.2, help="weight of the swapped-prediction loss")
+    g = p.add_argument_group("augment:image")
+    g.add_argument("--multicrop-resize", type=int, default=None,
+                   help="strong-view resolution (default: --image-size; ViT backbones need the same size)")
+    g.add_argument("--multicrop-max-scale", type=float, default=1.0, help="upper crop scale of the strong views")
+    g.add_argument("--blur-prob", type=float, default=0.5, help="Gaussian blur probability of a strong view")
+    g.add_argument("--solarize-prob", type=float, default=0.0, help="solarization probability of a strong view")
+    g.add_argument("--grayscale-prob", type=float, default=0.2, help="grayscale probability of a strong view")
+    g.add_argument("--byol-augment", action="store_true",
+                   help="BYOL's asymmetric pair of strong pipelines (needs --num-augs 2)")
+    g.add_argument("--randaugment", nargs="?", const="rand-m9-mstd0.5", default=None, metavar="POLICY",
+                   help="append timm RandAugment (POLICY, default rand-m9-mstd0.5) to the strong views")
+    g = p.add_argument_group("augment:text")
+    g.add_argument("--text-augment", action="store_true",
+                   help="one EDA op per strong text (CL2L); CLIP-layout models get the weak text's stop-word removal")
+    g.add_argument("--clean-before-augment", action="store_true",
+                   help="ftfy + HTML unescape + whitespace + lower-case before augmenting (paper: YFCC15M)")
+    g.add_argument("--remove-stopwords-prob", type=float, default=0.8, help="stop-word removal probability")
+    g.add_argument("--no-text-augment-prob", type=float, default=0.0, help="EDA weight of leaving the text as is")
+    g.add_argument("--synonym-replacement-prob", type=float, default=0.4,
+                   help="EDA weight of WordNet synonym replacement (English; needs scripts/prepare_nltk_data.sh)")
+    g.add_argument("--random-swap-prob", type=float, default=0.4, help="EDA weight of swapping two words")
+    g.add_argument("--random-deletion-prob", type=float, default=0.2, help="EDA weight of deleting words (p=0.1)")
+
+
+def num_augs(spec: models.ModelSpec, args: argparse.Namespace) -> int:
+    """Strong views per sample: --num-augs, else the objective's registered default (0 for CLIP layouts)."""
+    return spec.objective.num_views if args.num_augs is None else args.num_augs
+
+
+def recipe_errors(spec: models.ModelSpec, args: argparse.Namespace) -> list[str]:
+    """Flag combinations that make no sense for the parsed model (checked at parse time)."""
+    errors, name = [], spec.objective.name
+    if spec.objective.num_views == 0 and args.num_augs:
+        errors.append(f"--num-augs needs a multi-view (CL2L-base) objective; {args.model} trains on one view")
+    if args.momentum and spec.objective.model not in ("SIAMLIP", "BYOLIP"):
+        errors.append(f"--momentum is the BYOL target of SIAMLIP/BYOLIP, not of {name}")
+    if name == "SWALIP" and num_augs(spec, args) < 2:
+        errors.append("SWALIP swaps predictions between strong views: --num-augs must be >= 2")
+    if args.byol_augment and num_augs(spec, args) != 2:
+        errors.append("--byol-augment defines exactly 2 strong views: use --num-augs 2 with a CL2L-base model")
+    if args.num_augs is not None and args.num_augs < 0:
+        errors.append("--num-augs must be >= 0")
+    probs = ("text_dropout_prob", "text_drop_path_prob", "blur_prob", "solarize_prob", "grayscale_prob",
+             "remove_stopwords_prob", "no_text_augment_prob", "synonym_replacement_prob", "random_swap_prob",
+             "random_deletion_prob", "label_smoothing", "momentum_tau", "multicrop_max_scale")
+    errors += [f"--{k.replace('_', '-')} must be in [0, 1], got {getattr(args, k)}" for k in probs
+               if not 0.0 <= getattr(args, k) <= 1.0]
+    return errors
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse and validate flags; the model name is checked here, so a typo fails before any work."""
     parser = argparse.ArgumentParser("CLIP Lab", parents=[get_args_parser()])
@@ -139,6 +241,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(str(exc))
     if args.update_freq < 1 or args.batch_size < 1:
         parser.error("--update-freq and --batch-size must be >= 1")
+    errors = recipe_errors(spec, args)
+    if errors:
+        parser.error("; ".join(errors))
     return args
 
 
@@ -147,7 +252,22 @@ def model_kwargs(args: argparse.Namespace) -> dict:
     """The one place where flags become model constructor arguments."""
     return dict(image_size=args.image_size, embed_dim=args.embed_dim, text_model=args.text_model,
                 text_width=args.text_width, text_heads=args.text_heads, text_layers=args.transformer_layers,
-                context_length=args.context_length, checkpoint_grad=args.checkpoint_grad)
+                context_length=args.context_length, checkpoint_grad=args.checkpoint_grad,
+                recipe=models.RecipeOptions(
+                    clip_proj_type=args.clip_proj_type, clip_hidden_dim=args.clip_hidden_dim,
+                    separate_proj=args.separate_proj, cl2l_img_proj_type=args.cl2l_img_proj_type,
+                    cl2l_txt_proj_type=args.cl2l_txt_proj_type, cl2l_hidden_dim=args.cl2l_hidden_dim,
+                    detach_proj=args.detach_proj, separate_proj_child=args.separate_proj_child,
+                    text_dropout_prob=args.text_dropout_prob, text_drop_path_prob=args.text_drop_path_prob,
+                    barlip_proj_dim=args.barlip_proj_dim, barlip_hidden_dim=args.barlip_hidden_dim,
+                    siamlip_proj_dim=args.siamlip_proj_dim, siamlip_hidden_dim=args.siamlip_hidden_dim,
+                    siamlip_no_last_bn=args.siamlip_no_last_bn, momentum=args.momentum,
+                    momentum_tau=args.momentum_tau, momentum_tau_schedule=args.momentum_tau_schedule,
+                    swalip_proj_dim=args.swalip_proj_dim, swalip_hidden_dim=args.swalip_hidden_dim,
+                    swalip_num_proto=args.swalip_num_proto, swalip_temperature=args.swalip_temperature,
+                    swalip_learn_temperature=args.swalip_learn_temperature,
+                    swalip_no_shared_proto=args.swalip_no_shared_proto,
+                    swalip_freeze_proto_iters=args.swalip_freeze_proto_iters))
 
 
 def build_criterion(spec: models.ModelSpec, args: argparse.Namespace, env: utils.DistEnv) -> nn.Module:
@@ -155,7 +275,49 @@ def build_criterion(spec: models.ModelSpec, args: argparse.Namespace, env: utils
     gather = utils.all_gather_with_grad if env.distributed else losses.identity_gather
     if spec.objective.loss == "clip":
         return losses.ClipLoss(gather, env.rank, args.label_smoothing, args.loss_avg_or_sum)
+    common = dict(gather=gather, rank=env.rank, label_smoothing=args.label_smoothing, avg_or_sum=args.loss_avg_or_sum)
+    if spec.objective.loss == "cl2l":
+        return losses.CL2LLoss(**common)
+    if spec.objective.loss == "barlip":
+        return losses.BarLIPLoss(**common, lamb=args.barlip_lamb, scale=args.barlip_scale_loss)
+    if spec.objective.loss == "siamlip":
+        return losses.SiamLIPLoss(**common)
+    if spec.objective.loss == "swalip":
+        return losses.SwALIPLoss(**common, epsilon=args.target_epsilon, sk_iters=args.sk_iters,
+                                 weight=args.swalip_weight)
+    if spec.objective.loss == "swalipv1":
+        return losses.SwALIPV1Loss(**common, epsilon=args.target_epsilon, sk_iters=args.sk_iters,
+                                   weight=args.swalip_weight)
+    if spec.objective.loss == "siglip":
+        return losses.SigLipLoss(gather, env.rank)
     raise ValueError(f"objective {spec.objective.name}: loss {spec.objective.loss!r} is not implemented")
+
+
+def build_train_dataset(spec: models.ModelSpec, args: argparse.Namespace, reader, image_size: int, tokenizer):
+    """The training dataset: ImageTextDataset for one-view models without --text-augment; otherwise a
+    MultiViewDataset with the weak view, num_augs strong views and the text augmenter of the base's language
+    (a one-view model with --text-augment gets the weak text in the (view, tokens) layout)."""
+    weak = datasets.train_transform(image_size, args.weak_min_scale)
+    views = num_augs(spec, args)
+    multi_view = spec.objective.num_views > 0
+    if not multi_view and not args.text_augment:
+        return datasets.ImageTextDataset(reader, weak, tokenizer, caption_sampling=args.caption_sampling,
+                                         max_bad_samples=args.max_bad_samples)
+    if args.text_augment and args.synonym_replacement_prob > 0 and spec.base.language == "en":
+        if not text_augment.wordnet_available():
+            raise SystemExit(text_augment.WORDNET_FIX)
+        text_augment.wordnet_synonyms("photo")  # load WordNet (~10 s) once here, so forked workers share it
+    augmenter = text_augment.build_text_augmenter(
+        spec.base.language, remove_stopwords_prob=args.remove_stopwords_prob, text_augment=args.text_augment,
+        synonym_replacement_prob=args.synonym_replacement_prob, random_swap_prob=args.random_swap_prob,
+        random_deletion_prob=args.random_deletion_prob, no_text_augment_prob=args.no_text_augment_prob,
+        clean_before_augment=args.clean_before_augment)
+    strong = datasets.strong_view_transforms(
+        views, args.multicrop_resize or image_size, args.multicrop_max_scale, args.blur_prob, args.solarize_prob,
+        args.grayscale_prob, args.byol_augment, args.randaugment) if multi_view else []
+    return datasets.MultiViewDataset(reader, weak, tokenizer, caption_sampling=args.caption_sampling,
+                                     max_bad_samples=args.max_bad_samples, strong_transforms=strong,
+                                     text_augmenter=augmenter, pair_layout=not multi_view)
 
 
 NO_DECAY_KEYS = ("logit_scale", "token_embedding", "positional_embedding", "pos_embed", "cls_token",
@@ -367,10 +529,12 @@ def train_one_epoch(model, criterion, loader, optimizer, scaler, lr_schedule, st
             log.warning("non-finite loss at step %d skipped (%d/%d)", state.step, state.nonfinite, args.max_nonfinite)
             micro = []
             continue
+        unwrap(model).before_optimizer_step(state.step)  # e.g. SWALIPV1's frozen prototypes
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         unwrap(model).clamp_logit_scale()
+        unwrap(model).after_optimizer_step(state.step + 1, ctx["total_steps"])  # e.g. BYOLIP's EMA target
         micro = []
         state.step += 1
         state.step_in_epoch += 1
@@ -494,8 +658,7 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
     if args.val_dataset:  # a missing validation set fails now, not after an epoch
         datasets.build_reader(args.val_dataset or args.dataset, "test", data_root=args.data_root)
     reader.draft = datasets.draft_size(image_size, args.weak_min_scale)  # JPEG decode at reduced size when allowed
-    dataset = datasets.ImageTextDataset(reader, datasets.train_transform(image_size, args.weak_min_scale), tokenizer,
-                                        caption_sampling=args.caption_sampling, max_bad_samples=args.max_bad_samples)
+    dataset = build_train_dataset(spec, args, reader, image_size, tokenizer)
     sampler = datasets.ResumableSampler(len(dataset), args.batch_size, env.rank, env.world_size, args.seed)
     loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
                         pin_memory=env.device.type == "cuda", persistent_workers=False)
@@ -512,6 +675,8 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
     if resume_path:
         restore(resume_path, model, optimizer, scaler, state)
         log.info("resumed from %s at epoch %d, step %d", resume_path, state.epoch, state.step)
+    if env.distributed and env.device.type == "cuda":  # projector BN over the global batch (parameters kept)
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     ddp_model = DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None) \
         if env.distributed else model
     criterion = build_criterion(spec, args, env)
@@ -534,6 +699,7 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
                 utils.save_atomic(payload, os.path.join(exp_dir, "checkpoint_best.pt"))
 
     ctx = {"device": env.device, "exp_dir": exp_dir, "steps_per_epoch": steps_per_epoch, "model": ddp_model,
+           "total_steps": total_steps,
            "global_batch": args.batch_size * env.world_size * args.update_freq, "record": record, "save": save}
     log.info("model %s (%.2fM params), %d steps/epoch, global batch %d, %d rank(s) on %s", args.model,
              sum(p.numel() for p in model.parameters()) / 1e6, steps_per_epoch, ctx["global_batch"],

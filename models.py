@@ -8,6 +8,8 @@ valid names and a typo fails at parse time with a close-match suggestion.
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import difflib
 import fnmatch
 import math
@@ -170,9 +172,12 @@ class QuickGELU(nn.Module):
 class TextBlock(nn.Module):
     """Pre-LN causal transformer block with OpenAI CLIP's parameter names."""
 
-    def __init__(self, width: int, heads: int) -> None:
+    def __init__(self, width: int, heads: int, dropout_prob: float = 0.0, drop_path_prob: float = 0.0) -> None:
         super().__init__()
         self.heads = heads
+        # regularisers of CL2L's strong texts only (forward(strong=True)); no parameters, no state_dict keys
+        self.strong_dropout = nn.Dropout(dropout_prob)
+        self.strong_drop_path = timm.layers.DropPath(drop_path_prob) if drop_path_prob > 0 else nn.Identity()
         self.ln_1 = nn.LayerNorm(width)
         self.attn = nn.ModuleDict({"in_proj": nn.Linear(width, 3 * width), "out_proj": nn.Linear(width, width)})
         self.ln_2 = nn.LayerNorm(width)
@@ -187,7 +192,11 @@ class TextBlock(nn.Module):
         out = multi_head_attention(qkv[0], qkv[1], qkv[2], causal=True)  # (B, H, N, Dh)
         return self.attn["out_proj"](out.transpose(1, 2).reshape(B, N, C))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, strong: bool = False) -> torch.Tensor:
+        if strong:  # clip-rocket's "local" mode: dropout on the block input, drop-path on both branches
+            x = self.strong_dropout(x)
+            x = x + self.strong_drop_path(self.attention(self.ln_1(x)))
+            return x + self.strong_drop_path(self.mlp(self.ln_2(x)))
         x = x + self.attention(self.ln_1(x))
         return x + self.mlp(self.ln_2(x))
 
@@ -196,12 +205,12 @@ class CLIPTextTransformer(nn.Module):
     """OpenAI CLIP text encoder: token + learned position embeddings, causal pre-LN blocks, EOT pooling."""
 
     def __init__(self, width: int, heads: int, layers: int, vocab_size: int = 49408,
-                 context_length: int = 77) -> None:
+                 context_length: int = 77, dropout_prob: float = 0.0, drop_path_prob: float = 0.0) -> None:
         super().__init__()
         self.width, self.context_length = width, context_length
         self.token_embedding = nn.Embedding(vocab_size, width)
         self.positional_embedding = nn.Parameter(torch.empty(context_length, width))
-        self.resblocks = nn.ModuleList(TextBlock(width, heads) for _ in range(layers))
+        self.resblocks = nn.ModuleList(TextBlock(width, heads, dropout_prob, drop_path_prob) for _ in range(layers))
         self.ln_final = nn.LayerNorm(width)
         self.grad_checkpointing = False
         self._init_weights(layers)
@@ -217,14 +226,17 @@ class CLIPTextTransformer(nn.Module):
             nn.init.normal_(block.mlp.c_fc.weight, std=(2 * w) ** -0.5)
             nn.init.normal_(block.mlp.c_proj.weight, std=w ** -0.5 * (2 * layers) ** -0.5)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens (B, L) int64 with EOT = the largest id -> (B, width) features at EOT."""
+    def forward(self, tokens: torch.Tensor, strong: bool = False) -> torch.Tensor:
+        """tokens (B, L) int64 with EOT = the largest id -> (B, width) features at EOT.
+
+        strong=True applies the strong-text dropout / drop-path of the blocks (CL2L's augmented texts)."""
         eot = tokens.argmax(dim=-1)  # (B,)
         # causal attention: positions after the last EOT of the batch never influence it, so trimming is exact
         length = int(eot.max()) + 1
         x = self.token_embedding(tokens[:, :length]) + self.positional_embedding[:length]  # (B, L', W)
         for block in self.resblocks:
-            x = checkpoint(block, x, use_reentrant=False) if self.grad_checkpointing and self.training else block(x)
+            x = checkpoint(block, x, strong, use_reentrant=False) if self.grad_checkpointing and self.training \
+                else block(x, strong)
         x = self.ln_final(x)
         return x[torch.arange(x.shape[0], device=x.device), eot]  # (B, W)
 
@@ -319,6 +331,12 @@ class CLIP(nn.Module):
         self.visual.set_grad_checkpointing(enable)
         self.text.set_grad_checkpointing(enable)
 
+    def before_optimizer_step(self, step: int) -> None:
+        """Hook run on the gradients before optimizer step `step` (0-based); SWALIPV1 freezes prototypes."""
+
+    def after_optimizer_step(self, step: int, total_steps: int) -> None:
+        """Hook run after optimizer step `step` of `total_steps` (1-based count done); BYOLIP's EMA update."""
+
 
 # --------------------------------------------------------------------------- bases and objectives
 @dataclass(frozen=True)
@@ -337,6 +355,7 @@ class ObjectiveSpec:
     metric_names: tuple[str, ...]
     bases: tuple[str, ...]  # bases this objective is defined for
     num_views: int = 0  # strong image/text views beyond the global pair
+    model: str = "CLIP"  # key of MODEL_CLASSES: the dual-encoder class this objective trains
 
 
 BASES: dict[str, BaseSpec] = {}
@@ -357,6 +376,393 @@ register_base(BaseSpec("CLIP", text_family="clip", tokenizer="bpe", context_leng
 register_base(BaseSpec("CNCLIP", text_family="bert", tokenizer="bert", context_length=52, language="zh"))
 register_objective(ObjectiveSpec("CLIP", loss="clip", metric_names=("loss", "clip_loss", "clip_acc"),
                                  bases=("CLIP", "CNCLIP")))
+
+
+# --------------------------------------------------------------------------- CLIP🚀 (CL2L) and its family
+@dataclass(frozen=True)
+class RecipeOptions:
+    """Constructor options of the CL2L family, SWALIPV1 and SigLIP (main.model_kwargs fills it from flags).
+
+    A frozen dataclass, so a misspelled option fails at construction. Fields mirror clip-rocket's flags.
+    """
+
+    clip_proj_type: str = "linear"  # projector of the global pair (head z): linear | mlp
+    clip_hidden_dim: int = 4096
+    separate_proj: bool = False  # own MLP projectors + own temperature (init 1/0.1) for the strong views
+    cl2l_img_proj_type: str = "mlp"  # projector of the strong views (head h): mlp | linear
+    cl2l_txt_proj_type: str = "mlp"
+    cl2l_hidden_dim: int = 4096
+    detach_proj: bool = False  # the global text projector sees detached text features
+    separate_proj_child: bool = False  # non-contrastive heads: separate copies for the strong views
+    text_dropout_prob: float = 0.0  # strong texts only
+    text_drop_path_prob: float = 0.0  # strong texts only
+    barlip_proj_dim: int = 8192
+    barlip_hidden_dim: int = 3000
+    siamlip_proj_dim: int = 128
+    siamlip_hidden_dim: int = 2048
+    siamlip_no_last_bn: bool = False
+    momentum: bool = False  # BYOL target network (forced on by BYOLIP)
+    momentum_tau: float = 0.99
+    momentum_tau_schedule: str = "constant"  # constant | cosine (BYOL: tau -> 1)
+    swalip_proj_dim: int = 128
+    swalip_hidden_dim: int = 2048
+    swalip_num_proto: int = 3000
+    swalip_temperature: float = 0.1
+    swalip_learn_temperature: bool = False
+    swalip_no_shared_proto: bool = False
+    swalip_freeze_proto_iters: int = 100
+
+
+def build_mlp(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 3, bias: bool = True,
+              last_bn: str | None = None) -> nn.Sequential:
+    """(num_layers - 1) x [Linear - BatchNorm1d - ReLU] then Linear; last_bn 'affine'/'plain' adds a final BN
+    (with / without affine parameters). BN normalises over the (micro-)batch of each rank."""
+    layers: list[nn.Module] = []
+    dims = [in_dim] + [hidden_dim] * (num_layers - 1)
+    for d_in, d_out in zip(dims[:-1], dims[1:]):
+        layers += [nn.Linear(d_in, d_out, bias=bias), nn.BatchNorm1d(d_out), nn.ReLU(inplace=True)]
+    layers.append(nn.Linear(dims[-1], out_dim, bias=bias))
+    if last_bn is not None:
+        layers.append(nn.BatchNorm1d(out_dim, affine=last_bn == "affine"))
+    return nn.Sequential(*layers)
+
+
+def _projector(kind: str, in_dim: int, hidden_dim: int, out_dim: int) -> nn.Module:
+    """'linear' (bias-free, std in_dim^-0.5 as CLIP) or a 3-layer 'mlp' with BN."""
+    if kind == "mlp":
+        return build_mlp(in_dim, hidden_dim, out_dim, num_layers=3)
+    if kind != "linear":
+        raise ValueError(f"projector type must be 'linear' or 'mlp', got {kind!r}")
+    layer = nn.Linear(in_dim, out_dim, bias=False)
+    nn.init.normal_(layer.weight, std=in_dim ** -0.5)
+    return layer
+
+
+MODEL_CLASSES: dict[str, type] = {"CLIP": CLIP}
+
+
+def register_model_class(name: str):
+    """Decorator: make a CLIP subclass available to ObjectiveSpec.model under `name`."""
+
+    def wrap(cls: type) -> type:
+        MODEL_CLASSES[name] = cls
+        return cls
+
+    return wrap
+
+
+def _norm(x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x.float(), dim=-1)
+
+
+@register_model_class("CL2L")
+class CL2L(CLIP):
+    """CLIP🚀 (Fini et al., 2023): a weak global pair through the CLIP projector (head "z") plus A strong
+    image views and A strong texts through the l2l projectors (head "h", MLP with BN when --separate-proj).
+
+    forward(images (B,3,H,W) weak view, tokens (B,1+A,L) weak text then A strong texts, images_strong
+    (B,A,3,H',W')) -> {"image_embed","text_embed" (B,D), "image_strong_embed","text_strong_embed" (B,A,D),
+    all L2-normalised fp32, "logit_scale", "h_logit_scale"} plus the heads' outputs of subclasses.
+    Every per-sample output is batch-first, so exact gradient accumulation can concatenate them.
+    """
+
+    embedding_heads = ("z", "h")
+
+    def __init__(self, visual: nn.Module, vision_width: int, text: nn.Module, text_width: int, embed_dim: int,
+                 opts: RecipeOptions) -> None:
+        super().__init__(visual, vision_width, text, text_width, embed_dim)
+        self.opts = opts
+        if opts.separate_proj:
+            self.l2l_image_projection = _projector(opts.cl2l_img_proj_type, vision_width, opts.cl2l_hidden_dim,
+                                                   embed_dim)
+            self.l2l_text_projection = _projector(opts.cl2l_txt_proj_type, text_width, opts.cl2l_hidden_dim,
+                                                  embed_dim)
+            self.l2l_logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.1)))
+
+    def project_h(self, feats: torch.Tensor, modality: str) -> torch.Tensor:
+        """Head h: the l2l projector (the CLIP projector itself without --separate-proj)."""
+        if self.opts.separate_proj:
+            proj = self.l2l_image_projection if modality == "image" else self.l2l_text_projection
+        else:
+            proj = self.image_projection if modality == "image" else self.text_projection
+        return proj(feats)
+
+    def encode_image(self, images: torch.Tensor, head: str = "z") -> torch.Tensor:
+        """(B,3,H,W) -> (B,D) unnormalised features of head "z" (CLIP projector) or "h" (l2l projector)."""
+        assert head in self.embedding_heads, f"unknown head {head!r}"
+        feats = self.visual(images)
+        return self.image_projection(feats) if head == "z" else self.project_h(feats, "image")
+
+    def encode_text(self, tokens: torch.Tensor, head: str = "z") -> torch.Tensor:
+        """(B,L) -> (B,D) unnormalised features of head "z" or "h"."""
+        assert head in self.embedding_heads, f"unknown head {head!r}"
+        feats = self.text(tokens)
+        return self.text_projection(feats) if head == "z" else self.project_h(feats, "text")
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor,
+                images_strong: torch.Tensor) -> dict[str, torch.Tensor]:
+        B, A = images_strong.shape[:2]
+        if tokens.shape[1] != 1 + A:
+            raise ValueError(f"CL2L expects tokens (B, 1+A, L) with A = {A} strong views, got {tuple(tokens.shape)}")
+        feats = {"image": self.visual(images), "text": self.text(tokens[:, 0])}  # (B, W)
+        text_for_z = feats["text"].detach() if self.opts.detach_proj else feats["text"]
+        out = {"image_embed": _norm(self.image_projection(feats["image"])),
+               "text_embed": _norm(self.text_projection(text_for_z)),
+               "logit_scale": self.logit_scale.exp()}
+        if A > 0:  # all strong views in one pass: (B*A, ...) sample-major, viewed back as (B, A, ...)
+            feats["image_strong"] = self.visual(images_strong.flatten(0, 1))  # (B*A, Wv)
+            feats["text_strong"] = self.text(tokens[:, 1:].flatten(0, 1), strong=True)  # (B*A, Wt)
+            out["image_strong_embed"] = _norm(self.project_h(feats["image_strong"], "image")).view(B, A, -1)
+            out["text_strong_embed"] = _norm(self.project_h(feats["text_strong"], "text")).view(B, A, -1)
+        else:
+            empty = out["image_embed"].new_zeros(B, 0, out["image_embed"].shape[-1])
+            out["image_strong_embed"], out["text_strong_embed"] = empty, empty
+        scale = self.l2l_logit_scale if self.opts.separate_proj else self.logit_scale
+        out["h_logit_scale"] = scale.exp()
+        out.update(self.head_outputs(feats, (images, tokens, images_strong), B, A))
+        return out
+
+    def head_outputs(self, feats: dict[str, torch.Tensor], inputs: tuple[torch.Tensor, ...], B: int,
+                     A: int) -> dict[str, torch.Tensor]:
+        """Extra outputs of a non-contrastive head from the backbone features `feats` (keys image, text,
+        image_strong, text_strong) and the forward's inputs (none for plain CL2L)."""
+        return {}
+
+    @torch.no_grad()
+    def clamp_logit_scale(self, max_log: float = math.log(100.0)) -> None:
+        """Clamp logit_scale, and l2l_logit_scale when it exists (the reference clamps it unconditionally)."""
+        super().clamp_logit_scale(max_log)
+        if self.opts.separate_proj:
+            self.l2l_logit_scale.clamp_(0, max_log)
+
+
+def _apply(module_global: nn.Module, module_strong: nn.Module, feats: dict[str, torch.Tensor], modality: str,
+           B: int, A: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(global (B,P), strong (B,A,P)) outputs of a head applied to the global and strong features."""
+    out = module_global(feats[modality])
+    if A == 0:
+        return out, out.new_zeros(B, 0, out.shape[-1])
+    return out, module_strong(feats[f"{modality}_strong"]).view(B, A, -1)
+
+
+@register_model_class("BARLIP")
+class BARLIP(CL2L):
+    """CL2L + Barlow Twins heads: Linear-BN-ReLU-Linear-BN-ReLU-Linear-BN (hidden 3000, out 8192), one per
+    modality; separate strong-view copies with --separate-proj-child. Adds v_image, v_text (B,P),
+    v_image_strong, v_text_strong (B,A,P)."""
+
+    def __init__(self, visual, vision_width, text, text_width, embed_dim, opts: RecipeOptions) -> None:
+        super().__init__(visual, vision_width, text, text_width, embed_dim, opts)
+
+        def head(width: int) -> nn.Module:
+            return build_mlp(width, opts.barlip_hidden_dim, opts.barlip_proj_dim, num_layers=3, last_bn="affine")
+
+        self.barlip_image_head, self.barlip_text_head = head(vision_width), head(text_width)
+        if opts.separate_proj_child:
+            self.barlip_image_head_strong, self.barlip_text_head_strong = head(vision_width), head(text_width)
+
+    def head_outputs(self, feats, inputs, B, A):
+        child = self.opts.separate_proj_child
+        v_i, v_is = _apply(self.barlip_image_head, self.barlip_image_head_strong if child else self.barlip_image_head,
+                           feats, "image", B, A)
+        v_t, v_ts = _apply(self.barlip_text_head, self.barlip_text_head_strong if child else self.barlip_text_head,
+                           feats, "text", B, A)
+        return {"v_image": v_i, "v_text": v_t, "v_image_strong": v_is, "v_text_strong": v_ts}
+
+
+class _SiamHeads(nn.Module):
+    """SimSiam projector Linear(no bias)-BN-ReLU-Linear(no bias) [+ BN(affine=False)] per modality, and the
+    cross-modal predictors Linear(no bias)-BN-ReLU-Linear (image->text, text->image)."""
+
+    def __init__(self, vision_width: int, text_width: int, opts: RecipeOptions) -> None:
+        super().__init__()
+        last = None if opts.siamlip_no_last_bn else "plain"
+        dim, hidden = opts.siamlip_proj_dim, opts.siamlip_hidden_dim
+        self.image_projector = build_mlp(vision_width, hidden, dim, num_layers=2, bias=False, last_bn=last)
+        self.text_projector = build_mlp(text_width, hidden, dim, num_layers=2, bias=False, last_bn=last)
+        self.image_text_predictor = _predictor(dim, hidden)
+        self.text_image_predictor = _predictor(dim, hidden)
+
+
+def _predictor(dim: int, hidden: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+                         nn.Linear(hidden, dim))
+
+
+class MomentumTarget(nn.Module):
+    """BYOL target network (Grill et al., 2020): copies of the towers and SimSiam projectors, no gradient,
+    updated by EMA  theta_t <- tau * theta_t + (1 - tau) * theta  after every optimizer step. It runs in the
+    online model's train/eval mode (BN with batch statistics in training, as the reference)."""
+
+    def __init__(self, model: SIAMLIP) -> None:
+        super().__init__()
+        self.visual, self.text = copy.deepcopy(model.visual), copy.deepcopy(model.text)
+        self.heads = copy.deepcopy(model.siam_heads)
+        self.heads_strong = copy.deepcopy(model.siam_heads_strong) if model.opts.separate_proj_child else None
+        for p in self.parameters():
+            p.requires_grad_(False)
+
+    def pairs(self, model: SIAMLIP) -> list[tuple[nn.Parameter, nn.Parameter]]:
+        """(target, online) parameter pairs in a fixed order."""
+        online = [model.visual, model.text, model.siam_heads] + \
+            ([model.siam_heads_strong] if self.heads_strong is not None else [])
+        target = [self.visual, self.text, self.heads] + ([self.heads_strong] if self.heads_strong is not None else [])
+        return [pair for t, o in zip(target, online) for pair in zip(t.parameters(), o.parameters())]
+
+
+def momentum_tau(base_tau: float, schedule: str, step: int, total_steps: int) -> float:
+    """EMA coefficient after `step` of `total_steps`: constant, or BYOL's cosine
+    tau_k = 1 - (1 - tau_base) * (cos(pi k / K) + 1) / 2 (tau rises to 1)."""
+    if schedule == "constant":
+        return base_tau
+    if schedule == "cosine":
+        return 1 - (1 - base_tau) * (math.cos(math.pi * step / max(total_steps, 1)) + 1) / 2
+    raise ValueError(f"momentum tau schedule must be 'constant' or 'cosine', got {schedule!r}")
+
+
+@register_model_class("SIAMLIP")
+class SIAMLIP(CL2L):
+    """CL2L + cross-modal SimSiam heads (SiamLIP); with opts.momentum, a BYOL target network (BYOLIP).
+
+    Adds v_image, v_text (B,P) and v_image_strong, v_text_strong (B,A,P) (projector outputs), p_* (the
+    predictors: p_image = image->text predictor(v_image)), and with momentum v_*_momentum from the target."""
+
+    def __init__(self, visual, vision_width, text, text_width, embed_dim, opts: RecipeOptions) -> None:
+        super().__init__(visual, vision_width, text, text_width, embed_dim, opts)
+        self.siam_heads = _SiamHeads(vision_width, text_width, opts)
+        self.siam_heads_strong = _SiamHeads(vision_width, text_width, opts) if opts.separate_proj_child else None
+        self.target = MomentumTarget(self) if opts.momentum else None
+
+    def _siam(self, heads: nn.Module, heads_strong: nn.Module | None, feats, B, A) -> dict[str, torch.Tensor]:
+        strong = heads_strong if heads_strong is not None else heads
+        v_i, v_is = _apply(heads.image_projector, strong.image_projector, feats, "image", B, A)
+        v_t, v_ts = _apply(heads.text_projector, strong.text_projector, feats, "text", B, A)
+        return {"v_image": v_i, "v_text": v_t, "v_image_strong": v_is, "v_text_strong": v_ts}
+
+    def head_outputs(self, feats, inputs, B, A):
+        out = self._siam(self.siam_heads, self.siam_heads_strong, feats, B, A)
+        strong = self.siam_heads_strong if self.siam_heads_strong is not None else self.siam_heads
+        out["p_image"] = self.siam_heads.image_text_predictor(out["v_image"])
+        out["p_text"] = self.siam_heads.text_image_predictor(out["v_text"])
+        P = out["v_image"].shape[-1]
+        out["p_image_strong"] = strong.image_text_predictor(out["v_image_strong"].reshape(B * A, P)).view(B, A, -1)
+        out["p_text_strong"] = strong.text_image_predictor(out["v_text_strong"].reshape(B * A, P)).view(B, A, -1)
+        if self.target is not None:
+            out.update({f"{k}_momentum": v.detach() for k, v in self._target_outputs(inputs, B, A).items()})
+        return out
+
+    @torch.no_grad()
+    def _target_outputs(self, inputs: tuple[torch.Tensor, ...], B: int, A: int) -> dict[str, torch.Tensor]:
+        """The target network's v_* on the same inputs (same train/eval mode as the online model)."""
+        t, (images, tokens, images_strong) = self.target, inputs
+        target_feats = {"image": t.visual(images), "text": t.text(tokens[:, 0])}
+        if A > 0:
+            target_feats["image_strong"] = t.visual(images_strong.flatten(0, 1))
+            target_feats["text_strong"] = t.text(tokens[:, 1:].flatten(0, 1), strong=True)
+        return self._siam(t.heads, t.heads_strong, target_feats, B, A)
+
+    @torch.no_grad()
+    def after_optimizer_step(self, step: int, total_steps: int) -> None:
+        """BYOL EMA of the target network (no-op without momentum)."""
+        if self.target is None:
+            return
+        tau = momentum_tau(self.opts.momentum_tau, self.opts.momentum_tau_schedule, step, total_steps)
+        for p_t, p in self.target.pairs(self):
+            p_t.mul_(tau).add_(p.detach(), alpha=1 - tau)
+
+
+@register_model_class("BYOLIP")
+class BYOLIP(SIAMLIP):
+    """SiamLIP with the BYOL momentum target network always on (clip-rocket's `*_SIAMLIP --momentum`)."""
+
+    def __init__(self, visual, vision_width, text, text_width, embed_dim, opts: RecipeOptions) -> None:
+        super().__init__(visual, vision_width, text, text_width, embed_dim, dataclasses.replace(opts, momentum=True))
+
+
+@register_model_class("SWALIPV1")
+class SWALIPV1(CLIP):
+    """CLIP + SwAV heads with learned prototypes (clip-rocket's SWALIPV1): projector Linear-BN-ReLU-Linear
+    (hidden 2048, out 128) per modality, K unit-norm prototypes (weight-normalised, g fixed at 1) shared
+    between modalities unless swalip_no_shared_proto, temperature 1/exp(swalip_logit_scale) learnable only
+    with swalip_learn_temperature. Adds p_image, p_text (B, K) cosine scores and swalip_logit_scale.
+    Prototype gradients are dropped for the first swalip_freeze_proto_iters optimizer steps."""
+
+    def __init__(self, visual, vision_width, text, text_width, embed_dim, opts: RecipeOptions) -> None:
+        super().__init__(visual, vision_width, text, text_width, embed_dim)
+        self.opts = opts
+        dim, hidden = opts.swalip_proj_dim, opts.swalip_hidden_dim
+        self.swalip_image_projector = build_mlp(vision_width, hidden, dim, num_layers=2)
+        self.swalip_text_projector = build_mlp(text_width, hidden, dim, num_layers=2)
+        self.prototypes = nn.Linear(dim, opts.swalip_num_proto, bias=False)
+        self.text_prototypes = None if not opts.swalip_no_shared_proto else \
+            nn.Linear(dim, opts.swalip_num_proto, bias=False)
+        log_scale = torch.tensor(math.log(1 / opts.swalip_temperature))
+        if opts.swalip_learn_temperature:
+            self.swalip_logit_scale = nn.Parameter(log_scale)
+        else:
+            self.register_buffer("swalip_logit_scale", log_scale)
+
+    def _scores(self, h: torch.Tensor, prototypes: nn.Linear) -> torch.Tensor:
+        return _norm(h) @ _norm(prototypes.weight).t()  # (B, K) cosine to each unit prototype
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        f_i, f_t = self.visual(images), self.text(tokens)  # (B, W)
+        text_protos = self.text_prototypes if self.text_prototypes is not None else self.prototypes
+        return {"image_embed": _norm(self.image_projection(f_i)), "text_embed": _norm(self.text_projection(f_t)),
+                "logit_scale": self.logit_scale.exp(),
+                "p_image": self._scores(self.swalip_image_projector(f_i), self.prototypes),
+                "p_text": self._scores(self.swalip_text_projector(f_t), text_protos),
+                "swalip_logit_scale": self.swalip_logit_scale.exp()}
+
+    def before_optimizer_step(self, step: int) -> None:
+        """Drop the prototypes' gradients (AdamW then skips them) while step < swalip_freeze_proto_iters."""
+        if step < self.opts.swalip_freeze_proto_iters:
+            for name, p in self.named_parameters():
+                if "prototypes" in name:
+                    p.grad = None
+
+    @torch.no_grad()
+    def clamp_logit_scale(self, max_log: float = math.log(100.0)) -> None:
+        super().clamp_logit_scale(max_log)
+        if self.opts.swalip_learn_temperature:
+            self.swalip_logit_scale.clamp_(0, max_log)
+
+
+@register_model_class("SIGLIP")
+class SigLIP(CLIP):
+    """CLIP towers trained with the sigmoid loss (Zhai et al., 2023): temperature t = exp(logit_scale)
+    initialised at 10 and a learnable bias initialised at -10. Adds "logit_bias" to the outputs."""
+
+    def __init__(self, visual, vision_width, text, text_width, embed_dim, opts: RecipeOptions) -> None:
+        super().__init__(visual, vision_width, text, text_width, embed_dim)
+        with torch.no_grad():
+            self.logit_scale.fill_(math.log(10.0))
+        self.logit_bias = nn.Parameter(torch.tensor(-10.0))
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {**super().forward(images, tokens), "logit_bias": self.logit_bias}
+
+
+CL2L_METRICS = ("loss", "clip_loss", "clip_loss_image", "clip_loss_text", "clip_loss_image_global",
+                "clip_loss_text_global", "clip_loss_image_local", "clip_loss_text_local", "clip_acc",
+                "clip_acc_text_global", "clip_acc_image_local", "clip_acc_text_local", "h_logit_scale")
+register_base(BaseSpec("CL2L", text_family="clip", tokenizer="bpe", context_length=77, language="en"))
+register_objective(ObjectiveSpec("CL2L", loss="cl2l", metric_names=CL2L_METRICS, bases=("CL2L",), num_views=2,
+                                 model="CL2L"))
+register_objective(ObjectiveSpec("BARLIP", loss="barlip", metric_names=CL2L_METRICS + ("barlip_loss",),
+                                 bases=("CL2L",), num_views=2, model="BARLIP"))
+register_objective(ObjectiveSpec("SIAMLIP", loss="siamlip", metric_names=CL2L_METRICS + ("siamlip_loss",),
+                                 bases=("CL2L",), num_views=2, model="SIAMLIP"))
+register_objective(ObjectiveSpec("BYOLIP", loss="siamlip", metric_names=CL2L_METRICS + ("siamlip_loss",),
+                                 bases=("CL2L",), num_views=2, model="BYOLIP"))
+register_objective(ObjectiveSpec("SWALIP", loss="swalip", metric_names=CL2L_METRICS + ("swalip_loss",),
+                                 bases=("CL2L",), num_views=2, model="CL2L"))
+register_objective(ObjectiveSpec("SWALIPV1", loss="swalipv1",
+                                 metric_names=("loss", "clip_loss", "clip_acc", "swalip_loss", "swalip_logit_scale"),
+                                 bases=("CLIP",), model="SWALIPV1"))
+register_objective(ObjectiveSpec("SIGLIP", loss="siglip",
+                                 metric_names=("loss", "siglip_loss", "clip_acc", "logit_bias"),
+                                 bases=("CLIP", "CNCLIP"), model="SIGLIP"))
 
 
 @dataclass(frozen=True)
@@ -424,12 +830,30 @@ def build_text_tower(spec: ModelSpec, text_model: str | None, width: int | None,
 def build_model(spec: ModelSpec, *, image_size: int | None = None, embed_dim: int | None = None,
                 text_model: str | None = None, text_width: int | None = None, text_heads: int | None = None,
                 text_layers: int | None = None, context_length: int | None = None,
-                checkpoint_grad: bool = False) -> nn.Module:
-    """Instantiate the dual encoder named by `spec`; `None` means the registered preset."""
+                checkpoint_grad: bool = False, recipe: RecipeOptions | None = None) -> nn.Module:
+    """Instantiate the dual encoder named by `spec`; `None` means the registered preset.
+
+    `recipe` carries the options of the CL2L family / SWALIPV1 / SigLIP (defaults when None); the class
+    is the objective's registered model class."""
+    recipe = recipe or RecipeOptions()
     visual = spec.backbone.build(image_size or spec.backbone.image_size)
     text = build_text_tower(spec, text_model, text_width, text_heads, text_layers,
                             context_length or spec.base.context_length)
-    model = CLIP(visual, spec.backbone.width, text, text.width, embed_dim or spec.backbone.embed_dim)
+    if isinstance(text, CLIPTextTransformer) and (recipe.text_dropout_prob or recipe.text_drop_path_prob):
+        for block in text.resblocks:  # strong-text regularisers (parameter-free)
+            block.strong_dropout.p = recipe.text_dropout_prob
+            if recipe.text_drop_path_prob:
+                block.strong_drop_path = timm.layers.DropPath(recipe.text_drop_path_prob)
+    embed_dim = embed_dim or spec.backbone.embed_dim
+    cls = MODEL_CLASSES[spec.objective.model]
+    if cls is CLIP:
+        model = CLIP(visual, spec.backbone.width, text, text.width, embed_dim)
+    else:
+        model = cls(visual, spec.backbone.width, text, text.width, embed_dim, recipe)
+    if recipe.clip_proj_type != "linear":  # head z as an MLP (clip-rocket's --clip-proj-type mlp)
+        model.image_projection = _projector(recipe.clip_proj_type, spec.backbone.width, recipe.clip_hidden_dim,
+                                            embed_dim)
+        model.text_projection = _projector(recipe.clip_proj_type, text.width, recipe.clip_hidden_dim, embed_dim)
     if checkpoint_grad:
         model.set_grad_checkpointing(True)
     return model
