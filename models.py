@@ -83,16 +83,18 @@ class BackboneSpec:
     image_size: int
     embed_dim: int
     text: TextPreset
+    projected: bool = False  # the tower ends in its own projection to embed_dim (OpenAI's attention pool)
 
 
 BACKBONES: dict[str, BackboneSpec] = {}
 
 
-def register_backbone(name: str, *, width: int, image_size: int, embed_dim: int, text: TextPreset):
+def register_backbone(name: str, *, width: int, image_size: int, embed_dim: int, text: TextPreset,
+                      projected: bool = False):
     """Decorator registering a vision-tower factory `fn(image_size) -> nn.Module` under `name`."""
 
     def wrap(fn: Callable[[int], nn.Module]) -> Callable[[int], nn.Module]:
-        BACKBONES[name] = BackboneSpec(name, fn, width, image_size, embed_dim, text)
+        BACKBONES[name] = BackboneSpec(name, fn, width, image_size, embed_dim, text, projected)
         return fn
 
     return wrap
@@ -107,7 +109,8 @@ def _timm_vit(timm_name: str, image_size: int, **overrides) -> nn.Module:
     return model
 
 
-_CLIP_VIT = dict(pre_norm=True, act_layer="quick_gelu")  # OpenAI-CLIP style ViT for the small sizes
+# OpenAI-CLIP style ViT for the small sizes: ln_pre, QuickGELU, LayerNorm eps 1e-5 (timm's default is 1e-6)
+_CLIP_VIT = dict(pre_norm=True, act_layer="quick_gelu", norm_layer=nn.LayerNorm)
 TEXT_B = TextPreset(512, 8, 12, "RoBERTa-wwm-ext-base-chinese")
 
 
@@ -161,6 +164,16 @@ def vit_huge14(image_size: int) -> nn.Module:
 def resnet50(image_size: int) -> nn.Module:
     """timm ResNet-50 with global average pooling (clip-rocket's R50)."""
     return timm.create_model("resnet50", pretrained=False, num_classes=0)
+
+
+@register_backbone("RN50", width=1024, image_size=224, embed_dim=1024, projected=True,
+                   text=TextPreset(512, 8, 12, "RBT3-chinese"))
+def openai_resnet50(image_size: int) -> nn.Module:
+    """OpenAI's ModifiedResNet-50 (3-conv stem, anti-aliased strides, attention pool to 1024-d), as in
+    OpenAI CLIP and Chinese-CLIP RN50; open_clip's implementation. Its attention pool is the image projection."""
+    from open_clip.modified_resnet import ModifiedResNet
+
+    return ModifiedResNet(layers=[3, 4, 6, 3], output_dim=1024, heads=32, image_size=image_size, width=64)
 
 
 # --------------------------------------------------------------------------- text towers
@@ -854,6 +867,11 @@ def build_model(spec: ModelSpec, *, image_size: int | None = None, embed_dim: in
         model.image_projection = _projector(recipe.clip_proj_type, spec.backbone.width, recipe.clip_hidden_dim,
                                             embed_dim)
         model.text_projection = _projector(recipe.clip_proj_type, text.width, recipe.clip_hidden_dim, embed_dim)
+    if spec.backbone.projected:  # the tower projects itself (OpenAI RN50 attention pool)
+        if embed_dim != spec.backbone.embed_dim:
+            raise ModelNameError(f"{spec.backbone.name} projects to {spec.backbone.embed_dim} dims itself; "
+                                 f"--embed-dim {embed_dim} is not possible")
+        model.image_projection = nn.Identity()
     if checkpoint_grad:
         model.set_grad_checkpointing(True)
     return model

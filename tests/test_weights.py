@@ -1,0 +1,218 @@
+"""Pretrained-weight compatibility: reference models (open_clip for the OpenAI layout, the cn-clip wheel's
+model code for Chinese-CLIP) with random weights, saved in their native formats, loaded into ours; the
+image and text features must agree to 1e-5 in fp32."""
+import os
+
+import pytest
+import torch
+
+import datasets
+import models
+import weights
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOL = 1e-5
+
+
+def open_clip_model(vision: dict, embed_dim: int = 32):
+    """A small OpenAI-layout CLIP from open_clip (QuickGELU, as OpenAI's checkpoints)."""
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+    torch.manual_seed(0)
+    model = CLIP(embed_dim=embed_dim, vision_cfg=CLIPVisionCfg(**vision), text_cfg=CLIPTextCfg(width=64, heads=1,
+                 layers=2), quick_gelu=True).eval()
+    with torch.no_grad():  # non-trivial norms and biases so a wrong mapping cannot hide
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or ".ln" in name or "ln_" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def cn_clip_model(vision_layers, vision_width: int, patch, image_size: int, embed_dim: int = 32):
+    """A small Chinese-CLIP model from the cn-clip wheel (its own BERT and towers), BERT-tiny-chinese text."""
+    cn_model = pytest.importorskip("cn_clip.clip.model")
+    torch.manual_seed(0)
+    cfg = models.BERT_CONFIGS["BERT-tiny-chinese"]
+    model = cn_model.CLIP(embed_dim=embed_dim, image_resolution=image_size, vision_layers=vision_layers,
+                          vision_width=vision_width, vision_patch_size=patch, vocab_size=21128,
+                          text_attention_probs_dropout_prob=0.1, text_hidden_act="gelu", text_hidden_dropout_prob=0.1,
+                          text_hidden_size=cfg["hidden_size"], text_initializer_range=0.02,
+                          text_intermediate_size=cfg["intermediate_size"], text_max_position_embeddings=512,
+                          text_num_attention_heads=cfg["num_attention_heads"],
+                          text_num_hidden_layers=cfg["num_hidden_layers"], text_type_vocab_size=2).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def ours(name: str, **kwargs):
+    torch.manual_seed(1)
+    return models.build_model(models.parse_model_name(name), **kwargs).eval()
+
+
+EN = ["a photo of a cat", "a red car on the street", "two dogs"]
+ZH = ["一张猫的照片", "街上的红色汽车", "两只狗在草地上奔跑"]
+
+
+def assert_same_features(ref_img, ref_txt, model, images, tokens):
+    with torch.no_grad():
+        img = model.encode_image(images)
+        txt = model.encode_text(tokens)
+    assert (img - ref_img).abs().max() <= TOL
+    assert (txt - ref_txt).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("arch", ["vit", "rn50"])
+def test_openai_state_dict_matches_open_clip(tmp_path, arch):
+    vision = dict(layers=12, width=192, patch_size=16, image_size=32) if arch == "vit" else \
+        dict(layers=(3, 4, 6, 3), width=64, image_size=64)
+    embed = 32 if arch == "vit" else 1024
+    ref = open_clip_model(vision, embed)
+    path = tmp_path / "openai.pt"
+    torch.save(ref.state_dict(), path)
+    name, kwargs = weights.infer_model(weights.to_ours(weights.read_state_dict(str(path))))
+    assert name == ("CLIP_VITT16_CLIP" if arch == "vit" else "CLIP_RN50_CLIP")
+    model = ours(name, **kwargs)
+    weights.load_weights(model, str(path))
+    images = torch.randn(2, 3, vision["image_size"], vision["image_size"])
+    tokens = datasets.BpeTokenizer(77)(EN)
+    with torch.no_grad():
+        ref_img, ref_txt = ref.encode_image(images), ref.encode_text(tokens)
+    assert_same_features(ref_img, ref_txt, model, images, tokens)
+    assert torch.equal(model.logit_scale, ref.logit_scale.detach())
+    # the reverse layout gives back the reference's own keys and values
+    back = weights.ours_to_openai(model.state_dict())
+    ref_sd = {k: v for k, v in ref.state_dict().items() if k != "attn_mask"}
+    assert set(back) == set(ref_sd)
+    assert all(torch.equal(back[k], ref_sd[k]) for k in ref_sd)
+
+
+def test_torchscript_archive_read_without_running_it(tmp_path):
+    ref = open_clip_model(dict(layers=12, width=192, patch_size=16, image_size=32))
+    path = str(tmp_path / "ViT-T-16.pt")
+    torch.jit.script(ref).save(path)
+    sd = weights.read_torchscript_state_dict(path)
+    ref_sd = ref.state_dict()
+    assert {k for k in sd if k != "attn_mask"} == set(ref_sd) - {"attn_mask"}
+    assert all(torch.equal(sd[k], ref_sd[k]) for k in ref_sd if k != "attn_mask")
+    # the converter writes a plain state_dict that loads with weights_only=True
+    out = str(tmp_path / "plain.pt")
+    weights.main(["convert-openai", path, out])
+    plain = torch.load(out, weights_only=True)
+    assert all(torch.equal(plain[k], ref_sd[k]) for k in ref_sd if k != "attn_mask")
+    model = ours("CLIP_VITT16_CLIP", image_size=32, embed_dim=32, text_width=64, text_heads=1, text_layers=2)
+    weights.load_weights(model, path)
+    images, tokens = torch.randn(2, 3, 32, 32), datasets.BpeTokenizer(77)(EN)
+    with torch.no_grad():
+        assert_same_features(ref.encode_image(images), ref.encode_text(tokens), model, images, tokens)
+
+
+def test_torchscript_reader_refuses_foreign_globals(tmp_path):
+    import pickle
+    import zipfile
+
+    path = tmp_path / "evil.pt"
+    payload = pickle.dumps(os.system)  # a pickle that would call os.system on a plain torch.load
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("evil/data.pkl", payload)
+        z.writestr("evil/constants.pkl", pickle.dumps(()))
+    with pytest.raises(weights.WeightsError, match="posix.system|os.system|without running"):
+        weights.read_state_dict(str(path))
+
+
+@pytest.mark.parametrize("arch", ["vit", "rn50"])
+def test_cnclip_checkpoint_matches_cn_clip_and_exports_back(tmp_path, arch):
+    if arch == "vit":
+        ref = cn_clip_model(12, 192, 16, 32)
+        size, name, embed = 32, "CNCLIP_VITT16_CLIP", 32
+    else:
+        ref = cn_clip_model([3, 4, 6, 3], 64, None, 64, embed_dim=1024)
+        size, name, embed = 64, "CNCLIP_RN50_CLIP", 1024
+    path = tmp_path / "epoch_latest.pt"
+    torch.save({"epoch": 3, "step": 735, "name": "muge_finetune",
+                "state_dict": {"module." + k: v for k, v in ref.state_dict().items()}}, path)
+    inferred, kwargs = weights.infer_model(weights.to_ours(weights.read_state_dict(str(path))))
+    assert inferred == name and kwargs["text_model"] == "BERT-tiny-chinese" and kwargs["embed_dim"] == embed
+    model = ours(name, **kwargs)
+    weights.load_weights(model, str(path))
+    images = torch.randn(2, 3, size, size)
+    tokens = datasets.BertTokenizer(52)(ZH)
+    with torch.no_grad():
+        ref_img, ref_txt = ref.encode_image(images), ref.encode_text(tokens)
+    assert_same_features(ref_img, ref_txt, model, images, tokens)
+
+    # reverse export: Chinese-CLIP's own code loads it strictly and gives the same features
+    ckpt = tmp_path / "ours.pt"
+    torch.save({"model": model.state_dict(), "epoch": 1, "step": 7, "args": {"name": "mine"}}, ckpt)
+    out = tmp_path / "cn.pt"
+    weights.export_cnclip(str(ckpt), str(out))
+    exported = torch.load(out, weights_only=True)
+    assert (exported["epoch"], exported["step"], exported["name"]) == (1, 7, "mine")
+    assert all(k.startswith("module.") for k in exported["state_dict"])
+    with torch.no_grad():
+        for p in ref.parameters():  # scramble, then restore from the export only
+            p.normal_()
+    ref.load_state_dict({k.removeprefix("module."): v for k, v in exported["state_dict"].items()}, strict=True)
+    with torch.no_grad():
+        assert (ref.encode_image(images) - ref_img).abs().max() <= TOL
+        assert (ref.encode_text(tokens) - ref_txt).abs().max() <= TOL
+
+
+def test_muge_baseline_init_roberta_text_and_openai_vision(tmp_path):
+    """A RoBERTa `pytorch_model.bin` (bert.* + pooler + MLM head) into the text tower and an OpenAI CLIP
+    checkpoint's vision tower into the image side, as the MUGE baseline initialises."""
+    from transformers import BertConfig, BertForPreTraining
+
+    cfg = models.BERT_CONFIGS["BERT-tiny-chinese"]
+    torch.manual_seed(2)
+    bert = BertForPreTraining(BertConfig(vocab_size=21128, **cfg)).eval()
+    bert_dir = tmp_path / "chinese-roberta"
+    bert.save_pretrained(bert_dir, safe_serialization=False)
+    openai = open_clip_model(dict(layers=12, width=192, patch_size=16, image_size=32))
+    clip_path = tmp_path / "ViT-T-16.state_dict.pt"
+    torch.save(openai.state_dict(), clip_path)
+    model = ours("CNCLIP_VITT16_CLIP", image_size=32, embed_dim=32, text_model="BERT-tiny-chinese")
+    loaded = weights.load_weights(model, f"{clip_path},{bert_dir}")
+    assert loaded[str(bert_dir)] == ["text"] and loaded[str(clip_path)] == ["image_projection", "logit_scale", "vision"]
+    images, tokens = torch.randn(2, 3, 32, 32), datasets.BertTokenizer(52)(ZH)
+    with torch.no_grad():
+        assert (model.encode_image(images) - openai.encode_image(images)).abs().max() <= TOL
+        mask = (tokens != 0).long()
+        cls = bert.bert(input_ids=tokens, attention_mask=mask).last_hidden_state[:, 0]
+        assert (model.text(tokens) - cls).abs().max() <= TOL
+
+
+def test_strict_loading_lists_missing_and_unexpected_keys(tmp_path):
+    ref = open_clip_model(dict(layers=12, width=192, patch_size=16, image_size=32))
+    sd = ref.state_dict()
+    del sd["visual.transformer.resblocks.3.mlp.c_fc.weight"]
+    sd["visual.extra_head.weight"] = torch.zeros(2)
+    path = tmp_path / "broken.pt"
+    torch.save(sd, path)
+    model = ours("CLIP_VITT16_CLIP", image_size=32, embed_dim=32, text_width=64, text_heads=1, text_layers=2)
+    with pytest.raises(weights.WeightsError) as err:
+        weights.load_weights(model, str(path))
+    msg = str(err.value)
+    assert "visual.blocks.3.mlp.fc1.weight" in msg and "visual.extra_head.weight" in msg and "broken.pt" in msg
+    # a checkpoint of another size is refused with the shapes named
+    small = ours("CLIP_VITT16_CLIP", image_size=32, embed_dim=16, text_width=64, text_heads=1, text_layers=2)
+    torch.save(small.state_dict(), path)
+    with pytest.raises(weights.WeightsError, match="shape mismatches"):
+        weights.load_weights(model, str(path))
+
+
+def test_position_embeddings_resized_for_another_resolution(tmp_path):
+    ref = open_clip_model(dict(layers=12, width=192, patch_size=16, image_size=32))
+    path = tmp_path / "openai.pt"
+    torch.save(ref.state_dict(), path)
+    model = ours("CLIP_VITT16_CLIP", image_size=64, embed_dim=32, text_width=64, text_heads=1, text_layers=2)
+    weights.load_weights(model, str(path))
+    pos = model.visual.pos_embed
+    assert pos.shape == (1, 17, 192)
+    assert torch.equal(pos[0, 0], ref.visual.positional_embedding[0])
+    grid = pos[0, 1:].reshape(4, 4, 192)
+    old = ref.visual.positional_embedding[1:].reshape(2, 2, 192)
+    # align_corners=True keeps the corner tokens exactly
+    assert torch.allclose(grid[0, 0], old[0, 0], atol=1e-6) and torch.allclose(grid[3, 3], old[1, 1], atol=1e-6)
