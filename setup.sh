@@ -11,6 +11,9 @@ if [ ! -f "$stamp" ]; then
   .venv/bin/pip install -q $TORCH_PIN
   # keep the pinned pair: other packages must not pull another multi-GB torch
   .venv/bin/pip install -q -r requirements.txt -r requirements-dev.txt $TORCH_PIN
+  # test-only: Chinese-CLIP's model/eval code as the reference for weight-compatibility tests and bench.py
+  # retrieval; --no-deps because its pins (lmdb==1.3.0, ...) would downgrade ours
+  .venv/bin/pip install -q --no-deps cn_clip==1.6.0
   rm -f .venv/.installed-*
   touch "$stamp"
 fi
