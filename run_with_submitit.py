@@ -143,7 +143,8 @@ def make_executor(la: argparse.Namespace, folder: str, name: str) -> submitit.Au
     return executor
 
 
-def sbatch_text(la: argparse.Namespace, folder: str, name: str, python: str = sys.executable) -> str:
+def sbatch_text(la: argparse.Namespace, folder: str, name: str, python: str = sys.executable,
+                array_size: int | None = None) -> str:
     """The sbatch script Slurm would get for these flags, made without submitting (for --dry-run and the golden
     test); the same translation as submitit's AutoExecutor -> SlurmExecutor."""
     from submitit.slurm import slurm
@@ -154,6 +155,8 @@ def sbatch_text(la: argparse.Namespace, folder: str, name: str, python: str = sy
         key = key.removeprefix("slurm_") if key.startswith("slurm_") else rename[key]
         params[key] = slurm._convert_mem(value) if key == "mem" else value
     command = f"{python} -u -m submitit.core._submit {folder}"
+    if array_size and array_size > 1:
+        params["map_count"] = array_size
     return slurm._make_sbatch_string(command=command, folder=folder, **params)
 
 
@@ -189,7 +192,7 @@ def launch(argvs: list[list[str]], dry_run: bool = False) -> list[dict]:
         for e in exps:
             log.info("experiment %s\n  folder: %s\n  main.py %s", e["name"], e["exp_dir"], " ".join(e["argv"]))
         log.info("sbatch parameters: %s", json.dumps(executor_parameters(la, name), sort_keys=True))
-        log.info("sbatch script:\n%s", sbatch_text(la, folder, name))
+        log.info("sbatch script:\n%s", sbatch_text(la, folder, name, array_size=len(exps)))
         return [{"name": e["name"], "exp_dir": e["exp_dir"], "job_id": None} for e in exps]
     executor = make_executor(la, folder, name)
     try:
