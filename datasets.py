@@ -404,6 +404,40 @@ class MergedReader:
 
 
 # ---- Chinese-CLIP LMDB
+_LMDB_ENVS: dict[str, tuple] = {}  # realpath -> (pid, environment, long-lived read transaction)
+
+
+def open_lmdb(path: str) -> tuple[lmdb.Environment, lmdb.Transaction]:
+    """A read-only environment and a long-lived read transaction, opened once per process.
+
+    py-lmdb refuses to open one environment twice in a process, and LMDB forbids using one across fork():
+    a forked DataLoader worker closes the copy it inherited (never reading through it) and opens its own.
+    """
+    key = os.path.realpath(path)
+    cached = _LMDB_ENVS.get(key)
+    if cached is not None and cached[0] == os.getpid():
+        return cached[1], cached[2]
+    if cached is not None:  # inherited through fork: release the child's copy of the mapping and descriptors
+        with contextlib.suppress(lmdb.Error):
+            cached[1].close()
+    env = lmdb.open(path, **LMDB_READ_OPTIONS)
+    _LMDB_ENVS[key] = (os.getpid(), env, env.begin())
+    return env, _LMDB_ENVS[key][2]
+
+
+def lmdb_get_once(path: str, key: bytes) -> bytes | None:
+    """One value, without leaving the environment open in this process unless it already was."""
+    cached = _LMDB_ENVS.get(os.path.realpath(path))
+    if cached is not None and cached[0] == os.getpid():
+        return cached[2].get(key)
+    env = lmdb.open(path, **LMDB_READ_OPTIONS)
+    try:
+        with env.begin() as txn:
+            return txn.get(key)
+    finally:
+        env.close()
+
+
 class LmdbReader(_LazyHandles):
     """The `lmdb` format, Chinese-CLIP's layout, possibly sharded over several folders, each holding
     `imgs` (str(image_id) -> base64 text, + `num_images`) and `pairs` (str(i) -> pickled (image_id, text_id,
@@ -419,10 +453,7 @@ class LmdbReader(_LazyHandles):
                 if not os.path.isfile(os.path.join(folder, sub, "data.mdb")):
                     raise DatasetError(f"dataset {name!r}: {os.path.join(folder, sub, 'data.mdb')} not found; build "
                                        f"the LMDB with `python build_lmdb.py --data-dir DIR --splits ...`")
-            env = lmdb.open(os.path.join(folder, "pairs"), **LMDB_READ_OPTIONS)
-            with env.begin() as txn:
-                n = txn.get(b"num_samples")
-            env.close()
+            n = lmdb_get_once(os.path.join(folder, "pairs"), b"num_samples")  # nothing stays open before a fork
             if n is None:
                 raise DatasetError(f"dataset {name!r}: {folder}/pairs has no 'num_samples' key: "
                                    "not a Chinese-CLIP LMDB")
@@ -432,14 +463,8 @@ class LmdbReader(_LazyHandles):
     def __len__(self) -> int:
         return self.offsets[-1]
 
-    def _txns(self) -> list[tuple]:
-        def open_all():
-            out = []
-            for folder in self.folders:
-                imgs, pairs = (lmdb.open(os.path.join(folder, s), **LMDB_READ_OPTIONS) for s in ("imgs", "pairs"))
-                out.append((imgs.begin(), pairs.begin(), imgs, pairs))  # long-lived read transactions
-            return out
-        return _per_process(self, "_h_envs", open_all)
+    def _txn(self, shard: int, sub: str) -> lmdb.Transaction:
+        return open_lmdb(os.path.join(self.folders[shard], sub))[1]
 
     def locate(self, index: int) -> tuple[int, int]:
         """Global sample index -> (shard, index inside the shard)."""
@@ -451,7 +476,7 @@ class LmdbReader(_LazyHandles):
     def pair(self, index: int) -> tuple:
         """(image_id, text_id, text) of sample `index`."""
         shard, local = self.locate(index)
-        raw = self._txns()[shard][1].get(str(local).encode("utf-8"))
+        raw = self._txn(shard, "pairs").get(str(local).encode("utf-8"))
         where = f"{self.folders[shard]}/pairs key {local}"
         if raw is None:
             raise CorruptSample(f"{self.name}[{index}]", f"{where} is missing")
@@ -459,15 +484,14 @@ class LmdbReader(_LazyHandles):
 
     def image_bytes(self, image_id, shard: int = 0) -> bytes:
         """The encoded image of `image_id` in a shard (base64-decoded, urlsafe or standard alphabet)."""
-        value = self._txns()[shard][0].get(str(image_id).encode("utf-8"))
+        value = self._txn(shard, "imgs").get(str(image_id).encode("utf-8"))
         if value is None:
             raise KeyError(f"image id {image_id} not in {self.folders[shard]}/imgs")
         return base64.urlsafe_b64decode(value)
 
     def image_ids(self, shard: int = 0) -> list[int]:
         """Every image id of a shard, in key order."""
-        with self._txns()[shard][2].begin() as txn:
-            return [int(k) for k in txn.cursor().iternext(values=False) if k != b"num_images"]
+        return [int(k) for k in self._txn(shard, "imgs").cursor().iternext(values=False) if k != b"num_images"]
 
     def read(self, index: int) -> tuple[Image.Image, list[str]]:
         image_id, text_id, text = self.pair(index)

@@ -22,3 +22,19 @@ TINY_RUN = ["--model", "CLIP_VITT16_CLIP", "--dataset", "synthetic", "--image-si
 def tiny_run_args(tmp_path):
     """Flags of a tiny run writing into a temporary experiments root."""
     return TINY_RUN + ["--output-dir", str(tmp_path / "experiments")]
+
+
+@pytest.fixture(scope="session")
+def muge_sample_root(tmp_path_factory) -> str:
+    """A data root holding `muge-sample/` (tsv + jsonl + LMDB of ~340 real images with Chinese captions), built
+    once per session by scripts/make_muge_sample.py: pass it as --data-root / data_root=."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "make_muge_sample", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts",
+                                         "make_muge_sample.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    root = tmp_path_factory.mktemp("data_root")
+    module.make_muge_sample(str(root / "muge-sample"))
+    return str(root)

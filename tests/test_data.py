@@ -1,0 +1,501 @@
+"""Data at scale: catalog readers on real files, Chinese-CLIP LMDB compatibility, build_lmdb.py, the restricted
+unpickler, bad samples, caption sampling, exact mid-epoch resume and the muge-sample dataset."""
+import base64
+import io
+import json
+import os
+import pickle
+import re
+import shutil
+import zipfile
+
+import lmdb
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
+
+import build_lmdb
+import datasets
+import main
+
+TINY_CN = ["--model", "CNCLIP_VITT16_CLIP", "--image-size", "32", "--batch-size", "8", "--epochs", "1",
+           "--workers", "0", "--print-freq", "1", "--text-model", "BERT-tiny-chinese"]
+
+
+# --------------------------------------------------------------------------- helpers
+@pytest.fixture(scope="module")
+def photo():
+    from skimage import data as skdata
+
+    return Image.fromarray(skdata.astronaut())
+
+
+def jpeg(photo: Image.Image, i: int, size: int = 48) -> bytes:
+    """A distinct real JPEG: crop i of the astronaut photo."""
+    x, y = (i * 37) % 300, (i * 53) % 300
+    out = io.BytesIO()
+    photo.crop((x, y, x + 200, y + 160)).resize((size, size * 4 // 5)).save(out, format="JPEG", quality=90)
+    return out.getvalue()
+
+
+def pixels(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def write_cnclip_lmdb(folder: str, images: dict[int, bytes], pairs: list[tuple], pair_values=None) -> None:
+    """An LMDB written the way Chinese-CLIP's build_lmdb_dataset.py writes it: str keys encoded utf-8,
+    pickle.dumps((image_id, text_id, text)) pairs, urlsafe/standard base64 image text, num_samples/num_images."""
+    os.makedirs(folder, exist_ok=True)
+    env = lmdb.open(os.path.join(folder, "pairs"), map_size=1 << 26)
+    with env.begin(write=True) as txn:
+        for i, pair in enumerate(pairs):
+            txn.put(str(i).encode("utf-8"), pair_values[i] if pair_values else pickle.dumps(pair))
+        txn.put(b"num_samples", str(len(pairs)).encode("utf-8"))
+    env.close()
+    env = lmdb.open(os.path.join(folder, "imgs"), map_size=1 << 26)
+    with env.begin(write=True) as txn:
+        for image_id, data in images.items():
+            txn.put(str(image_id).encode("utf-8"), base64.urlsafe_b64encode(data))
+        txn.put(b"num_images", str(len(images)).encode("utf-8"))
+    env.close()
+
+
+def write_raw_split(folder: str, split: str, images: dict[int, bytes], texts: list[dict]) -> None:
+    """MUGE raw files: {split}_imgs.tsv (id<TAB>base64) and {split}_texts.jsonl."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f"{split}_imgs.tsv"), "w") as f:
+        f.writelines(f"{i}\t{base64.b64encode(d).decode()}\n" for i, d in images.items())
+    with open(os.path.join(folder, f"{split}_texts.jsonl"), "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(t, ensure_ascii=False) + "\n" for t in texts)
+
+
+class Evil:
+    """Unpickling this runs os.system: a restricted unpickler must refuse it."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.path}",)
+
+
+# --------------------------------------------------------------------------- LMDB
+def test_lmdb_written_by_chinese_clip_reads_as_is(tmp_path, photo):
+    images = {1000 + i: jpeg(photo, i) for i in range(4)}
+    pairs = [(1000, 7, "一只猫"), (1001, 8, "一杯咖啡"), (1000, 9, "猫的照片"), (1003, 10, "火箭")]
+    write_cnclip_lmdb(str(tmp_path / "lmdb" / "train"), images, pairs)
+    catalog = {"cn": {"format": "lmdb", "path": "lmdb/{split}"}}
+    reader = datasets.build_reader("cn", "train", catalog, data_root=str(tmp_path))
+    assert len(reader) == 4
+    for i, (image_id, text_id, text) in enumerate(pairs):
+        assert reader.pair(i) == (image_id, text_id, text)
+        image, captions = reader.read(i)
+        assert captions == [text]
+        np.testing.assert_array_equal(np.asarray(image), pixels(images[image_id]))
+    assert reader.image_ids() == sorted(images)
+
+
+def test_sharded_lmdb_concatenates_folders(tmp_path, photo):
+    write_cnclip_lmdb(str(tmp_path / "a" / "train"), {1: jpeg(photo, 1)}, [(1, 1, "甲"), (1, 2, "乙")])
+    write_cnclip_lmdb(str(tmp_path / "b" / "train"), {2: jpeg(photo, 2)}, [(2, 3, "丙")])
+    catalog = {"sh": {"format": "lmdb", "path": ["a/{split}", "b/{split}"]}}
+    reader = datasets.build_reader("sh", "train", catalog, data_root=str(tmp_path))
+    assert len(reader) == 3
+    assert [reader.read(i)[1] for i in range(3)] == [["甲"], ["乙"], ["丙"]]
+    np.testing.assert_array_equal(np.asarray(reader.read(2)[0]), pixels(jpeg(photo, 2)))
+    with pytest.raises(IndexError):
+        reader.read(3)
+
+
+def test_restricted_unpickler_refuses_code(tmp_path, photo):
+    marker = tmp_path / "pwned"
+    evil = pickle.dumps(Evil(str(marker)))
+    write_cnclip_lmdb(str(tmp_path / "lmdb" / "train"), {1: jpeg(photo, 1)}, [(1, 1, "a"), (1, 2, "b")],
+                      pair_values=[pickle.dumps((1, 1, "a")), evil])
+    reader = datasets.LmdbReader([str(tmp_path / "lmdb" / "train")])
+    assert reader.read(0)[1] == ["a"]
+    with pytest.raises(datasets.UnsafePickleError, match=r"pairs key 1: refusing to unpickle the global posix.system"):
+        reader.read(1)
+    assert not marker.exists()
+    # plain data that is not a (int/str) 3-tuple is refused too, and never reaches the caller
+    for value in ([1, 2, "x"], (1, 2, 3.5), (1, 2), {"a": 1}):
+        with pytest.raises(datasets.UnsafePickleError, match="must be a tuple"):
+            datasets.load_pair(pickle.dumps(value), "k")
+    # the bad-sample machinery does not swallow it
+    dataset = datasets.ImageTextDataset(reader, T.ToTensor(), lambda t: torch.zeros(1, 4), max_bad_samples=10)
+    with pytest.raises(datasets.UnsafePickleError):
+        dataset[(1, 0)]
+    assert not marker.exists()
+
+
+def test_lmdb_opened_lazily_per_process_never_across_fork(tmp_path, photo):
+    write_cnclip_lmdb(str(tmp_path / "l"), {i: jpeg(photo, i) for i in range(4)}, [(i, i, str(i)) for i in range(4)])
+    reader = datasets.LmdbReader([str(tmp_path / "l")])
+    key = os.path.realpath(tmp_path / "l" / "imgs")
+    assert key not in datasets._LMDB_ENVS  # nothing left open by the constructor
+    reader.read(0)  # opened in the parent
+    parent = os.getpid()
+    assert datasets._LMDB_ENVS[key][0] == parent
+
+    class Probe(Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            image, _ = reader.read(i)
+            return torch.tensor([os.getpid(), datasets._LMDB_ENVS[key][0], image.size[0]])
+
+    got = torch.cat(list(DataLoader(Probe(), batch_size=1, num_workers=2)))
+    assert (got[:, 0] == got[:, 1]).all() and (got[:, 0] != parent).all()  # each worker opened its own
+    assert datasets._LMDB_ENVS[key][0] == parent and reader.read(3)[1] == ["3"]  # the parent's is untouched
+    clone = pickle.loads(pickle.dumps(reader))  # spawned workers get a picklable reader
+    assert clone.read(2)[1] == ["2"]
+
+
+# --------------------------------------------------------------------------- build_lmdb.py
+def raw_dataset(photo, n_images=6):
+    images = {500 + i: jpeg(photo, i) for i in range(n_images)}
+    texts = [{"text_id": 10, "text": "宇航员", "image_ids": [500, 501]},
+             {"text_id": 11, "text": "一张照片", "image_ids": [503]},
+             {"text_id": 12, "text": "第三句", "image_ids": [505, 500, 502]}]
+    return images, texts
+
+
+def test_builder_lmdb_reads_back_byte_for_byte(tmp_path, photo):
+    images, texts = raw_dataset(photo)
+    write_raw_split(str(tmp_path), "train", images, texts)
+    write_raw_split(str(tmp_path), "valid", {1: jpeg(photo, 9)}, [{"query_id": 3, "query_text": "旧格式",
+                                                                   "item_ids": [1]}])
+    os.rename(tmp_path / "valid_texts.jsonl", tmp_path / "valid_queries.jsonl")  # MUGE's older name and keys
+    counts = build_lmdb.main(["--data-dir", str(tmp_path), "--splits", "train,valid,train"])
+    assert [c["split"] for c in counts] == ["train", "valid"]
+    expected = [(t["image_ids"][k], t["text_id"], t["text"]) for t in texts for k in range(len(t["image_ids"]))]
+    # raw LMDB content, read the way Chinese-CLIP's LMDBDataset reads it
+    env = lmdb.open(str(tmp_path / "lmdb" / "train" / "pairs"), readonly=True, lock=False)
+    with env.begin() as txn:
+        assert txn.get(b"num_samples") == str(len(expected)).encode()
+        assert [pickle.loads(txn.get(str(i).encode())) for i in range(len(expected))] == expected
+    env.close()
+    env = lmdb.open(str(tmp_path / "lmdb" / "train" / "imgs"), readonly=True, lock=False)
+    with env.begin() as txn:
+        assert txn.get(b"num_images") == str(len(images)).encode()
+        for image_id, data in images.items():
+            stored = txn.get(str(image_id).encode())
+            assert stored == base64.b64encode(data)  # the tsv's base64 text, verbatim
+            assert base64.urlsafe_b64decode(stored.decode("utf-8", errors="ignore")) == data
+    env.close()
+    # and through our reader
+    reader = datasets.LmdbReader([str(tmp_path / "lmdb" / "train")])
+    assert [reader.pair(i) for i in range(len(reader))] == expected
+    np.testing.assert_array_equal(np.asarray(reader.read(2)[0]), pixels(images[503]))  # pair 2 = (503, 11)
+    assert datasets.LmdbReader([str(tmp_path / "lmdb" / "valid")]).read(0)[1] == ["旧格式"]
+    assert not [p for p in os.listdir(tmp_path / "lmdb") if p.startswith(".")]  # no temp folders left
+
+
+def test_builder_resize_and_growing_map(tmp_path, photo):
+    images = {i: jpeg(photo, i, size=400) for i in range(12)}
+    write_raw_split(str(tmp_path), "train", images, [{"text_id": 1, "text": "x", "image_ids": list(images)}])
+    [full] = build_lmdb.main(["--data-dir", str(tmp_path), "--splits", "train", "--initial-map-size", "65536",
+                              "--commit-every", "4"])
+    assert full["map_resizes"] >= 2  # 12 x ~30 KB images never fit a 64 KiB map
+    [small] = build_lmdb.main(["--data-dir", str(tmp_path), "--splits", "train", "--lmdb-dir", str(tmp_path / "r"),
+                               "--resize", "64"])
+    reader = datasets.LmdbReader([str(tmp_path / "r" / "train")])
+    image, _ = reader.read(5)
+    assert min(image.size) == 64 and image.size == (80, 64)
+    assert len(reader.image_bytes(5)) < len(images[5]) / 4
+
+
+def corrupt_cases(photo):
+    good = base64.b64encode(jpeg(photo, 1)).decode()
+    truncated = base64.b64encode(jpeg(photo, 2)[:300]).decode()
+    t = '{"text_id": 1, "text": "a", "image_ids": [1]}\n'
+    return {
+        "bad base64": ("1\t" + good + "\n2\t@@@not-base64@@@\n", t, "train_imgs.tsv:2: bad base64"),
+        "undecodable image": ("1\t" + good + "\n2\t" + truncated + "\n", t, "train_imgs.tsv:2: undecodable image"),
+        "duplicate image id": ("1\t" + good + "\n1\t" + good + "\n", t, "train_imgs.tsv:2: duplicate image id 1"),
+        "non-int image id": ("x1\t" + good + "\n", t, "train_imgs.tsv:1: image id b'x1' is not an integer"),
+        "missing tab": ("1 " + good + "\n", t, "train_imgs.tsv:1: expected 'image_id<TAB>base64'"),
+        "missing image": ("1\t" + good + "\n", t + '{"text_id": 2, "text": "b", "image_ids": [7]}\n',
+                          r"train_texts.jsonl:2: image id\(s\) \[7\] of text 2 not in"),
+        "duplicate text id": ("1\t" + good + "\n", t + t, "train_texts.jsonl:2: duplicate text id 1"),
+        "malformed jsonl": ("1\t" + good + "\n", t + '{"text_id": 2, "text": \n',
+                            "train_texts.jsonl:2: malformed json"),
+        "missing key": ("1\t" + good + "\n", '{"text_id": 2, "image_ids": [1]}\n',
+                        r"train_texts.jsonl:1: missing key\(s\) \['text'\]"),
+        "wrong type": ("1\t" + good + "\n", '{"text_id": "2", "text": "a", "image_ids": [1]}\n',
+                       "train_texts.jsonl:1: text_id must be an int"),
+    }
+
+
+@pytest.mark.parametrize("case", ["bad base64", "undecodable image", "duplicate image id", "non-int image id",
+                                  "missing tab", "missing image", "duplicate text id", "malformed jsonl",
+                                  "missing key", "wrong type"])
+def test_builder_reports_bad_input_with_file_and_line(tmp_path, photo, case, capsys):
+    tsv, jsonl, message = corrupt_cases(photo)[case]
+    (tmp_path / "train_imgs.tsv").write_text(tsv)
+    (tmp_path / "train_texts.jsonl").write_text(jsonl)
+    os.makedirs(tmp_path / "lmdb" / "train")  # an existing LMDB must survive an interrupted build
+    (tmp_path / "lmdb" / "train" / "keep").write_text("old")
+    with pytest.raises(SystemExit, match=message + ".*use --skip-bad"):
+        build_lmdb.main(["--data-dir", str(tmp_path), "--splits", "train"])
+    assert os.listdir(tmp_path / "lmdb") == ["train"] and os.listdir(tmp_path / "lmdb" / "train") == ["keep"]
+    [counts] = build_lmdb.main(["--data-dir", str(tmp_path), "--splits", "train", "--skip-bad"])
+    assert counts["bad"] >= 1 and f"skipped {counts['bad']} bad line(s)" in capsys.readouterr().err
+    assert counts["images"] >= 0 and os.path.isdir(tmp_path / "lmdb" / "train" / "pairs")
+
+
+def test_builder_missing_split_file(tmp_path):
+    with pytest.raises(SystemExit, match=r"train_imgs.tsv not found \(split 'train'"):
+        build_lmdb.main(["--data-dir", str(tmp_path), "--splits", "train"])
+
+
+# --------------------------------------------------------------------------- other readers
+def test_tsv_reader_both_key_sets_and_errors(tmp_path, photo):
+    images, texts = raw_dataset(photo)
+    write_raw_split(str(tmp_path / "new"), "train", images, texts)
+    old = [{"query_id": t["text_id"], "query_text": t["text"], "item_ids": t["image_ids"]} for t in texts]
+    write_raw_split(str(tmp_path / "old"), "train", images, old)
+    os.rename(tmp_path / "old" / "train_texts.jsonl", tmp_path / "old" / "train_queries.jsonl")
+    for folder in ("new", "old"):
+        reader = datasets.build_reader("m", "train", {"m": {"format": "tsv", "path": folder}}, str(tmp_path))
+        assert len(reader) == 6 and reader.read(5)[1] == ["第三句"]
+        np.testing.assert_array_equal(np.asarray(reader.read(5)[0]), pixels(images[502]))
+    with open(tmp_path / "new" / "train_texts.jsonl", "a") as f:
+        f.write('{"text_id": 99, "text": "x", "image_ids": [12345]}\n')
+    with pytest.raises(datasets.DatasetError, match=r"train_texts.jsonl:4: image id 12345 of text 99 is not in"):
+        datasets.TsvReader(str(tmp_path / "new"), "train")
+
+
+def test_yfcc_zip_reader(tmp_path, photo):
+    rows = [(12345678, "a title", "a description"), (12345001, "", "only description"), (99000001, "", "")]
+    for k, (image_id, _, _) in enumerate(rows):
+        zpath, member = datasets.yfcc_zip_location(str(tmp_path / "yfcc"), image_id)
+        os.makedirs(os.path.dirname(zpath), exist_ok=True)
+        with zipfile.ZipFile(zpath, "a") as z:
+            z.writestr(member, jpeg(photo, k))
+    assert datasets.yfcc_zip_location("R", 12345678) == (os.path.join("R", "images", "12", "345.zip"), "678.jpg")
+    with open(tmp_path / "meta.pkl", "wb") as f:
+        pickle.dump(rows, f)
+    (tmp_path / "meta.tsv").write_text("".join(f"{i}\t{t}\t{d}\n" for i, t, d in rows))
+    for meta in ("meta.pkl", "meta.tsv"):
+        catalog = {"y": {"format": "yfcc15m", "metadata": meta, "root": "yfcc"}}
+        reader = datasets.build_reader("y", "train", catalog, str(tmp_path))
+        assert [reader.read(i)[1] for i in range(3)] == [["a title", "a description"], ["only description"], [""]]
+        np.testing.assert_array_equal(np.asarray(reader.read(1)[0]), pixels(jpeg(photo, 1)))
+    with open(tmp_path / "evil.pkl", "wb") as f:
+        pickle.dump([Evil(str(tmp_path / "pwned"))], f)
+    with pytest.raises(datasets.UnsafePickleError, match="evil.pkl: refusing"):
+        datasets.load_yfcc_metadata(str(tmp_path / "evil.pkl"))
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_cc3m_cc12m_npy_and_merged(tmp_path, photo):
+    os.makedirs(tmp_path / "img")
+    for k in range(4):
+        (tmp_path / "img" / f"{k}.jpg").write_bytes(jpeg(photo, k))
+    cc3m = np.empty(2, dtype=object)
+    cc3m[:] = [{"image_id": "0.jpg", "captions": ["zero"]}, {"image_id": "1.jpg", "captions": ["one", "uno"]}]
+    cc12m = np.empty(2, dtype=object)
+    cc12m[:] = [{"image_name": "2.jpg", "image_id": 2, "captions": ["two"]},
+                {"image_name": "3.jpg", "image_id": 3, "captions": ["three"]}]
+    np.save(tmp_path / "cc3m.npy", cc3m, allow_pickle=True)
+    np.save(tmp_path / "cc12m.npy", cc12m, allow_pickle=True)
+    catalog = {"cc3m": {"format": "cc3m", "metadata": "cc3m.npy", "root": "img"},
+               "cc12m": {"format": "cc12m", "metadata": "cc12m.npy", "root": "img"},
+               "mix": {"format": "merged", "datasets": ["cc3m", "cc12m"]}}
+    mix = datasets.build_reader("mix", "train", catalog, str(tmp_path))
+    assert len(mix) == 4
+    assert [mix.read(i)[1] for i in range(4)] == [["zero"], ["one", "uno"], ["two"], ["three"]]
+    np.testing.assert_array_equal(np.asarray(mix.read(3)[0]), pixels(jpeg(photo, 3)))
+    evil = np.empty(1, dtype=object)
+    evil[0] = Evil(str(tmp_path / "pwned"))
+    np.save(tmp_path / "evil.npy", evil, allow_pickle=True)
+    with pytest.raises(datasets.UnsafePickleError, match="refusing to unpickle the global posix.system"):
+        datasets.load_caption_records(str(tmp_path / "evil.npy"))
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_imagefolder_and_filelist_readers(tmp_path, photo):
+    for split in ("train", "val"):
+        for c, cls in enumerate(["cat", "sea_lion"]):
+            os.makedirs(tmp_path / "if" / split / cls)
+            (tmp_path / "if" / split / cls / "a.jpg").write_bytes(jpeg(photo, c))
+    catalog = {"if": {"format": "imagefolder", "path": "if", "splits": {"train": "train", "test": "val"}}}
+    reader = datasets.build_reader("if", "test", catalog, str(tmp_path))
+    assert len(reader) == 2 and [reader.label(i) for i in range(2)] == [0, 1]
+    assert reader.read(1)[1] == ["sea lion"]
+    loader = DataLoader(datasets.ClassificationDataset(reader, T.Compose([T.Resize((8, 8)), T.ToTensor()])),
+                        batch_size=2)
+    x, y = next(iter(loader))
+    assert x.shape == (2, 3, 8, 8) and y.tolist() == [0, 1]
+    os.makedirs(tmp_path / "fl" / "imgs")
+    (tmp_path / "fl" / "imgs" / "x.jpg").write_bytes(jpeg(photo, 5))
+    np.save(tmp_path / "fl" / "val_images.npy", np.array(["imgs/x.jpg", "imgs/x.jpg"]))
+    np.save(tmp_path / "fl" / "val_labels.npy", np.array(["count_3", "count_10"]))
+    catalog = {"clevr": {"format": "filelist", "path": "fl", "splits": {"test": "val"},
+                         "label_order": ["count_10", "count_3"]}}
+    reader = datasets.build_reader("clevr", "test", catalog, str(tmp_path))
+    assert [reader.label(i) for i in range(2)] == [1, 0]
+    np.testing.assert_array_equal(np.asarray(reader.read(0)[0]), pixels(jpeg(photo, 5)))
+
+
+def test_catalog_entries_and_missing_dataset_messages(tmp_path, monkeypatch):
+    catalog = datasets.load_catalog()
+    for name in ["yfcc15m", "cc3m", "cc12m", "merged-29m", "muge", "flickr30k-cn", "coco-cn", "imagenet", "muge-sample",
+                 "food101", "cifar10", "clevr_counts", "digits", "digits-zh", "synthetic", "synthetic-zh"]:
+        assert name in catalog
+    paths = [v for e in catalog.values() for k, v in e.items() if k in ("path", "metadata", "root")]
+    assert paths and not any(os.path.isabs(p) for p in paths if isinstance(p, str))  # no machine paths
+    monkeypatch.delenv("CLIP_LAB_DATA_ROOT", raising=False)
+    with pytest.raises(datasets.DatasetError, match=r"'muge'.*needs a data root: pass --data-root DIR or export "
+                                                    r"CLIP_LAB_DATA_ROOT"):
+        datasets.build_reader("muge", "train")
+    monkeypatch.setenv("CLIP_LAB_DATA_ROOT", str(tmp_path))
+    tried = os.path.join(str(tmp_path), "muge/lmdb/train")
+    with pytest.raises(datasets.DatasetError, match=rf"dataset 'muge' .*: {tried} not found. Fix: .*--data-root.*"
+                                                    r"build_lmdb.py"):
+        datasets.build_reader("muge", "train")
+    with pytest.raises(datasets.DatasetError, match=r"dataset 'cc3m' .*metadata='cc3m/cc3m_train.npy'"):
+        datasets.build_reader("merged-29m", "train")
+    with pytest.raises(datasets.DatasetError, match="'yfcc15m' has no 'test' split"):
+        datasets.build_reader("yfcc15m", "test")
+    with pytest.raises(datasets.DatasetError, match=r"dataset 'muge-sample'.*not found"):  # at start, before training
+        main.main(TINY_CN + ["--dataset", "muge-sample", "--data-root", str(tmp_path / "nowhere"),
+                             "--output-dir", str(tmp_path / "exp")])
+
+
+# --------------------------------------------------------------------------- decoding
+def test_draft_decode_keeps_every_crop_at_full_resolution(photo):
+    big = photo.resize((1024, 768))
+    out = io.BytesIO()
+    big.save(out, format="JPEG", quality=90)
+    need = datasets.draft_size(224, 0.5)
+    drafted = datasets.decode_image(out.getvalue(), need)
+    assert drafted.size == (512, 384) and min(drafted.size) >= need  # DCT-scaled 1/2, not 1/4
+    assert datasets.decode_image(out.getvalue()).size == (1024, 768)
+    crop = T.RandomResizedCrop(224, scale=(0.5, 1.0))
+    torch.manual_seed(0)
+    square = Image.new("RGB", (need, need))
+    sizes = [crop.get_params(img, crop.scale, crop.ratio)[2:] for img in (drafted, square) for _ in range(2000)]
+    assert min(min(h, w) for h, w in sizes) >= 224
+
+
+# --------------------------------------------------------------------------- sampler and resume
+def test_sampler_resumes_exactly_mid_epoch_for_two_ranks():
+    for epoch in (0, 3):
+        full, resumed = [], []
+        for rank in (0, 1):
+            s = datasets.ResumableSampler(1003, 8, rank=rank, world_size=2, seed=7)
+            s.set_epoch(epoch)
+            full.append(list(s))
+            r = datasets.ResumableSampler(1003, 8, rank=rank, world_size=2, seed=7)
+            r.set_epoch(epoch, start_batch=37)
+            resumed.append(list(r))
+            assert len(r) == len(resumed[-1]) == (62 - 37) * 8
+            assert resumed[-1] == full[-1][37 * 8:]  # same (index, seed) keys from batch 37 on
+        ids = [i for rank in full for i, _ in rank]
+        assert len(ids) == len(set(ids)) == 62 * 16 and set(ids) <= set(range(1003))  # partition, no overlap
+    assert full[0] != datasets.ResumableSampler(1003, 8, rank=0, world_size=2, seed=7).__iter__().__next__()
+
+
+def test_resumed_loader_yields_the_same_samples_with_workers():
+    reader = datasets.SyntheticReader(200, 16)
+    dataset = datasets.ImageTextDataset(reader, datasets.train_transform(16), lambda t: torch.tensor([[len(t)]]))
+
+    def batches(start):
+        sampler = datasets.ResumableSampler(len(dataset), 4, rank=1, world_size=2, seed=3)
+        sampler.set_epoch(2, start)
+        return [b[0] for b in DataLoader(dataset, batch_size=4, sampler=sampler, num_workers=2)]
+
+    full, resumed = batches(0), batches(20)
+    assert len(resumed) == 5 and all(torch.equal(a, b) for a, b in zip(full[20:], resumed))
+
+
+# --------------------------------------------------------------------------- bad samples, caption sampling
+def corrupt_lmdb(tmp_path, photo, bad: set[int], n=24) -> datasets.LmdbReader:
+    images = {i: (b"\xff\xd8 not really a jpeg" if i in bad else jpeg(photo, i, 16)) for i in range(n)}
+    write_cnclip_lmdb(str(tmp_path / "c"), images, [(i, i, f"t{i}") for i in range(n)])
+    return datasets.LmdbReader([str(tmp_path / "c")])
+
+
+def test_bad_samples_replaced_deterministically_counted_and_limited(tmp_path, photo):
+    bad = {3, 4, 10, 17}
+    reader = corrupt_lmdb(tmp_path, photo, bad)
+    with pytest.raises(datasets.CorruptSample, match=r"lmdb\[3\] \(image 3, text 3\)"):
+        reader.read(3)
+
+    def epoch(workers, limit):
+        dataset = datasets.ImageTextDataset(reader, T.Compose([T.Resize((8, 8)), T.ToTensor()]),
+                                            lambda t: torch.tensor([[int(t[1:])]]), max_bad_samples=limit)
+        sampler = datasets.ResumableSampler(len(dataset), 4, seed=1)
+        dataset.bad_samples.reset(0)
+        ids = torch.cat([b[1] for b in DataLoader(dataset, batch_size=4, sampler=sampler, num_workers=workers)])
+        return ids[:, 0].tolist(), dataset.bad_samples
+
+    ids0, counter0 = epoch(0, 10)
+    ids2, counter2 = epoch(2, 10)
+    assert ids0 == ids2  # the replacement does not depend on the workers
+    assert not set(ids0) & bad and len(ids0) == 24
+    assert counter0.count == counter2.count >= 4 and set(counter2.offenders()) >= bad  # counted across workers
+    with pytest.raises(datasets.TooManyBadSamples, match=r"more than --max-bad-samples 2; offending sample ids"):
+        epoch(2, 2)
+
+
+def test_main_stops_past_max_bad_samples_and_skips_below(tmp_path, muge_sample_root, capfd):
+    root = tmp_path / "root"
+    shutil.copytree(os.path.join(muge_sample_root, "muge-sample", "lmdb"), root / "muge-sample" / "lmdb")
+    env = lmdb.open(str(root / "muge-sample" / "lmdb" / "train" / "imgs"), map_size=1 << 28)
+    with env.begin(write=True) as txn:
+        keys = [k for k in txn.cursor().iternext(values=False) if k != b"num_images"]
+        for k in keys[::2]:  # half of the images are corrupt
+            txn.put(k, base64.b64encode(b"\xff\xd8 truncated"))
+    env.close()
+    args = TINY_CN + ["--dataset", "muge-sample", "--data-root", str(root),
+                      "--max-steps", "2"]
+    with pytest.raises(SystemExit, match=r"stopping: \d+ corrupt samples in epoch 0, more than --max-bad-samples 0; "
+                                         r"offending sample ids \[\d+"):
+        main.main(args + ["--output-dir", str(tmp_path / "a")])
+    summary = main.main(args + ["--output-dir", str(tmp_path / "b"), "--max-bad-samples", "10000"])
+    assert summary["step"] == 2
+    out = capfd.readouterr()
+    assert re.search(r"WARNING epoch 0: \d+ corrupt sample\(s\) replaced: \[\d+", out.out + out.err)
+
+
+def test_caption_sampling_single_and_multi():
+    captions = ["a", "b", "c", "d"]
+    singles, multis = set(), set()
+    for seed in range(50):
+        with datasets.seeded(seed):
+            single = datasets.pick_captions(captions, "single", 3)
+        with datasets.seeded(seed):
+            assert datasets.pick_captions(captions, "single", 3) == single  # seeded
+        with datasets.seeded(seed):
+            multi = datasets.pick_captions(captions, "multi", 3)
+        assert len(set(single)) == 1 and set(multi) <= set(captions)
+        singles.add(single[0])
+        multis.add(len(set(multi)))
+    assert singles == set(captions) and max(multis) > 1  # random choice, per view under multi
+    with pytest.raises(ValueError, match="unknown caption sampling"):
+        datasets.pick_captions(captions, "all")
+    assert main.parse_args(["--caption-sampling", "multi"]).caption_sampling == "multi"
+
+
+# --------------------------------------------------------------------------- muge-sample
+def test_muge_sample_trains_with_chinese_clip(muge_sample_root, tmp_path):
+    folder = os.path.join(muge_sample_root, "muge-sample")
+    for split in ("train", "valid", "test"):
+        for name in (f"{split}_imgs.tsv", f"{split}_texts.jsonl", f"lmdb/{split}/imgs/data.mdb"):
+            assert os.path.isfile(os.path.join(folder, name))
+    reader = datasets.build_reader("muge-sample", "train", data_root=muge_sample_root)
+    tsv = datasets.build_reader("muge-sample-tsv", "train", data_root=muge_sample_root)
+    assert len(reader) == len(tsv) >= 300 and len(reader.image_ids()) >= 150
+    assert reader.pair(0) == tsv.pairs[0] and reader.read(0)[1] == tsv.read(0)[1]
+    assert any("\u4e00" <= ch <= "\u9fff" for ch in reader.read(0)[1][0])
+    summary = main.main(["--model", "CNCLIP_VITT16_CLIP", "--dataset", "muge-sample", "--data-root", muge_sample_root,
+                         "--image-size", "32", "--batch-size", "8", "--max-steps", "2", "--workers", "1",
+                         "--output-dir", str(tmp_path)])
+    assert summary["step"] == 2
