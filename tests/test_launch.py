@@ -1,0 +1,434 @@
+"""Launch path: sweep expansion, run.sh (one commit -> one experiment), run_with_submitit.py on a real Slurm
+(2 gloo ranks, requeue/resume, job arrays, cancel), the golden sbatch text, repro_exps.txt, report.py, wandb offline.
+
+The Slurm tests need a running slurmctld/slurmd/slurmdbd (scripts/ci_slurm.sh, which .ci/run starts as root). They
+skip where there is no Slurm and no root to start it; with CI=true they fail instead of skipping.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shlex
+import shutil
+import struct
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import launch
+import main
+import models
+import report
+import run_with_submitit as rws
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GOLDEN = os.path.join(REPO, "tests", "golden", "sbatch_nodes4_ngpus8.txt")
+SLURM_TINY = ["--model", "CLIP_VITT16_CLIP", "--dataset", "digits", "--image-size", "32", "--transformer-layers", "1",
+              "--batch-size", "8", "--workers", "0", "--print-freq", "1", "--ngpus", "0", "--cpus-per-task", "1",
+              "--timeout", "10"]
+
+
+# --------------------------------------------------------------------------- helpers
+def read_wandb_offline(path: str) -> list:
+    """Records of an offline `run-<id>.wandb` file (LevelDB log format: 7-byte W&B header, 32 KiB blocks of
+    [crc32 u32, length u16, type u8] chunks; FULL=1, FIRST=2, MIDDLE=3, LAST=4), parsed as wandb protobufs."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    with open(path, "rb") as f:
+        raw = f.read()
+    assert raw[:4] == b":W&B", f"{path}: not a wandb transaction log"
+    records, buf, pos, block = [], b"", 7, 32768
+    while pos + 7 <= len(raw):
+        if block - pos % block < 7:  # block trailer padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", raw[pos:pos + 7])
+        if kind == 0 and length == 0:
+            break
+        buf += raw[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            rec = pb.Record()
+            rec.ParseFromString(buf)
+            records.append(rec)
+            buf = b""
+    return records
+
+
+def wandb_history(records: list) -> list[dict]:
+    return [{item.key: json.loads(item.value_json) for item in r.history.item}
+            for r in records if r.WhichOneof("record_type") == "history"]
+
+
+def make_repo(dest: str) -> str:
+    """A throw-away git repo holding this working tree's tracked files, committed (run.sh needs a clean tree)."""
+    files = subprocess.run(["git", "-C", REPO, "ls-files", "-z"], capture_output=True, check=True).stdout
+    for rel in files.decode().split("\0"):
+        src = os.path.join(REPO, rel)
+        if rel and os.path.isfile(src):
+            os.makedirs(os.path.dirname(os.path.join(dest, rel)), exist_ok=True)
+            shutil.copy2(src, os.path.join(dest, rel))
+    git = ["git", "-C", dest, "-c", "user.email=ci@clip-lab", "-c", "user.name=ci"]
+    subprocess.run(["git", "init", "-q", dest], check=True)
+    subprocess.run(git + ["add", "-A"], check=True)
+    subprocess.run(git + ["commit", "-qm", "snapshot for tests"], check=True)
+    return dest
+
+
+def commit_all(repo: str, message: str) -> None:
+    git = ["git", "-C", repo, "-c", "user.email=ci@clip-lab", "-c", "user.name=ci"]
+    subprocess.run(git + ["commit", "-qam", message], check=True)
+
+
+def run_sh(repo: str, *args: str, env: dict | None = None, cwd: str | None = None) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "CLIP_LAB_PYTHON": sys.executable, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(["bash", os.path.join(repo, "run.sh"), *args], capture_output=True, text=True,
+                          env=full_env, cwd=cwd or repo, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    return make_repo(str(tmp_path_factory.mktemp("repo")))
+
+
+# --------------------------------------------------------------------------- sweep syntax, repro file, golden
+def test_expand_sweep_is_a_cartesian_product_named_by_values():
+    argv = ["--model", "M", "--epochs", "25,32", "--comment", "a, b", "--seed=0,10,50", "--tags", "x,y"]
+    out = launch.expand_sweep(argv)
+    assert [s for _, s in out] == [f"_epochs{e}_seed{s}" for e in (25, 32) for s in (0, 10, 50)]
+    assert out[0][0] == ["--model", "M", "--epochs", "25", "--comment", "a, b", "--seed=0", "--tags", "x,y"]
+    assert out[-1][0][3] == "32" and out[-1][0][6] == "--seed=50"
+    assert launch.expand_sweep(["--lr", "1e-3"]) == [(["--lr", "1e-3"], "")]
+    with pytest.raises(SystemExit, match="empty value"):
+        launch.expand_sweep(["--seed", "0,,1"])
+    assert launch.set_flag(["--name", "a", "--x", "1", "--name=b"], "--name", "c") == ["--x", "1", "--name", "c"]
+    assert launch.flag_value(["--name", "a", "--name=b"], "--name") == "b"
+
+
+def test_repro_exps_parse_with_the_real_parser_and_models_are_registered():
+    cmds = launch.read_repro(os.path.join(REPO, "repro_exps.txt"))
+    tables = [c["table"] for c in cmds]
+    paper = [c for c in cmds if c["table"].startswith(("main_", "noncontrastive_"))]
+    assert len(paper) == 22, "the 22 commands of clip-rocket's repro_exps.txt"
+    for needed in ("cnclip_finetune", "ablation_label_smoothing", "ablation_text_augment", "ablation_separate_proj",
+                   "ablation_num_augs", "ablation_accumulation"):
+        assert needed in tables
+    registered = set(models.list_models("*"))
+    names = []
+    for c in cmds:
+        assert c["script"] == "run_with_submitit.py", f"line {c['line']}"
+        assert launch.flag_value(c["argv"], "--table") == c["table"], f"line {c['line']}: --table != header"
+        for argv, suffix in launch.expand_sweep(c["argv"]):
+            rws.get_args_parser().parse_args(argv)  # every flag known to the launcher parser
+            _, main_argv = rws.split_argv(argv)
+            args = main.parse_args(main_argv)  # model name, recipe and dataset validation
+            assert args.model in registered, f"line {c['line']}: {args.model} not registered"
+            names.append(launch.flag_value(c["argv"], "--name") + suffix)
+    assert len(names) == len(set(names)), "experiment names must be unique"
+    sweeps = [c for c in cmds if len(launch.expand_sweep(c["argv"])) > 1]
+    assert any(launch.flag_value(c["argv"], "--accum-mode") == "exact,naive" for c in sweeps)
+
+
+def test_read_repro_names_the_bad_line(tmp_path):
+    path = tmp_path / "r.txt"
+    path.write_text("# table: t\nbash run.sh main.py --seed 1\npython main.py --seed 2\n")
+    with pytest.raises(SystemExit, match=r"r.txt:3: expected 'bash run.sh"):
+        launch.read_repro(str(path))
+
+
+def test_sbatch_text_for_4_nodes_x_8_gpus_matches_golden():
+    la, rest = rws.split_argv(["--model", "CL2L_R50_CL2L", "--nodes", "4", "--ngpus", "8", "--use_volta32",
+                               "--partition", "learnlab", "--comment", "CL2L R50 \"cc3m\", seed 0"])
+    assert rest == ["--model", "CL2L_R50_CL2L"]
+    text = rws.sbatch_text(la, "/checkpoint/lab/experiments/EXP/submitit/%j", "EXP", python="python")
+    with open(GOLDEN, encoding="utf-8") as f:
+        assert text == f.read()
+    assert "#SBATCH --nodes=4" in text and "#SBATCH --ntasks-per-node=8" in text and "#SBATCH --gpus-per-node=8" in text
+    array = rws.sbatch_text(la, "/x/%j", "EXP", python="python", array_size=3)
+    assert "#SBATCH --array=0-2%3" in array
+    cpu = rws.executor_parameters(rws.split_argv(["--ngpus", "0", "--tasks-per-node", "2"])[0], "n")
+    assert cpu["tasks_per_node"] == 2 and "gpus_per_node" not in cpu and rws.MAX_NUM_TIMEOUT >= 10
+
+
+# --------------------------------------------------------------------------- run.sh without Slurm
+@pytest.mark.slow
+def test_run_sh_refuses_a_dirty_tree_and_dry_run_writes_nothing(repo, tmp_path):
+    root = tmp_path / "exps"
+    comment = "it's a \"quoted\", spaced comment"
+    out = run_sh(repo, "run_with_submitit.py", "--model", "CLIP_VITT16_CLIP", "--ngpus", "0", "--seed", "0,1",
+                 "--comment", comment, "--output-dir", str(root), "--dry-run")
+    assert out.returncode == 0, out.stderr
+    commit = subprocess.run(["git", "-C", repo, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    for seed in (0, 1):
+        assert f"CLIP_VITT16_CLIP_{commit[:8]}_seed{seed}" in out.stdout
+    line = next(ln for ln in out.stdout.splitlines() if ln.startswith("#SBATCH --comment="))
+    assert shlex.split(line.partition("=")[2]) == [comment]  # survives intact through the sbatch script
+    assert "#SBATCH --array=0-1%2" in out.stdout
+    assert not root.exists(), "--dry-run must not write"
+
+    readme = os.path.join(repo, "README.md")
+    original = open(readme, encoding="utf-8").read()
+    with open(readme, "a", encoding="utf-8") as f:
+        f.write("\nan uncommitted edit\n")
+    try:
+        out = run_sh(repo, "main.py", "--output-dir", str(root), "--dry-run")
+        assert out.returncode == 1 and "uncommitted changes" in out.stderr and "ALLOW_DIRTY=1" in out.stderr
+        out = run_sh(repo, "main.py", "--output-dir", str(root), "--dry-run", env={"ALLOW_DIRTY": "1"})
+        assert out.returncode == 0, out.stderr
+    finally:
+        with open(readme, "w", encoding="utf-8") as f:
+            f.write(original)
+
+
+@pytest.mark.slow
+def test_run_sh_main_snapshot_ledger_resume_and_commit_guard(repo, tmp_path):
+    root = tmp_path / "exps"
+    tiny = ["--model", "CLIP_VITT16_CLIP", "--dataset", "synthetic", "--image-size", "32", "--transformer-layers",
+            "1", "--batch-size", "8", "--workers", "0", "--print-freq", "1", "--output-dir", str(root),
+            "--name", "snap", "--tags", "two words", "it's \"quoted\""]
+    readme = os.path.join(repo, "README.md")
+    original = open(readme, encoding="utf-8").read()
+    with open(readme, "a", encoding="utf-8") as f:
+        f.write("\nDIRTY-MARKER\n")
+    out = run_sh(repo, "main.py", *tiny, "--max-steps", "1", env={"ALLOW_DIRTY": "1"})
+    with open(readme, "w", encoding="utf-8") as f:
+        f.write(original)
+    assert out.returncode == 0, out.stderr[-3000:]
+    exp = root / "snap"
+    commit = (exp / "commit.txt").read_text().strip()
+    head = subprocess.run(["git", "-C", repo, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert commit.startswith(head + "-dirty")
+    assert "DIRTY-MARKER" in (exp / "code" / "dirty.diff").read_text()
+    assert "DIRTY-MARKER" in (exp / "code" / "README.md").read_text()  # the snapshot runs what was in the tree
+    assert not (exp / "code" / ".git").exists()
+    assert (exp / "command.txt").read_text().startswith("bash run.sh main.py ")
+    args = json.loads((exp / "args.json").read_text())
+    assert args["tags"] == ["two words", "it's \"quoted\""]
+    assert json.loads((exp / "summary.json").read_text())["commit"] == commit  # CLIP_LAB_COMMIT reached main
+    assert torch.load(exp / "checkpoint.pt", weights_only=True)["step"] == 1
+
+    # same commit + same flags: resumes (max-steps is not part of the experiment's identity)
+    out = run_sh(repo, "main.py", *tiny, "--max-steps", "2", env={"ALLOW_DIRTY": "1"})
+    assert out.returncode == 1 and "launched from commit" in out.stderr  # clean tree now: another "commit"
+    shutil.rmtree(exp)
+    assert run_sh(repo, "main.py", *tiny, "--max-steps", "1").returncode == 0
+    out = run_sh(repo, "main.py", *tiny, "--max-steps", "2")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "resumed from" in (exp / "train.log").read_text()
+    assert torch.load(exp / "checkpoint.pt", weights_only=True)["step"] == 2
+    ledger = launch.read_ledger(str(root))
+    assert [e["name"] for e in ledger] == ["snap"] * 3 and ledger[-1]["commit"] == head
+    out = run_sh(repo, "main.py", *tiny[:-2], "--lr", "1e-2", "--max-steps", "2")  # same name, other flags
+    assert out.returncode == 1 and "belongs to another run" in out.stderr
+
+    # a new commit: the same name is refused
+    with open(os.path.join(repo, "README.md"), "a", encoding="utf-8") as f:
+        f.write("\nnext commit\n")
+    commit_all(repo, "next")
+    out = run_sh(repo, "main.py", *tiny, "--max-steps", "2")
+    assert out.returncode == 1 and "launched from commit" in out.stderr and "use another --name" in out.stderr
+
+
+# --------------------------------------------------------------------------- report.py + wandb offline
+@pytest.mark.slow
+def test_report_tables_plots_and_wandb_offline(tmp_path):
+    root = tmp_path / "exps"
+    base = ["--model", "CLIP_VITT16_CLIP", "--dataset", "digits", "--image-size", "32", "--transformer-layers", "1",
+            "--batch-size", "8", "--workers", "0", "--print-freq", "1", "--output-dir", str(root), "--table", "ls"]
+    runs = {"LS_label-smoothing0.0_seed0": ["--label-smoothing", "0.0", "--seed", "0", "--wandb", "--tags", "x y"],
+            "LS_label-smoothing0.0_seed1": ["--label-smoothing", "0.0", "--seed", "1"],
+            "LS_label-smoothing0.1_seed0": ["--label-smoothing", "0.1", "--seed", "0"]}
+    for name, extra in runs.items():
+        main.main(base + extra + ["--name", name, "--max-steps", "2"])
+        summary = main.main(base + extra + ["--name", name, "--evaluate"])
+        assert "acc1" in summary
+    repro = tmp_path / "repro.txt"
+    repro.write_text("# table: ls\nbash run.sh run_with_submitit.py --table ls --name LS "
+                     "--label-smoothing 0.0,0.1,0.2 --seed 0,1\n")
+    md = report.main(["--root", str(root), "--exps", str(repro), "--plot", str(tmp_path / "plots")])
+    lines = [ln for ln in md.splitlines() if ln.startswith("| LS")]
+    assert len(lines) == 3
+    accs = [json.loads((root / n / "summary.json").read_text())["acc1"] for n in runs]
+    mean0 = sum(accs[:2]) / 2
+    std0 = torch.tensor(accs[:2], dtype=torch.float64).std().item()
+    assert lines[0].startswith("| LS_label-smoothing0.0 (baseline) | 2/2 |")
+    assert f"{mean0:.2f} ± {std0:.2f}" in lines[0]
+    assert "1/2 (missing)" in lines[1] and f"{accs[2]:.2f} ({accs[2] - mean0:+.2f})" in lines[1]
+    assert "0/2 (missing)" in lines[2] and "missing" in lines[2].split("|")[3]
+    csv_text = report.main(["--root", str(root), "--exps", str(repro), "--format", "csv"])
+    assert csv_text.splitlines()[0].startswith("table,experiment,done,runs,status")
+    assert "\\begin{tabular}" in report.main(["--root", str(root), "--exps", str(repro), "--format", "latex"])
+    for png in ("ls_curves.png", "ls_bar.png"):
+        with open(tmp_path / "plots" / png, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    # (without the repro file the table comes from args.json's "table")
+    assert "| LS_label-smoothing0.1 |" in report.main(["--root", str(root), "--exps", str(tmp_path / "none")])
+
+    # wandb offline: id = experiment name, group = table, tags, full config + commit, global_step axis
+    exp = root / "LS_label-smoothing0.0_seed0"
+    files = sorted(glob.glob(str(exp / "wandb" / "offline-run-*" / "run-*.wandb")))
+    assert len(files) == 2, "train + evaluate runs, both under the same id"
+    recs = read_wandb_offline(files[0])
+    run = next(r.run for r in recs if r.WhichOneof("record_type") == "run")
+    assert run.run_id == exp.name and run.display_name == exp.name and run.run_group == "ls"
+    assert {"CLIP_VITT16_CLIP", "digits", "x y"} <= set(run.tags)
+    config = {c.key: json.loads(c.value_json) for c in run.config.update}
+    assert config["commit"] == json.loads((exp / "summary.json").read_text())["commit"]
+    assert config["label_smoothing"] == 0.0 and config["output_dir"] == str(root) and config["table"] == "ls"
+    steps = [h["global_step"] for h in wandb_history(recs) if "global_step" in h]
+    assert steps[:2] == [1, 2]
+    metrics = [r.metric for r in recs if r.WhichOneof("record_type") == "metric"]
+    assert any(m.step_metric == "global_step" for m in metrics)
+
+
+# --------------------------------------------------------------------------- real Slurm
+def slurm_up() -> bool:
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=20).stdout
+        acct = subprocess.run(["sacct", "-n", "-X", "-S", "now"], capture_output=True, timeout=20).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return acct and any(s.strip().rstrip("*") in ("idle", "mixed", "allocated") for s in out.splitlines())
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    """A running single-node Slurm with accounting: started with scripts/ci_slurm.sh when root; else skip (CI: fail)."""
+    if not slurm_up() and os.geteuid() == 0:
+        subprocess.run(["bash", os.path.join(REPO, "scripts", "ci_slurm.sh")], capture_output=True, timeout=600)
+    if not slurm_up():
+        why = "no running Slurm (sinfo/sacct) and " + ("scripts/ci_slurm.sh failed" if os.geteuid() == 0
+                                                        else "not root, so scripts/ci_slurm.sh cannot start one")
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"CI must run the Slurm tests: {why}")
+        pytest.skip(why)
+
+
+def wait_for(predicate, timeout: float, what: str, poll: float = 0.2):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def job_of(exp_dir: str):
+    import submitit
+
+    info = [json.loads(line) for line in open(os.path.join(exp_dir, "jobs.jsonl"), encoding="utf-8")][-1]
+    return submitit.SlurmJob(folder=info["submitit_folder"], job_id=info["job_id"]), info
+
+
+def final_state(job_id: str) -> str:
+    return wait_for(lambda: (s := launch.job_states([job_id]).get(job_id)) not in (None, *launch.LIVE_STATES) and s,
+                    120, f"the end of job {job_id}", poll=1)
+
+
+@pytest.fixture(scope="module")
+def slurm_runs(slurm, repo, tmp_path_factory):
+    """Submit, at once through run.sh: A (2 ranks, uninterrupted), B (same flags, to be interrupted), a 2-seed sweep."""
+    root = str(tmp_path_factory.mktemp("slurm_exps"))
+    steps = ["--tasks-per-node", "2", "--max-steps", "24", "--save-every-steps", "3", "--output-dir", root]
+    cmds = {"A": SLURM_TINY + steps + ["--name", "A", "--wandb", "--table", "requeue"],
+            "B": SLURM_TINY + steps + ["--name", "B", "--wandb", "--table", "requeue"],
+            "sweep": SLURM_TINY + ["--max-steps", "2", "--seed", "0,1", "--output-dir", root, "--name", "S"]}
+    env = {**os.environ, "CLIP_LAB_PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    procs = {k: subprocess.Popen(["bash", os.path.join(repo, "run.sh"), "run_with_submitit.py", *argv], env=env,
+                                 cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for k, argv in cmds.items()}
+    outs = {k: p.communicate(timeout=300) for k, p in procs.items()}
+    for k, p in procs.items():
+        assert p.returncode == 0, f"{k}: {outs[k][1][-3000:]}"
+    return root, {k: o[0] for k, o in outs.items()}
+
+
+@pytest.mark.slow
+def test_slurm_requeued_job_resumes_to_the_same_parameters(slurm_runs):
+    root, outs = slurm_runs
+    b_dir = os.path.join(root, "B")
+    job, info = job_of(b_dir)
+    assert f"submitted job {info['job_id']}" in outs["B"] and info["stdout"] in outs["B"]
+    wait_for(lambda: os.path.exists(os.path.join(b_dir, "checkpoint.pt")), 240, "B's first checkpoint")
+    job._interrupt(timeout=True)  # = scancel --signal USR2: submitit calls Trainer.checkpoint() and requeues
+    assert final_state(info["job_id"]) == "COMPLETED"
+    events = [json.loads(line) for line in open(os.path.join(b_dir, "launch_events.jsonl"), encoding="utf-8")]
+    starts = [e for e in events if e["event"] == "start"]
+    assert len(starts) == 2, f"B finished before the interrupt landed, or was not requeued: {events}"
+    assert starts[1]["resume_from"] == os.path.join(b_dir, "checkpoint.pt") and starts[1]["job_id"] == info["job_id"]
+    log_text = open(os.path.join(b_dir, "train.log"), encoding="utf-8").read()
+    assert "resumed from" in log_text and "preempted or timed out: requeueing" in log_text
+
+    a_dir = os.path.join(root, "A")
+    a_job, a_info = job_of(a_dir)
+    assert final_state(a_info["job_id"]) == "COMPLETED"
+    a = torch.load(os.path.join(a_dir, "checkpoint.pt"), weights_only=True)
+    b = torch.load(os.path.join(b_dir, "checkpoint.pt"), weights_only=True)
+    assert a["step"] == b["step"] == 24
+    for key, value in a["model"].items():
+        assert torch.allclose(value.float(), b["model"][key].float(), atol=1e-6), key
+    # the requeued attempt logged to the same wandb run id, continuing the global_step axis
+    files = sorted(glob.glob(os.path.join(b_dir, "wandb", "offline-run-*", "run-B.wandb")))
+    assert len(files) == 2
+    second = read_wandb_offline(files[1])
+    assert next(r.run for r in second if r.WhichOneof("record_type") == "run").run_id == "B"
+    steps = [h["global_step"] for h in wandb_history(second) if "global_step" in h]
+    assert steps[0] > 1 and steps[-1] == 24
+
+
+@pytest.mark.slow
+def test_slurm_run_sh_two_gloo_ranks_complete_experiment_folder(slurm_runs):
+    root, outs = slurm_runs
+    exp = os.path.join(root, "A")
+    job, info = job_of(exp)
+    assert final_state(info["job_id"]) == "COMPLETED"
+    assert len(job.results()) == 2  # one result per task: both ranks returned
+    for name in ("code/main.py", "code/run_with_submitit.py", "commit.txt", "command.txt", "args.json",
+                 "checkpoint.pt", "summary.json", "log.txt", "train.log", "launch_events.jsonl", "jobs.jsonl"):
+        assert os.path.exists(os.path.join(exp, name)), name
+    assert "2 rank(s) on cpu" in open(os.path.join(exp, "train.log"), encoding="utf-8").read()
+    assert open(os.path.join(exp, "command.txt"), encoding="utf-8").read().startswith("bash run.sh run_with_submitit")
+    assert os.path.exists(info["stdout"]) and "submitit" in open(info["stdout"], encoding="utf-8").read()
+    ledger = {e["name"]: e for e in launch.read_ledger(root)}
+    assert ledger["A"]["job_ids"] == [info["job_id"]] and ledger["A"]["table"] == "requeue"
+    summary = json.load(open(os.path.join(exp, "summary.json"), encoding="utf-8"))
+    assert summary["step"] == 24 and summary["commit"] == ledger["A"]["commit"]
+
+
+@pytest.mark.slow
+def test_slurm_sweep_runs_as_a_job_array(slurm_runs):
+    root, _ = slurm_runs
+    ledger = {e["name"]: e for e in launch.read_ledger(root)}
+    ids = [ledger[f"S_seed{s}"]["job_ids"][0] for s in (0, 1)]
+    array_id = ids[0].split("_")[0]
+    assert ids == [f"{array_id}_0", f"{array_id}_1"]
+    for seed, jid in zip((0, 1), ids):
+        assert final_state(jid) == "COMPLETED"
+        exp = os.path.join(root, f"S_seed{seed}")
+        assert json.load(open(os.path.join(exp, "args.json"), encoding="utf-8"))["seed"] == seed
+        assert json.load(open(os.path.join(exp, "summary.json"), encoding="utf-8"))["step"] == 2
+
+
+@pytest.mark.slow
+def test_slurm_cancelled_job_is_reported_cancelled(slurm, tmp_path):
+    import submitit
+
+    root = tmp_path / "exps"
+    argv = SLURM_TINY + ["--max-steps", "100000", "--output-dir", str(root), "--name", "C", "--cluster", "slurm"]
+    job = rws.launch([argv])[0]["job"]
+    job.cancel()
+    t0 = time.time()
+    with pytest.raises(submitit.core.utils.UncompletedJobError, match="CANCELLED"):
+        job.result()
+    assert time.time() - t0 < 120
+    assert launch.job_states([job.job_id])[job.job_id] == "CANCELLED"
+    with open(root / "ledger.jsonl", "w", encoding="utf-8") as f:
+        f.write(json.dumps({"name": "C", "exp_dir": str(root / "C"), "job_ids": [job.job_id]}) + "\n")
+    (root / "C").mkdir(exist_ok=True)
+    (root / "C" / "args.json").write_text(json.dumps({"table": "t", "dataset": "digits"}))
+    assert "0/1 (failed (cancelled))" in report.main(["--root", str(root), "--exps", str(tmp_path / "none")])
