@@ -773,6 +773,20 @@ def train_transform(image_size: int, min_scale: float = 0.5) -> T.Compose:
     ])
 
 
+def autoaugment_transform(image_size: int):
+    """Chinese-CLIP's `--use-augment` training view (timm create_transform): RandomResizedCrop(scale 0.9-1,
+    bicubic), horizontal flip, AutoAugment 'original' policy, RGB, tensor, OpenAI normalisation."""
+    from timm.data import create_transform
+
+    timm_tf = create_transform(input_size=image_size, scale=(0.9, 1.0), is_training=True, color_jitter=None,
+                               auto_augment="original", interpolation="bicubic", mean=OPENAI_MEAN, std=OPENAI_STD)
+    return T.Compose([T.Lambda(_to_rgb), *timm_tf.transforms])
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    return image.convert("RGB")
+
+
 def val_transform(image_size: int) -> T.Compose:
     """Evaluation view: resize the short side, centre crop, tensor, OpenAI normalisation."""
     return T.Compose([

@@ -1,15 +1,46 @@
-"""Image-text retrieval metrics (R@K with several ground truths per query, as the MUGE scorer counts).
+"""Image-text retrieval: recall metrics, feature extraction, top-k predictions and the MUGE scorer.
 
 A query is a hit at K when any of its ground-truth items is among its K most similar gallery items;
-R@K is the percent of queries that hit, and the mean recall (MR) averages R@1/5/10 of both directions.
+R@K is the percent of queries that hit, and the mean recall (MR) averages R@1/5/10.
+
+Command line (file formats identical to Chinese-CLIP's, reference/chinese_clip.md §6):
+
+    python eval_retrieval.py extract --resume CKPT|--pretrained W --image-data DIR_OR_TSV --text-data X.jsonl \
+        --output-dir OUT [--jsonl]
+    python eval_retrieval.py topk --image-feats F --text-feats F --output PRED.jsonl [--tr] [--top-k 10]
+    python eval_retrieval.py score GT.jsonl PRED.jsonl OUT.json [--tr] [--gallery IDS] [--strict]
+    python eval_retrieval.py ir2tr --input valid_texts.jsonl          # -> valid_texts.tr.jsonl
+    python eval_retrieval.py run --resume CKPT --data-dir DIR --split valid --output-dir OUT
+
+Features are L2-normalised float32 `NAME.npy` with the ids in `NAME.ids.npy` (int64), or Chinese-CLIP's
+`{"image_id"|"text_id", "feature"}` jsonl. Predictions are `{"text_id", "image_ids"}` (text->image) or
+`{"image_id", "text_ids"}` (image->text, `--tr`). The scorer also accepts the MUGE keys
+(`query_id`/`item_ids`) and writes the MUGE server's JSON.
 """
 from __future__ import annotations
 
+import argparse
+import base64
+import io
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+log = logging.getLogger("clip_lab")
 
-def recall_at_k(sim: torch.Tensor, positives: torch.Tensor, ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
+KS = (1, 5, 10)
+
+
+# --------------------------------------------------------------------------- metrics on tensors
+def recall_at_k(sim: torch.Tensor, positives: torch.Tensor, ks: tuple[int, ...] = KS) -> dict[str, float]:
     """sim (Q, G) similarities, positives (Q, G) bool ground truth -> {"R@k": percent} for each k.
 
     Ties are broken by gallery order (a stable sort), like Chinese-CLIP's top-k scripts.
@@ -22,10 +53,11 @@ def recall_at_k(sim: torch.Tensor, positives: torch.Tensor, ks: tuple[int, ...] 
 @torch.no_grad()
 def caption_retrieval(model, tokenizer, images: torch.Tensor, captions: list[list[str]],
                       device: torch.device, batch_size: int = 256) -> dict[str, float]:
-    """Image<->text recall on a test set where image i has the caption strings captions[i].
+    """Image<->text recall over the whole pool, where image i has the caption strings captions[i].
 
     The text gallery holds each distinct caption once; an image's ground truth is all of its
-    captions, a caption's ground truth all images it describes. images: (N, 3, H, W).
+    captions, a caption's ground truth all images it describes. images: (N, 3, H, W). This is the
+    real retrieval recall over every image and text of the split, not an in-batch accuracy.
     """
     texts = sorted({c for caps in captions for c in caps})
     text_index = {t: i for i, t in enumerate(texts)}
@@ -40,3 +72,547 @@ def caption_retrieval(model, tokenizer, images: torch.Tensor, captions: list[lis
     i2t = {f"image_to_text_{k}": v for k, v in recall_at_k(sim, positives).items()}
     t2i = {f"text_to_image_{k}": v for k, v in recall_at_k(sim.t(), positives.t()).items()}
     return {**i2t, **t2i, "mean_recall": (sum(i2t.values()) + sum(t2i.values())) / 6}
+
+
+def reader_pairs(reader) -> list[tuple[int, int, str]] | None:
+    """(image_id, text_id, text) of every sample of a pair reader (LMDB / tsv), or None for other readers."""
+    if hasattr(reader, "pair"):
+        return [tuple(reader.pair(i)) for i in range(len(reader))]
+    if isinstance(getattr(reader, "pairs", None), list):
+        return [tuple(p) for p in reader.pairs]
+    return None
+
+
+@torch.no_grad()
+def pool_retrieval(model, tokenizer, reader, pairs: list[tuple[int, int, str]], transform, device: torch.device,
+                   batch_size: int = 256) -> dict[str, float]:
+    """Retrieval recall over the whole validation pool of a pair dataset (MUGE / Chinese-CLIP layout).
+
+    The gallery is every distinct image id and every distinct text id of the split (not the pairs, and
+    not a batch): text->image is what the MUGE scorer measures, image->text its `--tr` variant. Images
+    are encoded in batches, so memory stays bounded for a 30k-image pool.
+    """
+    first_pair: dict[int, int] = {}
+    texts: dict[int, str] = {}
+    for index, (image_id, text_id, text) in enumerate(pairs):
+        first_pair.setdefault(image_id, index)
+        texts.setdefault(text_id, text)
+    image_ids, text_ids = list(first_pair), list(texts)
+    image_row = {i: r for r, i in enumerate(image_ids)}
+    text_row = {t: r for r, t in enumerate(text_ids)}
+    positives = torch.zeros(len(image_ids), len(text_ids), dtype=torch.bool)  # (N, T)
+    for image_id, text_id, _ in pairs:
+        positives[image_row[image_id], text_row[text_id]] = True
+    img = []
+    indices = list(first_pair.values())
+    for start in range(0, len(indices), batch_size):
+        pixels = torch.stack([transform(reader.read(i)[0]) for i in indices[start:start + batch_size]])
+        img.append(F.normalize(model.encode_image(pixels.to(device)).float(), dim=-1).cpu())
+    captions = [texts[t] for t in text_ids]
+    txt = [F.normalize(model.encode_text(tokenizer(captions[i:i + batch_size]).to(device)).float(), dim=-1).cpu()
+           for i in range(0, len(captions), batch_size)]
+    sim = torch.cat(img) @ torch.cat(txt).t()  # (N, T)
+    i2t = {f"image_to_text_{k}": v for k, v in recall_at_k(sim, positives).items()}
+    t2i = {f"text_to_image_{k}": v for k, v in recall_at_k(sim.t(), positives.t()).items()}
+    return {**i2t, **t2i, "mean_recall": (sum(i2t.values()) + sum(t2i.values())) / 6,
+            "text_to_image_mean_recall": sum(t2i.values()) / 3, "pool_images": float(len(image_ids)),
+            "pool_texts": float(len(text_ids))}
+
+
+# --------------------------------------------------------------------------- top-k
+def topk_indices(queries: torch.Tensor, gallery: torch.Tensor, k: int = 10,
+                 max_chunk_bytes: int = 256 * 2**20) -> torch.Tensor:
+    """(Q, D) queries, (G, D) gallery -> (Q, k) gallery indices by descending dot product.
+
+    Ties are broken by gallery order (lower index first), as the stable sort of Chinese-CLIP's
+    make_topk_predictions does. Queries are processed in chunks so the (chunk, G) score matrix stays
+    under `max_chunk_bytes`; only rows with a tie at the k-th score pay for a full stable sort.
+    """
+    Q, G = queries.shape[0], gallery.shape[0]
+    k = min(k, G)
+    chunk = max(1, min(Q, max_chunk_bytes // (4 * max(G, 1))))
+    out = torch.empty(Q, k, dtype=torch.long)
+    gallery_t = gallery.t().contiguous()  # (D, G)
+    for start in range(0, Q, chunk):
+        scores = queries[start:start + chunk] @ gallery_t  # (C, G)
+        values, idx = scores.topk(k, dim=1)  # (C, k), order among equal values unspecified
+        # reorder inside the top-k: index ascending, then a stable sort by score descending
+        idx, perm = idx.sort(dim=1)
+        values = values.gather(1, perm)
+        order = values.sort(dim=1, descending=True, stable=True).indices
+        idx = idx.gather(1, order)
+        # rows whose k-th score ties with entries left outside the top-k: take the lowest indices
+        boundary = values.gather(1, order)[:, -1:]  # (C, 1)
+        crowded = ((scores >= boundary).sum(dim=1) > k).nonzero().flatten().tolist()
+        for row in crowded:
+            idx[row] = torch.sort(scores[row], descending=True, stable=True).indices[:k]
+        out[start:start + chunk] = idx
+    return out
+
+
+# --------------------------------------------------------------------------- feature files
+def ids_path(features_path: str) -> str:
+    """`NAME.npy` -> `NAME.ids.npy`, where the ids of a feature array are stored."""
+    if not features_path.endswith(".npy"):
+        raise ValueError(f"{features_path}: feature arrays end in .npy")
+    return features_path[:-len(".npy")] + ".ids.npy"
+
+
+def save_features(path: str, ids: np.ndarray, feats: np.ndarray, id_key: str | None = None) -> None:
+    """Write `path` (.npy, float32 (N, D)) and its ids (int64 (N,)); with `id_key` also Chinese-CLIP jsonl."""
+    np.save(path, feats.astype(np.float32))
+    np.save(ids_path(path), ids.astype(np.int64))
+    if id_key:
+        with open(path[:-len(".npy")] + ".jsonl", "w", encoding="utf-8") as f:
+            for i, v in zip(ids.tolist(), feats.tolist()):
+                f.write(json.dumps({id_key: i, "feature": v}) + "\n")
+
+
+def load_features(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """Read (ids int64 (N,), features float32 (N, D)) from our .npy pair or Chinese-CLIP's jsonl."""
+    if path.endswith(".npy"):
+        feats = np.load(path, mmap_mode="r")
+        ids = np.load(ids_path(path))
+        if feats.ndim != 2 or len(ids) != len(feats):
+            raise ValueError(f"{path}: features {feats.shape} do not match {len(ids)} ids in {ids_path(path)}")
+        return ids, np.array(feats, dtype=np.float32)  # a writable in-memory copy
+    ids, rows = [], []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            obj = json.loads(line)
+            key = "image_id" if "image_id" in obj else "text_id" if "text_id" in obj else "query_id"
+            if key not in obj or "feature" not in obj:
+                raise ValueError(f"{path}:{lineno}: a feature line needs image_id/text_id and feature")
+            ids.append(obj[key])
+            rows.append(obj["feature"])
+    return np.asarray(ids, dtype=np.int64), np.asarray(rows, dtype=np.float32).reshape(len(rows), -1)
+
+
+def write_predictions(path: str, query_ids: np.ndarray, gallery_ids: np.ndarray, idx: torch.Tensor,
+                      tr: bool = False) -> None:
+    """One `{"text_id", "image_ids"}` (or `{"image_id", "text_ids"}` with tr) line per query, in query order."""
+    qkey, gkey = ("image_id", "text_ids") if tr else ("text_id", "image_ids")
+    ranked = gallery_ids[idx.numpy()].tolist()  # (Q, k)
+    with open(path, "w", encoding="utf-8") as f:
+        for q, row in zip(query_ids.tolist(), ranked):
+            f.write(json.dumps({qkey: q, gkey: row}) + "\n")
+
+
+def make_topk(image_feats: str, text_feats: str, output: str, top_k: int = 10, tr: bool = False) -> dict:
+    """Load both feature files, rank, write the prediction jsonl; returns timings in seconds."""
+    t0 = time.perf_counter()
+    image_ids, images = load_features(image_feats)
+    text_ids, texts = load_features(text_feats)
+    t1 = time.perf_counter()
+    queries, gallery, qids, gids = (images, texts, image_ids, text_ids) if tr else (texts, images, text_ids, image_ids)
+    idx = topk_indices(torch.from_numpy(queries), torch.from_numpy(gallery), top_k)
+    t2 = time.perf_counter()
+    write_predictions(output, qids, gids, idx, tr)
+    return {"load_s": t1 - t0, "topk_s": t2 - t1, "write_s": time.perf_counter() - t2}
+
+
+# --------------------------------------------------------------------------- MUGE scorer
+class SubmissionError(Exception):
+    """An invalid ground-truth or prediction file; the message names the file, line and id."""
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Field names of one direction and one key convention."""
+
+    query: str
+    items: str
+    label: str  # how messages name a query ("Text_id", "Image_id", "Query_id")
+    item_word: str  # "images", "texts", "products"
+
+
+T2I, I2T, MUGE = Keys("text_id", "image_ids", "Text_id", "images"), \
+    Keys("image_id", "text_ids", "Image_id", "texts"), Keys("query_id", "item_ids", "Query_id", "products")
+
+
+def iter_jsonl(path: str, what: str) -> Iterator[tuple[int, dict | None, str]]:
+    """(line number, parsed object or None when the line is not JSON, raw line); blank lines are skipped."""
+    if not os.path.exists(path):
+        raise SubmissionError(f"The {what} file is not found!" + ("" if what == "submission" else f" ({path})"))
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                yield lineno, json.loads(line), line
+            except json.JSONDecodeError:
+                yield lineno, None, line
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def read_reference(path: str, tr: bool = False) -> tuple[dict[int, list[int]], Keys]:
+    """Ground truth {query id: [item ids]} (later duplicates overwrite earlier ones, as the reference does)."""
+    reference, keys = {}, None
+    for lineno, obj, line in iter_jsonl(path, "ground-truth"):
+        where = f"{path}:{lineno}"
+        if not isinstance(obj, dict):
+            raise SubmissionError(f"{where}: cannot parse this ground-truth line into a json object: {line}")
+        if keys is None:
+            keys = I2T if tr else (MUGE if "query_id" in obj and "text_id" not in obj else T2I)
+        if keys.query not in obj or keys.items not in obj:
+            other = "image_ids" if tr else "text_ids"
+            hint = f" (it has {other}: use {'score without --tr' if tr else 'score --tr'})" if other in obj else ""
+            raise SubmissionError(f"{where}: a ground-truth line needs {keys.query} and {keys.items}{hint}: {line}")
+        if not _is_int(obj[keys.query]) or not isinstance(obj[keys.items], list):
+            raise SubmissionError(f"{where}: {keys.query} must be an integer and {keys.items} a list: {line}")
+        reference[obj[keys.query]] = obj[keys.items]
+    if keys is None:
+        raise SubmissionError(f"{path}: the ground-truth file has no queries")
+    return reference, keys
+
+
+def read_submission(path: str, reference: dict, keys: Keys, k: int = 10,
+                    gallery: set[int] | None = None) -> dict[int, list[int]]:
+    """Validate the prediction file line by line (the reference's checks, plus duplicate lines, ids not in
+    the gallery and a correct message for a non-integer query id); returns {query id: [k item ids]}."""
+    submission: dict[int, list[int]] = {}
+    first_line: dict[int, int] = {}
+    q, items, label = keys.query, keys.items, keys.label
+    for lineno, obj, line in iter_jsonl(path, "submission"):
+        where = f"line {lineno}"
+        if not submission and isinstance(obj, dict) and keys in (T2I, MUGE) and q not in obj:
+            other = MUGE if keys is T2I else T2I  # predictions may use either convention
+            if other.query in obj:
+                keys, q, items, label = other, other.query, other.items, other.label
+        if not isinstance(obj, dict):
+            raise SubmissionError(f"{where}: Cannot parse this line into json object: {line}")
+        if q not in obj:
+            raise SubmissionError(f"{where}: There exists one line not containing {q}: {line}")
+        qid = obj[q]
+        if not _is_int(qid):
+            raise SubmissionError(f"{where}: Found an invalid {q} {qid!r}, it should be an integer (not string), "
+                                  "please check your schema")
+        if items not in obj:
+            raise SubmissionError(f"{where}: There exists one line not containing the predicted {items}: {line}")
+        ids = obj[items]
+        if not isinstance(ids, list):
+            raise SubmissionError(f"{where}: The {items} field of {q} {qid} is not a list, please check your schema")
+        if len(ids) != k:
+            raise SubmissionError(f"{where}: {label} {qid} has wrong number of predicted {items}! "
+                                  f"Require {k}, but {len(ids)} founded.")
+        for rank, item in enumerate(ids):
+            if not _is_int(item):
+                raise SubmissionError(f"{where}: {label} {qid} has an invalid predicted {items[:-1]} {item!r} at "
+                                      f"rank {rank + 1}, it should be an integer (not string), please check your "
+                                      "schema")
+        if len(set(ids)) != k:
+            raise SubmissionError(f"{where}: {label} {qid} has duplicate topk {keys.item_word} in your prediction. "
+                                  "Pleace check again!")
+        if gallery is not None:
+            unknown = [item for item in ids if item not in gallery]
+            if unknown:
+                raise SubmissionError(f"{where}: {label} {qid} predicts {items[:-1]}s not in the gallery: "
+                                      f"{unknown[:10]}")
+        if qid in first_line:
+            raise SubmissionError(f"{where}: {label} {qid} is predicted twice (first on line {first_line[qid]}); "
+                                  "each query needs exactly one line")
+        first_line[qid] = lineno
+        submission[qid] = ids
+    missing = [qid for qid in reference if qid not in submission]
+    if missing:
+        raise SubmissionError(f"The following {q}s have no prediction in your submission, please check again: "
+                              + ", ".join(str(i) for i in missing))
+    extra = len(submission.keys() - reference.keys())
+    if extra:
+        log.warning("%s: %d predicted %ss are not in the ground truth and are ignored", path, extra, q)
+    return submission
+
+
+def compute_recalls(reference: dict, predictions: dict, ks: tuple[int, ...] = KS) -> dict[str, float]:
+    """MUGE metric: R@K = fraction of ground-truth queries with any gt id in the top K (x100), and MR."""
+    hits = dict.fromkeys(ks, 0)
+    for qid, gt in reference.items():
+        pred = predictions[qid]
+        for k in ks:
+            hits[k] += any(g in pred[:k] for g in set(gt))
+    r = {f"r{k}": hits[k] / len(reference) * 100 for k in ks}
+    return {"mean_recall": sum(r.values()) / len(ks), **r}
+
+
+def load_gallery_ids(path: str) -> set[int]:
+    """Gallery ids from an ids .npy, a features file (.npy/.jsonl with image_id/text_id) or an LMDB/tsv."""
+    if path.endswith(".ids.npy"):
+        return set(np.load(path).tolist())
+    if path.endswith(".npy") or path.endswith(".jsonl"):
+        return set(load_features(path)[0].tolist())
+    return set(iter_image_ids(path))
+
+
+def score(gt_path: str, pred_path: str, out_path: str, tr: bool = False, gallery: str | None = None,
+          k: int = 10) -> dict:
+    """Score a prediction file like the MUGE server; writes and returns its JSON (success or failure)."""
+    try:
+        reference, keys = read_reference(gt_path, tr)
+        gallery_ids = load_gallery_ids(gallery) if gallery else None
+        predictions = read_submission(pred_path, reference, keys, k, gallery_ids)
+        r = compute_recalls(reference, predictions)
+        result = {"success": True, "score": r["mean_recall"],
+                  "scoreJson": {"score": r["mean_recall"], "mean_recall": r["mean_recall"],
+                                "r1": r["r1"], "r5": r["r5"], "r10": r["r10"]}}
+    except SubmissionError as exc:
+        msg = exc.args[0]
+        result = {"errorDetail": msg, "errorMsg": msg, "score": 0, "scoreJson": {}, "success": False}
+    with open(out_path, "w", encoding="utf-8") as f:
+        json.dump(result, f)
+    return result
+
+
+def ir_to_tr(input_path: str, output_path: str | None = None) -> str:
+    """Text->image annotations to image->text (`X.jsonl` -> `X.tr.jsonl`, images in first-seen order)."""
+    output_path = output_path or input_path.removesuffix(".jsonl") + ".tr.jsonl"
+    t2i: dict[int, list[int]] = {}
+    reference, _ = read_reference(input_path)
+    for text_id, image_ids in reference.items():
+        for image_id in image_ids:
+            t2i.setdefault(image_id, []).append(text_id)
+    with open(output_path, "w", encoding="utf-8") as f:
+        for image_id, text_ids in t2i.items():
+            f.write(json.dumps({"image_id": image_id, "text_ids": text_ids}) + "\n")
+    return output_path
+
+
+# --------------------------------------------------------------------------- extraction
+def iter_image_records(path: str) -> Iterator[tuple[int, bytes]]:
+    """(image id, encoded image bytes) from an LMDB `imgs` folder (key order, as Chinese-CLIP walks it)
+    or a `<id>\\t<base64>` tsv."""
+    if os.path.isdir(path):
+        import lmdb
+
+        env = lmdb.open(path, readonly=True, create=False, lock=False, readahead=False, meminit=False)
+        try:
+            with env.begin(buffers=False) as txn:
+                for key, value in txn.cursor():
+                    if key == b"num_images":
+                        continue
+                    yield int(key.decode("utf-8")), base64.urlsafe_b64decode(value.decode("utf-8", errors="ignore"))
+        finally:
+            env.close()
+        return
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            parts = line.rstrip("\n").split("\t")
+            if len(parts) != 2:
+                raise ValueError(f"{path}:{lineno}: a tsv line is <image_id>\\t<base64 image>")
+            yield int(parts[0]), base64.urlsafe_b64decode(parts[1])
+
+
+def iter_image_ids(path: str) -> Iterator[int]:
+    for image_id, _ in iter_image_records(path):
+        yield image_id
+
+
+def squash_transform(image_size: int):
+    """Chinese-CLIP's evaluation transform: bicubic resize to a square (no crop), RGB, normalise."""
+    from torchvision import transforms as T
+
+    import datasets
+
+    return T.Compose([T.Resize((image_size, image_size), interpolation=T.InterpolationMode.BICUBIC),
+                      T.Lambda(datasets._to_rgb), T.ToTensor(), T.Normalize(datasets.OPENAI_MEAN, datasets.OPENAI_STD)])
+
+
+def _progress(iterable, desc: str, total: int | None = None):
+    from tqdm import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, disable=not sys.stderr.isatty(), mininterval=5)
+
+
+@torch.no_grad()
+def extract_image_features(model, path: str, image_size: int, device: torch.device, batch_size: int = 64,
+                           head: str = "z") -> tuple[np.ndarray, np.ndarray]:
+    """(ids (N,), L2-normalised features (N, D)) of every image of an LMDB imgs folder or tsv."""
+    from PIL import Image
+
+    transform = squash_transform(image_size)
+    ids, feats, batch, batch_ids = [], [], [], []
+
+    def flush():
+        pixels = torch.stack(batch).to(device)  # (B, 3, R, R)
+        feats.append(F.normalize(model.encode_image(pixels, head=head).float(), dim=-1).cpu().numpy())
+        ids.extend(batch_ids)
+        batch.clear()
+        batch_ids.clear()
+
+    for image_id, raw in _progress(iter_image_records(path), "images"):
+        batch.append(transform(Image.open(io.BytesIO(raw))))
+        batch_ids.append(image_id)
+        if len(batch) == batch_size:
+            flush()
+    if batch:
+        flush()
+    if not ids:
+        raise ValueError(f"{path}: no images")
+    return np.asarray(ids, dtype=np.int64), np.concatenate(feats)
+
+
+@torch.no_grad()
+def extract_text_features(model, tokenizer, path: str, device: torch.device, batch_size: int = 64,
+                          head: str = "z") -> tuple[np.ndarray, np.ndarray]:
+    """(ids (N,), L2-normalised features (N, D)) of every `{"text_id", "text"}` line of a jsonl."""
+    ids, texts = [], []
+    for lineno, obj, line in iter_jsonl(path, "text"):
+        key = "text_id" if obj and "text_id" in obj else "query_id"
+        text_key = "text" if obj and "text" in obj else "query_text"
+        if not isinstance(obj, dict) or key not in obj or text_key not in obj:
+            raise ValueError(f"{path}:{lineno}: a text line needs text_id and text: {line}")
+        ids.append(obj[key])
+        texts.append(obj[text_key])
+    feats = [F.normalize(model.encode_text(tokenizer(texts[i:i + batch_size]).to(device), head=head).float(),
+                         dim=-1).cpu().numpy() for i in _progress(range(0, len(texts), batch_size), "texts")]
+    return np.asarray(ids, dtype=np.int64), np.concatenate(feats)
+
+
+def extract(args: argparse.Namespace) -> dict[str, str]:
+    """`extract` subcommand: image and/or text features of a model into --output-dir; returns the paths."""
+    import datasets
+    import weights
+
+    model, spec, info = weights.load_model_for_eval(resume=args.resume, pretrained=args.pretrained,
+                                                    model_name=args.model, device=args.device)
+    device = next(model.parameters()).device
+    os.makedirs(args.output_dir, exist_ok=True)
+    paths = {}
+    stem = args.name or "features"
+    if args.image_data:
+        t0 = time.perf_counter()
+        ids, feats = extract_image_features(model, args.image_data, info["image_size"], device, args.img_batch_size)
+        paths["image"] = os.path.join(args.output_dir, f"{stem}.img_feat.npy")
+        save_features(paths["image"], ids, feats, "image_id" if args.jsonl else None)
+        log.info("%d image features (%.1f images/s) stored in %s", len(ids), len(ids) / (time.perf_counter() - t0),
+                 paths["image"])
+    if args.text_data:
+        tokenizer = datasets.build_tokenizer(spec.base.tokenizer, info["context_length"])
+        ids, feats = extract_text_features(model, tokenizer, args.text_data, device, args.text_batch_size)
+        paths["text"] = os.path.join(args.output_dir, f"{stem}.txt_feat.npy")
+        save_features(paths["text"], ids, feats, "text_id" if args.jsonl else None)
+        log.info("%d text features stored in %s", len(ids), paths["text"])
+    return paths
+
+
+# --------------------------------------------------------------------------- command line
+def _model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--resume", default=None, help="a CLIP Lab checkpoint (the model is rebuilt from its stored args)")
+    p.add_argument("--pretrained", default=None,
+                   help="released weights: OpenAI CLIP (.pt TorchScript or state_dict), Chinese-CLIP .pt, or ours")
+    p.add_argument("--model", default=None, help="model name for --pretrained; default: inferred from the weights")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--img-batch-size", type=int, default=64, help="images per forward pass")
+    p.add_argument("--text-batch-size", type=int, default=64, help="texts per forward pass")
+
+
+def get_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("eval_retrieval", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("extract", help="image/text features of a model (npy + ids, optionally Chinese-CLIP jsonl)")
+    _model_flags(p)
+    p.add_argument("--image-data", default=None, help="LMDB imgs folder or <id>\\t<base64> tsv")
+    p.add_argument("--text-data", default=None, help="{split}_texts.jsonl")
+    p.add_argument("--output-dir", required=True, help="where NAME.img_feat.npy / NAME.txt_feat.npy go")
+    p.add_argument("--name", default=None, help="file stem (default: features)")
+    p.add_argument("--jsonl", action="store_true", help="also write Chinese-CLIP's {id, feature} jsonl")
+
+    p = sub.add_parser("topk", help="top-k predictions jsonl from two feature files")
+    p.add_argument("--image-feats", required=True, help="image features (.npy with .ids.npy, or jsonl)")
+    p.add_argument("--text-feats", required=True, help="text features (.npy with .ids.npy, or jsonl)")
+    p.add_argument("--output", required=True, help="prediction jsonl")
+    p.add_argument("--top-k", type=int, default=10, help="predictions per query")
+    p.add_argument("--tr", action="store_true", help="image->text (queries are images)")
+
+    p = sub.add_parser("score", help="the MUGE server metric on a prediction file")
+    p.add_argument("ground_truth", help="{split}_texts.jsonl (or .tr.jsonl with --tr, or MUGE queries)")
+    p.add_argument("predictions", help="prediction jsonl")
+    p.add_argument("output", help="result JSON")
+    p.add_argument("--tr", action="store_true", help="image->text files")
+    p.add_argument("--gallery", default=None, help="ids of the gallery (ids .npy, features, LMDB or tsv) to check")
+    p.add_argument("--strict", action="store_true", help="exit code 1 when the submission is invalid")
+
+    p = sub.add_parser("ir2tr", help="text->image annotations to image->text")
+    p.add_argument("--input", required=True, help="{split}_texts.jsonl")
+    p.add_argument("--output", default=None, help="default: {split}_texts.tr.jsonl")
+
+    p = sub.add_parser("run", help="extract + topk + score both directions for a dataset split")
+    _model_flags(p)
+    p.add_argument("--data-dir", required=True, help="dataset folder with {split}_texts.jsonl and lmdb/{split}/imgs "
+                                                     "or {split}_imgs.tsv")
+    p.add_argument("--split", default="valid", help="valid or test")
+    p.add_argument("--output-dir", required=True, help="features, predictions and scores go here")
+    return parser
+
+
+def run(args: argparse.Namespace) -> dict[str, dict]:
+    """`run` subcommand: extract, rank and score text->image and image->text; prints the table."""
+    texts = os.path.join(args.data_dir, f"{args.split}_texts.jsonl")
+    images = os.path.join(args.data_dir, "lmdb", args.split, "imgs")
+    if not os.path.isdir(images):
+        images = os.path.join(args.data_dir, f"{args.split}_imgs.tsv")
+    for path in (texts, images):
+        if not os.path.exists(path):
+            raise SystemExit(f"run: {path} not found (expected {args.split}_texts.jsonl and lmdb/{args.split}/imgs "
+                             f"or {args.split}_imgs.tsv under {args.data_dir})")
+    args.image_data, args.text_data, args.name, args.jsonl = images, texts, args.split, False
+    paths = extract(args)
+    out = args.output_dir
+    results = {}
+    for tr in (False, True):
+        direction = "image_to_text" if tr else "text_to_image"
+        pred = os.path.join(out, f"{args.split}_{'tr_' if tr else ''}predictions.jsonl")
+        make_topk(paths["image"], paths["text"], pred, 10, tr)
+        gt = ir_to_tr(texts, os.path.join(out, f"{args.split}_texts.tr.jsonl")) if tr else texts
+        results[direction] = score(gt, pred, os.path.join(out, f"{args.split}_{direction}_score.json"), tr,
+                                   gallery=ids_path(paths["text" if tr else "image"]))
+    rows = ["| direction | R@1 | R@5 | R@10 | MR |", "|---|---|---|---|---|"]
+    for direction, res in results.items():
+        if not res["success"]:
+            raise SystemExit(f"{direction}: {res['errorMsg']}")
+        s = res["scoreJson"]
+        rows.append(f"| {direction} | {s['r1']:.2f} | {s['r5']:.2f} | {s['r10']:.2f} | {s['mean_recall']:.2f} |")
+    print("\n".join(rows))
+    with open(os.path.join(out, f"{args.split}_retrieval.json"), "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=1)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the process exit code."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    args = get_parser().parse_args(argv)
+    if args.command in ("extract", "run") and not (args.resume or args.pretrained):
+        raise SystemExit(f"{args.command}: give --resume CKPT or --pretrained WEIGHTS")
+    if args.command == "extract":
+        if not (args.image_data or args.text_data):
+            raise SystemExit("extract: give --image-data and/or --text-data")
+        extract(args)
+    elif args.command == "topk":
+        timing = make_topk(args.image_feats, args.text_feats, args.output, args.top_k, args.tr)
+        log.info("top-%d predictions saved in %s (%s)", args.top_k, args.output,
+                 ", ".join(f"{k} {v:.2f}" for k, v in timing.items()))
+    elif args.command == "score":
+        result = score(args.ground_truth, args.predictions, args.output, args.tr, args.gallery)
+        if result["success"]:
+            print("The evaluation finished successfully.")
+        else:
+            print(f"The evaluation failed: {result['errorMsg']}")
+            return 1 if args.strict else 0
+    elif args.command == "ir2tr":
+        print(f"wrote {ir_to_tr(args.input, args.output)}")
+    elif args.command == "run":
+        run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,23 +1,45 @@
-"""Zero-shot classification: prompt-ensembled class embeddings and top-k accuracy.
+"""Zero-shot classification: prompt-ensembled class embeddings, the anchors' metrics, and a CLI.
 
 The functions here serve both `main.py`'s per-epoch validation and offline evaluation.
-Class embedding (Radford et al., 2021, §3.1.4): embed every template filled with the class name,
-L2-normalise each, average them, L2-normalise the average.
+Class embedding (Radford et al., 2021, §3.1.4): embed every template filled with the class name (and
+each synonym when labels.json lists several), L2-normalise each, average them, L2-normalise the average.
+
+    python eval_zeroshot.py --resume CKPT [--pretrained W] [--datasets imagenet,cifar10] [--output-dir DIR]
+
+Metric per dataset as SLIP/clip-rocket report it (reference/clip_rocket.md §8): mean per-class accuracy for
+aircraft, pets, caltech101 and flowers; ROC-AUC of sim[:,1]-sim[:,0] for hateful_memes; (top-1+top-5)/2
+for kinetics700_frames; top-1 otherwise (a catalog entry's "metric" key overrides). Class names and
+templates come from labels.json/templates.json; a Chinese model (base language zh) uses the `<key>-zh`
+entries when they exist.
 """
 from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+log = logging.getLogger("clip_lab")
+
+DATASET_METRICS = {"aircraft": "mean_per_class", "pets": "mean_per_class", "caltech101": "mean_per_class",
+                   "flowers": "mean_per_class", "hateful_memes": "roc_auc", "kinetics700_frames": "top1_top5"}
+
 
 @torch.no_grad()
-def zeroshot_classifier(model, tokenizer, classnames: list[str], templates: list[str],
+def zeroshot_classifier(model, tokenizer, classnames: list, templates: list[str],
                         device: torch.device, head: str = "z") -> torch.Tensor:
-    """-> (C, D) unit-norm class embeddings of embedding head `head`, one row per class name."""
+    """-> (C, D) unit-norm class embeddings of embedding head `head`, one row per class.
+
+    A class is a name or a list of synonyms; its prompts are every template x every synonym."""
     rows = []
     for name in classnames:
-        tokens = tokenizer([t.format(name) for t in templates]).to(device)  # (P, L)
+        synonyms = [name] if isinstance(name, str) else list(name)
+        tokens = tokenizer([t.format(s) for s in synonyms for t in templates]).to(device)  # (P, L)
         embeds = F.normalize(model.encode_text(tokens, head=head).float(), dim=-1)  # (P, D)
         rows.append(F.normalize(embeds.mean(dim=0), dim=-1))
     return torch.stack(rows)  # (C, D)
@@ -36,19 +58,48 @@ def encode_images(model, loader: DataLoader, device: torch.device,
 
 def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
     """Percent of rows whose label is among the k highest logits, for each k (capped at C)."""
-    top = logits.topk(max(ks), dim=-1).indices  # (N, kmax)
+    top = logits.topk(min(max(ks), logits.shape[1]), dim=-1).indices  # (N, kmax)
     hits = top == labels[:, None]
     return {f"acc{k}": float(hits[:, :min(k, logits.shape[1])].any(dim=1).float().mean() * 100) for k in ks}
 
 
-@torch.no_grad()
-def zeroshot_accuracy(model, tokenizer, classnames: list[str], templates: list[str], loader: DataLoader,
-                      device: torch.device) -> dict[str, float]:
-    """Top-1/top-5 zero-shot accuracy (percent) for each embedding head of `model`.
+def mean_per_class_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean over classes present in `labels` of the per-class top-1 recall (percent); the confusion-matrix
+    diagonal over row sums, as SLIP computes it for aircraft/pets/caltech101/flowers."""
+    pred = logits.argmax(dim=1)
+    per_class = [float((pred[labels == c] == c).float().mean()) for c in labels.unique().tolist()]
+    return 100 * sum(per_class) / len(per_class)
 
-    Keys are acc1_<head>/acc5_<head> ("z": the CLIP projector). A model with the heads z and h (CL2L)
-    also gets the blends zh_<w>: similarities w*sim_z + (1-w)*sim_h for w in 0.1..0.9.
-    """
+
+def roc_auc(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """ROC-AUC (percent) of the binary score sim[:, 1] - sim[:, 0] (hateful_memes)."""
+    from sklearn.metrics import roc_auc_score
+
+    if logits.shape[1] != 2:
+        raise ValueError(f"ROC-AUC needs 2 classes, got {logits.shape[1]}")
+    return 100 * float(roc_auc_score(labels.numpy(), (logits[:, 1] - logits[:, 0]).numpy()))
+
+
+def dataset_metric(logits: torch.Tensor, labels: torch.Tensor, metric: str) -> float:
+    """The anchor metric of a dataset: top1, mean_per_class, roc_auc or top1_top5 (their mean)."""
+    if metric == "top1":
+        return topk_accuracy(logits, labels, (1,))["acc1"]
+    if metric == "mean_per_class":
+        return mean_per_class_accuracy(logits, labels)
+    if metric == "roc_auc":
+        return roc_auc(logits, labels)
+    if metric == "top1_top5":
+        acc = topk_accuracy(logits, labels)
+        return (acc["acc1"] + acc["acc5"]) / 2
+    raise ValueError(f"unknown zero-shot metric {metric!r} (top1, mean_per_class, roc_auc, top1_top5)")
+
+
+@torch.no_grad()
+def zeroshot_similarities(model, tokenizer, classnames: list, templates: list[str], loader: DataLoader,
+                          device: torch.device) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """({head or zh_<w> blend: (N, C) cosine similarities}, (N,) labels) for each embedding head.
+
+    A model with the heads z and h (CL2L) also gets the blends zh_<w> = w*sim_z + (1-w)*sim_h, w = 0.1..0.9."""
     sims, labels = {}, None
     for head in getattr(model, "embedding_heads", ("z",)):
         classifier = zeroshot_classifier(model, tokenizer, classnames, templates, device, head)  # (C, D)
@@ -57,7 +108,139 @@ def zeroshot_accuracy(model, tokenizer, classnames: list[str], templates: list[s
     if {"z", "h"} <= sims.keys():
         for w in [round(0.1 * i, 1) for i in range(1, 10)]:
             sims[f"zh_{w}"] = w * sims["z"] + (1 - w) * sims["h"]
+    return sims, labels
+
+
+@torch.no_grad()
+def zeroshot_accuracy(model, tokenizer, classnames: list, templates: list[str], loader: DataLoader,
+                      device: torch.device) -> dict[str, float]:
+    """Top-1/top-5 zero-shot accuracy (percent) for each embedding head of `model`.
+
+    Keys are acc1_<head>/acc5_<head> ("z": the CLIP projector). A model with the heads z and h (CL2L)
+    also gets the blends zh_<w>: similarities w*sim_z + (1-w)*sim_h for w in 0.1..0.9.
+    """
+    sims, labels = zeroshot_similarities(model, tokenizer, classnames, templates, loader, device)
     metrics = {}
     for name, sim in sims.items():
         metrics.update({f"{k}_{name}": v for k, v in topk_accuracy(sim, labels).items()})
     return metrics
+
+
+# --------------------------------------------------------------------------- offline evaluation
+def labels_key(name: str, entry: dict, language: str, labels: dict) -> str:
+    """The labels.json/templates.json key of a dataset for a model of `language` (en/zh)."""
+    key = entry.get("labels", name)
+    base = key.removesuffix("-zh")
+    if language == "zh" and base + "-zh" in labels:
+        return base + "-zh"
+    return base if base in labels else key
+
+
+def evaluate_dataset(model, tokenizer, name: str, language: str, image_size: int, device: torch.device,
+                     data_root: str | None = None, batch_size: int = 256, workers: int = 0) -> dict:
+    """Zero-shot metrics of one catalog dataset: {"metric", "labels", "score_<head>", "acc1_<head>", ...}."""
+    import datasets
+
+    entry = datasets.catalog_entry(name)
+    with open(os.path.join(datasets.HERE, "labels.json"), encoding="utf-8") as f:
+        labels = json.load(f)
+    key = labels_key(name, entry, language, labels)
+    classnames, templates = datasets.load_labels_and_templates(key)
+    metric = entry.get("metric", DATASET_METRICS.get(name, "top1"))
+    reader = datasets.build_reader(name, "test", data_root=data_root)
+    loader = DataLoader(datasets.ClassificationDataset(reader, datasets.val_transform(image_size)),
+                        batch_size=batch_size, num_workers=workers)
+    sims, targets = zeroshot_similarities(model, tokenizer, classnames, templates, loader, device)
+    out: dict = {"metric": metric, "labels": key, "num_images": len(targets)}
+    for head, sim in sims.items():
+        out[f"score_{head}"] = dataset_metric(sim, targets, metric)
+        out.update({f"{k}_{head}": v for k, v in topk_accuracy(sim, targets).items()})
+    return out
+
+
+def default_datasets(language: str) -> list[str]:
+    """Catalog datasets with class names and templates for a model of `language`."""
+    import datasets
+
+    with open(os.path.join(datasets.HERE, "labels.json"), encoding="utf-8") as f:
+        labels = json.load(f)
+    with open(os.path.join(datasets.HERE, "templates.json"), encoding="utf-8") as f:
+        templates = json.load(f)
+    names = []
+    for name, entry in datasets.load_catalog().items():
+        key = labels_key(name, entry, language, labels)
+        fits = entry.get("language", language) == language or (language == "zh" and key.endswith("-zh"))
+        if fits and key in labels and key in templates:
+            names.append(name)
+    return names
+
+
+def format_table(results: dict[str, dict]) -> str:
+    """Markdown table: dataset, metric, then the score of every head."""
+    heads = sorted({k[len("score_"):] for r in results.values() for k in r if k.startswith("score_")})
+    lines = ["| dataset | metric | " + " | ".join(heads) + " |", "|---|---|" + "---|" * len(heads)]
+    for name, r in results.items():
+        lines.append(f"| {name} | {r['metric']} | " + " | ".join(f"{r.get('score_' + h, float('nan')):.2f}"
+                                                               for h in heads) + " |")
+    return "\n".join(lines)
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("eval_zeroshot", description="zero-shot classification over catalog datasets")
+    p.add_argument("--resume", default=None, help="a CLIP Lab checkpoint; the model is rebuilt from its stored args")
+    p.add_argument("--pretrained", default=None,
+                   help="released weights (OpenAI CLIP, Chinese-CLIP, ours); with --resume applied first")
+    p.add_argument("--model", default=None, help="model name for --pretrained; default: inferred from the weights")
+    p.add_argument("--datasets", default=None,
+                   help="comma-separated catalog names; default: every catalog dataset with labels and templates "
+                        "in the model's language whose files exist")
+    p.add_argument("--output-dir", default=None, help="where zeroshot_<checkpoint>.json goes (default: the "
+                                                      "checkpoint's folder)")
+    p.add_argument("--data-root", default=None, help="root of catalog paths (else $CLIP_LAB_DATA_ROOT)")
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
+    p.add_argument("-j", "--workers", type=int, default=0, help="DataLoader workers")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Evaluate and write `{output_dir}/zeroshot_<checkpoint stem>.json`; returns {dataset: metrics}."""
+    import datasets
+    import weights
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    args = get_parser().parse_args(argv)
+    if not (args.resume or args.pretrained):
+        raise SystemExit("eval_zeroshot: give --resume CKPT and/or --pretrained WEIGHTS")
+    model, spec, info = weights.load_model_for_eval(resume=args.resume, pretrained=args.pretrained,
+                                                    model_name=args.model, device=args.device)
+    device = next(model.parameters()).device
+    tokenizer = datasets.build_tokenizer(spec.base.tokenizer, info["context_length"])
+    explicit = args.datasets is not None
+    names = args.datasets.split(",") if explicit else default_datasets(spec.base.language)
+    results: dict[str, dict] = {}
+    for name in names:
+        try:
+            results[name] = evaluate_dataset(model, tokenizer, name, spec.base.language, info["image_size"], device,
+                                             args.data_root, args.batch_size, args.workers)
+        except datasets.DatasetError as exc:
+            if explicit:
+                raise SystemExit(f"eval_zeroshot: {exc}") from None
+            log.warning("skipping %s: %s", name, exc)
+            continue
+        log.info("%s: %s", name, " ".join(f"{k} {v:.2f}" for k, v in results[name].items()
+                                          if isinstance(v, float)))
+    print(format_table(results))
+    source = args.resume or args.pretrained.split(",")[0]
+    out_dir = args.output_dir or os.path.dirname(os.path.abspath(source))
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"zeroshot_{os.path.splitext(os.path.basename(source))[0]}.json")
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump({"checkpoint": args.resume, "pretrained": args.pretrained, "model": spec.name,
+                   "results": results}, f, indent=1)
+    log.info("results written to %s", path)
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

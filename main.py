@@ -29,6 +29,7 @@ import losses
 import models
 import text_augment
 import utils
+import weights
 
 log = logging.getLogger("clip_lab")
 
@@ -53,6 +54,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                       help="input resolution; default: the catalog entry's image_size, else the backbone's")
     data.add_argument("--weak-min-scale", type=float, default=0.5,
                       help="lower scale bound of the RandomResizedCrop of the training view")
+    data.add_argument("--use-augment", action="store_true",
+                      help="training view = Chinese-CLIP's --use-augment: RandomResizedCrop(0.9-1), flip, AutoAugment "
+                           "'original' (timm); for fine-tuning released models")
     data.add_argument("--caption-sampling", default="single", choices=["single", "multi"],
                       help="images with several captions: single = one random caption for all text views, "
                            "multi = each text view draws its own (clip-rocket)")
@@ -76,7 +80,13 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="token context; default 77 (CLIP BPE) or 52 (Chinese BERT)")
     model.add_argument("--checkpoint-grad", action="store_true",
                        help="activation checkpointing in both towers: less memory, ~30%% more compute")
-    model.add_argument("--pretrained", default=None, help="initialise weights from this state_dict / checkpoint")
+    model.add_argument("--pretrained", default=None,
+                       help="initialise from released weights, comma-separated for several sources: OpenAI CLIP "
+                            "(.pt TorchScript or state_dict), Chinese-CLIP .pt, a Chinese RoBERTa "
+                            "pytorch_model.bin/folder (text tower), or our checkpoint; strict (see weights.py)")
+    model.add_argument("--freeze-vision", action="store_true",
+                       help="freeze the image tower and its projection (Chinese-CLIP's --freeze-vision; BatchNorm "
+                            "statistics frozen too)")
 
     obj = p.add_argument_group("objective")
     obj.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing of the contrastive CE")
@@ -87,6 +97,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     optim = p.add_argument_group("optim")
     optim.add_argument("--epochs", type=int, default=25, help="training epochs")
     optim.add_argument("--warmup-epochs", type=float, default=1, help="linear warm-up length in epochs")
+    optim.add_argument("--warmup-steps", type=int, default=None,
+                       help="linear warm-up length in optimizer steps (overrides --warmup-epochs; Chinese-CLIP: 100)")
     optim.add_argument("--batch-size", type=int, default=128, help="micro-batch size per rank")
     optim.add_argument("--lr", type=float, default=5e-4, help="peak learning rate")
     optim.add_argument("--lr-start", type=float, default=1e-6, help="learning rate at the start of warm-up")
@@ -297,7 +309,8 @@ def build_train_dataset(spec: models.ModelSpec, args: argparse.Namespace, reader
     """The training dataset: ImageTextDataset for one-view models without --text-augment; otherwise a
     MultiViewDataset with the weak view, num_augs strong views and the text augmenter of the base's language
     (a one-view model with --text-augment gets the weak text in the (view, tokens) layout)."""
-    weak = datasets.train_transform(image_size, args.weak_min_scale)
+    weak = datasets.autoaugment_transform(image_size) if getattr(args, "use_augment", False) \
+        else datasets.train_transform(image_size, args.weak_min_scale)
     views = num_augs(spec, args)
     multi_view = spec.objective.num_views > 0
     if not multi_view and not args.text_augment:
@@ -375,6 +388,16 @@ def write_run_files(exp_dir: str, args: argparse.Namespace, commit: str) -> None
             f.write(shlex.join([sys.executable] + sys.argv) + "\n")
     with open(os.path.join(exp_dir, "commit.txt"), "w", encoding="utf-8") as f:
         f.write(commit + "\n")
+
+
+def freeze_vision(model: nn.Module) -> None:
+    """No gradients for the image tower and its projection; its BatchNorms stay in eval mode."""
+    frozen = [model.visual, model.image_projection]
+    for module in frozen:
+        module.requires_grad_(False)
+    norms = [m for m in model.visual.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if norms:  # model.train() would switch them back to batch statistics: re-freeze before every forward
+        model.visual.register_forward_pre_hook(lambda *_: [m.eval() for m in norms] and None)
 
 
 def load_state_strict(model: nn.Module, state: dict, source: str) -> None:
@@ -592,9 +615,13 @@ def evaluate(model, spec: models.ModelSpec, tokenizer, args, device) -> dict[str
         loader = DataLoader(datasets.ClassificationDataset(reader, transform), batch_size=256, num_workers=0)
         acc = eval_zeroshot.zeroshot_accuracy(model, tokenizer, classnames, templates, loader, device)
         metrics.update(acc)
-    images, captions = zip(*(reader.read(i) for i in range(len(reader))))
-    pixel = torch.stack([transform(im) for im in images])
-    metrics.update(eval_retrieval.caption_retrieval(model, tokenizer, pixel, list(captions), device))
+    pairs = eval_retrieval.reader_pairs(reader)
+    if pairs is not None:  # MUGE-style pairs: recall over every distinct image and text of the split
+        metrics.update(eval_retrieval.pool_retrieval(model, tokenizer, reader, pairs, transform, device))
+    else:
+        images, captions = zip(*(reader.read(i) for i in range(len(reader))))
+        pixel = torch.stack([transform(im) for im in images])
+        metrics.update(eval_retrieval.caption_retrieval(model, tokenizer, pixel, list(captions), device))
     model.train(was_training)
     return metrics
 
@@ -651,8 +678,9 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
     kwargs = {**model_kwargs(args), "image_size": image_size}
     model = models.build_model(spec, **kwargs).to(env.device)
     if args.pretrained:
-        ckpt = utils.load_checkpoint(args.pretrained)
-        load_state_strict(model, ckpt.get("model", ckpt.get("state_dict", ckpt)), args.pretrained)
+        weights.load_weights(model, args.pretrained)
+    if args.freeze_vision:
+        freeze_vision(model)
     tokenizer = datasets.build_tokenizer(spec.base.tokenizer, args.context_length or spec.base.context_length)
     reader = datasets.build_reader(args.dataset, "train", data_root=args.data_root)
     if args.val_dataset:  # a missing validation set fails now, not after an epoch
@@ -668,7 +696,8 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
                          "of an epoch")
     total_steps = args.epochs * steps_per_epoch
     lr_schedule = cosine_schedule(args.lr, args.lr_start, args.lr_end, total_steps,
-                                  int(args.warmup_epochs * steps_per_epoch))
+                                  args.warmup_steps if args.warmup_steps is not None
+                                  else int(args.warmup_epochs * steps_per_epoch))
     optimizer = torch.optim.AdamW(param_groups(model, args.wd), lr=args.lr, betas=tuple(args.betas), eps=args.eps)
     scaler = torch.amp.GradScaler(env.device.type, enabled=args.precision == "fp16")
     state = RunState()

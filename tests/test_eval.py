@@ -1,0 +1,315 @@
+"""Evaluation: the MUGE scorer (hand-computed recalls, the reference script's output, every invalid
+submission), top-k against a float64 brute force with ties, extract -> topk -> score end to end on the
+real muge-sample dataset, zero-shot metrics and eval_zeroshot.py on digits from a 2-step run."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_RUN
+
+import eval_retrieval
+import eval_zeroshot
+import main
+import models
+import weights
+
+GT = [{"text_id": 1, "text": "红色连衣裙", "image_ids": [10]},
+      {"text_id": 2, "text": "白色运动鞋", "image_ids": [20, 21]},
+      {"text_id": 3, "text": "黑色背包", "image_ids": [30]},
+      {"text_id": 4, "text": "没有答案", "image_ids": [40]}]
+GALLERY = list(range(10, 60))
+# hits: text 1 at rank 1, text 2 at rank 4 (id 21), text 3 at rank 8, text 4 never
+PRED = [{"text_id": 1, "image_ids": [10, 11, 12, 13, 14, 15, 16, 17, 18, 19]},
+        {"text_id": 2, "image_ids": [11, 12, 13, 21, 14, 15, 16, 17, 18, 19]},
+        {"text_id": 3, "image_ids": [11, 12, 13, 14, 15, 16, 17, 30, 18, 19]},
+        {"text_id": 4, "image_ids": [11, 12, 13, 14, 15, 16, 17, 18, 19, 22]}]
+EXPECTED = {"r1": 25.0, "r5": 50.0, "r10": 75.0, "mean_recall": 50.0}
+
+
+def write_jsonl(path, rows):
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write((row if isinstance(row, str) else json.dumps(row, ensure_ascii=False)) + "\n")
+    return str(path)
+
+
+def cn_clip_script(name):
+    spec = importlib.util.find_spec("cn_clip")
+    if spec is None:
+        pytest.skip("cn_clip (test-only reference) is not installed")
+    return os.path.join(os.path.dirname(spec.origin), "eval", name)
+
+
+def test_score_hand_computed_and_identical_to_reference_script(tmp_path):
+    gt, pred = write_jsonl(tmp_path / "gt.jsonl", GT), write_jsonl(tmp_path / "pred.jsonl", PRED)
+    out = tmp_path / "ours.json"
+    result = eval_retrieval.score(gt, pred, str(out))
+    assert result["success"] is True
+    assert result["scoreJson"]["r1"] == pytest.approx(EXPECTED["r1"])
+    assert result["scoreJson"]["r5"] == pytest.approx(EXPECTED["r5"])
+    assert result["scoreJson"]["r10"] == pytest.approx(EXPECTED["r10"])
+    assert result["score"] == result["scoreJson"]["score"] == result["scoreJson"]["mean_recall"] == pytest.approx(50)
+    assert list(result) == ["success", "score", "scoreJson"]
+    assert list(result["scoreJson"]) == ["score", "mean_recall", "r1", "r5", "r10"]
+    # Chinese-CLIP's evaluation.py, run as it is, writes the same JSON
+    ref_out = tmp_path / "ref.json"
+    proc = subprocess.run([sys.executable, cn_clip_script("evaluation.py"), gt, pred, str(ref_out)],
+                          capture_output=True, text=True, check=True)
+    assert "finished successfully" in proc.stdout
+    assert json.loads(ref_out.read_text()) == json.loads(out.read_text())
+
+
+def test_score_muge_keys_and_image_to_text(tmp_path):
+    muge_gt = [{"query_id": g["text_id"], "query_text": g["text"], "item_ids": g["image_ids"]} for g in GT]
+    muge_pred = [{"query_id": p["text_id"], "item_ids": p["image_ids"]} for p in PRED]
+    gt, pred = write_jsonl(tmp_path / "q.jsonl", muge_gt), write_jsonl(tmp_path / "p.jsonl", muge_pred)
+    assert eval_retrieval.score(gt, pred, str(tmp_path / "o.json"))["scoreJson"]["mean_recall"] == pytest.approx(50)
+    # Chinese-CLIP keys in the predictions against MUGE ground truth are accepted too
+    pred2 = write_jsonl(tmp_path / "p2.jsonl", PRED)
+    assert eval_retrieval.score(gt, pred2, str(tmp_path / "o2.json"))["success"]
+
+    # image->text: ir2tr inverts the annotation (first-seen order), the --tr scorer uses image_id/text_ids
+    tr = eval_retrieval.ir_to_tr(write_jsonl(tmp_path / "valid_texts.jsonl", GT))
+    assert tr.endswith("valid_texts.tr.jsonl")
+    rows = [json.loads(line) for line in open(tr, encoding="utf-8")]
+    assert rows == [{"image_id": 10, "text_ids": [1]}, {"image_id": 20, "text_ids": [2]},
+                    {"image_id": 21, "text_ids": [2]}, {"image_id": 30, "text_ids": [3]},
+                    {"image_id": 40, "text_ids": [4]}]
+    texts = list(range(1, 11))
+    tr_pred = [{"image_id": 10, "text_ids": texts},  # rank 1
+               {"image_id": 20, "text_ids": [5, 6, 2, 1, 3, 4, 7, 8, 9, 10]},  # rank 3
+               {"image_id": 21, "text_ids": [5, 6, 7, 8, 9, 10, 1, 3, 4, 2]},  # rank 10
+               {"image_id": 30, "text_ids": [1, 2, 4, 5, 6, 7, 8, 9, 10, 11]},  # miss
+               {"image_id": 40, "text_ids": [4, 1, 2, 3, 5, 6, 7, 8, 9, 10]}]  # rank 1
+    res = eval_retrieval.score(tr, write_jsonl(tmp_path / "tr_pred.jsonl", tr_pred), str(tmp_path / "tr.json"),
+                               tr=True)
+    assert (res["scoreJson"]["r1"], res["scoreJson"]["r5"], res["scoreJson"]["r10"]) == \
+        pytest.approx((40.0, 60.0, 80.0))
+    ref_out = tmp_path / "ref_tr.json"
+    subprocess.run([sys.executable, cn_clip_script("evaluation_tr.py"), tr, str(tmp_path / "tr_pred.jsonl"),
+                    str(ref_out)], capture_output=True, check=True)
+    assert json.loads(ref_out.read_text()) == res
+
+
+def _bad(index, **change):
+    rows = [dict(p) for p in PRED]
+    rows[index] = {**rows[index], **change}
+    return rows
+
+
+INVALID = {
+    "not json": (PRED[:2] + ["{text_id: 3"] + PRED[3:], "line 3: Cannot parse this line into json object"),
+    "no text_id": ([{"image_ids": PRED[0]["image_ids"]}] + PRED[1:], "line 1: There exists one line not containing "
+                                                                     "text_id"),
+    # the reference raises NameError "name 'qid' is not defined" here; we name the value and line
+    "string text_id, first line": (_bad(0, text_id="1"), "line 1: Found an invalid text_id '1', it should be an "
+                                                         "integer"),
+    "string text_id, later line": (_bad(2, text_id="3"), "line 3: Found an invalid text_id '3'"),
+    "no image_ids": ([{"text_id": 1}] + PRED[1:], "line 1: There exists one line not containing the predicted "
+                                                  "image_ids"),
+    "image_ids not a list": (_bad(1, image_ids="10"), "line 2: The image_ids field of text_id 2 is not a list"),
+    "wrong length": (_bad(1, image_ids=[10, 11]), "line 2: Text_id 2 has wrong number of predicted image_ids! "
+                                                  "Require 10, but 2 founded."),
+    "string image id": (_bad(0, image_ids=["10"] + PRED[0]["image_ids"][1:]),
+                        "line 1: Text_id 1 has an invalid predicted image_id '10' at rank 1"),
+    "bool image id": (_bad(0, image_ids=PRED[0]["image_ids"][:9] + [True]), "at rank 10"),
+    "duplicate ids": (_bad(0, image_ids=[10] * 10), "line 1: Text_id 1 has duplicate topk images"),
+    "missing query": (PRED[:3], "The following text_ids have no prediction in your submission, please check "
+                                "again: 4"),
+    "duplicate line": (PRED + [PRED[1]], "line 5: Text_id 2 is predicted twice (first on line 2)"),
+    "id not in gallery": (_bad(3, image_ids=PRED[3]["image_ids"][:9] + [999]),
+                          "line 4: Text_id 4 predicts image_ids not in the gallery: [999]"),
+}
+
+
+@pytest.mark.parametrize("case", list(INVALID))
+def test_score_invalid_submissions(tmp_path, case):
+    rows, message = INVALID[case]
+    gt, pred = write_jsonl(tmp_path / "gt.jsonl", GT), write_jsonl(tmp_path / "pred.jsonl", rows)
+    gallery = tmp_path / "gallery.ids.npy"
+    np.save(gallery, np.array(GALLERY, dtype=np.int64))
+    out = tmp_path / "out.json"
+    result = eval_retrieval.score(gt, pred, str(out), gallery=str(gallery))
+    assert result == json.loads(out.read_text())
+    assert result["success"] is False and result["score"] == 0 and result["scoreJson"] == {}
+    assert set(result) == {"errorDetail", "errorMsg", "score", "scoreJson", "success"}
+    assert message in result["errorMsg"] and result["errorDetail"] == result["errorMsg"]
+    # --strict: a non-zero exit code for scripts; without it 0, as the reference
+    argv = ["score", gt, pred, str(out), "--gallery", str(gallery)]
+    assert eval_retrieval.main(argv + ["--strict"]) == 1
+    assert eval_retrieval.main(argv) == 0
+
+
+def test_score_missing_file_and_blank_lines(tmp_path):
+    gt = write_jsonl(tmp_path / "gt.jsonl", GT)
+    res = eval_retrieval.score(gt, str(tmp_path / "nope.jsonl"), str(tmp_path / "o.json"))
+    assert res["errorMsg"] == "The submission file is not found!"
+    # blank lines are skipped (the reference fails on them with a json error)
+    pred = write_jsonl(tmp_path / "pred.jsonl", [PRED[0], "", "   ", *PRED[1:], ""])
+    assert eval_retrieval.score(gt, pred, str(tmp_path / "o.json"))["scoreJson"]["mean_recall"] == pytest.approx(50)
+    # t2i ground truth scored as i2t names the fix
+    res = eval_retrieval.score(gt, pred, str(tmp_path / "o.json"), tr=True)
+    assert "score without --tr" in res["errorMsg"] and "gt.jsonl:1" in res["errorMsg"]
+
+
+def brute_force_topk(queries: np.ndarray, gallery: np.ndarray, k: int) -> np.ndarray:
+    scores = queries.astype(np.float64) @ gallery.astype(np.float64).T
+    idx = np.arange(gallery.shape[0])
+    return np.stack([np.lexsort((idx, -row))[:k] for row in scores])  # score desc, then gallery order
+
+
+def test_topk_matches_float64_brute_force_with_ties():
+    rng = np.random.RandomState(0)
+    # small integers: every dot product is exact in float32, so ties are real ties
+    gallery = rng.randint(-2, 3, size=(300, 8)).astype(np.float32)
+    gallery[100:140] = gallery[5]  # 41 identical items: ties across the top-k boundary
+    gallery[200] = gallery[7]
+    queries = rng.randint(-2, 3, size=(57, 8)).astype(np.float32)
+    queries[:5] = gallery[5]
+    for chunk_bytes in (4 * 300 * 7, 1 << 20):  # 7 query rows per chunk, and all at once
+        got = eval_retrieval.topk_indices(torch.from_numpy(queries), torch.from_numpy(gallery), 10, chunk_bytes)
+        assert np.array_equal(got.numpy(), brute_force_topk(queries, gallery, 10))
+    # random unit vectors (no ties): same as float64 up to float32 near-ties, which unit vectors do not have
+    g = rng.randn(500, 16).astype(np.float32)
+    g /= np.linalg.norm(g, axis=1, keepdims=True)
+    q = g[rng.choice(500, 40)] + 0.1 * rng.randn(40, 16).astype(np.float32)
+    got = eval_retrieval.topk_indices(torch.from_numpy(q), torch.from_numpy(g), 10)
+    assert np.array_equal(got.numpy(), brute_force_topk(q, g, 10))
+
+
+def test_topk_cli_formats_and_reads_chinese_clip_jsonl(tmp_path):
+    rng = np.random.RandomState(1)
+    img, txt = rng.randn(30, 4).astype(np.float32), rng.randn(12, 4).astype(np.float32)
+    img_ids, txt_ids = np.arange(1000, 1030), np.arange(7, 19)
+    eval_retrieval.save_features(str(tmp_path / "i.npy"), img_ids, img, "image_id")
+    eval_retrieval.save_features(str(tmp_path / "t.npy"), txt_ids, txt, "text_id")
+    for src in ("npy", "jsonl"):
+        out = str(tmp_path / f"pred_{src}.jsonl")
+        eval_retrieval.main(["topk", "--image-feats", str(tmp_path / f"i.{src}"), "--text-feats",
+                             str(tmp_path / f"t.{src}"), "--output", out])
+        rows = [json.loads(line) for line in open(out)]
+        expect = img_ids[brute_force_topk(txt, img, 10)]
+        assert [r["text_id"] for r in rows] == txt_ids.tolist()
+        assert [r["image_ids"] for r in rows] == expect.tolist() and list(rows[0]) == ["text_id", "image_ids"]
+    out = str(tmp_path / "tr.jsonl")
+    eval_retrieval.main(["topk", "--image-feats", str(tmp_path / "i.npy"), "--text-feats", str(tmp_path / "t.npy"),
+                         "--output", out, "--tr", "--top-k", "5"])
+    rows = [json.loads(line) for line in open(out)]
+    assert list(rows[0]) == ["image_id", "text_ids"] and len(rows) == 30
+    assert [r["text_ids"] for r in rows] == txt_ids[brute_force_topk(img, txt, 5)].tolist()
+
+
+@pytest.fixture
+def cnclip_tiny_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    model = models.build_model(models.parse_model_name("CNCLIP_VITT16_CLIP"), image_size=32, embed_dim=32,
+                               text_model="BERT-tiny-chinese")
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"model": model.state_dict(), "epoch": 0, "step": 0,
+                "args": {"model": "CNCLIP_VITT16_CLIP", "image_size": 32, "embed_dim": 32,
+                         "text_model": "BERT-tiny-chinese", "dataset": "muge-sample"}}, path)
+    return str(path), model.eval()
+
+
+def test_extract_topk_score_end_to_end_on_muge_sample(tmp_path, muge_sample_root, cnclip_tiny_checkpoint):
+    ckpt, model = cnclip_tiny_checkpoint
+    data = os.path.join(muge_sample_root, "muge-sample")
+    out = tmp_path / "run"
+    results = eval_retrieval.main(["run", "--resume", ckpt, "--data-dir", data, "--split", "valid",
+                                   "--output-dir", str(out), "--device", "cpu"])
+    assert results == 0
+    summary = json.loads((out / "valid_retrieval.json").read_text())
+    # the same numbers from the features with the tensor metric (recall_at_k, stable ties)
+    img_ids, img = eval_retrieval.load_features(str(out / "valid.img_feat.npy"))
+    txt_ids, txt = eval_retrieval.load_features(str(out / "valid.txt_feat.npy"))
+    gt, _ = eval_retrieval.read_reference(os.path.join(data, "valid_texts.jsonl"))
+    assert sorted(txt_ids.tolist()) == sorted(gt) and np.allclose(np.linalg.norm(img, axis=1), 1, atol=1e-5)
+    col = {i: c for c, i in enumerate(img_ids.tolist())}
+    positives = torch.zeros(len(txt_ids), len(img_ids), dtype=torch.bool)
+    for r, t in enumerate(txt_ids.tolist()):
+        positives[r, [col[i] for i in gt[t]]] = True
+    sim = torch.from_numpy(txt) @ torch.from_numpy(img).t()
+    expect = eval_retrieval.recall_at_k(sim, positives)
+    t2i = summary["text_to_image"]["scoreJson"]
+    assert (t2i["r1"], t2i["r5"], t2i["r10"]) == pytest.approx((expect["R@1"], expect["R@5"], expect["R@10"]))
+    i2t = summary["image_to_text"]["scoreJson"]
+    expect = eval_retrieval.recall_at_k(sim.t(), positives.t())
+    assert (i2t["r1"], i2t["r5"], i2t["r10"]) == pytest.approx((expect["R@1"], expect["R@5"], expect["R@10"]))
+    # features equal the model's own, through the Chinese-CLIP squash transform of the LMDB images
+    first = next(eval_retrieval.iter_image_records(os.path.join(data, "lmdb", "valid", "imgs")))
+    from io import BytesIO
+
+    from PIL import Image
+    pixels = eval_retrieval.squash_transform(32)(Image.open(BytesIO(first[1])))[None]
+    with torch.no_grad():
+        direct = torch.nn.functional.normalize(model.encode_image(pixels), dim=-1)[0].numpy()
+    assert np.abs(img[col[first[0]]] - direct).max() < 1e-5
+    # the Chinese-CLIP jsonl export carries the same vectors; the tsv gives the same image features
+    eval_retrieval.main(["extract", "--resume", ckpt, "--image-data", os.path.join(data, "valid_imgs.tsv"),
+                         "--output-dir", str(out / "tsv"), "--jsonl", "--device", "cpu"])
+    jl_ids, jl = eval_retrieval.load_features(str(out / "tsv" / "features.img_feat.jsonl"))
+    order = [col[i] for i in jl_ids.tolist()]
+    assert np.abs(jl - img[order]).max() < 1e-5
+    first_line = json.loads(open(out / "tsv" / "features.img_feat.jsonl").readline())
+    assert list(first_line) == ["image_id", "feature"] and len(first_line["feature"]) == 32
+
+
+def test_pool_retrieval_uses_distinct_images_and_texts(muge_sample_root, cnclip_tiny_checkpoint):
+    import datasets
+
+    _, model = cnclip_tiny_checkpoint
+    reader = datasets.build_reader("muge-sample", "test", data_root=muge_sample_root)
+    pairs = eval_retrieval.reader_pairs(reader)
+    tokenizer = datasets.build_tokenizer("bert", 52)
+    metrics = eval_retrieval.pool_retrieval(model, tokenizer, reader, pairs, datasets.val_transform(32),
+                                            torch.device("cpu"))
+    assert metrics["pool_images"] == len({p[0] for p in pairs}) < len(pairs)
+    assert metrics["pool_texts"] == len({p[1] for p in pairs})
+    assert 0 <= metrics["text_to_image_R@1"] <= metrics["text_to_image_R@5"] <= metrics["text_to_image_R@10"] <= 100
+
+
+def test_zeroshot_metrics_against_hand_computed_values():
+    logits = torch.tensor([[0.9, 0.1, 0.0], [0.2, 0.8, 0.0], [0.1, 0.7, 0.2], [0.0, 0.1, 0.9], [0.5, 0.4, 0.1]])
+    labels = torch.tensor([0, 1, 1, 2, 1])
+    # per class recall: class 0: 1/1, class 1: 2/3, class 2: 1/1 -> mean 8/9; top-1 = 4/5
+    assert eval_zeroshot.dataset_metric(logits, labels, "mean_per_class") == pytest.approx(100 * 8 / 9)
+    assert eval_zeroshot.dataset_metric(logits, labels, "top1") == pytest.approx(80.0)
+    assert eval_zeroshot.dataset_metric(logits, labels, "top1_top5") == pytest.approx(90.0)
+    binary = torch.tensor([[0.0, 0.3], [0.0, 0.1], [0.0, 0.2], [0.0, 0.4]])
+    # scores 0.3, 0.1, 0.2, 0.4 with labels 1, 0, 1, 0: pairs (pos > neg): 0.3>0.1, 0.2>0.1 -> 2 of 4 -> 50
+    assert eval_zeroshot.dataset_metric(binary, torch.tensor([1, 0, 1, 0]), "roc_auc") == pytest.approx(50.0)
+
+
+@pytest.mark.slow
+def test_eval_zeroshot_cli_on_digits_from_a_two_step_run(tmp_path):
+    exp = tmp_path / "exp"
+    args = list(TINY_RUN)
+    args[args.index("--dataset") + 1] = "digits"
+    main.main(args + ["--output-dir", str(exp), "--name", "run", "--max-steps", "2"])
+    ckpt = str(exp / "run" / "checkpoint.pt")
+    results = eval_zeroshot.main(["--resume", ckpt, "--datasets", "digits", "--output-dir", str(tmp_path / "zs")])
+    written = json.loads((tmp_path / "zs" / "zeroshot_checkpoint.json").read_text())
+    assert written["results"] == results and written["model"] == "CLIP_VITT16_CLIP"
+    digits = results["digits"]
+    assert digits["metric"] == "top1" and digits["score_z"] == digits["acc1_z"] and digits["num_images"] == 359
+    # the same number through the functions main.py's validation uses, on the model rebuilt independently
+    import datasets
+
+    model, spec, info = weights.load_model_for_eval(resume=ckpt, device="cpu")
+    assert info["image_size"] == 32
+    loader = torch.utils.data.DataLoader(datasets.ClassificationDataset(datasets.build_reader("digits", "test"),
+                                                                        datasets.val_transform(32)), batch_size=256)
+    classnames, templates = datasets.load_labels_and_templates("digits")
+    acc = eval_zeroshot.zeroshot_accuracy(model, datasets.build_tokenizer("bpe", 77), classnames, templates, loader,
+                                          torch.device("cpu"))
+    assert acc["acc1_z"] == pytest.approx(digits["acc1_z"]) and acc["acc5_z"] == pytest.approx(digits["acc5_z"])
+    # a zh model picks the Chinese labels of the same dataset
+    assert eval_zeroshot.labels_key("digits", {"labels": "digits"}, "zh", {"digits": [], "digits-zh": []}) == \
+        "digits-zh"
+    with pytest.raises(SystemExit, match="unknown dataset"):
+        eval_zeroshot.main(["--resume", ckpt, "--datasets", "nope"])
