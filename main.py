@@ -253,6 +253,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(str(exc))
     if args.update_freq < 1 or args.batch_size < 1:
         parser.error("--update-freq and --batch-size must be >= 1")
+    for key in ("dataset", "val_dataset"):  # a typo fails here, before an experiment folder is written
+        try:
+            if getattr(args, key) is not None:
+                datasets.catalog_entry(getattr(args, key))
+        except datasets.DatasetError as exc:
+            parser.error(f"--{key.replace('_', '-')}: {exc}")
     errors = recipe_errors(spec, args)
     if errors:
         parser.error("; ".join(errors))
@@ -550,14 +556,15 @@ def train_one_epoch(model, criterion, loader, optimizer, scaler, lr_schedule, st
                                  f"and loss parts saved to {path}. Lower --lr, use --precision fp32/bf16, or "
                                  f"allow skips with --max-nonfinite N.") from None
             log.warning("non-finite loss at step %d skipped (%d/%d)", state.step, state.nonfinite, args.max_nonfinite)
-            micro = []
-            continue
-        unwrap(model).before_optimizer_step(state.step)  # e.g. SWALIPV1's frozen prototypes
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        unwrap(model).clamp_logit_scale()
-        unwrap(model).after_optimizer_step(state.step + 1, ctx["total_steps"])  # e.g. BYOLIP's EMA target
+            loss_dict = {}  # the step consumes its batches without an update, like a GradScaler-skipped step,
+            # so the LR schedule, the epoch length and the resume position stay aligned
+        if loss_dict:
+            unwrap(model).before_optimizer_step(state.step)  # e.g. SWALIPV1's frozen prototypes
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            unwrap(model).clamp_logit_scale()
+            unwrap(model).after_optimizer_step(state.step + 1, ctx["total_steps"])  # e.g. BYOLIP's EMA target
         micro = []
         state.step += 1
         state.step_in_epoch += 1
@@ -586,7 +593,7 @@ def log_progress(meters, state: RunState, args, ctx, optimizer, t_start: float, 
     window = {key: m.window_avg() for key, m in meters.items()}
     steps = (state.step - 1) % args.print_freq + 1
     record = {"type": "train", "epoch": state.epoch, "global_step": state.step, "lr": optimizer.param_groups[0]["lr"],
-              "logit_scale": float(unwrap(ctx["model"]).logit_scale.exp()),
+              "logit_scale": float(unwrap(ctx["model"]).logit_scale.detach().exp()),
               "samples_per_s": steps * ctx["global_batch"] / max(elapsed, 1e-9),
               "data_time_s": t_data, "memory_mb": memory_mb(ctx["device"]), **window}
     log.info("epoch %d step %d/%d | %s | %.1f samples/s | data %.2fs | lr %.2e | scale %.2f | mem %.0f MB",
@@ -688,8 +695,11 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
     reader.draft = datasets.draft_size(image_size, args.weak_min_scale)  # JPEG decode at reduced size when allowed
     dataset = build_train_dataset(spec, args, reader, image_size, tokenizer)
     sampler = datasets.ResumableSampler(len(dataset), args.batch_size, env.rank, env.world_size, args.seed)
+    # own generator: creating an iterator must not draw from the global RNG (its state is checkpointed, and a
+    # resumed run creates one more iterator than the run it continues, which would shift every dropout mask)
     loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
-                        pin_memory=env.device.type == "cuda", persistent_workers=False)
+                        pin_memory=env.device.type == "cuda", persistent_workers=False,
+                        generator=torch.Generator().manual_seed(args.seed))
     steps_per_epoch = sampler.batches_per_epoch // args.update_freq
     if steps_per_epoch == 0:
         raise SystemExit(f"--update-freq {args.update_freq} exceeds the {sampler.batches_per_epoch} micro-batches "
