@@ -65,5 +65,378 @@ def main(argv: list[str] | None = None) -> dict:
 # --------------------------------------------------------------------------- subcommands below
 
 
+# --------------------------------------------------------------------------- train
+# Realistic captions (8-20 BPE tokens with [SOT]/[EOT]); both implementations get the same token tensor.
+TRAIN_CAPTIONS = (
+    "a photo of a dog running on the beach",
+    "two people riding bicycles down a busy city street at night",
+    "a red double decker bus parked next to a brick building",
+    "a plate of pasta with tomato sauce and fresh basil leaves",
+    "a small kitten sleeping on a wooden chair",
+    "an aerial view of a river winding through green hills and farmland",
+    "a man in a blue jacket holding an umbrella in the rain",
+    "a close up of a yellow flower",
+    "children playing football in a park on a sunny afternoon",
+    "a bowl of fruit on a kitchen table",
+    "a snowy mountain peak under a clear blue sky with a few clouds",
+    "a woman reading a book on a train",
+    "an old wooden boat tied to a dock on a calm lake at sunset",
+    "a laptop and a cup of coffee on a desk",
+    "a group of zebras grazing in the savanna",
+    "a street market with stalls selling vegetables, spices and colourful fabrics",
+)
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="CLIP_VITT16_CLIP", help="our model name (models.list_models())")
+    p.add_argument("--batch-size", type=int, default=64, help="samples per optimizer step")
+    p.add_argument("--image-size", type=int, default=64, help="input resolution of both implementations")
+    p.add_argument("--embed-dim", type=int, default=None, help="joint embedding size (default: backbone preset)")
+    p.add_argument("--text-width", type=int, default=None, help="CLIP text width (default: backbone preset)")
+    p.add_argument("--text-heads", type=int, default=None, help="CLIP text heads (default: backbone preset)")
+    p.add_argument("--transformer-layers", type=int, default=None, help="CLIP text depth (default: preset)")
+    p.add_argument("--context-length", type=int, default=None, help="token context (default: the base's)")
+    p.add_argument("--vision-layers", type=int, default=None,
+                   help="bench only: keep the first N ViT blocks of our tower (4 reproduces the issue's 13M "
+                        "open_clip reference); the open_clip peer always gets our depth")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per implementation (median reported)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per implementation first")
+    p.add_argument("--update-freq", type=int, default=4,
+                   help="k of the exact-accumulation measurement (micro-batch = batch-size / k)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="fp32, or bf16 autocast")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--no-peer", action="store_true", help="skip the open_clip side-by-side")
+    p.add_argument("--no-memory", action="store_true",
+                   help="skip the memory measurements (one fresh subprocess per configuration)")
+    p.add_argument("--matmul-size", type=int, default=None,
+                   help="n of the n x n matmul timed for the peak (default 2048 on CPU, 8192 on CUDA)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and the random images")
+
+
+def _register_cpu_sdpa_flops() -> None:
+    """Count CPU flash attention in FlopCounterMode (torch registers only the CUDA SDPA kernels)."""
+    from torch.utils import flop_counter as fc
+
+    aten = torch.ops.aten
+    fwd = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    bwd = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+    if fwd is None or fwd in fc.flop_registry or fwd.default in fc.flop_registry:
+        return
+
+    @fc.register_flop_formula(fwd)
+    def _fwd(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return fc.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    @fc.register_flop_formula(bwd)
+    def _bwd(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return fc.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _truncate_vit(model: torch.nn.Module, layers: int) -> None:
+    """Keep the first `layers` transformer blocks of a timm ViT image tower (bench-only depth override)."""
+    blocks = getattr(model.visual, "blocks", None)
+    if blocks is None or layers > len(blocks):
+        raise SystemExit(f"--vision-layers {layers}: the image tower has {len(blocks or [])} ViT blocks")
+    model.visual.blocks = blocks[:layers]
+
+
+def _open_clip_peer(ours: torch.nn.Module, image_size: int) -> tuple[torch.nn.Module | None, str]:
+    """open_clip's CLIP built from a config dict with OUR dimensions (ViT + CLIP text transformer), or a reason."""
+    from open_clip.model import CLIP as OpenClipCLIP
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+
+    import models
+
+    vis, txt = ours.visual, ours.text
+    if not hasattr(vis, "blocks") or not isinstance(txt, models.CLIPTextTransformer):
+        return None, "no open_clip peer for this model (needs a timm ViT image tower and the CLIP text tower)"
+    width, heads = vis.embed_dim, vis.blocks[0].attn.num_heads
+    vision_cfg = CLIPVisionCfg(layers=len(vis.blocks), width=width, head_width=width // heads,
+                               mlp_ratio=vis.blocks[0].mlp.fc1.out_features / width,
+                               patch_size=vis.patch_embed.patch_size[0], image_size=image_size)
+    text_cfg = CLIPTextCfg(context_length=txt.context_length, vocab_size=txt.token_embedding.num_embeddings,
+                           width=txt.width, heads=txt.resblocks[0].heads, layers=len(txt.resblocks))
+    peer = OpenClipCLIP(ours.image_projection.out_features, vision_cfg=vision_cfg, text_cfg=text_cfg,
+                        quick_gelu=True, output_dict=True)
+    return peer, ""
+
+
+def _train_setup(args: argparse.Namespace, device: torch.device, with_peer: bool) -> dict:
+    """Both models, their AdamW optimizers and losses, and one batch of random images + real captions."""
+    from open_clip.loss import ClipLoss as OpenClipLoss
+
+    import datasets
+    import losses
+    import main as trainer
+    import models
+
+    spec = models.parse_model_name(args.model)
+    torch.manual_seed(args.seed)
+    ours = models.build_model(spec, image_size=args.image_size, embed_dim=args.embed_dim,
+                              text_width=args.text_width, text_heads=args.text_heads,
+                              text_layers=args.transformer_layers, context_length=args.context_length)
+    if args.vision_layers:
+        _truncate_vit(ours, args.vision_layers)
+    peer, why = _open_clip_peer(ours, args.image_size) if with_peer else (None, "--no-peer")
+    tokenizer = datasets.build_tokenizer(spec.base.tokenizer, args.context_length or spec.base.context_length)
+    captions = [TRAIN_CAPTIONS[i % len(TRAIN_CAPTIONS)] for i in range(args.batch_size)]
+    tokens = tokenizer(captions)  # (B, L) the same ids for both implementations
+    images = torch.randn(args.batch_size, 3, args.image_size, args.image_size,
+                         generator=torch.Generator().manual_seed(args.seed))  # (B, 3, H, W)
+    ns = argparse.Namespace(accum_mode="exact", precision=args.precision)
+    setup = {
+        "spec": spec, "ns": ns, "batch": (images.to(device), tokens.to(device)),
+        "ours": ours.to(device).train(), "criterion": losses.ClipLoss(),
+        "scaler": torch.amp.GradScaler(device.type, enabled=False), "peer_reason": why, "peer": None,
+    }
+    # the same optimizer for both: AdamW, open_clip's defaults for ViT CLIP, no decay on gains/biases/embeddings
+    opt = dict(lr=5e-4, betas=(0.9, 0.98), eps=1e-6)
+    setup["opt_ours"] = torch.optim.AdamW(trainer.param_groups(setup["ours"], 0.2), **opt)
+    if peer is not None:
+        setup["peer"] = peer.to(device).train()
+        setup["peer_loss"] = OpenClipLoss()
+        setup["opt_peer"] = torch.optim.AdamW(trainer.param_groups(setup["peer"], 0.2), **opt)
+    return setup
+
+
+def _ours_step(s: dict, device: torch.device, k: int = 1, optimizer_step: bool = True,
+               keep_grads: bool = False) -> None:
+    """One training step of our trainer: main.forward_backward over k micro-batches (+ AdamW step, clamp).
+
+    keep_grads: zero the gradient buffers instead of freeing them (memory measurement)."""
+    import main as trainer
+
+    images, tokens = s["batch"]
+    micro = list(zip(images.chunk(k), tokens.chunk(k)))
+    s["opt_ours"].zero_grad(set_to_none=not keep_grads)
+    trainer.forward_backward(s["ours"], s["criterion"], micro, s["ns"], device, s["scaler"])
+    if optimizer_step:
+        s["opt_ours"].step()
+        s["ours"].clamp_logit_scale()
+
+
+def _peer_step(s: dict, device: torch.device, optimizer_step: bool = True, keep_grads: bool = False) -> None:
+    """The same step in open_clip: forward, ClipLoss, backward, AdamW step, logit-scale clamp."""
+    import math
+
+    import main as trainer
+
+    images, tokens = s["batch"]
+    s["opt_peer"].zero_grad(set_to_none=not keep_grads)
+    with trainer.autocast(s["ns"], device):
+        out = s["peer"](images, tokens)
+        loss = s["peer_loss"](out["image_features"], out["text_features"], out["logit_scale"])
+    loss.backward()
+    if optimizer_step:
+        s["opt_peer"].step()
+        with torch.no_grad():
+            s["peer"].logit_scale.clamp_(0, math.log(100))
+
+
+def _train_flops(step: Callable[[], None]) -> float:
+    """Model FLOPs (forward + loss + backward; the optimizer's elementwise work is not counted) of one step."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    _register_cpu_sdpa_flops()
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return float(counter.get_total_flops())
+
+
+def matmul_peak_flops(device: torch.device, dtype: torch.dtype, n: int, seconds: float = 1.0) -> float:
+    """Measured dense matmul peak: best FLOP/s of an n x n x n `torch.mm` (2 n^3 FLOPs) on this machine."""
+    import math
+
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    torch.mm(a, b)
+    _sync(device)
+    best, t_end = math.inf, time.perf_counter() + seconds
+    while time.perf_counter() < t_end or best == math.inf:
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
+def _rss_bytes(field: str) -> int:
+    """VmRSS / VmHWM of this process from /proc/self/status, in bytes."""
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _memory_child(config: str) -> None:
+    """Run in a fresh process: one warm-up step, then the activation memory of one forward + loss + backward.
+
+    Baseline = memory after set-up and one full warm-up step (weights, AdamW state, batch, and the
+    gradient buffers, zeroed but kept); the measured region is forward + loss + backward (for ours,
+    main.forward_backward with cfg["k"] micro-batches), so the difference is activation memory.
+    CPU: peak RSS (VmHWM, reset through /proc/self/clear_refs, else getrusage ru_maxrss) minus baseline
+    RSS after malloc_trim; CUDA: max_memory_allocated minus memory_allocated. Prints one JSON line.
+    """
+    import ctypes
+    import gc
+    import resource
+
+    cfg = json.loads(config)
+    torch.set_num_threads(cfg["threads"])
+    args = argparse.Namespace(**cfg["args"])
+    device = torch.device(cfg["device"])
+    s = _train_setup(args, device, with_peer=cfg["impl"] == "open_clip")
+    if cfg["impl"] == "open_clip":
+        step = lambda: _peer_step(s, device, optimizer_step=False, keep_grads=True)  # noqa: E731
+        _peer_step(s, device)  # warm-up: allocates the AdamW state and the gradient buffers
+    else:
+        step = lambda: _ours_step(s, device, cfg["k"], optimizer_step=False, keep_grads=True)  # noqa: E731
+        _ours_step(s, device, cfg["k"])
+    gc.collect()
+    if device.type == "cuda":
+        _sync(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        _sync(device)
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except OSError:
+            pass
+        try:
+            with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+                f.write("5")  # reset the peak-RSS high-water mark (Linux >= 4.0)
+            read_peak = lambda: _rss_bytes("VmHWM")  # noqa: E731
+        except OSError:
+            read_peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # noqa: E731
+        base = _rss_bytes("VmRSS")
+        step()
+        peak = read_peak()
+    print(json.dumps({"base_mb": base / 2**20, "peak_mb": peak / 2**20, "act_mb": (peak - base) / 2**20}))
+
+
+def _measure_memory(args: argparse.Namespace, device: torch.device, impl: str, k: int) -> dict:
+    """`_memory_child` in a fresh interpreter, so that no other configuration's peak leaks in."""
+    import os
+    import subprocess
+
+    cfg = {"args": {key: v for key, v in vars(args).items() if key not in ("func", "json")}, "impl": impl,
+           "k": k, "device": str(device), "threads": torch.get_num_threads()}
+    here = os.path.dirname(os.path.abspath(__file__))
+    proc = subprocess.run([sys.executable, "-c", "import sys, bench; bench._memory_child(sys.argv[1])",
+                           json.dumps(cfg)], cwd=here, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory child ({impl}, k={k}) failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _median_interleaved(fns: dict[str, Callable[[], None]], steps: int, device: torch.device) -> dict[str, float]:
+    """Median wall time of each function over `steps` rounds, run interleaved (a, b, a, b, ...)."""
+    import statistics
+
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(steps):
+        for name, fn in fns.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+@subcommand("train", _add_train_args)
+def bench_train(args: argparse.Namespace) -> dict:
+    """Training step of our CLIP vs open_clip's at the same dims, batch and precision; FLOPs/MFU; accumulation.
+
+    Reports samples/s, step time, activation memory, FLOPs per sample (FlopCounterMode over one step),
+    MFU against a matmul peak measured in the same run, and the cost of exact gradient accumulation
+    (main.forward_backward with k micro-batches vs one batch) in time per sample and activation memory.
+    """
+    import os
+
+    if args.batch_size % args.update_freq:
+        raise SystemExit(f"--batch-size {args.batch_size} is not divisible by --update-freq {args.update_freq}")
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    if args.precision == "bf16" and device.type == "cpu":
+        print("note: bf16 autocast on CPU; the matmul peak is still measured in fp32")
+    load_before = os.getloadavg()
+    s = _train_setup(args, device, with_peer=not args.no_peer)
+    B, k = args.batch_size, args.update_freq
+    impls = {"ours": lambda: _ours_step(s, device)}
+    if s["peer"] is not None:
+        impls["open_clip"] = lambda: _peer_step(s, device)
+    count = lambda m: sum(p.numel() for p in m.parameters()) / 1e6  # noqa: E731
+    flops = {name: _train_flops(fn) / B for name, fn in impls.items()}
+    for _ in range(args.warmup):
+        for fn in impls.values():
+            fn()
+    step_s = _median_interleaved(impls, args.steps, device)
+
+    # exact accumulation: forward_backward at k micro-batches vs 1, same total batch, no optimizer step
+    fb = {"k1": lambda: _ours_step(s, device, 1, optimizer_step=False),
+          f"k{k}": lambda: _ours_step(s, device, k, optimizer_step=False)}
+    for fn in fb.values():
+        fn()
+    fb_s = _median_interleaved(fb, args.steps, device)
+
+    peak_dtype = torch.bfloat16 if (args.precision == "bf16" and device.type == "cuda") else torch.float32
+    peak = matmul_peak_flops(device, peak_dtype, args.matmul_size or (8192 if device.type == "cuda" else 2048))
+    load_after = os.getloadavg()
+
+    mem: dict[str, dict] = {}
+    if not args.no_memory:
+        mem["ours"] = _measure_memory(args, device, "ours", 1)
+        mem[f"ours_k{k}"] = _measure_memory(args, device, "ours", k)
+        if s["peer"] is not None:
+            mem["open_clip"] = _measure_memory(args, device, "open_clip", 1)
+
+    rows, result = [], {
+        "machine": machine_line(), "device": str(device), "threads": torch.get_num_threads(),
+        "load_avg_1min_before": load_before[0], "load_avg_1min_after": load_after[0],
+        "model": args.model, "batch_size": B, "image_size": args.image_size, "precision": args.precision,
+        "peer": "open_clip_torch" if s["peer"] is not None else s["peer_reason"],
+        "peak_matmul_gflops": peak / 1e9, "peak_matmul_dtype": str(peak_dtype).replace("torch.", ""),
+    }
+    for name in impls:
+        model = s["ours"] if name == "ours" else s["peer"]
+        sps = B / step_s[name]
+        row = {"impl": name, "params_M": count(model), "step_s": step_s[name], "samples_per_s": sps,
+               "train_GFLOP_per_sample": flops[name] / 1e9, "achieved_GFLOP_s": sps * flops[name] / 1e9,
+               "MFU": sps * flops[name] / peak}
+        if name in mem:
+            row.update(peak_mem_MB=mem[name]["peak_mb"], act_mem_MB=mem[name]["act_mb"])
+        rows.append(row)
+        result.update({f"{key}_{name}": v for key, v in row.items() if key != "impl"})
+    if "open_clip" in impls:
+        result["throughput_ratio"] = step_s["open_clip"] / step_s["ours"]
+    result.update({"accum_k": k, "forward_backward_s_k1": fb_s["k1"], f"forward_backward_s_k{k}": fb_s[f"k{k}"],
+                   "accum_time_per_sample_ratio": fb_s[f"k{k}"] / fb_s["k1"]})
+    if mem:
+        result.update({"act_mem_MB_k1": mem["ours"]["act_mb"], f"act_mem_MB_k{k}": mem[f"ours_k{k}"]["act_mb"],
+                       "accum_act_mem_ratio": mem[f"ours_k{k}"]["act_mb"] / max(mem["ours"]["act_mb"], 1e-9)})
+    print(f"train: {args.model} batch {B} at {args.image_size}px {args.precision} on {device} "
+          f"({torch.get_num_threads()} threads, load {load_before[0]:.2f} -> {load_after[0]:.2f}); "
+          f"matmul peak {peak / 1e9:.1f} GFLOP/s ({result['peak_matmul_dtype']})")
+    print(markdown_table(rows))
+    accum = {"k": k, "fb_s_k1": fb_s["k1"], f"fb_s_k{k}": fb_s[f"k{k}"],
+             "time_ratio (<=1.35)": result["accum_time_per_sample_ratio"]}
+    if mem:
+        accum.update({"act_MB_k1": result["act_mem_MB_k1"], f"act_MB_k{k}": result[f"act_mem_MB_k{k}"],
+                      "mem_ratio (<=0.4)": result["accum_act_mem_ratio"]})
+    print(markdown_table([accum]))
+    if "throughput_ratio" in result:
+        print(f"ours / open_clip throughput: {result['throughput_ratio']:.3f} (target >= 1.0 on CPU)")
+    return result
+
+
 if __name__ == "__main__":
     main(sys.argv[1:])

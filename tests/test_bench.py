@@ -1,0 +1,44 @@
+"""Smoke test of `bench.py train`: a tiny run must still produce every reported field (the bench must not rot).
+
+Speed itself is measured by `python bench.py train` (results in BENCHMARKS.md), never asserted here.
+"""
+import json
+import math
+
+import torch
+
+import bench
+
+TINY_TRAIN = ["train", "--model", "CLIP_VITT16_CLIP", "--image-size", "32", "--batch-size", "8",
+              "--transformer-layers", "1", "--vision-layers", "1", "--steps", "1", "--warmup", "1",
+              "--update-freq", "2", "--matmul-size", "128", "--no-memory"]
+
+
+def test_bench_train_reports_every_field(tmp_path):
+    out = tmp_path / "train.json"
+    result = bench.main(["--json", str(out)] + TINY_TRAIN)
+    for key in ("step_s_ours", "samples_per_s_ours", "train_GFLOP_per_sample_ours", "achieved_GFLOP_s_ours",
+                "MFU_ours", "params_M_ours", "step_s_open_clip", "samples_per_s_open_clip",
+                "train_GFLOP_per_sample_open_clip", "MFU_open_clip", "throughput_ratio", "peak_matmul_gflops",
+                "forward_backward_s_k1", "forward_backward_s_k2", "accum_time_per_sample_ratio",
+                "load_avg_1min_before", "machine"):
+        assert key in result, key
+    numbers = [v for v in result.values() if isinstance(v, float)]
+    assert numbers and all(math.isfinite(v) and v > 0 for v in numbers)
+    # the peer has our dimensions: same parameter count up to open_clip's bias-free patch conv
+    assert abs(result["params_M_ours"] - result["params_M_open_clip"]) < 0.01
+    assert math.isclose(result["samples_per_s_ours"], 8 / result["step_s_ours"])
+    assert json.loads(out.read_text())["model"] == "CLIP_VITT16_CLIP"
+
+
+def test_bench_train_memory_child(capsys):
+    """The per-configuration memory measurement (run in-process here to skip an interpreter start)."""
+    args = bench.argparse.ArgumentParser()
+    bench._add_train_args(args)
+    ns = args.parse_args(TINY_TRAIN[1:])
+    threads = torch.get_num_threads()
+    cfg = {"args": vars(ns), "impl": "ours", "k": 2, "device": "cpu", "threads": threads}
+    bench._memory_child(json.dumps(cfg))
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(line) == {"base_mb", "peak_mb", "act_mb"}
+    assert line["peak_mb"] >= line["base_mb"] > 0
