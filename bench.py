@@ -438,5 +438,193 @@ def bench_train(args: argparse.Namespace) -> dict:
     return result
 
 
+# --------------------------------------------------------------------------- data
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--images", type=int, default=96, help="images per store (1024x768 mosaics of real photographs)")
+    p.add_argument("--image-size", type=int, default=224, help="training crop size")
+    p.add_argument("--resize", type=int, default=256, help="short side of the pre-resized store (build_lmdb --resize)")
+    p.add_argument("--workers", default="0,1,2", help="DataLoader worker counts to measure")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median images/s is reported")
+    p.add_argument("--batch-size", type=int, default=8, help="DataLoader batch size")
+    p.add_argument("--data-dir", default=None, help="where to build the stores (default: a temporary folder)")
+
+
+def _bench_photos(n: int, seed: int = 0) -> list[bytes]:
+    """n distinct 1024x768 JPEGs (quality 90): 2x2 mosaics of random crops of real photographs at native
+    resolution (scikit-image and scikit-learn samples), so the entropy is that of real photos."""
+    import io as _io
+
+    import numpy as np
+    from PIL import Image
+    from skimage import data as skdata
+    from sklearn.datasets import load_sample_images
+
+    sources = [Image.fromarray(a) for a in load_sample_images().images]
+    sources += [Image.fromarray(getattr(skdata, k)()[..., :3]) for k in
+                ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "retina", "immunohistochemistry")]
+    rng = np.random.RandomState(seed)
+    out = []
+    for _ in range(n):
+        canvas = Image.new("RGB", (1024, 768))
+        for x, y in ((0, 0), (512, 0), (0, 384), (512, 384)):
+            src = sources[rng.randint(len(sources))]
+            w, h = min(512, src.width), min(384, src.height)
+            left, top = rng.randint(src.width - w + 1), rng.randint(src.height - h + 1)
+            tile = src.crop((left, top, left + w, top + h))
+            if rng.rand() < 0.5:
+                tile = tile.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            canvas.paste(tile.resize((512, 384), Image.Resampling.BICUBIC) if tile.size != (512, 384) else tile, (x, y))
+        buf = _io.BytesIO()
+        canvas.save(buf, format="JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+class _CnClipStyleReader(torch.utils.data.Dataset):
+    """What Chinese-CLIP's LMDBDataset does per sample (reference/chinese_clip.md §4.3): environments opened in
+    __init__, pairs unpickled, `imgs` value decoded utf-8 + urlsafe base64, PIL open (full decode), transform."""
+
+    def __init__(self, lmdb_dir: str, transform) -> None:
+        import os as _os
+
+        import lmdb
+
+        opts = dict(readonly=True, create=False, lock=False, readahead=False, meminit=False)
+        self.env_pairs = lmdb.open(_os.path.join(lmdb_dir, "pairs"), **opts)
+        self.env_imgs = lmdb.open(_os.path.join(lmdb_dir, "imgs"), **opts)
+        self.txn_pairs, self.txn_imgs = self.env_pairs.begin(buffers=True), self.env_imgs.begin(buffers=True)
+        self.n = int(self.txn_pairs.get(b"num_samples").tobytes().decode("utf-8"))
+        self.transform = transform
+
+    def close(self) -> None:
+        self.env_pairs.close()
+        self.env_imgs.close()
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        import base64
+        import io as _io
+        import pickle
+
+        from PIL import Image
+
+        image_id, _, _ = pickle.loads(self.txn_pairs.get(str(index % self.n).encode("utf-8")).tobytes())
+        b64 = self.txn_imgs.get(str(image_id).encode("utf-8")).tobytes().decode("utf-8", errors="ignore")
+        image = Image.open(_io.BytesIO(base64.urlsafe_b64decode(b64)))
+        return self.transform(image.convert("RGB"))
+
+
+class _OurReaderImages(torch.utils.data.Dataset):
+    """Our LmdbReader (lazy per-process env, draft decode) + the transform: the image half of ImageTextDataset."""
+
+    def __init__(self, reader, transform) -> None:
+        self.reader, self.transform = reader, transform
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.transform(self.reader.read(index)[0])
+
+
+def _images_per_s(dataset, workers: int, batch_size: int) -> float:
+    """Steady-state images/s of a DataLoader pass (timing starts after the first batch, so worker start-up and
+    the first decode are excluded)."""
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+    it = iter(loader)
+    next(it)
+    t0, n = time.perf_counter(), 0
+    for batch in it:
+        n += len(batch)
+    return n / (time.perf_counter() - t0)
+
+
+class _InMemoryImages(torch.utils.data.Dataset):
+    """The raw bound: the same decode (datasets.decode_image with draft) + transform over bytes in memory."""
+
+    def __init__(self, blobs: list[bytes], transform, draft: int | None) -> None:
+        self.blobs, self.transform, self.draft = blobs, transform, draft
+
+    def __len__(self) -> int:
+        return len(self.blobs)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        import datasets
+
+        return self.transform(datasets.decode_image(self.blobs[index], self.draft))
+
+
+@subcommand("data", _add_data_args)
+def bench_data(args: argparse.Namespace) -> dict:
+    """images/s of decode + training transform at 224: our LMDB reader (full-size and pre-resized JPEGs, 0/1/2
+    workers), the raw in-memory bound, and a Chinese-CLIP-style reader, interleaved over --rounds."""
+    import base64
+    import os
+    import statistics
+    import tempfile
+
+    import build_lmdb
+    import datasets
+
+    torch.set_num_threads(1)  # per-core numbers: one decode thread per process
+    workers = [int(w) for w in args.workers.split(",")]
+    tmp = tempfile.TemporaryDirectory() if args.data_dir is None else None
+    root = args.data_dir or tmp.name
+    photos = _bench_photos(args.images)
+    with open(os.path.join(root, "train_imgs.tsv"), "w") as f:
+        f.writelines(f"{i}\t{base64.b64encode(p).decode()}\n" for i, p in enumerate(photos))
+    with open(os.path.join(root, "train_texts.jsonl"), "w") as f:
+        f.writelines(json.dumps({"text_id": i, "text": "一张照片", "image_ids": [i]}) + "\n"
+                     for i in range(len(photos)))
+    stores = {"full": os.path.join(root, "full"), f"resized{args.resize}": os.path.join(root, "resized")}
+    build_lmdb.main(["--data-dir", root, "--splits", "train", "--lmdb-dir", stores["full"]])
+    build_lmdb.main(["--data-dir", root, "--splits", "train", "--lmdb-dir", stores[f"resized{args.resize}"],
+                     "--resize", str(args.resize)])
+    transform = datasets.train_transform(args.image_size, 0.5)
+    draft = datasets.draft_size(args.image_size, 0.5)
+    runs: dict[tuple[str, str, int], list[float]] = {}
+    for _ in range(args.rounds):
+        for store, folder in stores.items():
+            reader = datasets.LmdbReader([os.path.join(folder, "train")], name=store)
+            reader.draft = draft
+            blobs = [reader.image_bytes(i) for i in range(len(reader))]
+            runs.setdefault((store, "raw bound (bytes in memory)", 0), []).append(
+                _images_per_s(_InMemoryImages(blobs, transform, draft), 0, args.batch_size))
+            for w in workers:
+                ours = _OurReaderImages(reader, transform)
+                runs.setdefault((store, "ours: LmdbReader + draft", w), []).append(
+                    _images_per_s(ours, w, args.batch_size))
+                datasets.close_lmdb()  # py-lmdb opens an environment once per process
+                peer = _CnClipStyleReader(os.path.join(folder, "train"), transform)
+                runs.setdefault((store, "Chinese-CLIP-style reader", w), []).append(
+                    _images_per_s(peer, w, args.batch_size))
+                peer.close()
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    rows = [{"store": s, "reader": r, "workers": w, "images/s": v, "images/s per worker": v / max(w, 1)}
+            for (s, r, w), v in med.items()]
+    print(markdown_table(rows))
+    small, ours, raw, peer = f"resized{args.resize}", "ours: LmdbReader + draft", "raw bound (bytes in memory)", \
+        "Chinese-CLIP-style reader"
+    ratios = {"ours / raw bound (full, 0 workers)": med[("full", ours, 0)] / med[("full", raw, 0)],
+              f"ours / raw bound ({small}, 0 workers)": med[(small, ours, 0)] / med[(small, raw, 0)],
+              "ours / Chinese-CLIP-style (full 1024x768, 0 workers)": med[("full", ours, 0)] / med[("full", peer, 0)],
+              f"ours / Chinese-CLIP-style ({small}, 0 workers)": med[(small, ours, 0)] / med[(small, peer, 0)],
+              f"ours {small} / ours full (0 workers)": med[(small, ours, 0)] / med[("full", ours, 0)]}
+    targets = {"ours / raw bound (full, 0 workers)": 0.9, f"ours / raw bound ({small}, 0 workers)": 0.9,
+               "ours / Chinese-CLIP-style (full 1024x768, 0 workers)": 2.5,
+               f"ours / Chinese-CLIP-style ({small}, 0 workers)": 1.0, f"ours {small} / ours full (0 workers)": 2.0}
+    print()
+    print(markdown_table([{"ratio": k, "measured": v, "target": f">= {targets[k]}", "met": v >= targets[k]}
+                          for k, v in ratios.items()]))
+    if tmp is not None:
+        tmp.cleanup()
+    return {"rows": rows, "ratios": ratios, "images": args.images, "rounds": args.rounds,
+            "load_average": os.getloadavg()}
+
+
 if __name__ == "__main__":
     main(sys.argv[1:])

@@ -238,6 +238,20 @@ def draft_size(image_size: int, min_scale: float, min_ratio: float = 3 / 4) -> i
     return math.ceil(image_size / math.sqrt(min_scale * min_ratio))
 
 
+def draft_for(*transforms) -> int | None:
+    """The JPEG draft size that keeps the crops of every given view pipeline at full resolution: the largest
+    `draft_size` over their RandomResizedCrop-like first geometric op (torchvision's or timm's: `size`,
+    `scale`, `ratio`); None (full decode) when a pipeline starts with anything else."""
+    needs = []
+    for tf in transforms:
+        crop = next((op for op in getattr(tf, "transforms", [tf]) if hasattr(op, "size")), None)
+        if crop is None or not (hasattr(crop, "scale") and hasattr(crop, "ratio")):
+            return None
+        size = crop.size if isinstance(crop.size, int) else max(crop.size)
+        needs.append(draft_size(size, crop.scale[0], min(crop.ratio[0], 1 / crop.ratio[1])))
+    return max(needs) if needs else None
+
+
 def _per_process(obj, attr: str, opener):
     """`opener()` cached on `obj.attr` for the current process only: a handle opened before a fork
     (DataLoader workers) is never used in the child, which opens its own."""
@@ -425,6 +439,15 @@ def open_lmdb(path: str) -> tuple[lmdb.Environment, lmdb.Transaction]:
     return env, _LMDB_ENVS[key][2]
 
 
+def close_lmdb(path: str | None = None) -> None:
+    """Close this process's cached environments (every one, or that of `path`), e.g. before another
+    program opens the same LMDB in this process."""
+    for key in [os.path.realpath(path)] if path else list(_LMDB_ENVS):
+        cached = _LMDB_ENVS.pop(key, None)
+        if cached is not None and cached[0] == os.getpid():
+            cached[1].close()
+
+
 def lmdb_get_once(path: str, key: bytes) -> bytes | None:
     """One value, without leaving the environment open in this process unless it already was."""
     cached = _LMDB_ENVS.get(os.path.realpath(path))
@@ -464,7 +487,9 @@ class LmdbReader(_LazyHandles):
         return self.offsets[-1]
 
     def _txn(self, shard: int, sub: str) -> lmdb.Transaction:
-        return open_lmdb(os.path.join(self.folders[shard], sub))[1]
+        txns = _per_process(self, "_h_txns", lambda: [{s: open_lmdb(os.path.join(f, s))[1] for s in ("imgs", "pairs")}
+                                                      for f in self.folders])
+        return txns[shard][sub]
 
     def locate(self, index: int) -> tuple[int, int]:
         """Global sample index -> (shard, index inside the shard)."""

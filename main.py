@@ -692,8 +692,9 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
     reader = datasets.build_reader(args.dataset, "train", data_root=args.data_root)
     if args.val_dataset:  # a missing validation set fails now, not after an epoch
         datasets.build_reader(args.val_dataset or args.dataset, "test", data_root=args.data_root)
-    reader.draft = datasets.draft_size(image_size, args.weak_min_scale)  # JPEG decode at reduced size when allowed
     dataset = build_train_dataset(spec, args, reader, image_size, tokenizer)
+    # JPEGs decoded at reduced size when every view's crop allows it (None with 0.08-scale strong views at 1024 px)
+    reader.draft = datasets.draft_for(dataset.transform, *getattr(dataset, "strong_transforms", []))
     sampler = datasets.ResumableSampler(len(dataset), args.batch_size, env.rank, env.world_size, args.seed)
     # own generator: creating an iterator must not draw from the global RNG (its state is checkpointed, and a
     # resumed run creates one more iterator than the run it continues, which would shift every dropout mask)

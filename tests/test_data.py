@@ -108,6 +108,17 @@ def test_sharded_lmdb_concatenates_folders(tmp_path, photo):
     np.testing.assert_array_equal(np.asarray(reader.read(2)[0]), pixels(jpeg(photo, 2)))
     with pytest.raises(IndexError):
         reader.read(3)
+    # an LMDB that is not in the Chinese-CLIP layout fails at start with what is wrong
+    shutil.rmtree(tmp_path / "b" / "train" / "imgs")
+    with pytest.raises(datasets.DatasetError, match=r"'sh': .*b/train/imgs/data.mdb not found; build the LMDB"):
+        datasets.build_reader("sh", "train", catalog, data_root=str(tmp_path))
+    os.makedirs(tmp_path / "c")
+    env = lmdb.open(str(tmp_path / "c" / "imgs"), map_size=1 << 20)
+    env.close()
+    env = lmdb.open(str(tmp_path / "c" / "pairs"), map_size=1 << 20)
+    env.close()
+    with pytest.raises(datasets.DatasetError, match=r"c/pairs has no 'num_samples' key: not a Chinese-CLIP LMDB"):
+        datasets.LmdbReader([str(tmp_path / "c")])
 
 
 def test_restricted_unpickler_refuses_code(tmp_path, photo):
@@ -382,6 +393,11 @@ def test_draft_decode_keeps_every_crop_at_full_resolution(photo):
     square = Image.new("RGB", (need, need))
     sizes = [crop.get_params(img, crop.scale, crop.ratio)[2:] for img in (drafted, square) for _ in range(2000)]
     assert min(min(h, w) for h, w in sizes) >= 224
+    # the draft of a dataset is the largest need over its views; anything but a leading random crop: full decode
+    assert datasets.draft_for(datasets.train_transform(224, 0.5)) == need == 366
+    strong = T.Compose([T.RandomResizedCrop(224, scale=(0.08, 1.0)), T.ToTensor()])
+    assert datasets.draft_for(datasets.train_transform(224, 0.5), strong) == datasets.draft_size(224, 0.08) > 900
+    assert datasets.draft_for(datasets.val_transform(224)) is None
 
 
 # --------------------------------------------------------------------------- sampler and resume
@@ -485,6 +501,7 @@ def test_caption_sampling_single_and_multi():
 
 
 # --------------------------------------------------------------------------- muge-sample
+@pytest.mark.slow  # the default RBT3 text tower: ~10 s on 2 idle cores
 def test_muge_sample_trains_with_chinese_clip(muge_sample_root, tmp_path):
     folder = os.path.join(muge_sample_root, "muge-sample")
     for split in ("train", "valid", "test"):
