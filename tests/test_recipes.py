@@ -402,12 +402,14 @@ def test_every_objective_trains_two_steps(name, extra):
         assert any(n.startswith("target.") for n in moved)
 
 
+@pytest.mark.slow
 def test_main_end_to_end_cl2l_reports_z_h_and_blends(tmp_path):
     out = str(tmp_path / "experiments")
     flags = ["--model", "CL2L_VITT16_CL2L", "--dataset", "digits", "--image-size", "32", "--batch-size", "8",
-             "--epochs", "1", "--workers", "0", "--transformer-layers", "1", "--text-width", "64", "--text-heads", "2",
-             "--print-freq", "1", "--lr", "1e-3", "--output-dir", out, "--name", "cl2l", "--separate-proj", "--cl2l-hidden-dim", "32", "--text-augment",
-             "--synonym-replacement-prob", "0", "--label-smoothing", "0.1", "--update-freq", "2", "--max-steps", "2"]
+             "--epochs", "1", "--workers", "0", "--transformer-layers", "1", "--text-width", "64",
+             "--text-heads", "2", "--print-freq", "1", "--lr", "1e-3", "--output-dir", out, "--name", "cl2l",
+             "--separate-proj", "--cl2l-hidden-dim", "32", "--text-augment", "--synonym-replacement-prob", "0",
+             "--label-smoothing", "0.1", "--update-freq", "2", "--max-steps", "2"]
     summary = main.main(flags)
     assert summary["step"] == 2
     evaluated = main.main(flags + ["--evaluate"])
