@@ -626,5 +626,151 @@ def bench_data(args: argparse.Namespace) -> dict:
             "load_average": os.getloadavg()}
 
 
+# --------------------------------------------------------------------------- retrieval (issue 4)
+def _add_retrieval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--images", type=int, default=30588, help="gallery size (MUGE validation: 30,588)")
+    p.add_argument("--queries", type=int, default=5008, help="text queries (MUGE validation: 5,008)")
+    p.add_argument("--dim", type=int, default=512, help="feature dimension")
+    p.add_argument("--gt-per-query", type=int, default=6, help="ground-truth images per query (MUGE: ~6)")
+    p.add_argument("--skip-reference", action="store_true", help="do not run the Chinese-CLIP pipeline (~3-4 min)")
+    p.add_argument("--extract-batches", type=int, default=3, help="VITB16 batches of 32 for the extract throughput")
+    p.add_argument("--workdir", default=None, help="keep the feature/prediction files here (default: a temp dir)")
+
+
+_CUDA_SHIM = ("import runpy, sys, torch; torch.Tensor.cuda = lambda self, *a, **k: self; "
+              "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
+def _timed_process(cmd: list[str]) -> float:
+    """Wall seconds of a whole child process (imports included); raises with its output on failure."""
+    import subprocess
+
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:4])}... failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    return time.perf_counter() - t0
+
+
+@subcommand("retrieval", _add_retrieval_args)
+def bench_retrieval(args: argparse.Namespace) -> dict:
+    """MUGE-validation-scale text->image top-10 + scoring: ours (eval_retrieval.py topk/score, .npy features)
+    vs Chinese-CLIP's make_topk_predictions.py + evaluation.py (jsonl features), as whole processes; plus
+    the bare matmul+top-k floor and VITB16 extract throughput."""
+    import importlib.util
+    import os
+    import tempfile
+
+    import numpy as np
+
+    import eval_retrieval
+    import models
+
+    tmp = None if args.workdir else tempfile.TemporaryDirectory()
+    work = args.workdir or tmp.name
+    os.makedirs(work, exist_ok=True)
+    rng = np.random.RandomState(0)
+    img = rng.randn(args.images, args.dim).astype(np.float32)
+    img /= np.linalg.norm(img, axis=1, keepdims=True)
+    txt = rng.randn(args.queries, args.dim).astype(np.float32)
+    txt /= np.linalg.norm(txt, axis=1, keepdims=True)
+    img_ids = rng.permutation(np.arange(100000, 100000 + 4 * args.images))[:args.images].astype(np.int64)
+    txt_ids = np.arange(args.queries, dtype=np.int64) + 1
+    paths = {k: os.path.join(work, k) for k in ("img.npy", "txt.npy", "gt.jsonl", "ours.jsonl", "ours.json",
+                                                   "ref.jsonl", "ref.json", "img.jsonl", "txt.jsonl")}
+    t0 = time.perf_counter()
+    eval_retrieval.save_features(paths["img.npy"], img_ids, img, "image_id")
+    eval_retrieval.save_features(paths["txt.npy"], txt_ids, txt, "text_id")
+    with open(paths["gt.jsonl"], "w", encoding="utf-8") as f:
+        for t in txt_ids.tolist():
+            gt = rng.choice(img_ids, args.gt_per_query, replace=False).tolist()
+            f.write(json.dumps({"text_id": t, "text": f"query {t}", "image_ids": gt}) + "\n")
+    print(f"wrote features and ground truth in {time.perf_counter() - t0:.1f} s to {work}")
+
+    py = sys.executable
+    here = os.path.dirname(os.path.abspath(__file__))
+    script = os.path.join(here, "eval_retrieval.py")
+    rows = []
+    ours_topk = _timed_process([py, script, "topk", "--image-feats", paths["img.npy"], "--text-feats",
+                                paths["txt.npy"], "--output", paths["ours.jsonl"]])
+    ours_score = _timed_process([py, script, "score", paths["gt.jsonl"], paths["ours.jsonl"], paths["ours.json"],
+                                 "--strict"])
+    rows.append({"pipeline": "ours: topk (.npy) + score", "topk_s": ours_topk, "score_s": ours_score,
+                 "total_s": ours_topk + ours_score})
+    ours_jsonl = _timed_process([py, script, "topk", "--image-feats", paths["img.jsonl"], "--text-feats",
+                                 paths["txt.jsonl"], "--output", os.path.join(work, "ours_from_jsonl.jsonl")])
+    rows.append({"pipeline": "ours: topk (their jsonl features) + score", "topk_s": ours_jsonl,
+                 "score_s": ours_score, "total_s": ours_jsonl + ours_score})
+    floor_code = ("import sys, numpy as np, torch; q = torch.from_numpy(np.load(sys.argv[1])); "
+                  "g = torch.from_numpy(np.load(sys.argv[2])); (q @ g.t()).topk(10, dim=1)")
+    floor_process = _timed_process([py, "-c", floor_code, paths["txt.npy"], paths["img.npy"]])
+    rows.append({"pipeline": "bare process: import torch, load, matmul, topk", "topk_s": floor_process,
+                 "score_s": 0.0, "total_s": floor_process})
+
+    # in-process compute: our chunked, tie-stable top-k vs one matmul + topk
+    q, g = torch.from_numpy(txt), torch.from_numpy(img)
+    compute = {"ours": [], "floor": []}
+    for _ in range(3):
+        t0 = time.perf_counter()
+        eval_retrieval.topk_indices(q, g, 10)
+        compute["ours"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        (q @ g.t()).topk(10, dim=1)
+        compute["floor"].append(time.perf_counter() - t0)
+    ours_c, floor_c = min(compute["ours"]), min(compute["floor"])
+
+    ref = None
+    if not args.skip_reference:
+        spec = importlib.util.find_spec("cn_clip")
+        if spec is None:
+            raise SystemExit("bench retrieval: the reference needs `pip install --no-deps cn_clip==1.6.0` "
+                             "(setup.sh does it), or pass --skip-reference")
+        cn_eval = os.path.join(os.path.dirname(spec.origin), "eval")
+        # their script calls .cuda(); on a CPU machine the shim makes it a no-op, the script is otherwise as is
+        ref_topk = _timed_process([py, "-c", _CUDA_SHIM, os.path.join(cn_eval, "make_topk_predictions.py"),
+                                   "--image-feats", paths["img.jsonl"], "--text-feats", paths["txt.jsonl"],
+                                   "--top-k", "10", "--eval-batch-size", "32768", "--output", paths["ref.jsonl"]])
+        ref_score = _timed_process([py, os.path.join(cn_eval, "evaluation.py"), paths["gt.jsonl"],
+                                    paths["ref.jsonl"], paths["ref.json"]])
+        rows.append({"pipeline": "Chinese-CLIP: make_topk_predictions + evaluation", "topk_s": ref_topk,
+                     "score_s": ref_score, "total_s": ref_topk + ref_score})
+        with open(paths["ours.jsonl"]) as a, open(paths["ref.jsonl"]) as b:
+            same = sum(x == y for x, y in zip(a, b))
+        with open(paths["ours.json"]) as a, open(paths["ref.json"]) as b:
+            ref = {"identical_prediction_lines": same, "queries": args.queries,
+                   "same_score_json": json.load(a) == json.load(b)}
+    print(markdown_table(rows))
+    print()
+    summary = [{"measure": "in-process top-k compute: ours (chunked, stable ties) s", "value": ours_c},
+               {"measure": "in-process floor: one matmul + topk s", "value": floor_c},
+               {"measure": "ours / floor (target <= 1.5)", "value": ours_c / floor_c}]
+    if ref is not None:
+        summary += [{"measure": "end to end speed-up vs Chinese-CLIP (target >= 30)",
+                     "value": rows[-1]["total_s"] / rows[0]["total_s"]},
+                    {"measure": f"prediction lines identical to theirs (of {args.queries})",
+                     "value": ref["identical_prediction_lines"]},
+                    {"measure": "score JSON identical", "value": str(ref["same_score_json"])}]
+
+    # extract throughput, VITB16 (random weights), squash-transformed 224 px batches of 32
+    model = models.build_model(models.parse_model_name("CLIP_VITB16_CLIP")).eval()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    pixels = torch.randn(32, 3, 224, 224, device=device)
+    with torch.no_grad():
+        model.encode_image(pixels[:4])
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(args.extract_batches):
+            model.encode_image(pixels)
+        _sync(device)
+    rate = 32 * args.extract_batches / (time.perf_counter() - t0)
+    summary.append({"measure": f"VITB16 image feature extraction, fp32, {device.type}, batch 32 (images/s)",
+                    "value": rate})
+    print(markdown_table(summary))
+    if tmp is not None:
+        tmp.cleanup()
+    return {"rows": rows, "summary": summary, "load_average": os.getloadavg()}
+
+
 if __name__ == "__main__":
     main(sys.argv[1:])

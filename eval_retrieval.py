@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import functools
 import io
 import json
 import logging
@@ -29,14 +30,29 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
+
+if TYPE_CHECKING:  # torch is imported inside the functions that need it: `score`/`ir2tr` start in ~0.1 s
+    import torch
 
 log = logging.getLogger("clip_lab")
 
 KS = (1, 5, 10)
+
+
+def _no_grad(fn):
+    """torch.no_grad() as a decorator that imports torch only when the function runs."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        import torch
+
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 # --------------------------------------------------------------------------- metrics on tensors
@@ -45,12 +61,14 @@ def recall_at_k(sim: torch.Tensor, positives: torch.Tensor, ks: tuple[int, ...] 
 
     Ties are broken by gallery order (a stable sort), like Chinese-CLIP's top-k scripts.
     """
+    import torch
+
     order = torch.sort(sim, dim=1, descending=True, stable=True).indices  # (Q, G)
     hits = torch.gather(positives, 1, order)  # (Q, G) ground truth in ranked order
     return {f"R@{k}": float(hits[:, :k].any(dim=1).float().mean() * 100) for k in ks}
 
 
-@torch.no_grad()
+@_no_grad
 def caption_retrieval(model, tokenizer, images: torch.Tensor, captions: list[list[str]],
                       device: torch.device, batch_size: int = 256) -> dict[str, float]:
     """Image<->text recall over the whole pool, where image i has the caption strings captions[i].
@@ -59,6 +77,9 @@ def caption_retrieval(model, tokenizer, images: torch.Tensor, captions: list[lis
     captions, a caption's ground truth all images it describes. images: (N, 3, H, W). This is the
     real retrieval recall over every image and text of the split, not an in-batch accuracy.
     """
+    import torch
+    import torch.nn.functional as F
+
     texts = sorted({c for caps in captions for c in caps})
     text_index = {t: i for i, t in enumerate(texts)}
     positives = torch.zeros(len(captions), len(texts), dtype=torch.bool)  # (N, T)
@@ -83,7 +104,7 @@ def reader_pairs(reader) -> list[tuple[int, int, str]] | None:
     return None
 
 
-@torch.no_grad()
+@_no_grad
 def pool_retrieval(model, tokenizer, reader, pairs: list[tuple[int, int, str]], transform, device: torch.device,
                    batch_size: int = 256) -> dict[str, float]:
     """Retrieval recall over the whole validation pool of a pair dataset (MUGE / Chinese-CLIP layout).
@@ -92,6 +113,9 @@ def pool_retrieval(model, tokenizer, reader, pairs: list[tuple[int, int, str]], 
     not a batch): text->image is what the MUGE scorer measures, image->text its `--tr` variant. Images
     are encoded in batches, so memory stays bounded for a 30k-image pool.
     """
+    import torch
+    import torch.nn.functional as F
+
     first_pair: dict[int, int] = {}
     texts: dict[int, str] = {}
     for index, (image_id, text_id, text) in enumerate(pairs):
@@ -128,6 +152,8 @@ def topk_indices(queries: torch.Tensor, gallery: torch.Tensor, k: int = 10,
     make_topk_predictions does. Queries are processed in chunks so the (chunk, G) score matrix stays
     under `max_chunk_bytes`; only rows with a tie at the k-th score pay for a full stable sort.
     """
+    import torch
+
     Q, G = queries.shape[0], gallery.shape[0]
     k = min(k, G)
     chunk = max(1, min(Q, max_chunk_bytes // (4 * max(G, 1))))
@@ -135,15 +161,15 @@ def topk_indices(queries: torch.Tensor, gallery: torch.Tensor, k: int = 10,
     gallery_t = gallery.t().contiguous()  # (D, G)
     for start in range(0, Q, chunk):
         scores = queries[start:start + chunk] @ gallery_t  # (C, G)
-        values, idx = scores.topk(k, dim=1)  # (C, k), order among equal values unspecified
+        extra = int(k < G)
+        values, idx = scores.topk(k + extra, dim=1)  # (C, k+1), order among equal values unspecified
+        # a row whose (k+1)-th score equals its k-th has a tie across the cut: resolved by a full stable sort
+        crowded = (values[:, k - 1] == values[:, k]).nonzero().flatten().tolist() if extra else []
+        values, idx = values[:, :k], idx[:, :k]
         # reorder inside the top-k: index ascending, then a stable sort by score descending
         idx, perm = idx.sort(dim=1)
         values = values.gather(1, perm)
-        order = values.sort(dim=1, descending=True, stable=True).indices
-        idx = idx.gather(1, order)
-        # rows whose k-th score ties with entries left outside the top-k: take the lowest indices
-        boundary = values.gather(1, order)[:, -1:]  # (C, 1)
-        crowded = ((scores >= boundary).sum(dim=1) > k).nonzero().flatten().tolist()
+        idx = idx.gather(1, values.sort(dim=1, descending=True, stable=True).indices)
         for row in crowded:
             idx[row] = torch.sort(scores[row], descending=True, stable=True).indices[:k]
         out[start:start + chunk] = idx
@@ -202,6 +228,8 @@ def write_predictions(path: str, query_ids: np.ndarray, gallery_ids: np.ndarray,
 
 def make_topk(image_feats: str, text_feats: str, output: str, top_k: int = 10, tr: bool = False) -> dict:
     """Load both feature files, rank, write the prediction jsonl; returns timings in seconds."""
+    import torch
+
     t0 = time.perf_counter()
     image_ids, images = load_features(image_feats)
     text_ids, texts = load_features(text_feats)
@@ -330,14 +358,18 @@ def read_submission(path: str, reference: dict, keys: Keys, k: int = 10,
 
 
 def compute_recalls(reference: dict, predictions: dict, ks: tuple[int, ...] = KS) -> dict[str, float]:
-    """MUGE metric: R@K = fraction of ground-truth queries with any gt id in the top K (x100), and MR."""
+    """MUGE metric: R@K = fraction of ground-truth queries with any gt id in the top K, MR = mean of R@1/5/10.
+
+    Returned x100 with the reference's exact float operations (fraction, mean, then x100), so the JSON is
+    bit-identical to the MUGE/Chinese-CLIP evaluator's."""
     hits = dict.fromkeys(ks, 0)
     for qid, gt in reference.items():
         pred = predictions[qid]
         for k in ks:
             hits[k] += any(g in pred[:k] for g in set(gt))
-    r = {f"r{k}": hits[k] / len(reference) * 100 for k in ks}
-    return {"mean_recall": sum(r.values()) / len(ks), **r}
+    r = {k: hits[k] * 1.0 / len(reference) for k in ks}
+    mean_recall = sum(r[k] for k in ks) / float(len(ks))
+    return {"mean_recall": mean_recall * 100, **{f"r{k}": r[k] * 100 for k in ks}}
 
 
 def load_gallery_ids(path: str) -> set[int]:
@@ -430,10 +462,12 @@ def _progress(iterable, desc: str, total: int | None = None):
     return tqdm(iterable, desc=desc, total=total, disable=not sys.stderr.isatty(), mininterval=5)
 
 
-@torch.no_grad()
+@_no_grad
 def extract_image_features(model, path: str, image_size: int, device: torch.device, batch_size: int = 64,
                            head: str = "z") -> tuple[np.ndarray, np.ndarray]:
     """(ids (N,), L2-normalised features (N, D)) of every image of an LMDB imgs folder or tsv."""
+    import torch
+    import torch.nn.functional as F
     from PIL import Image
 
     transform = squash_transform(image_size)
@@ -458,10 +492,12 @@ def extract_image_features(model, path: str, image_size: int, device: torch.devi
     return np.asarray(ids, dtype=np.int64), np.concatenate(feats)
 
 
-@torch.no_grad()
+@_no_grad
 def extract_text_features(model, tokenizer, path: str, device: torch.device, batch_size: int = 64,
                           head: str = "z") -> tuple[np.ndarray, np.ndarray]:
     """(ids (N,), L2-normalised features (N, D)) of every `{"text_id", "text"}` line of a jsonl."""
+    import torch.nn.functional as F
+
     ids, texts = [], []
     for lineno, obj, line in iter_jsonl(path, "text"):
         key = "text_id" if obj and "text_id" in obj else "query_id"

@@ -240,6 +240,11 @@ def test_extract_topk_score_end_to_end_on_muge_sample(tmp_path, muge_sample_root
     i2t = summary["image_to_text"]["scoreJson"]
     expect = eval_retrieval.recall_at_k(sim.t(), positives.t())
     assert (i2t["r1"], i2t["r5"], i2t["r10"]) == pytest.approx((expect["R@1"], expect["R@5"], expect["R@10"]))
+    # Chinese-CLIP's evaluation.py on the same files writes the identical JSON (non-round fractions)
+    ref_out = tmp_path / "ref.json"
+    subprocess.run([sys.executable, cn_clip_script("evaluation.py"), os.path.join(data, "valid_texts.jsonl"),
+                    str(out / "valid_predictions.jsonl"), str(ref_out)], capture_output=True, check=True)
+    assert json.loads(ref_out.read_text()) == summary["text_to_image"]
     # features equal the model's own, through the Chinese-CLIP squash transform of the LMDB images
     first = next(eval_retrieval.iter_image_records(os.path.join(data, "lmdb", "valid", "imgs")))
     from io import BytesIO

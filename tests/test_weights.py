@@ -216,3 +216,41 @@ def test_position_embeddings_resized_for_another_resolution(tmp_path):
     old = ref.visual.positional_embedding[1:].reshape(2, 2, 192)
     # align_corners=True keeps the corner tokens exactly
     assert torch.allclose(grid[0, 0], old[0, 0], atol=1e-6) and torch.allclose(grid[3, 3], old[1, 1], atol=1e-6)
+
+
+@pytest.mark.slow
+def test_finetune_recipe_from_cnclip_checkpoint(tmp_path, muge_sample_root):
+    """main.py --pretrained <Chinese-CLIP .pt> --freeze-vision --use-augment on the MUGE-format sample: the image
+    tower keeps the released weights, the text tower trains, and --evaluate reports recall over the pool."""
+    import argparse
+
+    import timm.data.auto_augment
+
+    import eval_retrieval
+    import main
+
+    ref = cn_clip_model(12, 192, 16, 32)
+    path = tmp_path / "clip_cn_tiny.pt"
+    torch.save({"epoch": 0, "step": 0, "name": "tiny", "state_dict": {"module." + k: v for k, v in
+                                                                     ref.state_dict().items()}}, path)
+    flags = ["--model", "CNCLIP_VITT16_CLIP", "--text-model", "BERT-tiny-chinese", "--embed-dim", "32",
+             "--image-size", "32", "--dataset", "muge-sample", "--data-root", muge_sample_root, "--pretrained",
+             str(path), "--freeze-vision", "--use-augment", "--lr", "5e-5", "--wd", "0.001", "--warmup-steps", "1",
+             "--batch-size", "8", "--workers", "0", "--epochs", "1", "--output-dir", str(tmp_path / "exp")]
+    main.main(flags + ["--name", "ft", "--max-steps", "2"])
+    state = torch.load(tmp_path / "exp" / "ft" / "checkpoint.pt", weights_only=True)["model"]
+    released = weights.cnclip_to_ours(torch.load(path, weights_only=True)["state_dict"])
+    vision = [k for k in released if k.startswith(("visual.", "image_projection."))]
+    assert vision and all(torch.equal(state[k], released[k]) for k in vision)
+    text = [k for k in released if k.startswith("text.bert.encoder")]
+    assert any(not torch.equal(state[k], released[k]) for k in text)
+    args = main.parse_args(flags)
+    dataset = main.build_train_dataset(models.parse_model_name(args.model), args, main.datasets.SyntheticReader(4),
+                                       32, main.datasets.build_tokenizer("bert", 52))
+    assert any(isinstance(t, timm.data.auto_augment.AutoAugment) for t in dataset.transform.transforms)
+    assert isinstance(args, argparse.Namespace) and args.warmup_steps == 1
+    summary = main.main(flags + ["--name", "eval", "--evaluate"])
+    reader = main.datasets.build_reader("muge-sample", "test", data_root=muge_sample_root)
+    pairs = eval_retrieval.reader_pairs(reader)
+    assert summary["pool_images"] == len({p[0] for p in pairs}) and summary["pool_texts"] == len({p[1] for p in pairs})
+    assert 0 <= summary["text_to_image_R@1"] <= summary["text_to_image_R@10"] <= 100
