@@ -465,10 +465,16 @@ def kwargs_from_config(config: dict, spec: models.ModelSpec) -> dict:
             image_size = datasets.catalog_entry(config.get("dataset", "")).get("image_size")
         except datasets.DatasetError:
             image_size = None
-    return dict(image_size=image_size or spec.backbone.image_size, embed_dim=config.get("embed_dim"),
-                text_model=config.get("text_model"), text_width=config.get("text_width"),
-                text_heads=config.get("text_heads"), text_layers=config.get("transformer_layers"),
-                context_length=config.get("context_length"))
+    kwargs = dict(image_size=image_size or spec.backbone.image_size, embed_dim=config.get("embed_dim"),
+                  text_model=config.get("text_model"), text_width=config.get("text_width"),
+                  text_heads=config.get("text_heads"), text_layers=config.get("transformer_layers"),
+                  context_length=config.get("context_length"))
+    if hasattr(models, "RecipeOptions"):  # CL2L-family options: their fields are main.py's flag names
+        import dataclasses
+
+        fields = {f.name for f in dataclasses.fields(models.RecipeOptions)}
+        kwargs["recipe"] = models.RecipeOptions(**{k: v for k, v in config.items() if k in fields and v is not None})
+    return kwargs
 
 
 def _device(device: str) -> torch.device:

@@ -318,3 +318,21 @@ def test_eval_zeroshot_cli_on_digits_from_a_two_step_run(tmp_path):
         "digits-zh"
     with pytest.raises(SystemExit, match="unknown dataset"):
         eval_zeroshot.main(["--resume", ckpt, "--datasets", "nope"])
+
+
+def test_eval_model_rebuilt_from_stored_args_with_recipe_options(tmp_path):
+    """A CL2L checkpoint with non-default projector options is rebuilt from its args and loads strictly."""
+    name = "CL2L_VITT16_CL2L"
+    recipe = models.RecipeOptions(clip_proj_type="mlp", clip_hidden_dim=48, cl2l_hidden_dim=40)
+    model = models.build_model(models.parse_model_name(name), image_size=32, embed_dim=16, text_layers=1,
+                               recipe=recipe)
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"model": model.state_dict(), "args": {"model": name, "image_size": 32, "embed_dim": 16,
+                                                      "transformer_layers": 1, "clip_proj_type": "mlp",
+                                                      "clip_hidden_dim": 48, "cl2l_hidden_dim": 40}}, path)
+    rebuilt, spec, info = weights.load_model_for_eval(resume=str(path), device="cpu")
+    assert set(rebuilt.embedding_heads) == {"z", "h"} and info["image_size"] == 32
+    with pytest.raises(weights.WeightsError, match="missing keys"):
+        torch.save({"model": model.state_dict(), "args": {"model": name, "image_size": 32, "embed_dim": 16,
+                                                          "transformer_layers": 1}}, path)
+        weights.load_model_for_eval(resume=str(path), device="cpu")
