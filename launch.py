@@ -223,23 +223,23 @@ def run(repo: str, commit: str, dirty: bool, script: str, argv: list[str], cwd: 
             _write_text(os.path.join(e["exp_dir"], "commit.txt"), commit_id + "\n")
             if not os.path.exists(os.path.join(e["exp_dir"], "command.txt")):
                 _write_text(os.path.join(e["exp_dir"], "command.txt"), e["command"] + "\n")
+        os.environ["CLIP_LAB_COMMIT"] = commit_id
+        job_ids: list[str | None] = []
+        if script == "main.py":
+            for e in exps:
+                code = os.path.join(e["exp_dir"], "code")
+                rc = subprocess.run([sys.executable, "main.py", *e["argv"]], cwd=code).returncode
+                if rc:
+                    raise SystemExit(f"main.py failed (exit {rc}) for {e['exp_dir']}")
+                job_ids.append(None)
+        else:
+            os.chdir(os.path.join(exps[0]["exp_dir"], "code"))  # the job's cwd: `python -m submitit...` imports here
+            try:
+                job_ids = [j["job_id"] for j in rws.launch([e["argv"] for e in exps])]
+            finally:
+                os.chdir(cwd)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    os.environ["CLIP_LAB_COMMIT"] = commit_id
-    first_code = os.path.join(exps[0]["exp_dir"], "code")
-    job_ids: list[str | None]
-    if script == "main.py":
-        job_ids = []
-        for e in exps:
-            code = os.path.join(e["exp_dir"], "code")
-            rc = subprocess.run([sys.executable, "main.py", *e["argv"]], cwd=code).returncode
-            if rc:
-                raise SystemExit(f"main.py failed (exit {rc}) for {e['exp_dir']}")
-            job_ids.append(None)
-    else:
-        os.chdir(first_code)  # the job's working directory: `python -m submitit.core._submit` imports from here
-        job_ids = [j["job_id"] for j in rws.launch([e["argv"] for e in exps])]
-        os.chdir(cwd)
     entries = []
     with open(os.path.join(root, "ledger.jsonl"), "a", encoding="utf-8") as f:
         for e, jid in zip(exps, job_ids):
