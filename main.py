@@ -486,8 +486,10 @@ def forward_backward(model, criterion, micro_batches, args, device, scaler) -> d
     `exact` (Cui et al. 2021, ZeroVL; Pham et al. 2021, BASIC): a no-grad pass caches every
     micro-batch's per-sample outputs; then micro-batch j is recomputed with grad (same RNG state)
     and the loss is taken over the whole k*B batch with the cached outputs of the others, so the
-    summed gradient equals the gradient of one k*B batch. Scalar outputs (the temperature) keep
-    their graph only at j = 0 so their gradient is counted once. DDP syncs only on the last j.
+    summed gradient equals the gradient of one k*B batch. The last micro-batch's grad forward is the
+    end of the caching pass (its graph is kept and it goes first), so it is not recomputed. Scalar
+    outputs (the temperature) keep their graph only in the first backward so their gradient is
+    counted once. DDP syncs only on the last backward.
     """
     k = len(micro_batches)
     no_sync = model.no_sync if isinstance(model, DistributedDataParallel) else contextlib.nullcontext
@@ -499,20 +501,32 @@ def forward_backward(model, criterion, micro_batches, args, device, scaler) -> d
                 scaler.scale(loss_dict["loss"] / k).backward()
         return loss_dict
 
+    # The last micro-batch is forwarded with grad at the end of the caching pass and its graph kept, so it
+    # is never recomputed: 2k-1 forwards + k backwards, 5/4 of one k*B step at k=4 instead of 4/3.
     cached, rng = [], []
-    with torch.no_grad(), autocast(args, device):
-        for batch in micro_batches:
-            rng.append(_rng_snapshot(device))
-            cached.append({key: v.detach() for key, v in model(*batch).items() if v.ndim > 0})
-    for j, batch in enumerate(micro_batches):
-        _rng_restore(rng[j], device)
-        with (no_sync() if j < k - 1 else contextlib.nullcontext()), autocast(args, device):
-            fresh = model(*batch)
+    with autocast(args, device):
+        with torch.no_grad():
+            for batch in micro_batches[:-1]:
+                rng.append(_rng_snapshot(device))
+                cached.append({key: v.detach() for key, v in model(*batch).items() if v.ndim > 0})
+        with no_sync():
+            last = model(*micro_batches[-1])
+        cached.append({key: v.detach() for key, v in last.items() if v.ndim > 0})
+    rng_end = _rng_snapshot(device)  # the step consumes the RNG of exactly one pass over the micro-batches
+    for n, j in enumerate([k - 1] + list(range(k - 1))):
+        batch = micro_batches[j]
+        with (no_sync() if n < k - 1 else contextlib.nullcontext()), autocast(args, device):
+            if j == k - 1:
+                fresh = last
+            else:
+                _rng_restore(rng[j], device)
+                fresh = model(*batch)
             merged = {key: torch.cat([c[key] for c in cached[:j]] + [v] + [c[key] for c in cached[j + 1:]])
-                      if key in cached[j] else (v if j == 0 else v.detach()) for key, v in fresh.items()}
+                      if key in cached[j] else (v if n == 0 else v.detach()) for key, v in fresh.items()}
             loss_dict = criterion(merged)
             check_finite(loss_dict, batch, merged)
             scaler.scale(loss_dict["loss"]).backward()
+    _rng_restore(rng_end, device)
     return loss_dict
 
 
