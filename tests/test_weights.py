@@ -254,3 +254,51 @@ def test_finetune_recipe_from_cnclip_checkpoint(tmp_path, muge_sample_root):
     pairs = eval_retrieval.reader_pairs(reader)
     assert summary["pool_images"] == len({p[0] for p in pairs}) and summary["pool_texts"] == len({p[1] for p in pairs})
     assert 0 <= summary["text_to_image_R@1"] <= summary["text_to_image_R@10"] <= 100
+
+
+CNCLIP_RELEASED = [("RN50", "RBT3-chinese", "RN50"), ("ViT-B-16", "RoBERTa-wwm-ext-base-chinese", "VITB16"),
+                   ("ViT-L-14", "RoBERTa-wwm-ext-base-chinese", "VITL14"),
+                   ("ViT-L-14-336", "RoBERTa-wwm-ext-base-chinese", "VITL14336"),
+                   ("ViT-H-14", "RoBERTa-wwm-ext-large-chinese", "VITH14")]
+
+
+@pytest.mark.parametrize("vision,text,backbone", CNCLIP_RELEASED)
+def test_every_released_cnclip_configuration_maps_key_for_key(vision, text, backbone):
+    """Chinese-CLIP's own model code with its shipped JSON configs, built on the meta device (shapes only):
+    every key maps onto our CNCLIP model with the same shape, the architecture is inferred, and back."""
+    import json
+
+    cn_model = pytest.importorskip("cn_clip.clip.model")
+    folder = os.path.join(os.path.dirname(cn_model.__file__), "model_configs")
+    info = {}
+    for name in (vision, text):
+        with open(os.path.join(folder, name + ".json"), encoding="utf-8") as f:
+            info.update(json.load(f))
+    if isinstance(info["vision_layers"], str):  # "[3,4,6,3]" in RN50.json
+        info["vision_layers"] = [int(x) for x in info["vision_layers"].strip("[]").split(",")]
+    with torch.device("meta"):
+        ref = {"module." + k: v for k, v in cn_model.CLIP(**info).state_dict().items()}
+        converted = weights.cnclip_to_ours(ref)
+        name, kwargs = weights.infer_model(converted)
+        target = models.build_model(models.parse_model_name(f"CNCLIP_{backbone}_CLIP"), text_model=text).state_dict()
+    assert name == f"CNCLIP_{backbone}_CLIP" and kwargs["text_model"] == text
+    assert {k: tuple(v.shape) for k, v in converted.items()} == {k: tuple(v.shape) for k, v in target.items()}
+    back = weights.ours_to_cnclip(target)
+    assert {k: tuple(v.shape) for k, v in back.items()} == \
+        {k: tuple(v.shape) for k, v in ref.items() if "bert.pooler" not in k}
+
+
+@pytest.mark.parametrize("name,ours_name", [("RN50", "CLIP_RN50_CLIP"), ("ViT-B-32", "CLIP_VITB32_CLIP"),
+                                            ("ViT-B-16", "CLIP_VITB16_CLIP"), ("ViT-L-14", "CLIP_VITL14_CLIP")])
+def test_every_openai_configuration_maps_key_for_key(name, ours_name):
+    """open_clip's OpenAI-layout configs (the released OpenAI checkpoints' keys), on the meta device."""
+    import open_clip
+
+    with torch.device("meta"):
+        ref = open_clip.create_model(name, pretrained=None, device="meta").state_dict()
+        converted = weights.openai_to_ours(ref)
+        inferred, kwargs = weights.infer_model(converted)
+        target = models.build_model(models.parse_model_name(ours_name)).state_dict()
+    assert inferred == ours_name
+    assert {k: tuple(v.shape) for k, v in converted.items()} == {k: tuple(v.shape) for k, v in target.items()}
+    assert set(weights.ours_to_openai(target)) == set(ref) - {"attn_mask"}
