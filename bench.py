@@ -774,5 +774,238 @@ def bench_retrieval(args: argparse.Namespace) -> dict:
     return {"rows": rows, "summary": summary, "load_average": os.getloadavg()}
 
 
+# --------------------------------------------------------------------------- objectives (issue 6)
+OBJECTIVE_MODELS = ["CLIP_{bb}_CLIP", "CL2L_{bb}_CL2L", "CL2L_{bb}_BARLIP", "CL2L_{bb}_SIAMLIP", "CL2L_{bb}_BYOLIP",
+                    "CL2L_{bb}_SWALIP", "CLIP_{bb}_SWALIPV1", "CLIP_{bb}_SIGLIP"]
+
+
+def _add_objectives_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backbone", default="VITT16", help="vision backbone shared by every objective")
+    p.add_argument("--batch-size", type=int, default=32, help="per-step batch of every objective")
+    p.add_argument("--image-size", type=int, default=96, help="weak and strong view resolution")
+    p.add_argument("--transformer-layers", type=int, default=None, help="text depth (default: backbone preset)")
+    p.add_argument("--steps", type=int, default=5, help="timed optimizer steps per objective (after 1 warm-up)")
+    p.add_argument("--models", nargs="*", default=None, help="model names (default: every objective at --backbone)")
+    p.add_argument("--augment-samples", type=int, default=64, help="samples timed through the CL2L data pipeline")
+    p.add_argument("--source-size", type=int, default=256, help="side of the synthetic source images (PIL)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+
+
+def _objective_flags(name: str, args: argparse.Namespace) -> list[str]:
+    """The paper's recipe flags at bench size (projector sizes as clip-rocket's defaults)."""
+    flags = ["--model", name, "--image-size", str(args.image_size), "--batch-size", str(args.batch_size)]
+    if args.transformer_layers:
+        flags += ["--transformer-layers", str(args.transformer_layers)]
+    if name.startswith("CL2L_"):
+        flags += ["--separate-proj", "--text-augment", "--label-smoothing", "0.0" if "SWALIP" in name else "0.1"]
+    return flags
+
+
+def _objective_child(config: str) -> None:
+    """Fresh process: build one objective, 1 warm-up + `steps` timed optimizer steps on random inputs of the
+    dataset's layout; prints {"step_s": median, "peak_mb", "base_mb"} (CUDA: max_memory_allocated; CPU: peak
+    RSS via VmHWM reset by /proc/self/clear_refs, base = RSS after the warm-up step)."""
+    import statistics
+
+    import main as trainer
+    import models
+
+    cfg = json.loads(config)
+    torch.set_num_threads(cfg["threads"])
+    device = torch.device(cfg["device"])
+    args = trainer.parse_args(cfg["flags"])
+    spec = models.parse_model_name(args.model)
+    model = models.build_model(spec, **trainer.model_kwargs(args)).to(device)
+    criterion = trainer.build_criterion(spec, args, trainer.utils.DistEnv(device=device))
+    optimizer = torch.optim.AdamW(trainer.param_groups(model, args.wd), lr=1e-4)
+    scaler = torch.amp.GradScaler(device.type, enabled=False)
+    B, S, A = args.batch_size, args.image_size, trainer.num_augs(spec, args)
+    tokens = torch.randint(1, 4000, (B, 1 + A, 77) if spec.objective.num_views else (B, 77))
+    tokens[..., 20] = 49407
+    batch = (torch.randn(B, 3, S, S), tokens) + ((torch.randn(B, A, 3, S, S),) if spec.objective.num_views else ())
+    batch = tuple(t.to(device) for t in batch)
+
+    def step(i: int) -> None:
+        trainer.forward_backward(model, criterion, [batch], args, device, scaler)
+        model.before_optimizer_step(i)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        model.clamp_logit_scale()
+        model.after_optimizer_step(i + 1, 100)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    step(0)
+    if device.type == "cuda":
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+        base = _obj_status_bytes("VmRSS")
+    times = []
+    for i in range(cfg["steps"]):
+        t0 = time.perf_counter()
+        step(i + 1)
+        times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _obj_status_bytes("VmHWM")
+    print(json.dumps({"step_s": statistics.median(times), "peak_mb": peak / 2**20, "base_mb": base / 2**20}))
+
+
+def _obj_status_bytes(field: str) -> int:
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _augment_rate(args: argparse.Namespace) -> dict:
+    """Samples/s of one process (= one DataLoader worker) through the CL2L sample pipeline: weak view,
+    2 strong views, weak + 2 strong texts (stop words, one EDA op incl. WordNet synonyms), BPE tokens."""
+    import datasets
+    import main as trainer
+    import models
+
+    trainer_args = trainer.parse_args(_objective_flags(f"CL2L_{args.backbone}_CL2L", args))
+    spec = models.parse_model_name(trainer_args.model)
+    reader = datasets.SyntheticReader(args.augment_samples, image_size=args.source_size)
+    tokenizer = datasets.build_tokenizer("bpe", 77)
+    dataset = trainer.build_train_dataset(spec, trainer_args, reader, args.image_size, tokenizer)
+    dataset[(0, 0)]  # warm caches (WordNet is loaded by build_train_dataset)
+    t0 = time.perf_counter()
+    for i in range(args.augment_samples):
+        dataset[(i, i)]
+    rate = args.augment_samples / (time.perf_counter() - t0)
+    image_only = datasets.MultiViewDataset(reader, datasets.train_transform(args.image_size), tokenizer,
+                                           strong_transforms=datasets.strong_view_transforms(2, args.image_size))
+    t0 = time.perf_counter()
+    for i in range(args.augment_samples):
+        image_only[(i, i)]
+    return {"samples_per_s_per_worker": rate,
+            "image_only_samples_per_s": args.augment_samples / (time.perf_counter() - t0)}
+
+
+@subcommand("objectives", _add_objectives_args)
+def bench_objectives(args: argparse.Namespace) -> dict:
+    """Step time and peak memory of every objective relative to CLIP at one backbone and batch, and the
+    CL2L augmentation pipeline's samples/s per worker against the CL2L step's appetite."""
+    import os
+    import subprocess
+
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    names = args.models or [m.format(bb=args.backbone) for m in OBJECTIVE_MODELS]
+    here = os.path.dirname(os.path.abspath(__file__))
+    load_before = os.getloadavg()[0]
+    rows = []
+    for name in names:
+        cfg = {"flags": _objective_flags(name, args), "steps": args.steps, "device": str(device),
+               "threads": torch.get_num_threads()}
+        proc = subprocess.run([sys.executable, "-c", "import sys, bench; bench._objective_child(sys.argv[1])",
+                               json.dumps(cfg)], cwd=here, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{name} failed:\n{proc.stderr[-3000:]}")
+        rows.append({"model": name, **json.loads(proc.stdout.strip().splitlines()[-1])})
+    ref = next((r for r in rows if r["model"].endswith("_CLIP") and r["model"].startswith("CLIP_")), rows[0])
+    table = [{"model": r["model"], "step_s": r["step_s"], "step_vs_clip": r["step_s"] / ref["step_s"],
+              "samples_per_s": args.batch_size / r["step_s"], "peak_mb": r["peak_mb"],
+              "peak_vs_clip": r["peak_mb"] / ref["peak_mb"]} for r in rows]
+    aug = _augment_rate(args)
+    cl2l = next((r for r in table if r["model"].endswith("_CL2L")), None)
+    load_after = os.getloadavg()[0]
+    print(f"backbone {args.backbone}, batch {args.batch_size}, {args.image_size} px, device {device}, "
+          f"load average {load_before:.1f} -> {load_after:.1f}")
+    print(markdown_table(table))
+    feed = None
+    if cl2l is not None:
+        feed = 2 * aug["samples_per_s_per_worker"] / cl2l["samples_per_s"]
+        print(f"\nCL2L pipeline: {aug['samples_per_s_per_worker']:.1f} samples/s per worker "
+              f"({aug['image_only_samples_per_s']:.1f} without text augmentation); the CL2L step consumes "
+              f"{cl2l['samples_per_s']:.1f} samples/s: 2 workers supply {feed:.2f}x what it needs")
+    return {"device": str(device), "batch_size": args.batch_size, "image_size": args.image_size,
+            "backbone": args.backbone, "load_average": [load_before, load_after], "rows": table, **aug,
+            "two_worker_feed_ratio": feed}
+
+
+# --------------------------------------------------------------------------- launch (issue 5)
+def _add_launch_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--root", default="/tmp/clip_lab_bench_launch", help="experiments root (wiped first)")
+    p.add_argument("--tasks", type=int, default=2, help="CPU tasks (gloo ranks) of the job")
+    p.add_argument("--methods", default="usr2,scontrol",
+                   help="how to interrupt: usr2 (= timeout signal, Trainer.checkpoint() requeues), "
+                        "scontrol (`scontrol requeue`, SIGTERM, no checkpoint() call)")
+
+
+def _train_steps(path: str) -> list[int]:
+    import os
+
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line)["global_step"] for line in f if '"type": "train"' in line]
+
+
+def _wait(predicate, timeout: float = 600.0, poll: float = 0.05):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise TimeoutError("benchmark job did not progress")
+
+
+@subcommand("launch", _add_launch_args)
+def bench_launch(args: argparse.Namespace) -> dict:
+    """Submit-to-first-step latency and the requeue gap (interrupt -> next optimizer step) on the local Slurm."""
+    import os
+    import shutil
+    import subprocess
+
+    import run_with_submitit as rws
+
+    shutil.rmtree(args.root, ignore_errors=True)
+    rows = []
+    for method in args.methods.split(","):
+        name = f"bench_{method}"
+        argv = ["--model", "CLIP_VITT16_CLIP", "--dataset", "digits", "--image-size", "32", "--transformer-layers",
+                "1", "--batch-size", "8", "--workers", "0", "--print-freq", "1", "--save-every-steps", "2",
+                "--max-steps", "100000", "--ngpus", "0", "--tasks-per-node", str(args.tasks), "--cpus-per-task", "1",
+                "--timeout", "10", "--output-dir", args.root, "--name", name, "--cluster", "slurm"]
+        log_path = os.path.join(args.root, name, "log.txt")
+        t_submit = time.time()
+        job = rws.launch([argv])[0]["job"]
+        t_submitted = time.time()
+        _wait(lambda: _train_steps(log_path))  # noqa: B023
+        t_first = time.time()
+        _wait(lambda: os.path.exists(os.path.join(args.root, name, "checkpoint.pt")) and len(_train_steps(log_path)) >= 4)  # noqa: B023,E501
+        t_int = time.time()
+        if method == "usr2":
+            job._interrupt(timeout=True)
+        else:
+            subprocess.run(["scontrol", "requeue", str(job.job_id)], check=True)
+        state = lambda: subprocess.run(["squeue", "-h", "-j", str(job.job_id), "-o", "%T"],  # noqa: E731,B023
+                                       capture_output=True, text=True).stdout.strip()
+        _wait(lambda: state() != "RUNNING", poll=0.1)  # noqa: B023  requeued: PENDING (cred_expire, scheduler)
+        _wait(lambda: state() == "RUNNING", poll=0.1)  # noqa: B023  ... then running again
+        t_slurm = time.time()
+        events = os.path.join(args.root, name, "launch_events.jsonl")
+        _wait(lambda: sum(1 for _ in open(events, encoding="utf-8")) >= 2, poll=0.1)  # noqa: B023
+        t_restart = time.time()
+        # the old attempt may log a few more steps before it is killed: count from the new attempt's start; it
+        # re-logs from its checkpoint step, so any new line is its first optimizer step
+        n_restart = len(_train_steps(log_path))
+        _wait(lambda: len(_train_steps(log_path)) > n_restart)  # noqa: B023
+        t_next = time.time()
+        job.cancel()
+        rows.append({"method": method, "job": str(job.job_id), "sbatch_s": t_submitted - t_submit,
+                     "submit_to_first_step_s": t_first - t_submit, "slurm_requeue_to_running_s": t_slurm - t_int,
+                     "requeue_to_python_start_s": t_restart - t_int, "requeue_gap_s": t_next - t_int,
+                     "load_avg_1min": os.getloadavg()[0]})
+    print(markdown_table(rows))
+    return {"tasks": args.tasks, "rows": rows}
+
+
 if __name__ == "__main__":
     main(sys.argv[1:])
