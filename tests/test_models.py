@@ -162,7 +162,10 @@ def test_large_models_build_on_meta(name):
     with torch.device("meta"):
         model = models.build_model(spec)
     assert all(p.is_meta for p in model.parameters())
-    assert model.image_projection.weight.shape == (spec.backbone.embed_dim, spec.backbone.width)
+    if spec.backbone.projected:  # OpenAI's RN50: the attention pool projects to embed_dim itself
+        assert isinstance(model.image_projection, torch.nn.Identity) and spec.backbone.width == spec.backbone.embed_dim
+    else:
+        assert model.image_projection.weight.shape == (spec.backbone.embed_dim, spec.backbone.width)
     total = param_count(model)
     visual = param_count(model.visual, model.image_projection)
     text = param_count(model.text, model.text_projection)
