@@ -423,6 +423,8 @@ def test_slurm_cancelled_job_is_reported_cancelled(slurm, tmp_path):
 
     root = tmp_path / "exps"
     argv = SLURM_TINY + ["--max-steps", "100000", "--output-dir", str(root), "--name", "C", "--cluster", "slurm"]
+    with pytest.raises(SystemExit, match="submission failed.*Invalid partition"):  # Slurm's own message
+        rws.launch([argv + ["--partition", "no-such-partition"]])
     job = rws.launch([argv])[0]["job"]
     job.cancel()
     t0 = time.time()
