@@ -110,6 +110,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="skip the memory measurements (one fresh subprocess per configuration)")
     p.add_argument("--matmul-size", type=int, default=None,
                    help="n of the n x n matmul timed for the peak (default 2048 on CPU, 8192 on CUDA)")
+    p.add_argument("--matmul-seconds", type=float, default=1.0, help="how long to repeat that matmul (best time)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the random images")
 
 
@@ -389,7 +390,8 @@ def bench_train(args: argparse.Namespace) -> dict:
     fb_s = _median_interleaved(fb, args.steps, device)
 
     peak_dtype = torch.bfloat16 if (args.precision == "bf16" and device.type == "cuda") else torch.float32
-    peak = matmul_peak_flops(device, peak_dtype, args.matmul_size or (8192 if device.type == "cuda" else 2048))
+    peak = matmul_peak_flops(device, peak_dtype, args.matmul_size or (8192 if device.type == "cuda" else 2048),
+                             args.matmul_seconds)
     load_after = os.getloadavg()
 
     mem: dict[str, dict] = {}

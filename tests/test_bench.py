@@ -11,7 +11,8 @@ import bench
 
 TINY_TRAIN = ["train", "--model", "CLIP_VITT16_CLIP", "--image-size", "32", "--batch-size", "8",
               "--transformer-layers", "1", "--vision-layers", "1", "--steps", "1", "--warmup", "1",
-              "--update-freq", "2", "--matmul-size", "128", "--no-memory"]
+              "--update-freq", "2", "--matmul-size", "128",
+              "--matmul-seconds", "0.05", "--no-memory"]
 
 
 def test_bench_train_reports_every_field(tmp_path):
