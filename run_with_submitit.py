@@ -80,6 +80,10 @@ class Trainer(submitit.helpers.Checkpointable):
 
     def __call__(self) -> dict:
         env = submitit.JobEnvironment()
+        # sbatch copies the submitter's environment: a WANDB_SERVICE inherited from a process that had called
+        # wandb.init would make every job (and every requeued attempt) share that one wandb-core service, where the
+        # killed attempt's stream keeps the run id "in use". Each job starts its own service.
+        os.environ.pop("WANDB_SERVICE", None)
         # RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT for env:// init (same port after a requeue: same job
         # id). CUDA_VISIBLE_DEVICES is left alone: main binds each task to cuda:LOCAL_RANK itself.
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
