@@ -212,7 +212,8 @@ def test_run_sh_main_snapshot_ledger_resume_and_commit_guard(repo, tmp_path):
     exp = root / "snap"
     assert (exp / "commit.txt").read_text().strip() == head
     assert not (exp / "code" / ".git").exists() and (exp / "code" / "main.py").exists()
-    expected = launch.set_flag(launch.set_flag(named + ["--max-steps", "1"], "--name", "snap"), "--output-dir", str(root))
+    expected = launch.set_flag(named + ["--max-steps", "1"], "--name", "snap")
+    expected = launch.set_flag(expected, "--output-dir", str(root))
     assert (exp / "command.txt").read_text().strip() == shlex.join(["bash", "run.sh", "main.py", *expected])
     assert json.loads((exp / "args.json").read_text())["tags"] == ["two words", "it's \"quoted\", ok"]
     assert json.loads((exp / "summary.json").read_text())["commit"] == head  # CLIP_LAB_COMMIT reached main
