@@ -106,7 +106,21 @@ def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
         return tensor
     import torch.distributed.nn.functional as dist_fn
 
-    return torch.cat(dist_fn.all_gather(tensor), dim=0)
+    return torch.cat([_ContiguousGrad.apply(t) for t in dist_fn.all_gather(tensor)], dim=0)
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the gradient contiguous. torch's all_gather backward on gloo
+    (all_to_all into `empty_like(grad)`) scrambles a dense non-contiguous gradient, e.g. the permuted
+    gradient an einsum sends back into gathered (B, A, D) views (tests/test_recipes.py gloo test)."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
 
 
 def all_reduce_mean(value: float) -> float:

@@ -135,6 +135,7 @@ def test_siamlip_loss_matches_naive_reference_and_stops_target_gradients():
                               for _ in range(4))
 
     def d(p, v):
+        p, v = p.detach(), v.detach()
         return 2 - 2 * sum(float(p[b] @ v[b]) / (float(p[b].norm()) * float(v[b].norm())) for b in range(B)) / B
 
     expected = d(p_i, v_t) + d(p_t, v_i)
@@ -414,3 +415,67 @@ def test_main_end_to_end_cl2l_reports_z_h_and_blends(tmp_path):
     assert summary["step"] == 2
     evaluated = main.main(flags + ["--evaluate"])
     assert {"acc1_z", "acc1_h", "acc1_zh_0.5"} <= set(evaluated)
+
+
+# --------------------------------------------------------------------------- two gloo ranks == one process
+def _loss_modules():
+    return {"clip": losses.ClipLoss(label_smoothing=0.1), "cl2l": losses.CL2LLoss(label_smoothing=0.1),
+            "barlip": losses.BarLIPLoss(), "swalip": losses.SwALIPLoss(), "swalipv1": losses.SwALIPV1Loss(),
+            "siglip": losses.SigLipLoss()}
+
+
+def _fixed_outputs(n=8, a=2, d=6, p=5, k=4):
+    """Deterministic outputs of every family (unit embeddings, BN-like v, prototype scores) for n samples."""
+    g = torch.Generator().manual_seed(0)
+
+    def u(*shape):
+        return F.normalize(torch.randn(*shape, generator=g), dim=-1)
+
+    return {"image_embed": u(n, d), "text_embed": u(n, d), "image_strong_embed": u(n, a, d),
+            "text_strong_embed": u(n, a, d), "v_image": torch.randn(n, p, generator=g),
+            "v_text": torch.randn(n, p, generator=g), "v_image_strong": torch.randn(n, a, p, generator=g),
+            "v_text_strong": torch.randn(n, a, p, generator=g), "p_image": u(n, d) @ u(k, d).t(),
+            "p_text": u(n, d) @ u(k, d).t(), "logit_scale": torch.tensor(12.0), "h_logit_scale": torch.tensor(9.0),
+            "swalip_logit_scale": torch.tensor(10.0), "logit_bias": torch.tensor(-3.0)}
+
+
+def _loss_and_grads(module, outputs, rank=0, world=1):
+    """Loss and input gradients of `module` on this rank's slice; gradients divided by world (DDP's mean)."""
+    b = outputs["image_embed"].shape[0] // world
+    local = {k: (v[rank * b:(rank + 1) * b] if v.ndim else v).clone().requires_grad_() for k, v in outputs.items()}
+    out = module(local)
+    out["loss"].backward()
+    return float(out["loss"]), {k: v.grad / world for k, v in local.items() if v.grad is not None}
+
+
+def _gloo_worker(rank, world, init_file, result_prefix):
+    import torch.distributed as dist
+
+    import utils
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    results = {}
+    for name, module in _loss_modules().items():
+        module.gather, module.rank = utils.all_gather_with_grad, rank
+        results[name] = _loss_and_grads(module, _fixed_outputs(), rank, world)
+    torch.save(results, f"{result_prefix}{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_equal_one_process(tmp_path):
+    """Every recipe loss under 2 real gloo ranks (all_gather_with_grad): the mean of the rank losses and the
+    DDP-averaged gradients equal one process holding the whole batch."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_gloo_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "rank")), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for name, module in _loss_modules().items():
+        loss, grads = _loss_and_grads(module, _fixed_outputs())
+        assert (ranks[0][name][0] + ranks[1][name][0]) / 2 == pytest.approx(loss, rel=1e-5), name
+        for key, grad in grads.items():
+            if grad.ndim:  # per-sample inputs: rank r holds rows r*b..(r+1)*b
+                got = torch.cat([ranks[0][name][1][key], ranks[1][name][1][key]])
+            else:  # shared scalars: DDP sums the per-rank means
+                got = ranks[0][name][1][key] + ranks[1][name][1][key]
+            assert torch.allclose(got, grad, atol=1e-6, rtol=1e-4), (name, key)
