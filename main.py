@@ -322,6 +322,9 @@ def build_train_dataset(spec: models.ModelSpec, args: argparse.Namespace, reader
     if not multi_view and not args.text_augment:
         return datasets.ImageTextDataset(reader, weak, tokenizer, caption_sampling=args.caption_sampling,
                                          max_bad_samples=args.max_bad_samples)
+    if multi_view and args.multicrop_resize not in (None, image_size) and spec.backbone.name.startswith("VIT"):
+        raise SystemExit(f"--multicrop-resize {args.multicrop_resize} != image size {image_size}: the ViT backbone "
+                         f"{spec.backbone.name} takes one input size (R50 takes any)")
     if args.text_augment and args.synonym_replacement_prob > 0 and spec.base.language == "en":
         if not text_augment.wordnet_available():
             raise SystemExit(text_augment.WORDNET_FIX)

@@ -479,3 +479,10 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
             else:  # shared scalars: DDP sums the per-rank means
                 got = ranks[0][name][1][key] + ranks[1][name][1][key]
             assert torch.allclose(got, grad, atol=1e-6, rtol=1e-4), (name, key)
+
+
+def test_vit_strong_views_must_match_the_image_size():
+    args = main.parse_args(["--model", "CL2L_VITT16_CL2L", "--multicrop-resize", "24"])
+    spec = models.parse_model_name(args.model)
+    with pytest.raises(SystemExit, match="takes one input size"):
+        main.build_train_dataset(spec, args, datasets.build_reader("synthetic", "train"), 32, None)
