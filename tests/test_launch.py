@@ -154,6 +154,22 @@ def test_sbatch_text_for_4_nodes_x_8_gpus_matches_golden():
     assert cpu["tasks_per_node"] == 2 and "gpus_per_node" not in cpu and rws.MAX_NUM_TIMEOUT >= 10
 
 
+@pytest.mark.slow
+def test_trainer_resumes_the_folders_latest_checkpoint_not_a_pickled_path(tiny_run_args):
+    """The requeue contract without Slurm (submitit's in-process debug executor): the job resolves the experiment
+    folder's checkpoint.pt at start-up, even when the pickled flags carry a stale --resume."""
+    main.main(tiny_run_args + ["--name", "t", "--max-steps", "1"])
+    argv = tiny_run_args + ["--name", "t", "--max-steps", "2", "--resume", "/stale/checkpoint.pt", "--ngpus", "0",
+                            "--cluster", "debug"]
+    info = rws.launch([argv])[0]
+    assert info["job"].result()["step"] == 2  # continued from step 1 of the folder's checkpoint
+    events = [json.loads(line) for line in open(os.path.join(info["exp_dir"], "launch_events.jsonl"))]
+    assert events[0]["resume_from"] == os.path.join(info["exp_dir"], "checkpoint.pt")
+    trainer = rws.Trainer(rws.split_argv(argv)[1])
+    resubmission = trainer.checkpoint()
+    assert resubmission.function.argv == trainer.argv and resubmission.function is not trainer
+
+
 # --------------------------------------------------------------------------- run.sh without Slurm
 @pytest.mark.slow
 def test_run_sh_refuses_a_dirty_tree_and_dry_run_writes_nothing(repo, tmp_path):
