@@ -16,6 +16,10 @@ if [ -n "$(git -C "$REPO" status --porcelain --untracked-files=no)" ]; then
   fi
   DIRTY=1
 fi
+UNTRACKED=$(git -C "$REPO" ls-files --others --exclude-standard | head -5)
+if [ -n "$UNTRACKED" ]; then
+  echo "run.sh: warning: untracked files are not in the snapshot (commit them if the run needs them):" $UNTRACKED >&2
+fi
 COMMIT=$(git -C "$REPO" rev-parse HEAD)
 PY=${CLIP_LAB_PYTHON:-$REPO/.venv/bin/python}
 [ -x "$PY" ] || PY=python3
