@@ -6,7 +6,7 @@ training, the identity in one process), so every formula is testable in a single
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn

@@ -13,8 +13,8 @@ import dataclasses
 import difflib
 import fnmatch
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import timm
 import torch
