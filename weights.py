@@ -367,6 +367,9 @@ def resize_pos_embed(pos: torch.Tensor, num_tokens: int) -> torch.Tensor:
     return torch.cat([pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, new * new, -1).to(pos.dtype)], dim=1)
 
 
+CLIP_PARTS = {"vision", "text", "image_projection", "text_projection"}
+
+
 def _tower(key: str) -> str:
     """The part of the model a key belongs to: vision, image_projection, text, text_projection, logit_scale."""
     if key.startswith("visual."):
@@ -400,8 +403,10 @@ def load_weights(model: nn.Module, sources: list[str] | str) -> dict[str, list[s
                 sd["visual.pos_embed"].shape != target["visual.pos_embed"].shape:
             sd["visual.pos_embed"] = resize_pos_embed(sd["visual.pos_embed"], target["visual.pos_embed"].shape[1])
         towers = sorted({_tower(k) for k in sd if not k.startswith("unexpected:")})
+        # a source with both towers is a whole CLIP: it must bring the projections as well
+        required = set(towers) | (CLIP_PARTS if {"vision", "text"} <= set(towers) else set())
         unexpected = sorted(k.removeprefix("unexpected:") for k in sd if k.startswith("unexpected:") or k not in target)
-        missing = sorted(k for k in target if _tower(k) in towers and k not in sd and _tower(k) != "logit_scale")
+        missing = sorted(k for k in target if _tower(k) in required and k not in sd and _tower(k) != "logit_scale")
         shapes = [f"{k}: {tuple(v.shape)} vs model {tuple(target[k].shape)}" for k, v in sd.items()
                   if k in target and v.shape != target[k].shape]
         if missing or unexpected or shapes:
@@ -413,6 +418,9 @@ def load_weights(model: nn.Module, sources: list[str] | str) -> dict[str, list[s
                 target[key].copy_(value.to(target[key].dtype))
         loaded[path] = towers
         log.info("loaded %s into the %s tower(s)", path, ", ".join(towers))
+    untouched = sorted({_tower(k) for k in target} - {t for ts in loaded.values() for t in ts} - {"logit_scale"})
+    if untouched:
+        log.warning("--pretrained left these parts at their random initialisation: %s", ", ".join(untouched))
     return loaded
 
 

@@ -302,3 +302,17 @@ def test_every_openai_configuration_maps_key_for_key(name, ours_name):
     assert inferred == ours_name
     assert {k: tuple(v.shape) for k, v in converted.items()} == {k: tuple(v.shape) for k, v in target.items()}
     assert set(weights.ours_to_openai(target)) == set(ref) - {"attn_mask"}
+
+
+def test_whole_clip_source_must_bring_projections_and_partial_loads_warn(tmp_path, caplog):
+    model = ours("CLIP_VITT16_CLIP", image_size=32, embed_dim=32, text_width=64, text_heads=1, text_layers=2)
+    sd = model.state_dict()
+    sd.pop("text_projection.weight")  # a whole CLIP (vision + text) without one projection
+    torch.save(sd, tmp_path / "no_proj.pt")
+    with pytest.raises(weights.WeightsError, match=r"missing keys \(1\): \['text_projection.weight'\]"):
+        weights.load_weights(model, str(tmp_path / "no_proj.pt"))
+    vision_only = {k: v for k, v in model.state_dict().items() if k.startswith("visual.")}
+    torch.save(vision_only, tmp_path / "vision.pt")
+    with caplog.at_level("WARNING", logger="clip_lab"):
+        assert weights.load_weights(model, str(tmp_path / "vision.pt")) == {str(tmp_path / "vision.pt"): ["vision"]}
+    assert "random initialisation: image_projection, text, text_projection" in caplog.text
