@@ -409,16 +409,6 @@ def freeze_vision(model: nn.Module) -> None:
         model.visual.register_forward_pre_hook(lambda *_: [m.eval() for m in norms] and None)
 
 
-def load_state_strict(model: nn.Module, state: dict, source: str) -> None:
-    """load_state_dict(strict) with a message listing missing and unexpected keys."""
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise RuntimeError(f"{source}: state_dict does not fit the model. missing keys "
-                           f"({len(result.missing_keys)}): {result.missing_keys[:20]}; unexpected keys "
-                           f"({len(result.unexpected_keys)}): {result.unexpected_keys[:20]}")
-
-
 def setup_logging(exp_dir: str | None, main_process: bool) -> None:
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
     if exp_dir and main_process:
@@ -669,7 +659,7 @@ def restore(path: str, model, optimizer, scaler, state: RunState) -> None:
     if missing:
         raise RuntimeError(f"checkpoint {path!r} lacks the keys {missing}: not a CLIP Lab training checkpoint "
                            "(use --pretrained for bare weights)")
-    load_state_strict(unwrap(model), ckpt["model"], path)
+    weights.load_weights_dict(unwrap(model), ckpt["model"], path)
     optimizer.load_state_dict(ckpt["optimizer"])
     scaler.load_state_dict(ckpt["scaler"])
     state.epoch, state.step, state.step_in_epoch = ckpt["epoch"], ckpt["step"], ckpt["step_in_epoch"]
