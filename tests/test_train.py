@@ -313,3 +313,22 @@ def test_digits_short_schedule_beats_chance(tmp_path, model, dataset, bar):
     assert summary["acc1_z"] >= bar, summary
     assert summary["acc5_z"] >= summary["acc1_z"]
     assert {"image_to_text_R@1", "image_to_text_R@10", "text_to_image_R@5", "mean_recall"} <= summary.keys()
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_with_fp32_logits(tiny_run_args, tmp_path, precision):
+    """bf16/fp16 autocast runs on CPU too; embeddings and logits stay fp32; fp16 checkpoints its GradScaler."""
+    summary = main.main(tiny_run_args + ["--name", precision, "--precision", precision, "--max-steps", "2"])
+    assert summary["step"] == 2
+    ckpt = load(tmp_path / "experiments" / precision / "checkpoint.pt")
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert ("scale" in ckpt["scaler"]) == (precision == "fp16")
+    args = main.parse_args(tiny_run_args + ["--precision", precision])
+    model = models.build_model(models.parse_model_name(args.model), **{**main.model_kwargs(args), "image_size": 32})
+    images, tokens = torch.randn(4, 3, 32, 32), torch.randint(1, 400, (4, 77))
+    tokens[:, 5] = 49407
+    with main.autocast(args, torch.device("cpu")):
+        out = model(images, tokens)
+        assert model.encode_text(tokens).dtype == (torch.bfloat16 if precision == "bf16" else torch.float16)
+        loss = losses.ClipLoss()(out)
+    assert out["image_embed"].dtype == out["text_embed"].dtype == loss["loss"].dtype == torch.float32
