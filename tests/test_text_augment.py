@@ -67,7 +67,18 @@ def test_eda_operations():
     assert set(out) <= set("红色汽车停在老房子旁边")
 
 
+def require_wordnet(data_too: bool = True) -> None:
+    """WordNet comes from Debian packages that .ci/run installs (scripts/ci_wordnet.sh). Elsewhere the test
+    skips with the fix, so the README's test command passes on a fresh machine; under CI=true it fails."""
+    if os.path.isdir("/usr/share/wordnet") and (not data_too or text_augment.wordnet_available()):
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail(text_augment.WORDNET_FIX)
+    pytest.skip(text_augment.WORDNET_FIX)
+
+
 def test_wordnet_synonym_replacement():
+    require_wordnet()
     assert text_augment.wordnet_available(), text_augment.WORDNET_FIX
     assert "domestic dog" in text_augment.wordnet_synonyms("dog")
     aug = text_augment.build_text_augmenter("en", remove_stopwords_prob=0.0, text_augment=True,
@@ -91,6 +102,7 @@ def test_missing_wordnet_fails_at_start_with_the_fix(tmp_path, monkeypatch):
 
 
 def test_prepare_nltk_data_copies_and_generates_lexnames(tmp_path):
+    require_wordnet(data_too=False)
     env = {**os.environ, "NLTK_DATA": str(tmp_path)}
     subprocess.run(["bash", os.path.join(REPO, "scripts", "prepare_nltk_data.sh")], env=env, check=True,
                    capture_output=True)
