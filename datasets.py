@@ -81,7 +81,7 @@ def seeded(seed: int):
     py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
     random.seed(seed)
     np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    torch.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed would also reseed (and lose) CUDA's
     try:
         yield
     finally:

@@ -401,12 +401,16 @@ def write_run_files(exp_dir: str, args: argparse.Namespace, commit: str) -> None
 
 def freeze_vision(model: nn.Module) -> None:
     """No gradients for the image tower and its projection; its BatchNorms stay in eval mode."""
-    frozen = [model.visual, model.image_projection]
-    for module in frozen:
+    for module in (model.visual, model.image_projection):
         module.requires_grad_(False)
-    norms = [m for m in model.visual.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if norms:  # model.train() would switch them back to batch statistics: re-freeze before every forward
-        model.visual.register_forward_pre_hook(lambda *_: [m.eval() for m in norms] and None)
+
+    def norms_in_eval(visual: nn.Module, _inputs) -> None:
+        # looked up at every forward: model.train() re-enables batch statistics, SyncBN conversion swaps modules
+        for m in visual.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+    model.visual.register_forward_pre_hook(norms_in_eval)
 
 
 def setup_logging(exp_dir: str | None, main_process: bool) -> None:
@@ -481,21 +485,36 @@ def forward_backward(model, criterion, micro_batches, args, device, scaler) -> d
     and the loss is taken over the whole k*B batch with the cached outputs of the others, so the
     summed gradient equals the gradient of one k*B batch. The last micro-batch's grad forward is the
     end of the caching pass (its graph is kept and it goes first), so it is not recomputed. Scalar
-    outputs (the temperature) keep their graph only in the first backward so their gradient is
-    counted once. DDP syncs only on the last backward.
+    outputs (the temperature) keep their graph only in the last backward, the one DDP syncs, so their
+    gradient is counted once and reaches DDP's reduction.
+    A non-finite loss raises NonFiniteLoss only after every backward ran and all ranks agreed, so no
+    rank leaves a collective behind (the caller discards the step's gradients on every rank).
     """
     k = len(micro_batches)
     no_sync = model.no_sync if isinstance(model, DistributedDataParallel) else contextlib.nullcontext
+    bad: dict | None = None
+
+    def backward(loss_dict: dict, batch, outputs, divisor: int = 1) -> None:
+        nonlocal bad
+        if bad is None and not torch.isfinite(loss_dict["loss"]):
+            bad = {"batch": batch, "outputs": outputs, "loss": loss_dict}
+        scaler.scale(loss_dict["loss"] / divisor).backward()
+
     if k == 1 or args.accum_mode == "naive":
         for j, batch in enumerate(micro_batches):
             with (no_sync() if j < k - 1 else contextlib.nullcontext()), autocast(args, device):
                 loss_dict = criterion(model(*batch))
-                check_finite(loss_dict, batch, None)
-                scaler.scale(loss_dict["loss"] / k).backward()
-        return loss_dict
+                backward(loss_dict, batch, None, k)
+    else:
+        loss_dict = _exact_accumulation(model, criterion, micro_batches, args, device, no_sync, backward)
+    if not utils.all_ranks_true(bad is None):
+        raise NonFiniteLoss(bad or {"batch": micro_batches[-1], "outputs": None, "loss": loss_dict})
+    return loss_dict
 
-    # The last micro-batch is forwarded with grad at the end of the caching pass and its graph kept, so it
-    # is never recomputed: 2k-1 forwards + k backwards, 5/4 of one k*B step at k=4 instead of 4/3.
+
+def _exact_accumulation(model, criterion, micro_batches, args, device, no_sync, backward) -> dict:
+    """The exact scheme of `forward_backward`: 2k-1 forwards + k backwards, 5/4 of one k*B step at k=4."""
+    k = len(micro_batches)
     cached, rng = [], []
     with autocast(args, device):
         with torch.no_grad():
@@ -508,29 +527,25 @@ def forward_backward(model, criterion, micro_batches, args, device, scaler) -> d
     rng_end = _rng_snapshot(device)  # the step consumes the RNG of exactly one pass over the micro-batches
     for n, j in enumerate([k - 1] + list(range(k - 1))):
         batch = micro_batches[j]
-        with (no_sync() if n < k - 1 else contextlib.nullcontext()), autocast(args, device):
+        synced = n == k - 1
+        with (contextlib.nullcontext() if synced else no_sync()), autocast(args, device):
             if j == k - 1:
                 fresh = last
             else:
                 _rng_restore(rng[j], device)
                 fresh = model(*batch)
             merged = {key: torch.cat([c[key] for c in cached[:j]] + [v] + [c[key] for c in cached[j + 1:]])
-                      if key in cached[j] else (v if n == 0 else v.detach()) for key, v in fresh.items()}
+                      if key in cached[j] else (v if synced else v.detach()) for key, v in fresh.items()}
             loss_dict = criterion(merged)
-            check_finite(loss_dict, batch, merged)
-            scaler.scale(loss_dict["loss"]).backward()
+            backward(loss_dict, batch, merged)
     _rng_restore(rng_end, device)
     return loss_dict
 
 
-def check_finite(loss_dict: dict, batch, outputs) -> None:
-    if not torch.isfinite(loss_dict["loss"]):
-        raise NonFiniteLoss({"batch": batch, "outputs": outputs, "loss": loss_dict})
-
-
 def dump_nonfinite(exp_dir: str, step: int, payload: dict) -> str:
     """Save the offending batch, outputs and loss parts (tensors only) for post-mortem."""
-    path = os.path.join(exp_dir, f"nonfinite_step{step}.pt")
+    rank = utils.get_rank()
+    path = os.path.join(exp_dir, f"nonfinite_step{step}.pt" if rank == 0 else f"nonfinite_step{step}_rank{rank}.pt")
     batch = [t.detach().cpu() for t in payload["batch"]]
     outputs = {k: v.detach().cpu() for k, v in (payload["outputs"] or {}).items()}
     utils.save_atomic({"step": step, "batch": batch, "outputs": outputs,
@@ -679,8 +694,9 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
     exp_dir = experiment_dir(args)
     main_process = env.rank == 0
     commit = utils.git_commit()
-    resume_path = args.resume or (os.path.join(exp_dir, "checkpoint.pt")
-                                  if os.path.exists(os.path.join(exp_dir, "checkpoint.pt")) else None)
+    # the folder's own latest checkpoint wins over --resume: a restarted job must never go back in time
+    latest = os.path.join(exp_dir, "checkpoint.pt")
+    resume_path = latest if os.path.exists(latest) else args.resume
     if main_process:
         check_folder_owner(exp_dir, args)
         write_run_files(exp_dir, args, commit)
@@ -693,6 +709,7 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
     model = models.build_model(spec, **kwargs).to(env.device)
     if args.pretrained:
         weights.load_weights(model, args.pretrained)
+        model.after_weights_loaded()
     if args.freeze_vision:
         freeze_vision(model)
     tokenizer = datasets.build_tokenizer(spec.base.tokenizer, args.context_length or spec.base.context_length)

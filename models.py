@@ -350,6 +350,9 @@ class CLIP(nn.Module):
     def after_optimizer_step(self, step: int, total_steps: int) -> None:
         """Hook run after optimizer step `step` of `total_steps` (1-based count done); BYOLIP's EMA update."""
 
+    def after_weights_loaded(self) -> None:
+        """Hook run after --pretrained weights were copied in; BYOLIP re-copies its target network."""
+
 
 # --------------------------------------------------------------------------- bases and objectives
 @dataclass(frozen=True)
@@ -673,6 +676,13 @@ class SIAMLIP(CL2L):
             target_feats["image_strong"] = t.visual(images_strong.flatten(0, 1))
             target_feats["text_strong"] = t.text(tokens[:, 1:].flatten(0, 1), strong=True)
         return self._siam(t.heads, t.heads_strong, target_feats, B, A)
+
+    @torch.no_grad()
+    def after_weights_loaded(self) -> None:
+        """--pretrained changed the online towers: the BYOL target starts again as their copy."""
+        if self.target is not None:
+            for p_t, p in self.target.pairs(self):
+                p_t.copy_(p)
 
     @torch.no_grad()
     def after_optimizer_step(self, step: int, total_steps: int) -> None:

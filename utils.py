@@ -2,7 +2,7 @@
 
 What belongs here and nothing else:
 - distributed set-up and queries (`init_distributed`, `get_rank`, `get_world_size`, `is_main_process`,
-  `all_gather_with_grad`, `all_reduce_mean`);
+  `all_gather_with_grad`, `all_reduce_mean`, `all_ranks_true`);
 - checkpoint I/O (`save_atomic`, `load_checkpoint`, RNG state capture/restore);
 - meters (`SmoothedValue`) and the git commit lookup.
 Model, loss, data and training code live in their own files.
@@ -123,13 +123,27 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
+def _collective_device() -> torch.device:
+    """NCCL reduces CUDA tensors only; gloo CPU ones."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def all_reduce_mean(value: float) -> float:
     """Average a Python number over ranks (for logging)."""
     if get_world_size() == 1:
         return float(value)
-    t = torch.tensor([float(value)], dtype=torch.float64)
+    t = torch.tensor([float(value)], dtype=torch.float64, device=_collective_device())
     dist.all_reduce(t)
     return float(t.item()) / get_world_size()
+
+
+def all_ranks_true(flag: bool) -> bool:
+    """True when `flag` is true on every rank (one MIN all-reduce), so all ranks take the same branch."""
+    if get_world_size() == 1:
+        return bool(flag)
+    t = torch.tensor([int(flag)], dtype=torch.int32, device=_collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
 
 
 # --------------------------------------------------------------------------- checkpoint I/O

@@ -232,6 +232,19 @@ def test_byolip_target_moves_by_the_ema_rule():
     assert tiny_model("CL2L_VITT16_SIAMLIP").target is None
 
 
+def test_byolip_target_follows_pretrained_weights(tmp_path):
+    """--pretrained replaces the online towers after the target was copied: the target is re-copied."""
+    import weights
+
+    source = tiny_model("CL2L_VITT16_BYOLIP", separate_proj=True)
+    torch.save({k: v for k, v in source.state_dict().items() if not k.startswith("target.")}, tmp_path / "w.pt")
+    model = tiny_model("CL2L_VITT16_BYOLIP", separate_proj=True)
+    weights.load_weights(model, str(tmp_path / "w.pt"))
+    assert not all(torch.equal(t, o) for t, o in model.target.pairs(model))  # stale random target
+    model.after_weights_loaded()
+    assert all(torch.equal(t, o) for t, o in model.target.pairs(model))
+
+
 def test_swalipv1_prototypes_frozen_for_the_first_iterations():
     model = tiny_model("CLIP_VITT16_SWALIPV1", swalip_freeze_proto_iters=2)
     tokens = torch.randint(1, 100, (4, 77))

@@ -109,6 +109,19 @@ def test_two_process_gloo_equals_one_process_double_batch(tmp_path):
     assert log_lines[-1]["global_step"] == 1 and log_lines[-1]["samples_per_s"] > 0
 
 
+def test_two_process_gloo_with_exact_accumulation_equals_one_process(tmp_path):
+    """2 ranks x 2 micro-batches x 4 == 1 process x 16, over two steps: the temperature's gradient must reach
+    DDP's synchronised backward (a second step would fail or diverge otherwise)."""
+    base = flag(TINY_RUN, "--lr", "1e-3") + ["--output-dir", str(tmp_path), "--max-steps", "2",
+                                             "--warmup-epochs", "0", "--eps", EPS, "--device", "cpu"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    run_subprocess(flag(base, "--batch-size", "4") + ["--update-freq", "2", "--name", "ddp"], launcher=torchrun)
+    main.main(flag(base, "--batch-size", "16") + ["--name", "single"])
+    ddp, single = load(tmp_path / "ddp" / "checkpoint.pt"), load(tmp_path / "single" / "checkpoint.pt")
+    assert ddp["step"] == single["step"] == 2
+    assert_same_tensors(ddp["model"], single["model"], atol=2e-5)
+
+
 # --------------------------------------------------------------------------- resume
 @pytest.mark.slow
 @pytest.mark.parametrize("model,dataset", [("CLIP_VITT16_CLIP", "synthetic"), ("CNCLIP_VITT16_CLIP", "synthetic-zh")])
@@ -332,3 +345,25 @@ def test_mixed_precision_trains_with_fp32_logits(tiny_run_args, tmp_path, precis
         assert model.encode_text(tokens).dtype == (torch.bfloat16 if precision == "bf16" else torch.float16)
         loss = losses.ClipLoss()(out)
     assert out["image_embed"].dtype == out["text_embed"].dtype == loss["loss"].dtype == torch.float32
+
+
+def test_folder_checkpoint_wins_over_a_stale_resume_flag(tiny_run_args, tmp_path):
+    """A restarted job that still carries --resume OLD continues from the folder's newer checkpoint.pt."""
+    main.main(tiny_run_args + ["--name", "old", "--max-steps", "1"])
+    old = str(tmp_path / "experiments" / "old" / "checkpoint.pt")
+    main.main(tiny_run_args + ["--name", "run", "--resume", old, "--max-steps", "3"])
+    summary = main.main(tiny_run_args + ["--name", "run", "--resume", old, "--max-steps", "4"])
+    assert summary["step"] == 4  # resumed at 3 from the folder, not at 1 from --resume
+
+
+def test_freeze_vision_keeps_batchnorm_in_eval_even_after_modules_are_swapped():
+    model = models.build_model(models.parse_model_name("CLIP_R50_CLIP"), image_size=32, text_layers=1)
+    main.freeze_vision(model)
+    old_bn = model.visual.bn1
+    model.visual.bn1 = torch.nn.BatchNorm2d(old_bn.num_features)  # a new module on the same parameters,
+    model.visual.bn1.weight, model.visual.bn1.bias = old_bn.weight, old_bn.bias  # as SyncBN conversion does
+    model.train()
+    model.encode_image(torch.randn(2, 3, 32, 32))
+    norms = [m for m in model.visual.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert norms and not any(m.training for m in norms)
+    assert not any(p.requires_grad for p in model.visual.parameters())
