@@ -119,7 +119,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     system.add_argument("--eval-freq", type=int, default=1, help="evaluate and keep checkpoint_best every N epochs")
     system.add_argument("--evaluate", action="store_true", help="only evaluate the (resumed/pretrained) model")
     system.add_argument("--resume", default=None,
-                        help="checkpoint to resume from; default: the experiment folder's checkpoint.pt if any")
+                        help="start from this checkpoint when the experiment folder has none (its own wins)")
     system.add_argument("--save-every-steps", type=int, default=0,
                         help="also write checkpoint.pt every N optimizer steps (0: at epoch ends only)")
     system.add_argument("--max-steps", type=int, default=None,
