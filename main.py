@@ -367,10 +367,14 @@ def experiment_dir(args: argparse.Namespace) -> str:
     return os.path.join(args.output_dir, args.name or f"{args.model}_{args.dataset}")
 
 
+def args_dict(args: argparse.Namespace) -> dict:
+    """Every flag, JSON-clean (tuples as lists), sorted by name."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in sorted(vars(args).items())}
+
+
 def config_of(args: argparse.Namespace) -> dict:
     """The flags that define a run (everything but RESUME_NEUTRAL_ARGS), JSON-clean."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in sorted(vars(args).items())
-            if k not in RESUME_NEUTRAL_ARGS}
+    return {k: v for k, v in args_dict(args).items() if k not in RESUME_NEUTRAL_ARGS}
 
 
 def check_folder_owner(exp_dir: str, args: argparse.Namespace) -> None:
@@ -391,7 +395,7 @@ def check_folder_owner(exp_dir: str, args: argparse.Namespace) -> None:
 def write_run_files(exp_dir: str, args: argparse.Namespace, commit: str) -> None:
     os.makedirs(exp_dir, exist_ok=True)
     with open(os.path.join(exp_dir, "args.json"), "w", encoding="utf-8") as f:
-        json.dump({k: list(v) if isinstance(v, tuple) else v for k, v in sorted(vars(args).items())}, f, indent=1)
+        json.dump(args_dict(args), f, indent=1)
     if not os.path.exists(os.path.join(exp_dir, "command.txt")):  # the command that created it (run.sh's, if so)
         with open(os.path.join(exp_dir, "command.txt"), "w", encoding="utf-8") as f:
             f.write(shlex.join([sys.executable] + sys.argv) + "\n")
@@ -429,7 +433,7 @@ def init_wandb(args: argparse.Namespace, exp_dir: str, commit: str):
     run_id = os.path.basename(os.path.normpath(exp_dir))
     for ch in "/\\#?%:":
         run_id = run_id.replace(ch, "-")
-    config = {k: list(v) if isinstance(v, tuple) else v for k, v in sorted(vars(args).items())}
+    config = args_dict(args)
     config.update(commit=commit, slurm_job_id=os.environ.get("SLURM_JOB_ID"), world_size=utils.get_world_size())
     tags = list(dict.fromkeys([args.model, args.dataset, *getattr(args, "tags", [])]))
     run = wandb.init(project=args.wandb_project, id=run_id, name=run_id, resume="allow", dir=exp_dir, mode=mode,
@@ -557,7 +561,7 @@ def train_one_epoch(model, criterion, loader, optimizer, scaler, lr_schedule, st
     """One pass over the loader in optimizer steps of `update_freq` micro-batches; returns epoch means."""
     model.train()
     meters: dict[str, utils.SmoothedValue] = {}
-    micro, t_data, t_start = [], 0.0, time.perf_counter()
+    micro, t_data, t_start, window_steps = [], 0.0, time.perf_counter(), 0
     t_last = time.perf_counter()
     steps_in_epoch = ctx["steps_per_epoch"]
     for batch in loader:  # a tuple of tensors, passed to model(*batch); layout set by the dataset
@@ -592,9 +596,10 @@ def train_one_epoch(model, criterion, loader, optimizer, scaler, lr_schedule, st
         state.step_in_epoch += 1
         for key, value in loss_dict.items():
             meters.setdefault(key, utils.SmoothedValue()).update(float(value.detach()), args.batch_size)
+        window_steps += 1
         if state.step % args.print_freq == 0 or state.step_in_epoch == steps_in_epoch:
-            log_progress(meters, state, args, ctx, optimizer, t_start, t_data)
-            t_start, t_data = time.perf_counter(), 0.0
+            log_progress(meters, state, ctx, optimizer, window_steps, time.perf_counter() - t_start, t_data)
+            t_start, t_data, window_steps = time.perf_counter(), 0.0, 0
         if args.save_every_steps and state.step % args.save_every_steps == 0:
             ctx["save"](is_best=False)
         if state.step_in_epoch >= steps_in_epoch or (args.max_steps and state.step >= args.max_steps):
@@ -609,11 +614,9 @@ def memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def log_progress(meters, state: RunState, args, ctx, optimizer, t_start: float, t_data: float) -> None:
-    """Console line + log.txt JSON line + wandb point for the last logging window."""
-    elapsed = time.perf_counter() - t_start
+def log_progress(meters, state: RunState, ctx, optimizer, steps: int, elapsed: float, t_data: float) -> None:
+    """Console line + log.txt JSON line + wandb point for the last logging window (`steps` steps, `elapsed` s)."""
     window = {key: m.window_avg() for key, m in meters.items()}
-    steps = (state.step - 1) % args.print_freq + 1
     record = {"type": "train", "epoch": state.epoch, "global_step": state.step, "lr": optimizer.param_groups[0]["lr"],
               "logit_scale": float(unwrap(ctx["model"]).logit_scale.detach().exp()),
               "samples_per_s": steps * ctx["global_batch"] / max(elapsed, 1e-9),
