@@ -106,6 +106,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="fp32, or bf16 autocast")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--no-peer", action="store_true", help="skip the open_clip side-by-side")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile both models (after the FLOP count; the warm-up steps absorb compilation)")
     p.add_argument("--no-memory", action="store_true",
                    help="skip the memory measurements (one fresh subprocess per configuration)")
     p.add_argument("--matmul-size", type=int, default=None,
@@ -189,9 +191,9 @@ def _train_setup(args: argparse.Namespace, device: torch.device, with_peer: bool
     tokens = tokenizer(captions)  # (B, L) the same ids for both implementations
     images = torch.randn(args.batch_size, 3, args.image_size, args.image_size,
                          generator=torch.Generator().manual_seed(args.seed))  # (B, 3, H, W)
-    ns = argparse.Namespace(accum_mode="exact", precision=args.precision)
+    ns = argparse.Namespace(accum_mode="exact", precision=args.precision, compile=args.compile)
     setup = {
-        "spec": spec, "ns": ns, "batch": (images.to(device), tokens.to(device)),
+        "spec": spec, "ns": ns, "batch": (images.to(device), tokens.to(device)), "host_tokens": tokens,
         "ours": ours.to(device).train(), "criterion": losses.ClipLoss(),
         "scaler": torch.amp.GradScaler(device.type, enabled=False), "peer_reason": why, "peer": None,
     }
@@ -205,15 +207,25 @@ def _train_setup(args: argparse.Namespace, device: torch.device, with_peer: bool
     return setup
 
 
+def _compile_models(s: dict) -> None:
+    """torch.compile ours and the peer in place (nn.Module.compile), as main.py --compile does."""
+    for key in ("ours", "peer"):
+        if s[key] is not None:
+            s[key].compile()
+
+
 def _ours_step(s: dict, device: torch.device, k: int = 1, optimizer_step: bool = True,
                keep_grads: bool = False) -> None:
     """One training step of our trainer: main.forward_backward over k micro-batches (+ AdamW step, clamp).
 
     keep_grads: zero the gradient buffers instead of freeing them (memory measurement)."""
     import main as trainer
+    import models
 
-    images, tokens = s["batch"]
-    micro = list(zip(images.chunk(k), tokens.chunk(k)))
+    images = s["batch"][0]
+    # as main.py's loop: each micro-batch's tokens lose their padding columns on the host, then move
+    tokens = [models.trim_padding(t).to(device, non_blocking=True) for t in s["host_tokens"].chunk(k)]
+    micro = list(zip(images.chunk(k), tokens))
     s["opt_ours"].zero_grad(set_to_none=not keep_grads)
     trainer.forward_backward(s["ours"], s["criterion"], micro, s["ns"], device, s["scaler"])
     if optimizer_step:
@@ -237,6 +249,27 @@ def _peer_step(s: dict, device: torch.device, optimizer_step: bool = True, keep_
         s["opt_peer"].step()
         with torch.no_grad():
             s["peer"].logit_scale.clamp_(0, math.log(100))
+
+
+def _peer_accum_step(s: dict, device: torch.device, k: int) -> None:
+    """open_clip's `--accum-freq k` scheme (open_clip_train's train_one_epoch) on the peer, no optimizer step:
+    k no-grad forwards cache the features, then each micro-batch is re-run with grad against the cached
+    others, its loss backpropagated: 2k forwards + k backwards (4/3 of one step). Every backward here keeps
+    the logit-scale graph; it is a timing peer, not a trainer."""
+    import main as trainer
+
+    images, tokens = s["batch"]
+    micro = list(zip(images.chunk(k), tokens.chunk(k)))
+    s["opt_peer"].zero_grad(set_to_none=True)
+    with torch.no_grad(), trainer.autocast(s["ns"], device):
+        cached = [s["peer"](*batch) for batch in micro]
+    for j, batch in enumerate(micro):
+        with trainer.autocast(s["ns"], device):
+            out = s["peer"](*batch)
+            feats = {key: torch.cat([c[key] for c in cached[:j]] + [out[key]] + [c[key] for c in cached[j + 1:]])
+                     for key in ("image_features", "text_features")}
+            loss = s["peer_loss"](feats["image_features"], feats["text_features"], out["logit_scale"])
+        loss.backward()
 
 
 def _train_flops(step: Callable[[], None]) -> float:
@@ -293,6 +326,8 @@ def _memory_child(config: str) -> None:
     args = argparse.Namespace(**cfg["args"])
     device = torch.device(cfg["device"])
     s = _train_setup(args, device, with_peer=cfg["impl"] == "open_clip")
+    if args.compile:
+        _compile_models(s)
     if cfg["impl"] == "open_clip":
         step = lambda: _peer_step(s, device, optimizer_step=False, keep_grads=True)  # noqa: E731
         _peer_step(s, device)  # warm-up: allocates the AdamW state and the gradient buffers
@@ -377,6 +412,8 @@ def bench_train(args: argparse.Namespace) -> dict:
         impls["open_clip"] = lambda: _peer_step(s, device)
     count = lambda m: sum(p.numel() for p in m.parameters()) / 1e6  # noqa: E731
     flops = {name: _train_flops(fn) / B for name, fn in impls.items()}
+    if args.compile:
+        _compile_models(s)
     for _ in range(args.warmup):
         for fn in impls.values():
             fn()
@@ -385,6 +422,9 @@ def bench_train(args: argparse.Namespace) -> dict:
     # exact accumulation: forward_backward at k micro-batches vs 1, same total batch, no optimizer step
     fb = {"k1": lambda: _ours_step(s, device, 1, optimizer_step=False),
           f"k{k}": lambda: _ours_step(s, device, k, optimizer_step=False)}
+    if s["peer"] is not None:
+        fb["open_clip_k1"] = lambda: _peer_step(s, device, optimizer_step=False)
+        fb[f"open_clip_k{k}"] = lambda: _peer_accum_step(s, device, k)
     for fn in fb.values():
         fn()
     fb_s = _median_interleaved(fb, args.steps, device)
@@ -395,6 +435,8 @@ def bench_train(args: argparse.Namespace) -> dict:
     load_after = os.getloadavg()
 
     mem: dict[str, dict] = {}
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the children need the memory this process's allocator keeps cached
     if not args.no_memory:
         mem["ours"] = _measure_memory(args, device, "ours", 1)
         mem[f"ours_k{k}"] = _measure_memory(args, device, "ours", k)
@@ -405,6 +447,7 @@ def bench_train(args: argparse.Namespace) -> dict:
         "machine": machine_line(), "device": str(device), "threads": torch.get_num_threads(),
         "load_avg_1min_before": load_before[0], "load_avg_1min_after": load_after[0],
         "model": args.model, "batch_size": B, "image_size": args.image_size, "precision": args.precision,
+        "compile": args.compile,
         "peer": "open_clip_torch" if s["peer"] is not None else s["peer_reason"],
         "peak_matmul_gflops": peak / 1e9, "peak_matmul_dtype": str(peak_dtype).replace("torch.", ""),
     }
@@ -422,6 +465,8 @@ def bench_train(args: argparse.Namespace) -> dict:
         result["throughput_ratio"] = step_s["open_clip"] / step_s["ours"]
     result.update({"accum_k": k, "forward_backward_s_k1": fb_s["k1"], f"forward_backward_s_k{k}": fb_s[f"k{k}"],
                    "accum_time_per_sample_ratio": fb_s[f"k{k}"] / fb_s["k1"]})
+    if "open_clip_k1" in fb_s:
+        result["open_clip_accum_time_per_sample_ratio"] = fb_s[f"open_clip_k{k}"] / fb_s["open_clip_k1"]
     if mem:
         result.update({"act_mem_MB_k1": mem["ours"]["act_mb"], f"act_mem_MB_k{k}": mem[f"ours_k{k}"]["act_mb"],
                        "accum_act_mem_ratio": mem[f"ours_k{k}"]["act_mb"] / max(mem["ours"]["act_mb"], 1e-9)})
@@ -433,6 +478,8 @@ def bench_train(args: argparse.Namespace) -> dict:
     result["accum_compute_floor"] = (4 * k - 1) / (3 * k)
     accum = {"k": k, "fb_s_k1": fb_s["k1"], f"fb_s_k{k}": fb_s[f"k{k}"],
              "time_ratio (<=1.35)": result["accum_time_per_sample_ratio"], "floor": result["accum_compute_floor"]}
+    if "open_clip_accum_time_per_sample_ratio" in result:
+        accum["open_clip_scheme_ratio"] = result["open_clip_accum_time_per_sample_ratio"]
     if mem:
         accum.update({"act_MB_k1": result["act_mem_MB_k1"], f"act_MB_k{k}": result[f"act_mem_MB_k{k}"],
                       "mem_ratio (<=0.4)": result["accum_act_mem_ratio"]})
@@ -637,7 +684,8 @@ def _add_retrieval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dim", type=int, default=512, help="feature dimension")
     p.add_argument("--gt-per-query", type=int, default=6, help="ground-truth images per query (MUGE: ~6)")
     p.add_argument("--skip-reference", action="store_true", help="do not run the Chinese-CLIP pipeline (~3-4 min)")
-    p.add_argument("--extract-batches", type=int, default=3, help="VITB16 batches of 32 for the extract throughput")
+    p.add_argument("--extract-batches", type=int, default=3, help="VITB16 batches timed for the extract throughput")
+    p.add_argument("--extract-batch-size", type=int, default=32, help="images per VITB16 extract batch")
     p.add_argument("--workdir", default=None, help="keep the feature/prediction files here (default: a temp dir)")
 
 
@@ -668,7 +716,6 @@ def bench_retrieval(args: argparse.Namespace) -> dict:
     import numpy as np
 
     import eval_retrieval
-    import models
 
     tmp = None if args.workdir else tempfile.TemporaryDirectory()
     work = args.workdir or tmp.name
@@ -755,25 +802,37 @@ def bench_retrieval(args: argparse.Namespace) -> dict:
                      "value": ref["identical_prediction_lines"]},
                     {"measure": "score JSON identical", "value": str(ref["same_score_json"])}]
 
-    # extract throughput, VITB16 (random weights), squash-transformed 224 px batches of 32
-    model = models.build_model(models.parse_model_name("CLIP_VITB16_CLIP")).eval()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)
-    pixels = torch.randn(32, 3, 224, 224, device=device)
-    with torch.no_grad():
-        model.encode_image(pixels[:4])
-        _sync(device)
-        t0 = time.perf_counter()
-        for _ in range(args.extract_batches):
-            model.encode_image(pixels)
-        _sync(device)
-    rate = 32 * args.extract_batches / (time.perf_counter() - t0)
-    summary.append({"measure": f"VITB16 image feature extraction, fp32, {device.type}, batch 32 (images/s)",
-                    "value": rate})
+    summary += _extract_throughput(args)
     print(markdown_table(summary))
     if tmp is not None:
         tmp.cleanup()
     return {"rows": rows, "summary": summary, "load_average": os.getloadavg()}
+
+
+def _extract_throughput(args: argparse.Namespace) -> list[dict]:
+    """VITB16 (random weights) image-feature extraction images/s on 224 px batches: fp32, and on CUDA also
+    under bf16 autocast (as `eval_retrieval.py extract` would run on a GPU)."""
+    import main as trainer
+    import models
+
+    model = models.build_model(models.parse_model_name("CLIP_VITB16_CLIP")).eval()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    n = args.extract_batch_size
+    pixels = torch.randn(n, 3, 224, 224, device=device)
+    rows = []
+    for precision in ["fp32"] + (["bf16"] if device.type == "cuda" else []):
+        ns = argparse.Namespace(precision=precision)
+        with torch.no_grad(), trainer.autocast(ns, device):
+            model.encode_image(pixels)  # warm-up (kernel selection)
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in range(args.extract_batches):
+                model.encode_image(pixels)
+            _sync(device)
+        rows.append({"measure": f"VITB16 image feature extraction, {precision}, {device.type}, batch {n} (images/s)",
+                     "value": n * args.extract_batches / (time.perf_counter() - t0)})
+    return rows
 
 
 # --------------------------------------------------------------------------- objectives (issue 6)

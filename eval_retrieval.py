@@ -80,6 +80,8 @@ def caption_retrieval(model, tokenizer, images: torch.Tensor, captions: list[lis
     import torch
     import torch.nn.functional as F
 
+    import models
+
     texts = sorted({c for caps in captions for c in caps})
     text_index = {t: i for i, t in enumerate(texts)}
     positives = torch.zeros(len(captions), len(texts), dtype=torch.bool)  # (N, T)
@@ -87,7 +89,8 @@ def caption_retrieval(model, tokenizer, images: torch.Tensor, captions: list[lis
         positives[i, [text_index[c] for c in caps]] = True
     img = torch.cat([F.normalize(model.encode_image(images[i:i + batch_size].to(device)).float(), dim=-1).cpu()
                      for i in range(0, len(images), batch_size)])  # (N, D)
-    txt = torch.cat([F.normalize(model.encode_text(tokenizer(texts[i:i + batch_size]).to(device)).float(),
+    txt = torch.cat([F.normalize(model.encode_text(
+        models.trim_padding(tokenizer(texts[i:i + batch_size])).to(device)).float(),
                                  dim=-1).cpu() for i in range(0, len(texts), batch_size)])  # (T, D)
     sim = img @ txt.t()  # (N, T)
     i2t = {f"image_to_text_{k}": v for k, v in recall_at_k(sim, positives).items()}
@@ -116,6 +119,8 @@ def pool_retrieval(model, tokenizer, reader, pairs: list[tuple[int, int, str]], 
     import torch
     import torch.nn.functional as F
 
+    import models
+
     first_pair: dict[int, int] = {}
     texts: dict[int, str] = {}
     for index, (image_id, text_id, text) in enumerate(pairs):
@@ -133,7 +138,8 @@ def pool_retrieval(model, tokenizer, reader, pairs: list[tuple[int, int, str]], 
         pixels = torch.stack([transform(reader.read(i)[0]) for i in indices[start:start + batch_size]])
         img.append(F.normalize(model.encode_image(pixels.to(device)).float(), dim=-1).cpu())
     captions = [texts[t] for t in text_ids]
-    txt = [F.normalize(model.encode_text(tokenizer(captions[i:i + batch_size]).to(device)).float(), dim=-1).cpu()
+    txt = [F.normalize(model.encode_text(
+        models.trim_padding(tokenizer(captions[i:i + batch_size])).to(device)).float(), dim=-1).cpu()
            for i in range(0, len(captions), batch_size)]
     sim = torch.cat(img) @ torch.cat(txt).t()  # (N, T)
     i2t = {f"image_to_text_{k}": v for k, v in recall_at_k(sim, positives).items()}
@@ -498,6 +504,8 @@ def extract_text_features(model, tokenizer, path: str, device: torch.device, bat
     """(ids (N,), L2-normalised features (N, D)) of every `{"text_id", "text"}` line of a jsonl."""
     import torch.nn.functional as F
 
+    import models
+
     ids, texts = [], []
     for lineno, obj, line in iter_jsonl(path, "text"):
         key = "text_id" if obj and "text_id" in obj else "query_id"
@@ -506,7 +514,8 @@ def extract_text_features(model, tokenizer, path: str, device: torch.device, bat
             raise ValueError(f"{path}:{lineno}: a text line needs text_id and text: {line}")
         ids.append(obj[key])
         texts.append(obj[text_key])
-    feats = [F.normalize(model.encode_text(tokenizer(texts[i:i + batch_size]).to(device), head=head).float(),
+    feats = [F.normalize(model.encode_text(models.trim_padding(tokenizer(texts[i:i + batch_size])).to(device),
+                                           head=head).float(),
                          dim=-1).cpu().numpy() for i in _progress(range(0, len(texts), batch_size), "texts")]
     return np.asarray(ids, dtype=np.int64), np.concatenate(feats)
 

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+import models
+
 log = logging.getLogger("clip_lab")
 
 DATASET_METRICS = {"aircraft": "mean_per_class", "pets": "mean_per_class", "caltech101": "mean_per_class",
@@ -39,7 +41,8 @@ def zeroshot_classifier(model, tokenizer, classnames: list, templates: list[str]
     rows = []
     for name in classnames:
         synonyms = [name] if isinstance(name, str) else list(name)
-        tokens = tokenizer([t.format(s) for s in synonyms for t in templates]).to(device)  # (P, L)
+        prompts = [t.format(s) for s in synonyms for t in templates]
+        tokens = models.trim_padding(tokenizer(prompts)).to(device)  # (P, L')
         embeds = F.normalize(model.encode_text(tokens, head=head).float(), dim=-1)  # (P, D)
         rows.append(F.normalize(embeds.mean(dim=0), dim=-1))
     return torch.stack(rows)  # (C, D)

@@ -129,6 +129,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     system.add_argument("--max-nonfinite", type=int, default=0,
                         help="non-finite losses to skip before stopping with a dump")
     system.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    system.add_argument("--compile", action="store_true",
+                        help="torch.compile the model's forward (nn.Module.compile: checkpoint keys unchanged)")
     system.add_argument("--print-freq", type=int, default=10, help="log every N optimizer steps")
     system.add_argument("--wandb", action="store_true", help="log to wandb (offline without an API key)")
     system.add_argument("--wandb-project", default="clip-lab", help="wandb project")
@@ -496,12 +498,12 @@ def forward_backward(model, criterion, micro_batches, args, device, scaler) -> d
     """
     k = len(micro_batches)
     no_sync = model.no_sync if isinstance(model, DistributedDataParallel) else contextlib.nullcontext
-    bad: dict | None = None
+    checks: list[tuple[torch.Tensor, dict]] = []  # (finite flag on the device, what to dump) per backward
 
     def backward(loss_dict: dict, batch, outputs, divisor: int = 1) -> None:
-        nonlocal bad
-        if bad is None and not torch.isfinite(loss_dict["loss"]):
-            bad = {"batch": batch, "outputs": outputs, "loss": loss_dict}
+        # no host sync here: the flags are read once, after the last backward
+        checks.append((torch.isfinite(loss_dict["loss"].detach()), {"batch": batch, "outputs": outputs,
+                                                                     "loss": loss_dict}))
         scaler.scale(loss_dict["loss"] / divisor).backward()
 
     if k == 1 or args.accum_mode == "naive":
@@ -511,14 +513,52 @@ def forward_backward(model, criterion, micro_batches, args, device, scaler) -> d
                 backward(loss_dict, batch, None, k)
     else:
         loss_dict = _exact_accumulation(model, criterion, micro_batches, args, device, no_sync, backward)
+    finite = torch.stack([flag for flag, _ in checks]).tolist()  # the step's one host sync
+    bad = next((payload for ok, (_, payload) in zip(finite, checks) if not ok), None)
     if not utils.all_ranks_true(bad is None):
         raise NonFiniteLoss(bad or {"batch": micro_batches[-1], "outputs": None, "loss": loss_dict})
     return loss_dict
 
 
+@contextlib.contextmanager
+def sparse_embedding_grads(model: nn.Module):
+    """Within the block, every trainable `nn.Embedding` gives a sparse (rows-used-only) weight gradient.
+
+    For the unsynced micro-batches of exact accumulation: each backward then adds only the B*L rows
+    its tokens touched, instead of building a dense vocab x width gradient (49,408 x 512 = 101 MB for
+    CLIP's BPE table) and adding it to `.grad`. The synced last backward runs outside the block, so
+    its dense gradient absorbs the sparse sum (dense + sparse = dense) and DDP, AdamW and clipping see
+    a dense `.grad` as always. The flag is read at forward time, so the forward and its backward agree.
+    """
+    embeddings = [m for m in model.modules() if isinstance(m, nn.Embedding) and m.weight.requires_grad
+                  and not m.sparse]
+    for m in embeddings:
+        m.sparse = True
+    try:
+        yield
+    finally:
+        for m in embeddings:
+            m.sparse = False
+
+
 def _exact_accumulation(model, criterion, micro_batches, args, device, no_sync, backward) -> dict:
-    """The exact scheme of `forward_backward`: 2k-1 forwards + k backwards, 5/4 of one k*B step at k=4."""
-    k = len(micro_batches)
+    """The exact scheme of `forward_backward`: 2k-1 forwards + k backwards, 5/4 of one k*B step at k=4.
+
+    The k-1 unsynced backwards give sparse embedding gradients (`sparse_embedding_grads`), except under
+    --compile (inductor does not take sparse tensors)."""
+    with contextlib.nullcontext() if getattr(args, "compile", False) else sparse_embedding_grads(model):
+        cached, rng, last, rng_end = _cache_pass(model, micro_batches, args, device, no_sync)
+        for j in [len(micro_batches) - 1] + list(range(len(micro_batches) - 2)):
+            _recompute_backward(model, criterion, micro_batches, j, cached, rng, last, args, device, no_sync,
+                                backward, synced=False)
+    loss_dict = _recompute_backward(model, criterion, micro_batches, len(micro_batches) - 2, cached, rng, last,
+                                    args, device, no_sync, backward, synced=True)
+    _rng_restore(rng_end, device)
+    return loss_dict
+
+
+def _cache_pass(model, micro_batches, args, device, no_sync):
+    """No-grad forwards of micro-batches 0..k-2 (outputs cached, RNG states kept) + the last one with grad."""
     cached, rng = [], []
     with autocast(args, device):
         with torch.no_grad():
@@ -529,20 +569,23 @@ def _exact_accumulation(model, criterion, micro_batches, args, device, no_sync, 
             last = model(*micro_batches[-1])
         cached.append({key: v.detach() for key, v in last.items() if v.ndim > 0})
     rng_end = _rng_snapshot(device)  # the step consumes the RNG of exactly one pass over the micro-batches
-    for n, j in enumerate([k - 1] + list(range(k - 1))):
-        batch = micro_batches[j]
-        synced = n == k - 1
-        with (contextlib.nullcontext() if synced else no_sync()), autocast(args, device):
-            if j == k - 1:
-                fresh = last
-            else:
-                _rng_restore(rng[j], device)
-                fresh = model(*batch)
-            merged = {key: torch.cat([c[key] for c in cached[:j]] + [v] + [c[key] for c in cached[j + 1:]])
-                      if key in cached[j] else (v if synced else v.detach()) for key, v in fresh.items()}
-            loss_dict = criterion(merged)
-            backward(loss_dict, batch, merged)
-    _rng_restore(rng_end, device)
+    return cached, rng, last, rng_end
+
+
+def _recompute_backward(model, criterion, micro_batches, j, cached, rng, last, args, device, no_sync, backward,
+                        synced: bool) -> dict:
+    """Micro-batch j with grad (recomputed under its cached RNG state, or the kept last graph) against the
+    cached outputs of the others, then its backward; only the synced one keeps the scalars' graph."""
+    with (contextlib.nullcontext() if synced else no_sync()), autocast(args, device):
+        if j == len(micro_batches) - 1:
+            fresh = last
+        else:
+            _rng_restore(rng[j], device)
+            fresh = model(*micro_batches[j])
+        merged = {key: torch.cat([c[key] for c in cached[:j]] + [v] + [c[key] for c in cached[j + 1:]])
+                  if key in cached[j] else (v if synced else v.detach()) for key, v in fresh.items()}
+        loss_dict = criterion(merged)
+        backward(loss_dict, micro_batches[j], merged)
     return loss_dict
 
 
@@ -565,7 +608,9 @@ def train_one_epoch(model, criterion, loader, optimizer, scaler, lr_schedule, st
     t_last = time.perf_counter()
     steps_in_epoch = ctx["steps_per_epoch"]
     for batch in loader:  # a tuple of tensors, passed to model(*batch); layout set by the dataset
-        micro.append(tuple(t.to(ctx["device"], non_blocking=True) for t in batch))
+        # token tensors (the integer ones) lose their all-padding columns on the host, not on the GPU
+        micro.append(tuple((models.trim_padding(t) if not t.is_floating_point() and t.ndim >= 2 else t)
+                           .to(ctx["device"], non_blocking=True) for t in batch))
         if len(micro) < args.update_freq:
             continue
         t_data += time.perf_counter() - t_last
@@ -744,6 +789,8 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
         log.info("resumed from %s at epoch %d, step %d", resume_path, state.epoch, state.step)
     if env.distributed and env.device.type == "cuda":  # projector BN over the global batch (parameters kept)
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if args.compile:  # in place: state_dict keys, hooks and checkpoints stay those of the eager module
+        model.compile()
     ddp_model = DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None) \
         if env.distributed else model
     criterion = build_criterion(spec, args, env)

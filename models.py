@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import difflib
 import fnmatch
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +28,28 @@ try:  # xformers is an optional CUDA acceleration; CPU always uses PyTorch SDPA
     import xformers.ops as xops
 except ImportError:  # pragma: no cover - depends on the install
     xops = None
+_xformers_runs: bool | None = None  # probed at the first half-precision CUDA attention
+
+
+def xformers_usable(device: torch.device) -> bool:
+    """Whether xformers' attention runs on this CUDA device (probed once with a tiny call).
+
+    A wheel built without CUDA kernels (PyPI's `xformers` next to a torch it was not built for) imports
+    fine and fails only at the first call; then we warn once and use PyTorch SDPA instead of crashing.
+    """
+    global _xformers_runs
+    if xops is None or device.type != "cuda":
+        return False
+    if _xformers_runs is None:
+        probe = torch.zeros(1, 8, 1, 64, device=device, dtype=torch.float16)  # (B, N, H, Dh)
+        try:
+            xops.memory_efficient_attention(probe, probe, probe)
+            _xformers_runs = True
+        except (NotImplementedError, RuntimeError) as err:
+            logging.getLogger(__name__).warning("xformers is installed but cannot run on %s (%s); using PyTorch "
+                                                "SDPA", device, str(err).splitlines()[0])
+            _xformers_runs = False
+    return _xformers_runs
 
 
 def multi_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
@@ -34,15 +57,35 @@ def multi_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, caus
     """Scaled dot-product attention on (B, H, N, Dh) tensors; returns (B, H, N, Dh).
 
     Uses xformers' memory-efficient kernel for half-precision CUDA tensors when xformers is
-    importable, and `F.scaled_dot_product_attention` otherwise.
+    installed and runs there (`xformers_usable`), and `F.scaled_dot_product_attention` otherwise.
     """
-    if xops is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+    if q.dtype in (torch.float16, torch.bfloat16) and xformers_usable(q.device):
         bias = xops.LowerTriangularMask() if causal else None
         # xformers layout is (B, N, H, Dh)
         out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                               attn_bias=bias, p=dropout_p)
         return out.transpose(1, 2)
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal)
+
+
+def trim_padding(tokens: torch.Tensor) -> torch.Tensor:
+    """Drop the trailing token columns that are padding (id 0) in every row: (..., L) -> (..., L').
+
+    Exact for both text towers: CLIP BPE pads with 0 after EOT and attends causally, BERT pads with
+    0 and masks the padding. Call it on host (CPU) tensors before moving them to the GPU: on CUDA the
+    towers skip their own trimming, whose data-dependent length would stall the GPU queue.
+    """
+    used = (tokens != 0).reshape(-1, tokens.shape[-1]).any(dim=0)  # (L,)
+    length = int(used.nonzero().max()) + 1 if bool(used.any()) else 1
+    return tokens[..., :length]
+
+
+def _trimmed_length(tokens: torch.Tensor, length_of) -> int:
+    """Context kept by a text tower: `length_of()` (a host sync) on CPU; all of it on CUDA (the caller
+    trimmed on the host with `trim_padding`) and under torch.compile (a data-dependent shape breaks the graph)."""
+    if tokens.is_cuda or torch.compiler.is_compiling():
+        return tokens.shape[-1]
+    return length_of()
 
 
 class TimmAttention(nn.Module):
@@ -245,7 +288,7 @@ class CLIPTextTransformer(nn.Module):
         strong=True applies the strong-text dropout / drop-path of the blocks (CL2L's augmented texts)."""
         eot = tokens.argmax(dim=-1)  # (B,)
         # causal attention: positions after the last EOT of the batch never influence it, so trimming is exact
-        length = int(eot.max()) + 1
+        length = _trimmed_length(tokens, lambda: int(eot.max()) + 1)
         x = self.token_embedding(tokens[:, :length]) + self.positional_embedding[:length]  # (B, L', W)
         for block in self.resblocks:
             x = checkpoint(block, x, strong, use_reentrant=False) if self.grad_checkpointing and self.training \
@@ -286,7 +329,8 @@ class BertTextTower(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B, L) with [PAD]=0 on the right -> (B, hidden) [CLS] features."""
         mask = tokens != 0
-        length = int(mask.sum(dim=1).max())  # trailing all-pad columns are masked out: trimming is exact
+        # trailing all-pad columns are masked out: trimming is exact
+        length = _trimmed_length(tokens, lambda: int(mask.sum(dim=1).max()))
         out = self.bert(input_ids=tokens[:, :length], attention_mask=mask[:, :length].long())
         return out.last_hidden_state[:, 0]
 

@@ -290,3 +290,24 @@ def test_checkpoint_grad_gives_same_gradients(name):
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-5, msg=n)
+
+
+@pytest.mark.parametrize("name", ["CLIP_VITT16_CLIP", "CNCLIP_VITT16_CLIP"])
+def test_host_side_padding_trim_is_exact_for_both_text_towers(name, monkeypatch):
+    """models.trim_padding (applied on the host before the GPU) drops only all-padding columns: the text
+    features equal those of the full context, for CLIP BPE (causal, EOT) and Chinese BERT (masked pad)."""
+    torch.manual_seed(0)
+    spec = models.parse_model_name(name)
+    model = models.build_model(spec, image_size=32, text_layers=1).eval()
+    tokenizer = datasets.build_tokenizer(spec.base.tokenizer, spec.base.context_length)
+    tokens = tokenizer(["a photo of the number seven", "零", "一张数字七的照片 with some more words"])  # (3, L)
+    trimmed = models.trim_padding(tokens)
+    assert trimmed.shape[1] < tokens.shape[1] and (trimmed[:, -1] != 0).any()
+    assert torch.equal(trimmed, tokens[:, :trimmed.shape[1]]) and not tokens[:, trimmed.shape[1]:].any()
+    with torch.no_grad():
+        ours = model.encode_text(trimmed)
+        monkeypatch.setattr(models, "_trimmed_length", lambda t, length_of: t.shape[-1])  # as on CUDA: no trim
+        full_context = model.encode_text(tokens)
+    torch.testing.assert_close(ours, full_context, atol=1e-5, rtol=1e-5)
+    # (..., L) layouts too: CL2L's (B, 1+A, L) token tensors
+    assert models.trim_padding(tokens[:, None].repeat(1, 3, 1)).shape == (3, 3, trimmed.shape[1])

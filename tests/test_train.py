@@ -94,6 +94,45 @@ def test_exact_accumulation_equals_big_batch_and_naive_differs(tmp_path):
     assert rel > 0.05
 
 
+def test_unsynced_micro_batches_give_sparse_embedding_grads_and_the_step_a_dense_one(monkeypatch):
+    """The k-1 unsynced backwards of exact accumulation add sparse token-embedding gradients; the synced
+    last one leaves a dense `.grad` equal to the one-batch gradient."""
+    torch.manual_seed(0)
+    model = models.build_model(models.parse_model_name("CLIP_VITT16_CLIP"), image_size=32, text_layers=1)
+    images, tokens = torch.randn(8, 3, 32, 32), torch.randint(1, 1000, (8, 77))
+    ns = main.parse_args(["--accum-mode", "exact"])
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    layouts = []  # (synced, .grad layout, sparse flag) after each micro-batch backward
+    real_recompute = main._recompute_backward
+
+    def spy(*args, **kwargs):
+        out = real_recompute(*args, **kwargs)
+        grad = model.text.token_embedding.weight.grad
+        layouts.append((kwargs["synced"], grad.layout, model.text.token_embedding.sparse))
+        return out
+    monkeypatch.setattr(main, "_recompute_backward", spy)
+    main.forward_backward(model, losses.ClipLoss(), list(zip(images.chunk(4), tokens.chunk(4))), ns,
+                          torch.device("cpu"), scaler)
+    assert layouts == [(False, torch.sparse_coo, True)] * 3 + [(True, torch.strided, False)]
+    accumulated = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    main.forward_backward(model, losses.ClipLoss(), [(images, tokens)], ns, torch.device("cpu"), scaler)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(accumulated[name], p.grad, rtol=1e-4, atol=1e-5 * float(p.grad.abs().max()),
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_compile_trains_like_eager_with_the_same_checkpoint_keys(tmp_path):
+    """--compile (inductor on CPU here; CUDA on a GPU machine) under exact accumulation: the same parameters
+    after two steps as eager, and a checkpoint an eager run loads (no `_orig_mod.` prefixes)."""
+    base = TINY_RUN + ["--output-dir", str(tmp_path), "--max-steps", "2", "--warmup-epochs", "0", "--eps", EPS,
+                       "--update-freq", "2", "--batch-size", "4"]
+    main.main(base + ["--name", "compiled", "--compile"])
+    main.main(base + ["--name", "eager"])
+    compiled, eager = load(tmp_path / "compiled" / "checkpoint.pt"), load(tmp_path / "eager" / "checkpoint.pt")
+    assert_same_tensors(compiled["model"], eager["model"], atol=1e-5)
+
+
 # --------------------------------------------------------------------------- 2-process gloo
 @pytest.mark.slow
 def test_two_process_gloo_equals_one_process_double_batch(tmp_path):
@@ -221,7 +260,9 @@ def test_nonfinite_loss_dumps_batch_and_stops(tiny_run_args, tmp_path, monkeypat
     assert "non-finite loss at step 2" in message and path in message and "--max-nonfinite" in message
     dump = load(path)
     images, tokens = dump["batch"]
-    assert images.shape == (8, 3, 32, 32) and tokens.shape == (8, 77) and dump["step"] == 2
+    assert images.shape == (8, 3, 32, 32) and dump["step"] == 2
+    # the micro-batch as the model saw it: tokens trimmed on the host to their longest caption
+    assert tokens.shape[0] == 8 and tokens.shape[1] < 77 and (tokens[:, -1] != 0).any()
     assert torch.isnan(dump["loss"]["loss"])
 
 
