@@ -531,6 +531,17 @@ def _bench_photos(n: int, seed: int = 0) -> list[bytes]:
     return out
 
 
+def _cnclip_train_transform(image_size: int, min_scale: float):
+    """Chinese-CLIP's training transform (its `_build_transform` without --use-augment): PIL RandomResizedCrop
+    (bicubic), RGB, ToTensor, Normalize; the crop scale set to ours so both resample the same crops."""
+    from torchvision import transforms as T
+
+    import datasets
+
+    crop = T.RandomResizedCrop(image_size, scale=(min_scale, 1.0), interpolation=T.InterpolationMode.BICUBIC)
+    return T.Compose([crop, T.ToTensor(), T.Normalize(datasets.OPENAI_MEAN, datasets.OPENAI_STD)])
+
+
 class _CnClipStyleReader(torch.utils.data.Dataset):
     """What Chinese-CLIP's LMDBDataset does per sample (reference/chinese_clip.md §4.3): environments opened in
     __init__, pairs unpickled, `imgs` value decoded utf-8 + urlsafe base64, PIL open (full decode), transform."""
@@ -636,6 +647,7 @@ def bench_data(args: argparse.Namespace) -> dict:
     build_lmdb.main(["--data-dir", root, "--splits", "train", "--lmdb-dir", stores[f"resized{args.resize}"],
                      "--resize", str(args.resize)])
     transform = datasets.train_transform(args.image_size, 0.5)
+    peer_transform = _cnclip_train_transform(args.image_size, 0.5)
     draft = datasets.draft_size(args.image_size, 0.5)
     runs: dict[tuple[str, str, int], list[float]] = {}
     for _ in range(args.rounds):
@@ -650,7 +662,7 @@ def bench_data(args: argparse.Namespace) -> dict:
                 runs.setdefault((store, "ours: LmdbReader + draft", w), []).append(
                     _images_per_s(ours, w, args.batch_size))
                 datasets.close_lmdb()  # py-lmdb opens an environment once per process
-                peer = _CnClipStyleReader(os.path.join(folder, "train"), transform)
+                peer = _CnClipStyleReader(os.path.join(folder, "train"), peer_transform)
                 runs.setdefault((store, "Chinese-CLIP-style reader", w), []).append(
                     _images_per_s(peer, w, args.batch_size))
                 peer.close()

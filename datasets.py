@@ -10,7 +10,7 @@ depend on worker count, rank layout or where a resumed run restarted.
 """
 from __future__ import annotations
 
-import base64
+import binascii
 import bisect
 import contextlib
 import io
@@ -27,10 +27,12 @@ from typing import Protocol
 
 import lmdb
 import numpy as np
+import pybase64
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 from torchvision import transforms as T
+from torchvision.transforms import v2
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CATALOG_PATH = os.path.join(HERE, "dataset_catalog.json")
@@ -217,6 +219,24 @@ def load_pair(data: bytes, where: str) -> tuple:
         raise UnsafePickleError(f"{where}: a pair must be a tuple (image_id, text_id, text) of int/str, "
                                 f"got {type(pair).__name__} {pair!r:.80}")
     return pair
+
+
+_URLSAFE_TO_STANDARD = bytes.maketrans(b"-_", b"+/")
+
+
+def b64decode_image(value: bytes | str) -> bytes:
+    """Base64 text in Chinese-CLIP's urlsafe alphabet or the standard one -> the encoded image bytes.
+
+    pybase64's SIMD decoder, strict in the alphabet the text uses (build_lmdb --resize writes the standard
+    one), else as lenient as the standard library (line breaks, mixed alphabets): 17x faster than
+    `base64.urlsafe_b64decode` on a 260 KB photo (bench.py data). Raises binascii.Error (a ValueError)."""
+    if isinstance(value, str):
+        value = value.encode("ascii")
+    standard = b"+" in value or b"/" in value  # memchr scans; a urlsafe string has neither
+    try:
+        return pybase64.b64decode(value, altchars=None if standard else b"-_", validate=True)
+    except binascii.Error:
+        return pybase64.b64decode(value.translate(_URLSAFE_TO_STANDARD))
 
 
 def decode_image(data: bytes, draft: int | None = None) -> Image.Image:
@@ -512,7 +532,7 @@ class LmdbReader(_LazyHandles):
         value = self._txn(shard, "imgs").get(str(image_id).encode("utf-8"))
         if value is None:
             raise KeyError(f"image id {image_id} not in {self.folders[shard]}/imgs")
-        return base64.urlsafe_b64decode(value)
+        return b64decode_image(value)
 
     def image_ids(self, shard: int = 0) -> list[int]:
         """Every image id of a shard, in key order."""
@@ -609,7 +629,7 @@ class TsvReader(_LazyHandles):
         f = _per_process(self, "_h_file", lambda: open(self.imgs_path, "rb"))
         f.seek(self.offsets[image_id])
         _, b64 = parse_imgs_tsv_line(f.readline(), self.imgs_path)
-        return base64.urlsafe_b64decode(b64)
+        return b64decode_image(b64)
 
     def read(self, index: int) -> tuple[Image.Image, list[str]]:
         image_id, text_id, text = self.pairs[index]
@@ -789,12 +809,16 @@ def build_reader(name: str, split: str, catalog: dict | None = None, data_root: 
 
 
 # --------------------------------------------------------------------------- transforms
-def train_transform(image_size: int, min_scale: float = 0.5) -> T.Compose:
-    """Weak training view: random resized crop (scale [min_scale, 1]), tensor, OpenAI normalisation."""
-    return T.Compose([
-        T.RandomResizedCrop(image_size, scale=(min_scale, 1.0), interpolation=T.InterpolationMode.BICUBIC),
-        T.ToTensor(),
-        T.Normalize(OPENAI_MEAN, OPENAI_STD),
+def train_transform(image_size: int, min_scale: float = 0.5) -> v2.Compose:
+    """Weak training view: random resized crop (scale [min_scale, 1], bicubic, antialiased), float, OpenAI
+    normalisation. The crop is resampled on the uint8 tensor (torch's vectorised antialiased bicubic, within
+    one grey level of PIL's and 5x faster, bench.py data), so the float conversion touches only 224 px."""
+    return v2.Compose([
+        v2.PILToTensor(),
+        v2.RandomResizedCrop(image_size, scale=(min_scale, 1.0), interpolation=v2.InterpolationMode.BICUBIC,
+                             antialias=True),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(OPENAI_MEAN, OPENAI_STD),
     ])
 
 

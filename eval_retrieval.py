@@ -20,7 +20,6 @@ Features are L2-normalised float32 `NAME.npy` with the ids in `NAME.ids.npy` (in
 from __future__ import annotations
 
 import argparse
-import base64
 import functools
 import io
 import json
@@ -424,6 +423,8 @@ def ir_to_tr(input_path: str, output_path: str | None = None) -> str:
 def iter_image_records(path: str) -> Iterator[tuple[int, bytes]]:
     """(image id, encoded image bytes) from an LMDB `imgs` folder (key order, as Chinese-CLIP walks it)
     or a `<id>\\t<base64>` tsv."""
+    from datasets import b64decode_image
+
     if os.path.isdir(path):
         import lmdb
 
@@ -433,7 +434,7 @@ def iter_image_records(path: str) -> Iterator[tuple[int, bytes]]:
                 for key, value in txn.cursor():
                     if key == b"num_images":
                         continue
-                    yield int(key.decode("utf-8")), base64.urlsafe_b64decode(value.decode("utf-8", errors="ignore"))
+                    yield int(key.decode("utf-8")), b64decode_image(value)
         finally:
             env.close()
         return
@@ -444,7 +445,7 @@ def iter_image_records(path: str) -> Iterator[tuple[int, bytes]]:
             parts = line.rstrip("\n").split("\t")
             if len(parts) != 2:
                 raise ValueError(f"{path}:{lineno}: a tsv line is <image_id>\\t<base64 image>")
-            yield int(parts[0]), base64.urlsafe_b64decode(parts[1])
+            yield int(parts[0]), b64decode_image(parts[1])
 
 
 def iter_image_ids(path: str) -> Iterator[int]:

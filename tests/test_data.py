@@ -524,3 +524,21 @@ def test_muge_sample_trains_with_chinese_clip(muge_sample_root, tmp_path):
                          "--image-size", "32", "--batch-size", "8", "--max-steps", "2", "--workers", "1",
                          "--output-dir", str(tmp_path)])
     assert summary["step"] == 2
+
+
+def test_b64decode_image_reads_both_alphabets_and_lenient_text_like_the_standard_library():
+    """Chinese-CLIP writes urlsafe base64, build_lmdb --resize the standard alphabet, hand-made files may wrap
+    lines: every form decodes to the same bytes as `base64.urlsafe_b64decode`; non-base64 raises ValueError."""
+    import base64 as stdlib_b64
+    import warnings
+
+    raw = bytes(range(256)) * 40  # every byte value: both alphabets' special characters occur
+    forms = [stdlib_b64.urlsafe_b64encode(raw), stdlib_b64.b64encode(raw), stdlib_b64.encodebytes(raw),
+             stdlib_b64.urlsafe_b64encode(raw).decode("ascii")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no deprecated pybase64 alphabet mixing on the fast paths
+        for form in forms[:2] + forms[3:]:
+            assert datasets.b64decode_image(form) == raw
+    assert datasets.b64decode_image(forms[2]) == stdlib_b64.urlsafe_b64decode(forms[2]) == raw
+    with pytest.raises(ValueError):
+        datasets.b64decode_image(b"a")
