@@ -149,36 +149,48 @@ def pool_retrieval(model, tokenizer, reader, pairs: list[tuple[int, int, str]], 
 
 
 # --------------------------------------------------------------------------- top-k
-def topk_indices(queries: torch.Tensor, gallery: torch.Tensor, k: int = 10,
-                 max_chunk_bytes: int = 256 * 2**20) -> torch.Tensor:
-    """(Q, D) queries, (G, D) gallery -> (Q, k) gallery indices by descending dot product.
+def topk_indices(queries: np.ndarray, gallery: np.ndarray, k: int = 10, max_chunk_bytes: int = 16 * 2**20,
+                 margin: int = 8, tie_tol: float = 1e-5) -> np.ndarray:
+    """(Q, D) queries, (G, D) gallery (float32) -> (Q, k) int64 gallery indices by descending dot product.
 
     Ties are broken by gallery order (lower index first), as the stable sort of Chinese-CLIP's
-    make_topk_predictions does. Queries are processed in chunks so the (chunk, G) score matrix stays
-    under `max_chunk_bytes`; only rows with a tie at the k-th score pay for a full stable sort.
+    make_topk_predictions does. NumPy only (no torch import: the `topk` process starts in 0.1 s, not 1.6 s).
+    A BLAS matrix product may round the scores of two identical gallery vectors differently (the result
+    depends on a column's place in the kernel's tile), so the product only shortlists the k + margin best
+    of each query; those are rescored one dot product at a time (identical vectors, identical scores) and
+    ordered by (score descending, index ascending). A query with more than `margin` scores within `tie_tol`
+    of its k-th (many duplicates at the cut) is rescored over the whole gallery. Query chunks keep the
+    (chunk, G) score matrix under `max_chunk_bytes`.
     """
-    import torch
-
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    gallery = np.ascontiguousarray(gallery, dtype=np.float32)
     Q, G = queries.shape[0], gallery.shape[0]
     k = min(k, G)
+    shortlist = min(G, k + margin)
     chunk = max(1, min(Q, max_chunk_bytes // (4 * max(G, 1))))
-    out = torch.empty(Q, k, dtype=torch.long)
-    gallery_t = gallery.t().contiguous()  # (D, G)
+    gallery_t = np.ascontiguousarray(gallery.T)  # (D, G)
+    out = np.empty((Q, k), dtype=np.int64)
     for start in range(0, Q, chunk):
-        scores = queries[start:start + chunk] @ gallery_t  # (C, G)
-        extra = int(k < G)
-        values, idx = scores.topk(k + extra, dim=1)  # (C, k+1), order among equal values unspecified
-        # a row whose (k+1)-th score equals its k-th has a tie across the cut: resolved by a full stable sort
-        crowded = (values[:, k - 1] == values[:, k]).nonzero().flatten().tolist() if extra else []
-        values, idx = values[:, :k], idx[:, :k]
-        # reorder inside the top-k: index ascending, then a stable sort by score descending
-        idx, perm = idx.sort(dim=1)
-        values = values.gather(1, perm)
-        idx = idx.gather(1, values.sort(dim=1, descending=True, stable=True).indices)
-        for row in crowded:
-            idx[row] = torch.sort(scores[row], descending=True, stable=True).indices[:k]
-        out[start:start + chunk] = idx
+        q = queries[start:start + chunk]  # (C, D)
+        scores = q @ gallery_t  # (C, G)
+        if shortlist < G:
+            cand = np.argpartition(scores, G - shortlist, axis=1)[:, G - shortlist:]  # (C, n) unordered
+        else:
+            cand = np.broadcast_to(np.arange(G), scores.shape)
+        out[start:start + chunk] = _rank_exactly(q, gallery, cand, k)
+        if shortlist < G:  # the shortlist's last score within tie_tol of the k-th: rescore the whole row
+            short_scores = np.sort(np.take_along_axis(scores, cand, axis=1), axis=1)  # (C, n) ascending
+            for row in np.nonzero(short_scores[:, -k] - short_scores[:, 0] <= tie_tol)[0]:
+                out[start + row] = _rank_exactly(q[row:row + 1], gallery, np.arange(G)[None], k)[0]
     return out
+
+
+def _rank_exactly(q: np.ndarray, gallery: np.ndarray, cand: np.ndarray, k: int) -> np.ndarray:
+    """(C, D) queries, (C, n) candidate indices -> (C, k) of them by (dot product desc, index asc), each dot
+    product computed on its own (einsum's loop, not BLAS), so equal vectors score equally."""
+    exact = np.einsum("cd,cnd->cn", q, gallery[cand])  # (C, n)
+    order = np.lexsort((cand, -exact), axis=-1)[:, :k]  # last key primary: score desc, then index asc
+    return np.take_along_axis(cand, order, axis=1)
 
 
 # --------------------------------------------------------------------------- feature files
@@ -221,11 +233,11 @@ def load_features(path: str) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(ids, dtype=np.int64), np.asarray(rows, dtype=np.float32).reshape(len(rows), -1)
 
 
-def write_predictions(path: str, query_ids: np.ndarray, gallery_ids: np.ndarray, idx: torch.Tensor,
+def write_predictions(path: str, query_ids: np.ndarray, gallery_ids: np.ndarray, idx: np.ndarray,
                       tr: bool = False) -> None:
     """One `{"text_id", "image_ids"}` (or `{"image_id", "text_ids"}` with tr) line per query, in query order."""
     qkey, gkey = ("image_id", "text_ids") if tr else ("text_id", "image_ids")
-    ranked = gallery_ids[idx.numpy()].tolist()  # (Q, k)
+    ranked = gallery_ids[np.asarray(idx)].tolist()  # (Q, k)
     with open(path, "w", encoding="utf-8") as f:
         for q, row in zip(query_ids.tolist(), ranked):
             f.write(json.dumps({qkey: q, gkey: row}) + "\n")
@@ -233,14 +245,12 @@ def write_predictions(path: str, query_ids: np.ndarray, gallery_ids: np.ndarray,
 
 def make_topk(image_feats: str, text_feats: str, output: str, top_k: int = 10, tr: bool = False) -> dict:
     """Load both feature files, rank, write the prediction jsonl; returns timings in seconds."""
-    import torch
-
     t0 = time.perf_counter()
     image_ids, images = load_features(image_feats)
     text_ids, texts = load_features(text_feats)
     t1 = time.perf_counter()
     queries, gallery, qids, gids = (images, texts, image_ids, text_ids) if tr else (texts, images, text_ids, image_ids)
-    idx = topk_indices(torch.from_numpy(queries), torch.from_numpy(gallery), top_k)
+    idx = topk_indices(queries, gallery, top_k)
     t2 = time.perf_counter()
     write_predictions(output, qids, gids, idx, tr)
     return {"load_s": t1 - t0, "topk_s": t2 - t1, "write_s": time.perf_counter() - t2}
