@@ -522,17 +522,19 @@ def forward_backward(model, criterion, micro_batches, args, device, scaler) -> d
 
 @contextlib.contextmanager
 def sparse_embedding_grads(model: nn.Module):
-    """Within the block, every trainable `nn.Embedding` gives a sparse (rows-used-only) weight gradient.
+    """Within the block, every trainable `nn.Embedding` gives a sparse (rows-used-only) weight gradient that
+    its backward adds in place into a dense `.grad` (zeros allocated here when the step starts without one).
 
-    For the unsynced micro-batches of exact accumulation: each backward then adds only the B*L rows
-    its tokens touched, instead of building a dense vocab x width gradient (49,408 x 512 = 101 MB for
-    CLIP's BPE table) and adding it to `.grad`. The synced last backward runs outside the block, so
-    its dense gradient absorbs the sparse sum (dense + sparse = dense) and DDP, AdamW and clipping see
-    a dense `.grad` as always. The flag is read at forward time, so the forward and its backward agree.
+    For exact accumulation: each of the k backwards then touches only the B*L rows its tokens used,
+    instead of building a dense vocab x width gradient (49,408 x 512 = 101 MB for CLIP's BPE table) and
+    adding it to `.grad`; `.grad` stays dense, so DDP, AdamW and clipping see what they always see. The
+    flag is read at forward time, so a forward and its backward agree.
     """
     embeddings = [m for m in model.modules() if isinstance(m, nn.Embedding) and m.weight.requires_grad
                   and not m.sparse]
     for m in embeddings:
+        if m.weight.grad is None:
+            m.weight.grad = torch.zeros_like(m.weight)
         m.sparse = True
     try:
         yield
@@ -544,15 +546,14 @@ def sparse_embedding_grads(model: nn.Module):
 def _exact_accumulation(model, criterion, micro_batches, args, device, no_sync, backward) -> dict:
     """The exact scheme of `forward_backward`: 2k-1 forwards + k backwards, 5/4 of one k*B step at k=4.
 
-    The k-1 unsynced backwards give sparse embedding gradients (`sparse_embedding_grads`), except under
-    --compile (inductor does not take sparse tensors)."""
+    Embedding gradients are accumulated sparsely (`sparse_embedding_grads`), except under --compile
+    (inductor does not take sparse tensors)."""
+    k = len(micro_batches)
     with contextlib.nullcontext() if getattr(args, "compile", False) else sparse_embedding_grads(model):
         cached, rng, last, rng_end = _cache_pass(model, micro_batches, args, device, no_sync)
-        for j in [len(micro_batches) - 1] + list(range(len(micro_batches) - 2)):
-            _recompute_backward(model, criterion, micro_batches, j, cached, rng, last, args, device, no_sync,
-                                backward, synced=False)
-    loss_dict = _recompute_backward(model, criterion, micro_batches, len(micro_batches) - 2, cached, rng, last,
-                                    args, device, no_sync, backward, synced=True)
+        for n, j in enumerate([k - 1] + list(range(k - 1))):  # the synced backward (n = k-1) comes last
+            loss_dict = _recompute_backward(model, criterion, micro_batches, j, cached, rng, last, args, device,
+                                            no_sync, backward, synced=n == k - 1)
     _rng_restore(rng_end, device)
     return loss_dict
 

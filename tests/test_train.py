@@ -94,29 +94,26 @@ def test_exact_accumulation_equals_big_batch_and_naive_differs(tmp_path):
     assert rel > 0.05
 
 
-def test_unsynced_micro_batches_give_sparse_embedding_grads_and_the_step_a_dense_one(monkeypatch):
-    """The k-1 unsynced backwards of exact accumulation add sparse token-embedding gradients; the synced
-    last one leaves a dense `.grad` equal to the one-batch gradient."""
+def test_exact_accumulation_adds_sparse_embedding_grads_into_a_dense_grad():
+    """Each micro-batch backward of exact accumulation hands the token embedding a sparse gradient (only the
+    rows its tokens used), added into a dense `.grad` equal to the one-batch gradient; the flag is reset."""
     torch.manual_seed(0)
     model = models.build_model(models.parse_model_name("CLIP_VITT16_CLIP"), image_size=32, text_layers=1)
     images, tokens = torch.randn(8, 3, 32, 32), torch.randint(1, 1000, (8, 77))
     ns = main.parse_args(["--accum-mode", "exact"])
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    layouts = []  # (synced, .grad layout, sparse flag) after each micro-batch backward
-    real_recompute = main._recompute_backward
-
-    def spy(*args, **kwargs):
-        out = real_recompute(*args, **kwargs)
-        grad = model.text.token_embedding.weight.grad
-        layouts.append((kwargs["synced"], grad.layout, model.text.token_embedding.sparse))
-        return out
-    monkeypatch.setattr(main, "_recompute_backward", spy)
+    embedding = model.text.token_embedding
+    incoming = []  # layout of each gradient the embedding's backward produces, before accumulation
+    embedding.weight.register_hook(lambda g: incoming.append(g.layout))
     main.forward_backward(model, losses.ClipLoss(), list(zip(images.chunk(4), tokens.chunk(4))), ns,
                           torch.device("cpu"), scaler)
-    assert layouts == [(False, torch.sparse_coo, True)] * 3 + [(True, torch.strided, False)]
+    assert incoming == [torch.sparse_coo] * 4 and embedding.weight.grad.layout == torch.strided
+    assert not embedding.sparse
     accumulated = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
+    incoming.clear()
     main.forward_backward(model, losses.ClipLoss(), [(images, tokens)], ns, torch.device("cpu"), scaler)
+    assert incoming == [torch.strided]  # k = 1: the plain dense path
     for name, p in model.named_parameters():
         torch.testing.assert_close(accumulated[name], p.grad, rtol=1e-4, atol=1e-5 * float(p.grad.abs().max()),
                                    msg=lambda m, name=name: f"{name}: {m}")
