@@ -609,8 +609,8 @@ def train_one_epoch(model, criterion, loader, optimizer, scaler, lr_schedule, st
     t_last = time.perf_counter()
     steps_in_epoch = ctx["steps_per_epoch"]
     for batch in loader:  # a tuple of tensors, passed to model(*batch); layout set by the dataset
-        # token tensors (the integer ones) lose their all-padding columns on the host, not on the GPU
-        micro.append(tuple((models.trim_padding(t) if not t.is_floating_point() and t.ndim >= 2 else t)
+        # token tensors (int64, as both tokenizers return) lose their all-padding columns on the host
+        micro.append(tuple((models.trim_padding(t) if t.dtype == torch.int64 and t.ndim >= 2 else t)
                            .to(ctx["device"], non_blocking=True) for t in batch))
         if len(micro) < args.update_freq:
             continue
