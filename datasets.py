@@ -809,6 +809,19 @@ def build_reader(name: str, split: str, catalog: dict | None = None, data_root: 
 
 
 # --------------------------------------------------------------------------- transforms
+class NormalizeUint8(torch.nn.Module):
+    """uint8 (3, H, W) -> float32 (x / 255 - mean) / std in one conversion and two in-place passes (what
+    `v2.ToDtype(scale=True)` + `v2.Normalize` do in four; 0.055 ms less per 224 px image, bench.py data)."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.register_buffer("shift", torch.tensor(mean).view(-1, 1, 1) * 255, persistent=False)
+        self.register_buffer("scale", 1 / (torch.tensor(std).view(-1, 1, 1) * 255), persistent=False)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return image.float().sub_(self.shift).mul_(self.scale)  # (3, H, W)
+
+
 def train_transform(image_size: int, min_scale: float = 0.5) -> v2.Compose:
     """Weak training view: random resized crop (scale [min_scale, 1], bicubic, antialiased), float, OpenAI
     normalisation. The crop is resampled on the uint8 tensor (torch's vectorised antialiased bicubic, within
@@ -817,8 +830,7 @@ def train_transform(image_size: int, min_scale: float = 0.5) -> v2.Compose:
         v2.PILToTensor(),
         v2.RandomResizedCrop(image_size, scale=(min_scale, 1.0), interpolation=v2.InterpolationMode.BICUBIC,
                              antialias=True),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(OPENAI_MEAN, OPENAI_STD),
+        NormalizeUint8(OPENAI_MEAN, OPENAI_STD),
     ])
 
 

@@ -542,3 +542,15 @@ def test_b64decode_image_reads_both_alphabets_and_lenient_text_like_the_standard
     assert datasets.b64decode_image(forms[2]) == stdlib_b64.urlsafe_b64decode(forms[2]) == raw
     with pytest.raises(ValueError):
         datasets.b64decode_image(b"a")
+
+
+def test_normalize_uint8_equals_to_dtype_then_normalize():
+    """The fused uint8 -> normalised float step of the training transform equals torchvision's two ops."""
+    from torchvision.transforms import v2
+
+    image = torch.randint(0, 256, (3, 17, 23), dtype=torch.uint8)
+    reference = v2.Normalize(datasets.OPENAI_MEAN, datasets.OPENAI_STD)(
+        v2.ToDtype(torch.float32, scale=True)(image))
+    fused = datasets.NormalizeUint8(datasets.OPENAI_MEAN, datasets.OPENAI_STD)(image)
+    assert fused.dtype == torch.float32 and image.dtype == torch.uint8  # the input is left alone
+    torch.testing.assert_close(fused, reference, atol=1e-5, rtol=1e-5)
