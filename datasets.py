@@ -819,6 +819,8 @@ class NormalizeUint8(torch.nn.Module):
         self.register_buffer("scale", 1 / (torch.tensor(std).view(-1, 1, 1) * 255), persistent=False)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
+        if image.dtype != torch.uint8:  # a float image would be scaled by 255 twice (and changed in place)
+            raise TypeError(f"NormalizeUint8 takes uint8 images (PIL -> v2.PILToTensor), got {image.dtype}")
         return image.float().sub_(self.shift).mul_(self.scale)  # (3, H, W)
 
 

@@ -554,3 +554,5 @@ def test_normalize_uint8_equals_to_dtype_then_normalize():
     fused = datasets.NormalizeUint8(datasets.OPENAI_MEAN, datasets.OPENAI_STD)(image)
     assert fused.dtype == torch.float32 and image.dtype == torch.uint8  # the input is left alone
     torch.testing.assert_close(fused, reference, atol=1e-5, rtol=1e-5)
+    with pytest.raises(TypeError, match="uint8"):
+        datasets.NormalizeUint8(datasets.OPENAI_MEAN, datasets.OPENAI_STD)(image.float())
