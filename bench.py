@@ -915,22 +915,14 @@ def _objective_child(config: str) -> None:
     else:
         with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
             f.write("5")
-        base = _obj_status_bytes("VmRSS")
+        base = _rss_bytes("VmRSS")
     times = []
     for i in range(cfg["steps"]):
         t0 = time.perf_counter()
         step(i + 1)
         times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _obj_status_bytes("VmHWM")
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _rss_bytes("VmHWM")
     print(json.dumps({"step_s": statistics.median(times), "peak_mb": peak / 2**20, "base_mb": base / 2**20}))
-
-
-def _obj_status_bytes(field: str) -> int:
-    with open("/proc/self/status", encoding="ascii") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def _augment_rate(args: argparse.Namespace) -> dict:
