@@ -119,9 +119,10 @@ def test_exact_accumulation_adds_sparse_embedding_grads_into_a_dense_grad():
                                    msg=lambda m, name=name: f"{name}: {m}")
 
 
-def test_compile_trains_like_eager_with_the_same_checkpoint_keys(tmp_path):
+def test_compile_trains_like_eager_with_the_same_checkpoint_keys(tmp_path, monkeypatch):
     """--compile (inductor on CPU here; CUDA on a GPU machine) under exact accumulation: the same parameters
     after two steps as eager, and a checkpoint an eager run loads (no `_orig_mod.` prefixes)."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # not the shared /tmp cache
     base = TINY_RUN + ["--output-dir", str(tmp_path), "--max-steps", "2", "--warmup-epochs", "0", "--eps", EPS,
                        "--update-freq", "2", "--batch-size", "4"]
     main.main(base + ["--name", "compiled", "--compile"])
