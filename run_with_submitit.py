@@ -126,7 +126,10 @@ def executor_parameters(la: argparse.Namespace, name: str) -> dict:
     mem_gb = la.mem_gb if la.mem_gb is not None else (40 * la.ngpus if la.ngpus > 0 else 4 * tasks)
     params = {"nodes": la.nodes, "tasks_per_node": tasks, "cpus_per_task": la.cpus_per_task, "mem_gb": mem_gb,
               "timeout_min": la.timeout, "name": name, "slurm_signal_delay_s": min(SIGNAL_DELAY_S, la.timeout * 30),
-              "slurm_array_parallelism": la.array_parallelism}
+              "slurm_array_parallelism": la.array_parallelism,
+              # one rank failing (an exception, too many bad samples, OOM) ends the step at once: its peers
+              # would otherwise wait in their next collective until the process-group timeout
+              "slurm_srun_args": ["--kill-on-bad-exit=1"]}
     if la.ngpus > 0:
         params["gpus_per_node"] = la.ngpus
     constraint = "volta32gb" if la.use_volta32 else la.constraint

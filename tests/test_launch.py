@@ -435,6 +435,19 @@ def test_slurm_sweep_runs_as_a_job_array(slurm_runs):
 
 
 @pytest.mark.slow
+def test_slurm_one_dead_rank_ends_the_whole_job(slurm, tmp_path):
+    """srun --kill-on-bad-exit: when one rank dies, its peer (sleeping here; in a run, waiting in a collective)
+    is killed at once instead of holding the allocation until the process-group timeout."""
+    la, _ = rws.split_argv(["--ngpus", "0", "--tasks-per-node", "2", "--cpus-per-task", "1", "--mem-gb", "1",
+                            "--timeout", "10", "--cluster", "slurm"])
+    executor = rws.make_executor(la, str(tmp_path / "submitit"), "dead-rank")
+    t0 = time.time()
+    job = executor.submit(os.system, 'if [ "$SLURM_PROCID" = 1 ]; then kill -9 $PPID; fi; sleep 600')
+    assert final_state(job.job_id) == "FAILED"
+    assert time.time() - t0 < 120
+
+
+@pytest.mark.slow
 def test_slurm_cancelled_job_is_reported_cancelled(slurm, tmp_path):
     import submitit
 
