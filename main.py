@@ -710,14 +710,31 @@ def ctx_image_size(args: argparse.Namespace, spec: models.ModelSpec) -> int:
 
 
 # --------------------------------------------------------------------------- checkpoint
-def checkpoint_payload(model, optimizer, scaler, state: RunState, args, commit: str) -> dict:
+def checkpoint_payload(model, optimizer, scaler, state: RunState, args, commit: str,
+                       rng_states: list[dict] | None = None) -> dict:
+    """What checkpoint.pt holds; `rng` is the list of every rank's RNG states (`utils.gather_rng_states`)."""
     return {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
             "epoch": state.epoch, "step": state.step, "step_in_epoch": state.step_in_epoch,
-            "best_metric": state.best_metric, "nonfinite": state.nonfinite, "rng": utils.capture_rng_state(),
-            "args": config_of(args), "commit": commit}
+            "best_metric": state.best_metric, "nonfinite": state.nonfinite,
+            "rng": rng_states or [utils.capture_rng_state()], "args": config_of(args), "commit": commit}
 
 
-def restore(path: str, model, optimizer, scaler, state: RunState) -> None:
+def restore_rng(saved: list[dict] | dict, rank: int, world_size: int, seed: int, step: int) -> None:
+    """This rank's RNG states from a checkpoint: its own entry when the checkpoint has one per rank of this
+    world size (an exact resume); otherwise (another world size, or an older single-state checkpoint) a fresh
+    per-rank stream seeded by (seed, rank, step), with a warning that dropout masks will not repeat exactly."""
+    states = saved if isinstance(saved, list) else [saved]
+    if len(states) == world_size:
+        utils.restore_rng_state(states[rank])
+        return
+    log.warning("the checkpoint holds the RNG states of %d rank(s), this run has %d: random streams (dropout, "
+                "drop-path) restart from a new seed, so the run is not a bitwise continuation", len(states),
+                world_size)
+    utils.seed_all(utils.rank_seed(seed, rank, step))
+
+
+def restore(path: str, model, optimizer, scaler, state: RunState, args, env: utils.DistEnv) -> None:
+    """Training state from checkpoint `path` (weights strictly, optimizer, scaler, progress, this rank's RNG)."""
     ckpt = utils.load_checkpoint(path)
     missing = [k for k in ("model", "optimizer", "epoch", "step", "step_in_epoch", "rng") if k not in ckpt]
     if missing:
@@ -728,7 +745,7 @@ def restore(path: str, model, optimizer, scaler, state: RunState) -> None:
     scaler.load_state_dict(ckpt["scaler"])
     state.epoch, state.step, state.step_in_epoch = ckpt["epoch"], ckpt["step"], ckpt["step_in_epoch"]
     state.best_metric, state.nonfinite = ckpt["best_metric"], ckpt["nonfinite"]
-    utils.restore_rng_state(ckpt["rng"])
+    restore_rng(ckpt["rng"], env.rank, env.world_size, args.seed, state.step)
 
 
 # --------------------------------------------------------------------------- main
@@ -761,6 +778,8 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
         model.after_weights_loaded()
     if args.freeze_vision:
         freeze_vision(model)
+    # the same initial weights on every rank (above), then each rank its own stream for dropout masks
+    utils.seed_all(utils.rank_seed(args.seed, env.rank))
     tokenizer = datasets.build_tokenizer(spec.base.tokenizer, args.context_length or spec.base.context_length)
     reader = datasets.build_reader(args.dataset, "train", data_root=args.data_root)
     if args.val_dataset:  # a missing validation set fails now, not after an epoch
@@ -786,7 +805,7 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
     scaler = torch.amp.GradScaler(env.device.type, enabled=args.precision == "fp16")
     state = RunState()
     if resume_path:
-        restore(resume_path, model, optimizer, scaler, state)
+        restore(resume_path, model, optimizer, scaler, state, args, env)
         log.info("resumed from %s at epoch %d, step %d", resume_path, state.epoch, state.step)
     if env.distributed and env.device.type == "cuda":  # projector BN over the global batch (parameters kept)
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -806,9 +825,10 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
         if wandb_run is not None:
             wandb_run.log({k: v for k, v in entry.items() if isinstance(v, (int, float))})
 
-    def save(is_best: bool) -> None:
+    def save(is_best: bool) -> None:  # called on every rank: the RNG states are gathered
+        rng_states = utils.gather_rng_states()
         if main_process:
-            payload = checkpoint_payload(model, optimizer, scaler, state, args, commit)
+            payload = checkpoint_payload(model, optimizer, scaler, state, args, commit, rng_states)
             utils.save_atomic(payload, os.path.join(exp_dir, "checkpoint.pt"))
             if is_best:
                 utils.save_atomic(payload, os.path.join(exp_dir, "checkpoint_best.pt"))

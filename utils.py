@@ -196,6 +196,30 @@ def restore_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def rank_seed(seed: int, rank: int, step: int | None = None) -> int:
+    """The seed of rank `rank`'s own random stream (dropout, drop-path masks): distinct per run seed and rank
+    (and per `step`, for a stream restarted mid-run)."""
+    entropy = [seed, rank] + ([step] if step is not None else [])
+    return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint32)[0])
+
+
+def seed_all(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and every CUDA device) with `seed`."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def gather_rng_states() -> list[dict]:
+    """`capture_rng_state()` of every rank, in rank order. A collective: every rank must call it."""
+    state = capture_rng_state()
+    if get_world_size() == 1:
+        return [state]
+    states: list = [None] * get_world_size()
+    dist.all_gather_object(states, state)  # pickled between this job's own processes only
+    return states
+
+
 def git_commit(folder: str | None = None) -> str:
     """The HEAD commit of the repository holding this file (or `folder`), or 'unknown'.
 

@@ -1,6 +1,7 @@
 """Training end to end: exact accumulation, 2-process gloo, resume, checkpoints, folder layout, failures, wandb."""
 import glob
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from conftest import TINY_RUN
 import losses
 import main
 import models
+import utils
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CKPT_KEYS = {"model", "optimizer", "scaler", "epoch", "step", "step_in_epoch", "rng", "args", "commit"}
@@ -181,6 +183,37 @@ def test_resume_after_process_exit_is_identical(tmp_path, model, dataset):
     assert steps == list(range(1, 9))  # the resumed run continued the log where it stopped
 
 
+@pytest.mark.slow
+def test_two_rank_resume_continues_each_ranks_own_random_stream(tmp_path):
+    """2 gloo ranks, CNCLIP (dropout in the BERT tower): the ranks draw their own dropout masks, the checkpoint
+    holds both RNG states, and 4 steps straight == 2 steps, exit, resume, 2 steps."""
+    base = flag(flag(TINY_RUN, "--model", "CNCLIP_VITT16_CLIP"), "--dataset", "synthetic-zh") + \
+        ["--output-dir", str(tmp_path), "--device", "cpu", "--batch-size", "4"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    run_subprocess(base + ["--name", "straight", "--max-steps", "4"], launcher=torchrun)
+    run_subprocess(base + ["--name", "resumed", "--max-steps", "2"], launcher=torchrun)
+    half = load(tmp_path / "resumed" / "checkpoint.pt")
+    assert half["step"] == 2 and len(half["rng"]) == 2
+    assert not torch.equal(half["rng"][0]["torch"], half["rng"][1]["torch"])  # two streams, not one copied
+    run_subprocess(base + ["--name", "resumed", "--max-steps", "4"], launcher=torchrun)
+    straight, resumed = load(tmp_path / "straight" / "checkpoint.pt"), load(tmp_path / "resumed" / "checkpoint.pt")
+    assert resumed["step"] == straight["step"] == 4
+    assert_same_tensors(resumed["model"], straight["model"], atol=1e-6)
+
+
+def test_restore_rng_takes_this_ranks_state_or_reseeds_on_another_world_size(caplog):
+    states = []
+    for rank in range(2):
+        utils.seed_all(utils.rank_seed(7, rank))
+        states.append(utils.capture_rng_state())
+    main.restore_rng(states, rank=1, world_size=2, seed=7, step=5)
+    assert torch.equal(torch.get_rng_state(), states[1]["torch"])
+    with caplog.at_level(logging.WARNING):
+        main.restore_rng(states, rank=1, world_size=4, seed=7, step=5)  # resumed on 4 ranks
+    assert "not a bitwise continuation" in caplog.text
+    assert torch.initial_seed() == utils.rank_seed(7, 1, 5) != utils.rank_seed(7, 0, 5)
+
+
 def test_folder_of_another_run_is_refused(tiny_run_args):
     main.main(tiny_run_args + ["--name", "owner", "--max-steps", "1"])
     with pytest.raises(SystemExit, match=r"belongs to another run.*--lr 0\.001 -> 0\.002"):
@@ -214,7 +247,7 @@ def test_full_epoch_writes_experiment_folder_and_safe_checkpoints(tiny_run_args,
         assert CKPT_KEYS <= ckpt.keys()
         assert (ckpt["epoch"], ckpt["step"], ckpt["step_in_epoch"]) == (1, 8, 0)
         assert ckpt["args"]["model"] == "CLIP_VITT16_CLIP" and ckpt["commit"] == summary["commit"]
-        assert {"python", "numpy", "torch"} <= ckpt["rng"].keys()
+        assert len(ckpt["rng"]) == 1 and {"python", "numpy", "torch"} <= ckpt["rng"][0].keys()  # one per rank
     # logit_scale is clamped after every step and never decayed
     assert 0 <= float(ckpt["model"]["logit_scale"]) <= torch.log(torch.tensor(100.0))
 
