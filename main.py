@@ -219,9 +219,43 @@ def num_augs(spec: models.ModelSpec, args: argparse.Namespace) -> int:
     return spec.objective.num_views if args.num_augs is None else args.num_augs
 
 
+# Flags of one objective family -> (does the parsed model use them?, who does). Set to a non-default value on a
+# model that ignores them, they fail at parse time: an ablation row must never be silently the baseline.
+_MULTI_VIEW = (lambda spec, args: spec.objective.num_views > 0, "the multi-view CL2L-base models")
+FAMILY_FLAGS = {
+    ("barlip_proj_dim", "barlip_hidden_dim", "barlip_lamb", "barlip_scale_loss"):
+        (lambda spec, args: spec.objective.model == "BARLIP", "BARLIP"),
+    ("siamlip_proj_dim", "siamlip_hidden_dim", "siamlip_no_last_bn"):
+        (lambda spec, args: spec.objective.model in ("SIAMLIP", "BYOLIP"), "SIAMLIP and BYOLIP"),
+    ("momentum_tau", "momentum_tau_schedule"):
+        (lambda spec, args: spec.objective.model == "BYOLIP" or (spec.objective.model == "SIAMLIP" and args.momentum),
+         "BYOLIP and SIAMLIP --momentum"),
+    ("swalip_weight", "target_epsilon", "sk_iters"):
+        (lambda spec, args: spec.objective.name in ("SWALIP", "SWALIPV1"), "SWALIP and SWALIPV1"),
+    ("swalip_proj_dim", "swalip_hidden_dim", "swalip_num_proto", "swalip_temperature", "swalip_learn_temperature",
+     "swalip_no_shared_proto", "swalip_freeze_proto_iters"):
+        (lambda spec, args: spec.objective.name == "SWALIPV1", "SWALIPV1"),
+    ("cl2l_img_proj_type", "cl2l_txt_proj_type", "cl2l_hidden_dim", "separate_proj", "detach_proj",
+     "separate_proj_child", "text_dropout_prob", "text_drop_path_prob", "blur_prob", "solarize_prob",
+     "grayscale_prob", "byol_augment", "randaugment", "multicrop_resize", "multicrop_max_scale"): _MULTI_VIEW,
+}
+
+
+def ignored_flag_errors(spec: models.ModelSpec, args: argparse.Namespace) -> list[str]:
+    """`FAMILY_FLAGS` set away from their defaults on a model that would not read them."""
+    defaults, errors = get_args_parser().parse_args([]), []
+    for flags, (applies, users) in FAMILY_FLAGS.items():
+        changed = [f for f in flags if getattr(args, f) != getattr(defaults, f)]
+        if changed and not applies(spec, args):
+            it = "it" if len(changed) == 1 else "them"
+            errors.append(f"{', '.join('--' + f.replace('_', '-') for f in changed)}: used only by {users}; "
+                          f"{args.model} would ignore {it}")
+    return errors
+
+
 def recipe_errors(spec: models.ModelSpec, args: argparse.Namespace) -> list[str]:
     """Flag combinations that make no sense for the parsed model (checked at parse time)."""
-    errors, name = [], spec.objective.name
+    errors, name = ignored_flag_errors(spec, args), spec.objective.name
     if spec.objective.num_views == 0 and args.num_augs:
         errors.append(f"--num-augs needs a multi-view (CL2L-base) objective; {args.model} trains on one view")
     if args.momentum and spec.objective.model not in ("SIAMLIP", "BYOLIP"):

@@ -296,6 +296,27 @@ def test_cl2l_exact_accumulation_equals_the_big_batch():
 
 
 # --------------------------------------------------------------------------- registry, flags, two steps each
+def test_a_flag_the_model_would_ignore_fails_at_parse_time(capsys):
+    """An objective's own flag on a model that never reads it is an error, never a silent baseline run."""
+    refused = {("CLIP_VITT16_CLIP", "--barlip-lamb", "0.01"): "--barlip-lamb: used only by BARLIP",
+               ("CL2L_VITT16_CL2L", "--swalip-weight", "0.5"): "--swalip-weight: used only by SWALIP and SWALIPV1",
+               ("CL2L_VITT16_SWALIP", "--swalip-num-proto", "10"): "used only by SWALIPV1",
+               ("CL2L_VITT16_SIAMLIP", "--momentum-tau", "0.9"): "used only by BYOLIP and SIAMLIP --momentum",
+               ("CLIP_VITT16_CLIP", "--blur-prob", "0.1"): "used only by the multi-view CL2L-base models"}
+    for (model, flag, value), message in refused.items():
+        with pytest.raises(SystemExit):
+            main.parse_args(["--model", model, flag, value])
+        err = capsys.readouterr().err
+        assert message in err and f"{model} would ignore it" in err, err
+    for argv in (["--model", "CL2L_VITT16_BARLIP", "--barlip-lamb", "0.01"],  # where they apply they parse
+                 ["--model", "CL2L_VITT16_SWALIP", "--swalip-weight", "0.5"],
+                 ["--model", "CLIP_VITT16_SWALIPV1", "--swalip-num-proto", "10"],
+                 ["--model", "CL2L_VITT16_SIAMLIP", "--momentum", "--momentum-tau", "0.9"],
+                 ["--model", "CL2L_VITT16_CL2L", "--blur-prob", "0.1"],
+                 ["--model", "CLIP_VITT16_CLIP", "--blur-prob", "0.5"]):  # the default value is not a change
+        main.parse_args(argv)
+
+
 def test_every_combination_the_paper_uses_is_registered_and_nonsense_fails():
     for backbone in ("R50", "VITS16MOCO", "VITB16", "VITT16"):
         for objective in ("CL2L", "BARLIP", "SIAMLIP", "BYOLIP", "SWALIP"):
@@ -370,11 +391,14 @@ def test_paper_commands_parse(command):
 OBJECTIVE_NAMES = ["CL2L_VITT16_CL2L", "CL2L_VITT16_BARLIP", "CL2L_VITT16_SIAMLIP", "CL2L_VITT16_BYOLIP",
                    "CL2L_VITT16_SWALIP", "CLIP_VITT16_SWALIPV1", "CLIP_VITT16_SIGLIP", "CNCLIP_VITT16_SIGLIP"]
 TINY_FLAGS = ["--image-size", "32", "--transformer-layers", "1", "--text-width", "64", "--text-heads", "2",
-              "--batch-size", "8", "--dataset", "synthetic",
-              "--cl2l-hidden-dim", "32", "--barlip-hidden-dim", "32", "--barlip-proj-dim", "16",
-              "--siamlip-hidden-dim", "32", "--siamlip-proj-dim", "8", "--swalip-hidden-dim", "32",
-              "--swalip-num-proto", "10", "--swalip-freeze-proto-iters", "1", "--text-augment",
-              "--synonym-replacement-prob", "0", "--lr", "1e-3"]
+              "--batch-size", "8", "--dataset", "synthetic", "--text-augment", "--synonym-replacement-prob", "0",
+              "--lr", "1e-3"]
+# tiny heads, each family only where it is read (anything else is refused at parse time)
+CL2L_TINY = ["--separate-proj", "--cl2l-hidden-dim", "32"]
+SIAM_TINY = CL2L_TINY + ["--siamlip-hidden-dim", "32", "--siamlip-proj-dim", "8"]
+TINY_HEADS = {"CL2L": CL2L_TINY, "SWALIP": CL2L_TINY, "SIAMLIP": SIAM_TINY, "BYOLIP": SIAM_TINY,
+              "BARLIP": CL2L_TINY + ["--barlip-hidden-dim", "32", "--barlip-proj-dim", "16"],
+              "SWALIPV1": ["--swalip-hidden-dim", "32", "--swalip-num-proto", "10", "--swalip-freeze-proto-iters", "1"]}
 
 
 EXTRA_FLAGS = {  # each name once; the option paths ride along
@@ -390,7 +414,7 @@ EXTRA_FLAGS = {  # each name once; the option paths ride along
     ("CL2L_VITT16_CL2L", ["--num-augs", "0", "--text-drop-path-prob", "0.1", "--text-dropout-prob", "0.1"]),
 ])
 def test_every_objective_trains_two_steps(name, extra):
-    args = main.parse_args(["--model", name, *TINY_FLAGS, "--separate-proj", *extra])
+    args = main.parse_args(["--model", name, *TINY_FLAGS, *TINY_HEADS.get(name.split("_")[-1], []), *extra])
     spec = models.parse_model_name(name)
     model = models.build_model(spec, **{**main.model_kwargs(args), "image_size": 32})
     tokenizer = datasets.build_tokenizer(spec.base.tokenizer, spec.base.context_length)
