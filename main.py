@@ -592,11 +592,29 @@ def _exact_accumulation(model, criterion, micro_batches, args, device, no_sync, 
     return loss_dict
 
 
+@contextlib.contextmanager
+def frozen_batchnorm_stats(model: nn.Module):
+    """BatchNorm running statistics and counters are put back as they were when the block ends.
+
+    Exact accumulation runs micro-batches 0..k-2 twice in training mode (cached, then recomputed); without this
+    each would move the running averages twice, and `num_batches_tracked` would count 2k-1 batches per step."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+             and m.track_running_stats]
+    saved = [[t.clone() for t in (m.running_mean, m.running_var, m.num_batches_tracked)] for m in norms]
+    try:
+        yield
+    finally:
+        for m, buffers in zip(norms, saved, strict=True):
+            for live, before in zip((m.running_mean, m.running_var, m.num_batches_tracked), buffers, strict=True):
+                live.copy_(before)
+
+
 def _cache_pass(model, micro_batches, args, device, no_sync):
-    """No-grad forwards of micro-batches 0..k-2 (outputs cached, RNG states kept) + the last one with grad."""
+    """No-grad forwards of micro-batches 0..k-2 (outputs cached, RNG states kept, BatchNorm statistics left
+    for their recompute to update) + the last one with grad."""
     cached, rng = [], []
     with autocast(args, device):
-        with torch.no_grad():
+        with torch.no_grad(), frozen_batchnorm_stats(model):
             for batch in micro_batches[:-1]:
                 rng.append(_rng_snapshot(device))
                 cached.append({key: v.detach() for key, v in model(*batch).items() if v.ndim > 0})

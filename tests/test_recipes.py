@@ -1,6 +1,7 @@
 """CLIP🚀 (CL2L), SiamLIP/BYOLIP, BarLIP, SwALIP(V1), SigLIP: losses vs naive float64 references and
 invariants, model hooks (EMA, frozen prototypes, clamps), exact accumulation, registry and flags, and
 two optimizer steps of every registered objective."""
+import copy
 import math
 import shlex
 
@@ -293,6 +294,31 @@ def test_cl2l_exact_accumulation_equals_the_big_batch():
     assert big.keys() == small.keys() and "l2l_logit_scale" in big
     for name in big:
         assert torch.allclose(big[name], small[name], atol=1e-5, rtol=1e-4), name
+
+
+def test_exact_accumulation_moves_batchnorm_statistics_once_per_micro_batch():
+    """SIAMLIP's projectors have BatchNorm: at update-freq 4 each micro-batch moves the running statistics
+    once, in the order the step runs them (the last one first, kept from the caching pass), never also in the
+    caching pass itself."""
+    model = tiny_model("CL2L_VITT16_SIAMLIP", separate_proj=True)
+    reference = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(0)
+    images, strong = torch.randn(8, 3, 32, 32, generator=g), torch.randn(8, 2, 3, 32, 32, generator=g)
+    tokens = torch.randint(1, 1000, (8, 3, 77), generator=g)
+    tokens[..., 9] = 49407
+    micro = [(images[i:i + 2], tokens[i:i + 2], strong[i:i + 2]) for i in range(0, 8, 2)]
+    main.forward_backward(model, losses.SiamLIPLoss(), micro, main.parse_args(["--model", "CL2L_VITT16_SIAMLIP"]),
+                          torch.device("cpu"), torch.amp.GradScaler("cpu", enabled=False))
+    with torch.no_grad():
+        for j in (3, 0, 1, 2):
+            reference(*micro[j])
+    norms = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm1d)]
+    expected = dict(reference.named_modules())
+    assert norms and int(norms[0][1].num_batches_tracked) == 4  # the l2l projector: once per micro-batch
+    for name, m in norms:  # (the siam heads run twice per forward: weak and strong views)
+        assert int(m.num_batches_tracked) == int(expected[name].num_batches_tracked), name
+        torch.testing.assert_close(m.running_mean, expected[name].running_mean, msg=name)
+        torch.testing.assert_close(m.running_var, expected[name].running_var, msg=name)
 
 
 # --------------------------------------------------------------------------- registry, flags, two steps each
