@@ -251,11 +251,13 @@ def _peer_step(s: dict, device: torch.device, optimizer_step: bool = True, keep_
             s["peer"].logit_scale.clamp_(0, math.log(100))
 
 
-def _peer_accum_step(s: dict, device: torch.device, k: int) -> None:
-    """open_clip's `--accum-freq k` scheme (open_clip_train's train_one_epoch) on the peer, no optimizer step:
+def _peer_accum_step(s: dict, device: torch.device, k: int, optimizer_step: bool = False) -> None:
+    """open_clip's `--accum-freq k` scheme (open_clip_train's train_one_epoch) on the peer:
     k no-grad forwards cache the features, then each micro-batch is re-run with grad against the cached
-    others, its loss backpropagated: 2k forwards + k backwards (4/3 of one step). Every backward here keeps
-    the logit-scale graph; it is a timing peer, not a trainer."""
+    others, its loss backpropagated: 2k forwards + k backwards (4/3 of one step), then (optimizer_step) the
+    AdamW step and clamp. Every backward here keeps the logit-scale graph; it is a timing peer, not a trainer."""
+    import math
+
     import main as trainer
 
     images, tokens = s["batch"]
@@ -270,6 +272,10 @@ def _peer_accum_step(s: dict, device: torch.device, k: int) -> None:
                      for key in ("image_features", "text_features")}
             loss = s["peer_loss"](feats["image_features"], feats["text_features"], out["logit_scale"])
         loss.backward()
+    if optimizer_step:
+        s["opt_peer"].step()
+        with torch.no_grad():
+            s["peer"].logit_scale.clamp_(0, math.log(100))
 
 
 def _train_flops(step: Callable[[], None]) -> float:
@@ -359,25 +365,55 @@ def _memory_child(config: str) -> None:
     print(json.dumps({"base_mb": base / 2**20, "peak_mb": peak / 2**20, "act_mb": (peak - base) / 2**20}))
 
 
-def _measure_memory(args: argparse.Namespace, device: torch.device, impl: str, k: int) -> dict:
-    """`_memory_child` in a fresh interpreter, so that no other configuration's peak leaks in."""
+def _run_child(entry: str, args: argparse.Namespace, device: torch.device, impl: str, k: int) -> dict:
+    """bench.<entry>(config) in a fresh interpreter (one implementation, nothing else run before it there);
+    returns the JSON line it prints last."""
     import os
     import subprocess
 
     cfg = {"args": {key: v for key, v in vars(args).items() if key not in ("func", "json")}, "impl": impl,
            "k": k, "device": str(device), "threads": torch.get_num_threads()}
     here = os.path.dirname(os.path.abspath(__file__))
-    proc = subprocess.run([sys.executable, "-c", "import sys, bench; bench._memory_child(sys.argv[1])",
+    proc = subprocess.run([sys.executable, "-c", f"import sys, bench; bench.{entry}(sys.argv[1])",
                            json.dumps(cfg)], cwd=here, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
-        raise RuntimeError(f"memory child ({impl}, k={k}) failed:\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"{entry} ({impl}, k={k}) failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _median_interleaved(fns: dict[str, Callable[[], None]], steps: int, device: torch.device) -> dict[str, float]:
-    """Median wall time of each function over `steps` rounds, run interleaved (a, b, a, b, ...)."""
-    import statistics
+def _measure_memory(args: argparse.Namespace, device: torch.device, impl: str, k: int) -> dict:
+    """`_memory_child` in a fresh interpreter, so that no other configuration's peak leaks in."""
+    return _run_child("_memory_child", args, device, impl, k)
 
+
+def _accum_child(config: str) -> None:
+    """Run in a fresh process holding one implementation (as a training run does): its training step at k
+    micro-batches and at 1 (same total batch), with and without the AdamW step, interleaved rounds.
+    In the parent, after the other implementation's steps, glibc's allocator state made our k=4 step
+    ~10 % slower (k=1 unchanged): measured in-process it would time the neighbour too. Prints the times."""
+    cfg = json.loads(config)
+    torch.set_num_threads(cfg["threads"])
+    args = argparse.Namespace(**cfg["args"])
+    device, k = torch.device(cfg["device"]), cfg["k"]
+    s = _train_setup(args, device, with_peer=cfg["impl"] == "open_clip")
+    if args.compile:
+        _compile_models(s)
+    if cfg["impl"] == "open_clip":
+        fns = {"k1": lambda: _peer_step(s, device), f"k{k}": lambda: _peer_accum_step(s, device, k, True),
+               "fb_k1": lambda: _peer_step(s, device, optimizer_step=False),
+               f"fb_k{k}": lambda: _peer_accum_step(s, device, k)}
+    else:
+        fns = {"k1": lambda: _ours_step(s, device, 1), f"k{k}": lambda: _ours_step(s, device, k),
+               "fb_k1": lambda: _ours_step(s, device, 1, optimizer_step=False),
+               f"fb_k{k}": lambda: _ours_step(s, device, k, optimizer_step=False)}
+    for _ in range(max(args.warmup, 1)):
+        for fn in fns.values():
+            fn()
+    print(json.dumps(_interleaved_times(fns, args.steps, device)))
+
+
+def _interleaved_times(fns: dict[str, Callable[[], None]], steps: int, device: torch.device) -> dict[str, list]:
+    """Wall time of each function in each of `steps` rounds, run interleaved (a, b, a, b, ...)."""
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(steps):
         for name, fn in fns.items():
@@ -386,7 +422,22 @@ def _median_interleaved(fns: dict[str, Callable[[], None]], steps: int, device: 
             fn()
             _sync(device)
             times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
+
+
+def _median_interleaved(fns: dict[str, Callable[[], None]], steps: int, device: torch.device) -> dict[str, float]:
+    """Median wall time of each function over `steps` interleaved rounds."""
+    import statistics
+
+    return {name: statistics.median(t) for name, t in _interleaved_times(fns, steps, device).items()}
+
+
+def _paired_ratio(times: dict[str, list], num: str, den: str) -> float:
+    """Median over rounds of time[num] / time[den] measured back to back: a slow spell of the machine hits
+    both sides of a pair, where a ratio of medians would take it as a difference."""
+    import statistics
+
+    return statistics.median(a / b for a, b in zip(times[num], times[den], strict=True))
 
 
 @subcommand("train", _add_train_args)
@@ -398,6 +449,7 @@ def bench_train(args: argparse.Namespace) -> dict:
     (main.forward_backward with k micro-batches vs one batch) in time per sample and activation memory.
     """
     import os
+    import statistics
 
     if args.batch_size % args.update_freq:
         raise SystemExit(f"--batch-size {args.batch_size} is not divisible by --update-freq {args.update_freq}")
@@ -419,15 +471,16 @@ def bench_train(args: argparse.Namespace) -> dict:
             fn()
     step_s = _median_interleaved(impls, args.steps, device)
 
-    # exact accumulation: forward_backward at k micro-batches vs 1, same total batch, no optimizer step
-    fb = {"k1": lambda: _ours_step(s, device, 1, optimizer_step=False),
-          f"k{k}": lambda: _ours_step(s, device, k, optimizer_step=False)}
+    # exact accumulation, k micro-batches vs 1, same total batch: the training step as a run pays it (with the
+    # AdamW step, what open_clip's batch_time covers) and forward_backward alone (fb_), each implementation in
+    # its own fresh process (`_accum_child`)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the children need the memory this process's allocator keeps cached
+    accum_times = _run_child("_accum_child", args, device, "ours", k)
     if s["peer"] is not None:
-        fb["open_clip_k1"] = lambda: _peer_step(s, device, optimizer_step=False)
-        fb[f"open_clip_k{k}"] = lambda: _peer_accum_step(s, device, k)
-    for fn in fb.values():
-        fn()
-    fb_s = _median_interleaved(fb, args.steps, device)
+        accum_times.update({f"open_clip_{name}": t for name, t in
+                            _run_child("_accum_child", args, device, "open_clip", k).items()})
+    fb_s = {name: statistics.median(t) for name, t in accum_times.items()}
 
     peak_dtype = torch.bfloat16 if (args.precision == "bf16" and device.type == "cuda") else torch.float32
     peak = matmul_peak_flops(device, peak_dtype, args.matmul_size or (8192 if device.type == "cuda" else 2048),
@@ -436,7 +489,7 @@ def bench_train(args: argparse.Namespace) -> dict:
 
     mem: dict[str, dict] = {}
     if device.type == "cuda":
-        torch.cuda.empty_cache()  # the children need the memory this process's allocator keeps cached
+        torch.cuda.empty_cache()  # (the matmul peak's buffers)
     if not args.no_memory:
         mem["ours"] = _measure_memory(args, device, "ours", 1)
         mem[f"ours_k{k}"] = _measure_memory(args, device, "ours", k)
@@ -463,10 +516,15 @@ def bench_train(args: argparse.Namespace) -> dict:
         result.update({f"{key}_{name}": v for key, v in row.items() if key != "impl"})
     if "open_clip" in impls:
         result["throughput_ratio"] = step_s["open_clip"] / step_s["ours"]
-    result.update({"accum_k": k, "forward_backward_s_k1": fb_s["k1"], f"forward_backward_s_k{k}": fb_s[f"k{k}"],
-                   "accum_time_per_sample_ratio": fb_s[f"k{k}"] / fb_s["k1"]})
+    result.update({"accum_k": k, "train_step_s_k1": fb_s["k1"], f"train_step_s_k{k}": fb_s[f"k{k}"],
+                   "accum_time_per_sample_ratio": _paired_ratio(accum_times, f"k{k}", "k1"),
+                   "forward_backward_s_k1": fb_s["fb_k1"], f"forward_backward_s_k{k}": fb_s[f"fb_k{k}"],
+                   "accum_fb_time_ratio": _paired_ratio(accum_times, f"fb_k{k}", "fb_k1")})
     if "open_clip_k1" in fb_s:
-        result["open_clip_accum_time_per_sample_ratio"] = fb_s[f"open_clip_k{k}"] / fb_s["open_clip_k1"]
+        result["open_clip_accum_time_per_sample_ratio"] = _paired_ratio(accum_times, f"open_clip_k{k}",
+                                                                        "open_clip_k1")
+        result["open_clip_accum_fb_time_ratio"] = _paired_ratio(accum_times, f"open_clip_fb_k{k}",
+                                                                "open_clip_fb_k1")
     if mem:
         result.update({"act_mem_MB_k1": mem["ours"]["act_mb"], f"act_mem_MB_k{k}": mem[f"ours_k{k}"]["act_mb"],
                        "accum_act_mem_ratio": mem[f"ours_k{k}"]["act_mb"] / max(mem["ours"]["act_mb"], 1e-9)})
@@ -474,12 +532,14 @@ def bench_train(args: argparse.Namespace) -> dict:
           f"({torch.get_num_threads()} threads, load {load_before[0]:.2f} -> {load_after[0]:.2f}); "
           f"matmul peak {peak / 1e9:.1f} GFLOP/s ({result['peak_matmul_dtype']})")
     print(markdown_table(rows))
-    # main.forward_backward does 2k-1 forwards + k backwards (backward ~ 2 forwards): the compute floor
+    # main.forward_backward does 2k-1 forwards + k backwards (backward ~ 2 forwards): its compute floor
     result["accum_compute_floor"] = (4 * k - 1) / (3 * k)
-    accum = {"k": k, "fb_s_k1": fb_s["k1"], f"fb_s_k{k}": fb_s[f"k{k}"],
-             "time_ratio (<=1.35)": result["accum_time_per_sample_ratio"], "floor": result["accum_compute_floor"]}
+    accum = {"k": k, "step_s_k1": fb_s["k1"], f"step_s_k{k}": fb_s[f"k{k}"],
+             "time_ratio (<=1.35)": result["accum_time_per_sample_ratio"],
+             "fb_only_ratio": result["accum_fb_time_ratio"], "fb_floor": result["accum_compute_floor"]}
     if "open_clip_accum_time_per_sample_ratio" in result:
         accum["open_clip_scheme_ratio"] = result["open_clip_accum_time_per_sample_ratio"]
+        accum["open_clip_fb_only"] = result["open_clip_accum_fb_time_ratio"]
     if mem:
         accum.update({"act_MB_k1": result["act_mem_MB_k1"], f"act_MB_k{k}": result[f"act_mem_MB_k{k}"],
                       "mem_ratio (<=0.4)": result["accum_act_mem_ratio"]})

@@ -21,8 +21,9 @@ def test_bench_train_reports_every_field(tmp_path):
     for key in ("step_s_ours", "samples_per_s_ours", "train_GFLOP_per_sample_ours", "achieved_GFLOP_s_ours",
                 "MFU_ours", "params_M_ours", "step_s_open_clip", "samples_per_s_open_clip",
                 "train_GFLOP_per_sample_open_clip", "MFU_open_clip", "throughput_ratio", "peak_matmul_gflops",
-                "forward_backward_s_k1", "forward_backward_s_k2", "accum_time_per_sample_ratio",
-                "open_clip_accum_time_per_sample_ratio", "load_avg_1min_before", "machine"):
+                "train_step_s_k1", "train_step_s_k2", "accum_time_per_sample_ratio", "forward_backward_s_k1",
+                "forward_backward_s_k2", "accum_fb_time_ratio", "open_clip_accum_time_per_sample_ratio",
+                "open_clip_accum_fb_time_ratio", "load_avg_1min_before", "machine"):
         assert key in result, key
     numbers = [v for v in result.values() if isinstance(v, float)]
     assert numbers and all(math.isfinite(v) and v > 0 for v in numbers)
