@@ -235,8 +235,6 @@ def _ours_step(s: dict, device: torch.device, k: int = 1, optimizer_step: bool =
 
 def _peer_step(s: dict, device: torch.device, optimizer_step: bool = True, keep_grads: bool = False) -> None:
     """The same step in open_clip: forward, ClipLoss, backward, AdamW step, logit-scale clamp."""
-    import math
-
     import main as trainer
 
     images, tokens = s["batch"]
@@ -246,9 +244,16 @@ def _peer_step(s: dict, device: torch.device, optimizer_step: bool = True, keep_
         loss = s["peer_loss"](out["image_features"], out["text_features"], out["logit_scale"])
     loss.backward()
     if optimizer_step:
-        s["opt_peer"].step()
-        with torch.no_grad():
-            s["peer"].logit_scale.clamp_(0, math.log(100))
+        _peer_optimizer_step(s)
+
+
+def _peer_optimizer_step(s: dict) -> None:
+    """open_clip's end of a step: AdamW, then the logit scale clamped to [0, ln 100]."""
+    import math
+
+    s["opt_peer"].step()
+    with torch.no_grad():
+        s["peer"].logit_scale.clamp_(0, math.log(100))
 
 
 def _peer_accum_step(s: dict, device: torch.device, k: int, optimizer_step: bool = False) -> None:
@@ -256,8 +261,6 @@ def _peer_accum_step(s: dict, device: torch.device, k: int, optimizer_step: bool
     k no-grad forwards cache the features, then each micro-batch is re-run with grad against the cached
     others, its loss backpropagated: 2k forwards + k backwards (4/3 of one step), then (optimizer_step) the
     AdamW step and clamp. Every backward here keeps the logit-scale graph; it is a timing peer, not a trainer."""
-    import math
-
     import main as trainer
 
     images, tokens = s["batch"]
@@ -273,9 +276,7 @@ def _peer_accum_step(s: dict, device: torch.device, k: int, optimizer_step: bool
             loss = s["peer_loss"](feats["image_features"], feats["text_features"], out["logit_scale"])
         loss.backward()
     if optimizer_step:
-        s["opt_peer"].step()
-        with torch.no_grad():
-            s["peer"].logit_scale.clamp_(0, math.log(100))
+        _peer_optimizer_step(s)
 
 
 def _train_flops(step: Callable[[], None]) -> float:
@@ -399,7 +400,8 @@ def _accum_child(config: str) -> None:
     if args.compile:
         _compile_models(s)
     if cfg["impl"] == "open_clip":
-        fns = {"k1": lambda: _peer_step(s, device), f"k{k}": lambda: _peer_accum_step(s, device, k, True),
+        fns = {"k1": lambda: _peer_step(s, device),
+               f"k{k}": lambda: _peer_accum_step(s, device, k, optimizer_step=True),
                "fb_k1": lambda: _peer_step(s, device, optimizer_step=False),
                f"fb_k{k}": lambda: _peer_accum_step(s, device, k)}
     else:
@@ -480,7 +482,7 @@ def bench_train(args: argparse.Namespace) -> dict:
     if s["peer"] is not None:
         accum_times.update({f"open_clip_{name}": t for name, t in
                             _run_child("_accum_child", args, device, "open_clip", k).items()})
-    fb_s = {name: statistics.median(t) for name, t in accum_times.items()}
+    accum_s = {name: statistics.median(t) for name, t in accum_times.items()}
 
     peak_dtype = torch.bfloat16 if (args.precision == "bf16" and device.type == "cuda") else torch.float32
     peak = matmul_peak_flops(device, peak_dtype, args.matmul_size or (8192 if device.type == "cuda" else 2048),
@@ -516,11 +518,11 @@ def bench_train(args: argparse.Namespace) -> dict:
         result.update({f"{key}_{name}": v for key, v in row.items() if key != "impl"})
     if "open_clip" in impls:
         result["throughput_ratio"] = step_s["open_clip"] / step_s["ours"]
-    result.update({"accum_k": k, "train_step_s_k1": fb_s["k1"], f"train_step_s_k{k}": fb_s[f"k{k}"],
+    result.update({"accum_k": k, "train_step_s_k1": accum_s["k1"], f"train_step_s_k{k}": accum_s[f"k{k}"],
                    "accum_time_per_sample_ratio": _paired_ratio(accum_times, f"k{k}", "k1"),
-                   "forward_backward_s_k1": fb_s["fb_k1"], f"forward_backward_s_k{k}": fb_s[f"fb_k{k}"],
+                   "forward_backward_s_k1": accum_s["fb_k1"], f"forward_backward_s_k{k}": accum_s[f"fb_k{k}"],
                    "accum_fb_time_ratio": _paired_ratio(accum_times, f"fb_k{k}", "fb_k1")})
-    if "open_clip_k1" in fb_s:
+    if "open_clip_k1" in accum_s:
         result["open_clip_accum_time_per_sample_ratio"] = _paired_ratio(accum_times, f"open_clip_k{k}",
                                                                         "open_clip_k1")
         result["open_clip_accum_fb_time_ratio"] = _paired_ratio(accum_times, f"open_clip_fb_k{k}",
@@ -534,7 +536,7 @@ def bench_train(args: argparse.Namespace) -> dict:
     print(markdown_table(rows))
     # main.forward_backward does 2k-1 forwards + k backwards (backward ~ 2 forwards): its compute floor
     result["accum_compute_floor"] = (4 * k - 1) / (3 * k)
-    accum = {"k": k, "step_s_k1": fb_s["k1"], f"step_s_k{k}": fb_s[f"k{k}"],
+    accum = {"k": k, "step_s_k1": accum_s["k1"], f"step_s_k{k}": accum_s[f"k{k}"],
              "time_ratio (<=1.35)": result["accum_time_per_sample_ratio"],
              "fb_only_ratio": result["accum_fb_time_ratio"], "fb_floor": result["accum_compute_floor"]}
     if "open_clip_accum_time_per_sample_ratio" in result:

@@ -763,12 +763,12 @@ def ctx_image_size(args: argparse.Namespace, spec: models.ModelSpec) -> int:
 
 # --------------------------------------------------------------------------- checkpoint
 def checkpoint_payload(model, optimizer, scaler, state: RunState, args, commit: str,
-                       rng_states: list[dict] | None = None) -> dict:
+                       rng_states: list[dict]) -> dict:
     """What checkpoint.pt holds; `rng` is the list of every rank's RNG states (`utils.gather_rng_states`)."""
     return {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
             "epoch": state.epoch, "step": state.step, "step_in_epoch": state.step_in_epoch,
             "best_metric": state.best_metric, "nonfinite": state.nonfinite,
-            "rng": rng_states or [utils.capture_rng_state()], "args": config_of(args), "commit": commit}
+            "rng": rng_states, "args": config_of(args), "commit": commit}
 
 
 def restore_rng(saved: list[dict] | dict, rank: int, world_size: int, seed: int, step: int) -> None:
@@ -819,8 +819,7 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
         check_folder_owner(exp_dir, args)
         write_run_files(exp_dir, args, commit)
     setup_logging(exp_dir, main_process)
-    torch.manual_seed(args.seed)
-    np.random.seed(args.seed)
+    utils.seed_all(args.seed)
 
     image_size = ctx_image_size(args, spec)
     kwargs = {**model_kwargs(args), "image_size": image_size}
