@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -131,6 +132,24 @@ def test_repro_exps_parse_with_the_real_parser_and_models_are_registered():
     assert len(names) == len(set(names)), "experiment names must be unique"
     sweeps = [c for c in cmds if len(launch.expand_sweep(c["argv"])) > 1]
     assert any(launch.flag_value(c["argv"], "--accum-mode") == "exact,naive" for c in sweeps)
+
+
+def test_cnclip_finetune_lines_follow_chinese_clip_recipe():
+    """muge_finetune_vit-b-16_rbt-base.sh: lr 5e-5, wd 0.001, 100 warm-up steps then cosine to 0, AdamW (0.9, 0.98)
+    eps 1e-6, 52 tokens, global batch 1024 (128 x 8 GPUs), 3 epochs: MUGE's 245 steps per epoch give 735 steps."""
+    cmds = [c for c in launch.read_repro(os.path.join(REPO, "repro_exps.txt")) if c["table"] == "cnclip_finetune"]
+    assert {launch.flag_value(c["argv"], "--dataset") for c in cmds} == {"muge", "flickr30k-cn"}
+    for c in cmds:
+        launcher_args = rws.get_args_parser().parse_args(c["argv"])
+        args = main.parse_args(rws.split_argv(c["argv"])[1])
+        assert (args.lr, args.wd, args.warmup_steps, args.lr_end, args.eps) == (5e-5, 1e-3, 100, 0.0, 1e-6)
+        assert tuple(args.betas) == (0.9, 0.98) and args.context_length == 52 and args.epochs == 3
+        assert args.batch_size * launcher_args.nodes * launcher_args.ngpus == 1024
+        assert args.use_augment and args.pretrained
+        schedule = main.cosine_schedule(args.lr, args.lr_start, args.lr_end, 3 * 245, args.warmup_steps)
+        assert int(schedule.argmax()) == 100 and schedule[100] == pytest.approx(5e-5)
+        assert (np.diff(schedule[:101]) > 0).all() and (np.diff(schedule[100:]) <= 0).all()
+        assert schedule[-1] == pytest.approx(0.0, abs=1e-8)
 
 
 def test_read_repro_names_the_bad_line(tmp_path):
