@@ -335,10 +335,11 @@ class BertTextTower(nn.Module):
         return out.last_hidden_state[:, 0]
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute every BERT layer in the backward pass (non-reentrant torch.utils.checkpoint)."""
         if enable:
-            self.bert.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.bert.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
-            self.bert.gradient_checkpointing_disable()
+            self.bert.activation_checkpointing_disable()
 
 
 # --------------------------------------------------------------------------- dual encoder
