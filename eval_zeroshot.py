@@ -8,9 +8,18 @@ each synonym when labels.json lists several), L2-normalise each, average them, L
 
 Metric per dataset as SLIP/clip-rocket report it (reference/clip_rocket.md §8): mean per-class accuracy for
 aircraft, pets, caltech101 and flowers; ROC-AUC of sim[:,1]-sim[:,0] for hateful_memes; (top-1+top-5)/2
-for kinetics700_frames; top-1 otherwise (a catalog entry's "metric" key overrides). Class names and
-templates come from labels.json/templates.json; a Chinese model (base language zh) uses the `<key>-zh`
-entries when they exist.
+for kinetics700_frames; top-1 otherwise (a catalog entry's "metric" key overrides); top-1/top-5 are reported
+for every dataset too (Chinese-CLIP's ELEVATER table is top-1).
+
+Class names and templates, for a model of language L (the first that exists):
+  zh: labels.json `<key>-zh` with templates.json `<key>-zh`;
+  zh: `label_cn.txt` in the dataset's catalog folder (ELEVATER ships one per dataset: one class per line, line i
+      = class i) with templates.json `<key>-zh`;
+  any: labels.json `<key>` with templates.json `<key>` (a Chinese model then gets English prompts, with a warning);
+  any: `label.txt` in the dataset's folder (ELEVATER's English names) with templates.json `<key>`.
+`<key>` is the catalog entry's "labels" (else its name). English names and templates are SLIP's (MIT); the
+`<key>-zh` templates of the ELEVATER sets are the ones Chinese-CLIP's zeroshot_evaluation.py uses (MIT): its own
+lists for aircraft, food101, flowers, eurosat/resisc45 and country211, its 183 generic ones for the rest.
 """
 from __future__ import annotations
 
@@ -19,6 +28,7 @@ import json
 import logging
 import os
 import sys
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +40,7 @@ log = logging.getLogger("clip_lab")
 
 DATASET_METRICS = {"aircraft": "mean_per_class", "pets": "mean_per_class", "caltech101": "mean_per_class",
                    "flowers": "mean_per_class", "hateful_memes": "roc_auc", "kinetics700_frames": "top1_top5"}
+CLASS_NAME_FILES = {"en": "label.txt", "zh": "label_cn.txt"}  # ELEVATER's class names in a dataset's folder
 
 
 @torch.no_grad()
@@ -130,8 +141,16 @@ def zeroshot_accuracy(model, tokenizer, classnames: list, templates: list[str], 
 
 
 # --------------------------------------------------------------------------- offline evaluation
+def _read_json(filename: str) -> dict:
+    import datasets
+
+    with open(os.path.join(datasets.HERE, filename), encoding="utf-8") as f:
+        return json.load(f)
+
+
 def labels_key(name: str, entry: dict, language: str, labels: dict) -> str:
-    """The labels.json/templates.json key of a dataset for a model of `language` (en/zh)."""
+    """The labels.json/templates.json key of a dataset for a model of `language` (en/zh), labels.json only;
+    `class_names_and_templates` applies the full rule (templates, class-name files in the dataset's folder)."""
     key = entry.get("labels", name)
     base = key.removesuffix("-zh")
     if language == "zh" and base + "-zh" in labels:
@@ -139,41 +158,114 @@ def labels_key(name: str, entry: dict, language: str, labels: dict) -> str:
     return base if base in labels else key
 
 
+class ClassNames(NamedTuple):
+    """What a dataset is classified with: names (a name or a list of synonyms per class), prompt templates,
+    `source` (the labels.json key or the class-name file) and the names' `language`."""
+    names: list
+    templates: list[str]
+    source: str
+    language: str
+
+
+def class_name_file(name: str, entry: dict, language: str, data_root: str | None = None) -> str | None:
+    """ELEVATER's class-name file of `language` (label_cn.txt, label.txt) in the dataset's catalog folder
+    (`path`, under the data root), or None when there is none."""
+    import datasets
+
+    if language not in CLASS_NAME_FILES or "path" not in entry:
+        return None
+    try:
+        folder = datasets.entry_path(name, entry, "path", data_root, kind="dir")
+    except datasets.DatasetError:  # no data root, or the folder is missing: build_reader says so later
+        return None
+    path = os.path.join(folder, CLASS_NAME_FILES[language])
+    return path if os.path.isfile(path) else None
+
+
+def read_class_names(path: str) -> list[str]:
+    """One class name per line (line i = class i), as Chinese-CLIP reads ELEVATER's label_cn.txt; trailing blank
+    lines are dropped, a blank line before the last name is an error."""
+    import datasets
+
+    with open(path, encoding="utf-8-sig") as f:
+        names = [line.strip() for line in f]
+    while names and not names[-1]:
+        names.pop()
+    if not names:
+        raise datasets.DatasetError(f"{path}: no class names (expected one per line)")
+    if "" in names:
+        raise datasets.DatasetError(f"{path}:{names.index('') + 1}: blank line (expected one class name per line)")
+    return names
+
+
+def class_names_and_templates(name: str, entry: dict, language: str, data_root: str | None = None,
+                              labels: dict | None = None, templates: dict | None = None) -> ClassNames:
+    """Class names and templates of catalog dataset `name` for a model of `language`, the first found in the order
+    of the module docstring; a DatasetError when there are none (MUGE, synthetic...). `labels`/`templates`: the
+    parsed labels.json/templates.json (read when None)."""
+    import datasets
+
+    labels = _read_json("labels.json") if labels is None else labels
+    templates = _read_json("templates.json") if templates is None else templates
+    key = entry.get("labels", name)
+    base = key.removesuffix("-zh")
+    # (labels.json key or None for the folder's class-name file, templates.json key, language of the names)
+    order = [(base + "-zh", base + "-zh", "zh"), (None, base + "-zh", "zh")] if language == "zh" else []
+    order += [(base, base, "en"), (key, key, "zh" if key.endswith("-zh") else "en"), (None, base, "en")]
+    for labels_at, templates_at, names_language in order:
+        if templates_at not in templates:
+            continue
+        if labels_at is not None and labels_at in labels:
+            return ClassNames(labels[labels_at], templates[templates_at], labels_at, names_language)
+        path = class_name_file(name, entry, names_language, data_root) if labels_at is None else None
+        if path:
+            return ClassNames(read_class_names(path), templates[templates_at], path, names_language)
+    raise datasets.DatasetError(f"dataset {name!r} has no class names with prompt templates for a {language} model: "
+                                f"add {base!r} (or {base + '-zh'!r}) to labels.json and templates.json, or put "
+                                f"{CLASS_NAME_FILES['zh']} / {CLASS_NAME_FILES['en']} in its folder")
+
+
 def evaluate_dataset(model, tokenizer, name: str, language: str, image_size: int, device: torch.device,
                      data_root: str | None = None, batch_size: int = 256, workers: int = 0) -> dict:
-    """Zero-shot metrics of one catalog dataset: {"metric", "labels", "score_<head>", "acc1_<head>", ...}."""
+    """Zero-shot metrics of one catalog dataset: {"metric", "labels" (the labels.json key or class-name file the
+    names came from), "num_images", "score_<head>" (the anchor metric), "acc1_<head>", "acc5_<head>"}."""
     import datasets
 
     entry = datasets.catalog_entry(name)
-    with open(os.path.join(datasets.HERE, "labels.json"), encoding="utf-8") as f:
-        labels = json.load(f)
-    key = labels_key(name, entry, language, labels)
-    classnames, templates = datasets.load_labels_and_templates(key)
+    classes = class_names_and_templates(name, entry, language, data_root)
+    if classes.language != language:
+        log.warning("%s: no %s class names, evaluating a %s model with the %s ones (%s)", name, language, language,
+                    classes.language, classes.source)
     metric = entry.get("metric", DATASET_METRICS.get(name, "top1"))
     reader = datasets.build_reader(name, "test", data_root=data_root)
+    on_disk = getattr(reader, "classnames", None) or classes.names
+    if len(on_disk) != len(classes.names):
+        raise datasets.DatasetError(f"dataset {name!r}: its test split has {len(on_disk)} classes but "
+                                    f"{classes.source} lists {len(classes.names)} names")
     loader = DataLoader(datasets.ClassificationDataset(reader, datasets.val_transform(image_size)),
                         batch_size=batch_size, num_workers=workers)
-    sims, targets = zeroshot_similarities(model, tokenizer, classnames, templates, loader, device)
-    out: dict = {"metric": metric, "labels": key, "num_images": len(targets)}
+    sims, targets = zeroshot_similarities(model, tokenizer, classes.names, classes.templates, loader, device)
+    out: dict = {"metric": metric, "labels": classes.source, "num_images": len(targets)}
     for head, sim in sims.items():
         out[f"score_{head}"] = dataset_metric(sim, targets, metric)
         out.update({f"{k}_{head}": v for k, v in topk_accuracy(sim, targets).items()})
     return out
 
 
-def default_datasets(language: str) -> list[str]:
-    """Catalog datasets with class names and templates for a model of `language`."""
+def default_datasets(language: str, data_root: str | None = None) -> list[str]:
+    """Catalog datasets with class names and templates for a model of `language`: those of its language (the
+    catalog's `language`, else that of the names found), and for a Chinese model every dataset with Chinese
+    names (labels.json `<key>-zh`, or label_cn.txt in its folder under `data_root`) and `<key>-zh` templates."""
     import datasets
 
-    with open(os.path.join(datasets.HERE, "labels.json"), encoding="utf-8") as f:
-        labels = json.load(f)
-    with open(os.path.join(datasets.HERE, "templates.json"), encoding="utf-8") as f:
-        templates = json.load(f)
+    labels, templates = _read_json("labels.json"), _read_json("templates.json")
     names = []
     for name, entry in datasets.load_catalog().items():
-        key = labels_key(name, entry, language, labels)
-        fits = entry.get("language", language) == language or (language == "zh" and key.endswith("-zh"))
-        if fits and key in labels and key in templates:
+        try:
+            classes = class_names_and_templates(name, entry, language, data_root, labels, templates)
+        except datasets.DatasetError:
+            continue
+        if entry.get("language", classes.language) == language or classes.language == language != "en":
             names.append(name)
     return names
 
@@ -220,7 +312,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = next(model.parameters()).device
     tokenizer = datasets.build_tokenizer(spec.base.tokenizer, info["context_length"])
     explicit = args.datasets is not None
-    names = args.datasets.split(",") if explicit else default_datasets(spec.base.language)
+    names = args.datasets.split(",") if explicit else default_datasets(spec.base.language, args.data_root)
     results: dict[str, dict] = {}
     for name in names:
         try:
