@@ -37,6 +37,7 @@ log = logging.getLogger("clip_lab")
 RESUME_NEUTRAL_ARGS = {"resume", "workers", "print_freq", "device", "wandb", "wandb_project", "max_steps",
                        "eval_freq", "save_every_steps", "output_dir", "evaluate", "data_root", "table", "tags",
                        "max_bad_samples"}
+NO_VALIDATION = "none"  # --val-dataset none: train without per-epoch validation
 
 
 # --------------------------------------------------------------------------- arguments
@@ -47,7 +48,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     data.add_argument("--dataset", default="digits",
                       help="training set: a key of dataset_catalog.json (digits, digits-zh, synthetic, ...)")
     data.add_argument("--val-dataset", default=None,
-                      help="zero-shot/retrieval validation set; default: the test split of --dataset")
+                      help="per-epoch zero-shot/retrieval validation set (its test split); default: --dataset when "
+                           "it has a test split, else its catalog 'val_dataset' (imagenet for cc3m, cc12m, yfcc15m, "
+                           "merged-29m); 'none': no per-epoch validation")
     data.add_argument("--data-root", default=None,
                       help="root for catalog paths (else $CLIP_LAB_DATA_ROOT); change when data moves")
     data.add_argument("--image-size", type=int, default=None,
@@ -291,14 +294,64 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--update-freq and --batch-size must be >= 1")
     for key in ("dataset", "val_dataset"):  # a typo fails here, before an experiment folder is written
         try:
-            if getattr(args, key) is not None:
+            if getattr(args, key) not in (None, NO_VALIDATION):
                 datasets.catalog_entry(getattr(args, key))
         except datasets.DatasetError as exc:
             parser.error(f"--{key.replace('_', '-')}: {exc}")
+    try:
+        val_name = validation_dataset_name(args)
+    except datasets.DatasetError as exc:
+        parser.error(f"--val-dataset: {exc}")
+    if args.evaluate and val_name is None:
+        parser.error("--evaluate with --val-dataset none has nothing to evaluate: name a --val-dataset")
     errors = recipe_errors(spec, args)
     if errors:
         parser.error("; ".join(errors))
     return args
+
+
+def has_test_split(name: str, catalog: dict | None = None) -> bool:
+    """Whether catalog entry `name` has a logical "test" split (a merged entry: every one of its parts)."""
+    entry = datasets.catalog_entry(name, catalog)
+    if entry["format"] == "merged":
+        return all(has_test_split(part, catalog) for part in entry["datasets"])
+    return "test" in entry.get("splits", {"test": "test"})  # no `splits` map: the format has train and test
+
+
+def validation_dataset_name(args: argparse.Namespace) -> str | None:
+    """The per-epoch validation set: --val-dataset; else --dataset when its catalog entry has a test split; else
+    the entry's catalog default "val_dataset" (imagenet for the web-scale sets, as SLIP/clip-rocket validate);
+    None for `--val-dataset none`. A set without a test split raises a DatasetError naming the fix."""
+    if args.val_dataset == NO_VALIDATION:
+        return None
+    catalog = datasets.load_catalog()
+    if args.val_dataset is None and has_test_split(args.dataset, catalog):
+        return args.dataset
+    name = args.val_dataset or datasets.catalog_entry(args.dataset, catalog).get("val_dataset")
+    if name is None:
+        raise datasets.DatasetError(
+            f"dataset {args.dataset!r} has no test split and its dataset_catalog.json entry no 'val_dataset' key: "
+            "pass --val-dataset NAME (a catalog dataset with a test split) or --val-dataset none")
+    source = "--val-dataset" if args.val_dataset else f"the 'val_dataset' of {args.dataset!r} in dataset_catalog.json"
+    try:
+        if not has_test_split(name, catalog):
+            raise datasets.DatasetError(f"dataset {name!r} has no test split")
+    except datasets.DatasetError as exc:
+        raise datasets.DatasetError(f"validation set {name!r} ({source}): {exc}") from None
+    return name
+
+
+def build_validation_reader(name: str | None, args: argparse.Namespace):
+    """The test-split reader of validation set `name` (None: no validation), built at start so that a missing
+    set fails before the first step, with datasets' message and how to choose another."""
+    if name is None:
+        return None
+    try:
+        return datasets.build_reader(name, "test", data_root=args.data_root)
+    except datasets.DatasetError as exc:
+        raise datasets.DatasetError(
+            f"validation set {name!r} of --dataset {args.dataset!r} cannot be read: {exc}. Choose another with "
+            "--val-dataset NAME, or train without per-epoch validation with --val-dataset none") from None
 
 
 # --------------------------------------------------------------------------- set-up
@@ -727,33 +780,55 @@ def log_progress(meters, state: RunState, ctx, optimizer, steps: int, elapsed: f
 
 
 # --------------------------------------------------------------------------- evaluation
-def evaluate(model, spec: models.ModelSpec, tokenizer, args, device) -> dict[str, float]:
-    """Zero-shot top-1/top-5 (when the dataset has class names) and image<->text recall on its test split."""
+# captions of these formats are bare class names: zero-shot classification already measures them, and caption
+# retrieval would hold every image of the split (50,000 for ImageNet) in memory
+CLASS_NAME_CAPTION_FORMATS = ("imagefolder", "filelist", "torchvision")
+
+
+def evaluate(model, spec: models.ModelSpec, tokenizer, args, device, name: str, reader) -> dict[str, float]:
+    """Validation on the test split of catalog dataset `name` (`reader`: its test-split reader): zero-shot
+    metrics exactly as eval_zeroshot.py computes them (when it has class names), then image<->text recall over
+    the split (unless its captions are bare class names)."""
     model = unwrap(model)
     was_training = model.training
     model.eval()
-    name = args.val_dataset or args.dataset
-    entry = datasets.catalog_entry(name)
-    reader = datasets.build_reader(name, "test", data_root=args.data_root)
-    transform = datasets.val_transform(ctx_image_size(args, spec))
-    metrics: dict[str, float] = {}
     try:
-        classnames, templates = datasets.load_labels_and_templates(entry.get("labels", name))
-    except datasets.DatasetError:
-        classnames = None
-    if classnames:
-        loader = DataLoader(datasets.ClassificationDataset(reader, transform), batch_size=256, num_workers=0)
-        acc = eval_zeroshot.zeroshot_accuracy(model, tokenizer, classnames, templates, loader, device)
-        metrics.update(acc)
+        metrics = zero_shot_metrics(model, spec, tokenizer, args, device, name)
+        if datasets.catalog_entry(name)["format"] not in CLASS_NAME_CAPTION_FORMATS:
+            metrics.update(retrieval_metrics(model, tokenizer, reader, ctx_image_size(args, spec), device))
+    finally:
+        model.train(was_training)
+    return metrics
+
+
+def zero_shot_metrics(model, spec: models.ModelSpec, tokenizer, args, device, name: str) -> dict[str, float]:
+    """eval_zeroshot.evaluate_dataset's float metrics (score_<head> = the dataset's anchor metric, acc1_<head>,
+    acc5_<head>) with the prompts of the model's language; {} for a dataset without class names (MUGE...)."""
+    try:
+        result = eval_zeroshot.evaluate_dataset(model, tokenizer, name, spec.base.language, ctx_image_size(args, spec),
+                                                device, args.data_root, batch_size=256, workers=args.workers)
+    except datasets.DatasetError as exc:  # no class names/templates (or names that do not fit the split): the
+        # run goes on with the other metrics, so the epoch's checkpoint is still written
+        log.warning("no zero-shot metrics on %s: %s", name, exc)
+        return {}
+    return {k: v for k, v in result.items() if isinstance(v, float)}
+
+
+def retrieval_metrics(model, tokenizer, reader, image_size: int, device) -> dict[str, float]:
+    """Image<->text recall over every distinct image and text of the split (the pool for pair datasets)."""
+    transform = datasets.val_transform(image_size)
     pairs = eval_retrieval.reader_pairs(reader)
     if pairs is not None:  # MUGE-style pairs: recall over every distinct image and text of the split
-        metrics.update(eval_retrieval.pool_retrieval(model, tokenizer, reader, pairs, transform, device))
-    else:
-        images, captions = zip(*(reader.read(i) for i in range(len(reader))))
-        pixel = torch.stack([transform(im) for im in images])
-        metrics.update(eval_retrieval.caption_retrieval(model, tokenizer, pixel, list(captions), device))
-    model.train(was_training)
-    return metrics
+        return eval_retrieval.pool_retrieval(model, tokenizer, reader, pairs, transform, device)
+    images, captions = zip(*(reader.read(i) for i in range(len(reader))))
+    pixel = torch.stack([transform(im) for im in images])
+    return eval_retrieval.caption_retrieval(model, tokenizer, pixel, list(captions), device)
+
+
+def selection_score(metrics: dict[str, float]) -> float:
+    """The number checkpoint_best.pt maximises: the zero-shot anchor metric of head z (top-1 for most sets,
+    mean per class for pets...), else the mean retrieval recall, else -inf (no validation)."""
+    return metrics.get("score_z", metrics.get("acc1_z", metrics.get("mean_recall", -math.inf)))
 
 
 def ctx_image_size(args: argparse.Namespace, spec: models.ModelSpec) -> int:
@@ -833,8 +908,8 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
     utils.seed_all(utils.rank_seed(args.seed, env.rank))
     tokenizer = datasets.build_tokenizer(spec.base.tokenizer, args.context_length or spec.base.context_length)
     reader = datasets.build_reader(args.dataset, "train", data_root=args.data_root)
-    if args.val_dataset:  # a missing validation set fails now, not after an epoch
-        datasets.build_reader(args.val_dataset or args.dataset, "test", data_root=args.data_root)
+    val_name = validation_dataset_name(args)
+    val_reader = build_validation_reader(val_name, args)  # a missing validation set fails now, not after an epoch
     dataset = build_train_dataset(spec, args, reader, image_size, tokenizer)
     # JPEGs decoded at reduced size when every view's crop allows it (None with 0.08-scale strong views at 1024 px)
     reader.draft = datasets.draft_for(dataset.transform, *getattr(dataset, "strong_transforms", []))
@@ -887,14 +962,19 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
     ctx = {"device": env.device, "exp_dir": exp_dir, "steps_per_epoch": steps_per_epoch, "model": ddp_model,
            "total_steps": total_steps,
            "global_batch": args.batch_size * env.world_size * args.update_freq, "record": record, "save": save}
-    log.info("model %s (%.2fM params), %d steps/epoch, global batch %d, %d rank(s) on %s", args.model,
-             sum(p.numel() for p in model.parameters()) / 1e6, steps_per_epoch, ctx["global_batch"],
-             env.world_size, env.device)
+    log.info("model %s (%.2fM params), %d steps/epoch, global batch %d, %d rank(s) on %s, validation on %s",
+             args.model, sum(p.numel() for p in model.parameters()) / 1e6, steps_per_epoch, ctx["global_batch"],
+             env.world_size, env.device, val_name or "nothing (--val-dataset none)")
+
+    def validate() -> dict[str, float]:
+        if not main_process or val_name is None:
+            return {}
+        return evaluate(model, spec, tokenizer, args, env.device, val_name, val_reader)
 
     metrics: dict[str, float] = {}
     t0 = time.time()
     if args.evaluate:
-        metrics = evaluate(model, spec, tokenizer, args, env.device) if main_process else {}
+        metrics = validate()
     while not args.evaluate and state.epoch < args.epochs and not (args.max_steps and state.step >= args.max_steps):
         sampler.set_epoch(state.epoch, state.step_in_epoch * args.update_freq)
         dataset.bad_samples.reset(state.epoch)
@@ -911,17 +991,18 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
             break
         state.epoch, state.step_in_epoch = state.epoch + 1, 0
         is_best = False
-        if state.epoch % args.eval_freq == 0 or state.epoch == args.epochs:
-            metrics = evaluate(model, spec, tokenizer, args, env.device) if main_process else {}
-            score = metrics.get("acc1_z", metrics.get("mean_recall", -math.inf))
+        if val_name is not None and (state.epoch % args.eval_freq == 0 or state.epoch == args.epochs):
+            metrics = validate()
+            score = selection_score(metrics)
             is_best = score > state.best_metric
             state.best_metric = max(state.best_metric, score)
-            log.info("epoch %d eval: %s", state.epoch, " ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
+            log.info("epoch %d eval on %s: %s", state.epoch, val_name,
+                     " ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
         record({"type": "epoch", "epoch": state.epoch, "global_step": state.step,
                 **{f"train_{k}": v for k, v in train_stats.items()}, **{f"test_{k}": v for k, v in metrics.items()}})
         save(is_best)
-    summary = {"model": args.model, "dataset": args.dataset, "epoch": state.epoch, "step": state.step,
-               "best_metric": state.best_metric if math.isfinite(state.best_metric) else None,
+    summary = {"model": args.model, "dataset": args.dataset, "val_dataset": val_name, "epoch": state.epoch,
+               "step": state.step, "best_metric": state.best_metric if math.isfinite(state.best_metric) else None,
                "train_time_s": time.time() - t0, "commit": commit, **metrics}
     if main_process:
         with open(os.path.join(exp_dir, "summary.json"), "w", encoding="utf-8") as f:

@@ -77,7 +77,9 @@ def load_experiment(exp_dir: str, ledger: list[dict]) -> dict:
 def metrics_of(exp: dict, wanted: list[str] | None) -> dict[str, float]:
     """Numeric final metrics, named `<validation set>/<metric>`; default: zero-shot top-1 and mean recall."""
     summary = exp["summary"] or {}
-    val = exp["args"].get("val_dataset") or exp["args"].get("dataset") or summary.get("dataset", "?")
+    # the validation set main.py resolved (summary), else what the flags say
+    val = summary.get("val_dataset") or exp["args"].get("val_dataset") or exp["args"].get("dataset") or \
+        summary.get("dataset", "?")
     numeric = {k: float(v) for k, v in summary.items()
                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in BOOKKEEPING}
     keys = wanted or [k for k in numeric if k.startswith("acc1") or k == "mean_recall"] or sorted(numeric)

@@ -272,6 +272,15 @@ def test_run_sh_main_snapshot_ledger_resume_and_commit_guard(repo, tmp_path):
 
 # --------------------------------------------------------------------------- report.py + wandb offline
 @pytest.mark.slow
+def test_report_names_metrics_by_the_validation_set_main_resolved():
+    """A cc3m run validates on imagenet (its catalog 'val_dataset'): summary.json says so and report.py uses it."""
+    exp = {"args": {"dataset": "cc3m", "val_dataset": None},
+           "summary": {"dataset": "cc3m", "val_dataset": "imagenet", "acc1_z": 31.5, "step": 10}}
+    assert report.metrics_of(exp, None) == {"imagenet/acc1_z": 31.5}
+    exp["summary"].pop("val_dataset")  # runs from before the key existed: the flags
+    assert report.metrics_of(exp, None) == {"cc3m/acc1_z": 31.5}
+
+
 def test_report_tables_plots_and_wandb_offline(tmp_path):
     root = tmp_path / "exps"
     base = ["--model", "CLIP_VITT16_CLIP", "--dataset", "synthetic", "--image-size", "32", "--transformer-layers",

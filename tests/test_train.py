@@ -6,10 +6,14 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from conftest import TINY_RUN
+from PIL import Image
 
+import datasets
+import eval_zeroshot
 import losses
 import main
 import models
@@ -184,6 +188,23 @@ def test_resume_after_process_exit_is_identical(tmp_path, model, dataset):
 
 
 @pytest.mark.slow
+def test_resume_with_update_freq_continues_at_the_right_micro_batch(tmp_path):
+    """--update-freq 2: 4 steps straight == 2 steps, process exit, resume, 2 more. The sampler resumes at micro-batch
+    step_in_epoch * update_freq (at step_in_epoch it would replay micro-batches 2-3 and change the weights)."""
+    base = TINY_RUN + ["--output-dir", str(tmp_path), "--update-freq", "2", "--batch-size", "4"]
+    run_subprocess(base + ["--name", "straight", "--max-steps", "4"])
+    run_subprocess(base + ["--name", "resumed", "--max-steps", "2"])
+    half = load(tmp_path / "resumed" / "checkpoint.pt")
+    assert (half["step"], half["step_in_epoch"], half["epoch"]) == (2, 2, 0)
+    run_subprocess(base + ["--name", "resumed", "--max-steps", "4"])
+    straight, resumed = load(tmp_path / "straight" / "checkpoint.pt"), load(tmp_path / "resumed" / "checkpoint.pt")
+    assert resumed["step"] == straight["step"] == 4
+    assert_same_tensors(resumed["model"], straight["model"], atol=1e-6)
+    for a, b in zip(grads_of(resumed), grads_of(straight)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+@pytest.mark.slow
 def test_two_rank_resume_continues_each_ranks_own_random_stream(tmp_path):
     """2 gloo ranks, CNCLIP (dropout in the BERT tower): the ranks draw their own dropout masks, the checkpoint
     holds both RNG states, and 4 steps straight == 2 steps, exit, resume, 2 steps."""
@@ -242,6 +263,7 @@ def test_full_epoch_writes_experiment_folder_and_safe_checkpoints(tiny_run_args,
     on_disk = json.load(open(exp / "summary.json", encoding="utf-8"))
     assert on_disk["epoch"] == 1 and on_disk["step"] == 8 and 0 <= on_disk["mean_recall"] <= 100
     assert on_disk["best_metric"] == pytest.approx(on_disk["mean_recall"])
+    assert on_disk["val_dataset"] == "synthetic"  # the default: the test split of --dataset, evaluated per epoch
     for name in ("checkpoint.pt", "checkpoint_best.pt"):
         ckpt = load(exp / name)  # weights_only=True: nothing but tensors and plain containers
         assert CKPT_KEYS <= ckpt.keys()
@@ -373,6 +395,97 @@ def test_resume_from_bare_state_dict_is_refused(tiny_run_args, tmp_path):
     torch.save(state, tmp_path / "weights.pt")
     with pytest.raises(RuntimeError, match="not a CLIP Lab training checkpoint.*--pretrained"):
         main.main(tiny_run_args + ["--name", "bare", "--resume", str(tmp_path / "weights.pt")])
+
+
+# --------------------------------------------------------------------------- validation set
+TINY_CN = flag(flag(TINY_RUN, "--model", "CNCLIP_VITT16_CLIP"), "--dataset", "synthetic-zh") + \
+    ["--text-model", "BERT-tiny-chinese"]
+
+
+def write_cc3m(root, n: int = 16) -> str:
+    """A tiny cc3m-format data root (cc3m/cc3m_train.npy + cc3m/images/<id>.jpg, as the catalog entry expects)."""
+    os.makedirs(root / "cc3m" / "images")
+    rng = np.random.RandomState(0)
+    records = np.empty(n, dtype=object)
+    for i in range(n):
+        Image.fromarray(rng.randint(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / "cc3m" / "images" / f"{i}.jpg")
+        records[i] = {"image_id": f"{i}.jpg", "captions": [f"a photo of thing number {i}"]}
+    np.save(root / "cc3m" / "cc3m_train.npy", records, allow_pickle=True)
+    return str(root)
+
+
+def test_validation_set_is_resolved_from_flags_and_catalog(capsys):
+    """--val-dataset; else --dataset with a test split; else the catalog's val_dataset (ImageNet for the
+    train-only web sets); `none` skips validation. Every catalog dataset resolves to a set with a test split."""
+    def resolved(*argv):
+        return main.validation_dataset_name(main.parse_args(list(argv)))
+
+    assert resolved() == "digits" and resolved("--dataset", "muge") == "muge"
+    for train_only in ("cc3m", "cc12m", "yfcc15m", "merged-29m"):
+        assert not main.has_test_split(train_only) and resolved("--dataset", train_only) == "imagenet"
+    assert resolved("--dataset", "cc3m", "--val-dataset", "digits") == "digits"
+    assert resolved("--dataset", "cc3m", "--val-dataset", "none") is None
+    for name in datasets.load_catalog():
+        assert main.has_test_split(resolved("--dataset", name)), name
+    for argv, message in [(["--val-dataset", "cc3m"], "validation set 'cc3m' (--val-dataset): dataset 'cc3m' has "
+                                                      "no test split"),
+                          (["--val-dataset", "none", "--evaluate"], "--evaluate with --val-dataset none")]:
+        with pytest.raises(SystemExit):
+            main.parse_args(argv)
+        assert message in capsys.readouterr().err
+
+
+def test_train_only_dataset_checks_its_validation_set_before_the_first_step(tmp_path):
+    """cc3m has no test split: it validates on ImageNet, whose absence fails at start (no step, no checkpoint),
+    naming the set and the way out; --val-dataset none trains a whole epoch without validation."""
+    root = write_cc3m(tmp_path / "data")
+    base = flag(TINY_RUN, "--dataset", "cc3m") + ["--data-root", root, "--output-dir", str(tmp_path / "exp")]
+    with pytest.raises(datasets.DatasetError, match=r"validation set 'imagenet' of --dataset 'cc3m' cannot be read: "
+                                                    r"dataset 'imagenet' .*not found.*--val-dataset none"):
+        main.main(base + ["--name", "default"])
+    assert not os.path.exists(tmp_path / "exp" / "default" / "log.txt")  # no step was logged
+    assert not os.path.exists(tmp_path / "exp" / "default" / "checkpoint.pt")
+    summary = main.main(base + ["--name", "none", "--val-dataset", "none"])
+    assert (summary["epoch"], summary["step"], summary["val_dataset"], summary["best_metric"]) == (1, 2, None, None)
+    exp = tmp_path / "exp" / "none"
+    assert os.path.exists(exp / "checkpoint.pt") and not os.path.exists(exp / "checkpoint_best.pt")
+    epoch = [r for r in map(json.loads, open(exp / "log.txt", encoding="utf-8")) if r["type"] == "epoch"]
+    assert len(epoch) == 1 and not [k for k in epoch[0] if k.startswith("test_")]
+
+
+def test_per_epoch_validation_equals_eval_zeroshot_in_the_models_language(tmp_path, monkeypatch):
+    """A Chinese model validated on `digits` after a whole epoch: eval_zeroshot.evaluate_dataset with the
+    digits-zh prompts, the same numbers as `eval_zeroshot.py --resume` on the epoch's checkpoint; retrieval too."""
+    calls = []
+
+    def spy(*args, **kwargs):
+        result = evaluate_dataset(*args, **kwargs)
+        calls.append(result)
+        return result
+
+    evaluate_dataset = eval_zeroshot.evaluate_dataset
+    monkeypatch.setattr(eval_zeroshot, "evaluate_dataset", spy)
+    argv = flag(TINY_CN, "--batch-size", "64") + ["--output-dir", str(tmp_path), "--name", "cn",
+                                                  "--val-dataset", "digits"]
+    summary = main.main(argv)
+    assert summary["epoch"] == 1 and summary["val_dataset"] == "digits"
+    assert len(calls) == 1 and calls[0]["labels"] == "digits-zh"
+    offline = eval_zeroshot.main(["--resume", str(tmp_path / "cn" / "checkpoint.pt"), "--datasets", "digits",
+                                  "--output-dir", str(tmp_path / "offline"), "--device", "cpu"])["digits"]
+    assert offline["labels"] == "digits-zh"
+    for key in ("score_z", "acc1_z", "acc5_z"):
+        assert summary[key] == pytest.approx(offline[key], abs=1e-9), key
+    assert summary["best_metric"] == pytest.approx(summary["score_z"])
+    assert {"mean_recall", "image_to_text_R@1"} <= summary.keys()  # retrieval on the digits captions stays
+    assert not {"metric", "labels", "num_images"} & summary.keys()  # only evaluate_dataset's float metrics
+
+
+def test_a_set_without_class_names_gets_retrieval_metrics_only(muge_sample_root, tmp_path):
+    """muge-sample has no class names: validation is the pool retrieval of its test split, no zero-shot keys."""
+    summary = main.main(TINY_CN + ["--dataset", "muge-sample", "--data-root", muge_sample_root, "--evaluate",
+                                   "--output-dir", str(tmp_path)])
+    assert summary["val_dataset"] == "muge-sample" and {"mean_recall", "pool_images"} <= summary.keys()
+    assert not [k for k in summary if k.startswith(("acc", "score"))]
 
 
 # --------------------------------------------------------------------------- wandb
