@@ -544,7 +544,8 @@ class LmdbReader(_LazyHandles):
         try:
             image = decode_image(self.image_bytes(image_id, shard), self.draft)
         except (*CORRUPT_ERRORS, KeyError) as exc:
-            raise CorruptSample(f"{self.name}[{index}] (image {image_id}, text {text_id})", repr(exc)) from None
+            raise CorruptSample(f"{self.name}[{index}] (image {image_id}, text {text_id}, "
+                                f"{self.folders[shard]}/imgs)", repr(exc)) from None
         return image, [text]
 
 
@@ -636,7 +637,8 @@ class TsvReader(_LazyHandles):
         try:
             image = decode_image(self.image_bytes(image_id), self.draft)
         except CORRUPT_ERRORS as exc:
-            raise CorruptSample(f"{self.name}[{index}] (image {image_id}, text {text_id})", repr(exc)) from None
+            raise CorruptSample(f"{self.name}[{index}] (image {image_id}, text {text_id}, {self.imgs_path})",
+                                repr(exc)) from None
         return image, [text]
 
 

@@ -1,6 +1,7 @@
-"""Smoke test of `bench.py train`: a tiny run must still produce every reported field (the bench must not rot).
+"""Smoke tests of `bench.py train`, `data` and `retrieval`: a tiny run must still produce every reported field
+(the bench must not rot).
 
-Speed itself is measured by `python bench.py train` (results in BENCHMARKS.md), never asserted here.
+Speed itself is measured by `python bench.py <command>` (results in BENCHMARKS.md), never asserted here.
 """
 import json
 import math
@@ -71,3 +72,22 @@ def test_bench_retrieval_reports_processes_compute_and_extraction(tmp_path):
     assert measures["ours / floor (target <= 1.5)"] > 0
     assert any(m.startswith("VITB16 image feature extraction, fp32") and v > 0 for m, v in measures.items())
     assert sum(1 for line in open(tmp_path / "ours.jsonl", encoding="utf-8")) == 50
+
+
+def test_bench_data_reports_every_store_reader_and_ratio(tmp_path):
+    """`bench.py data` at toy scale (4 photos, 1 round, 0 workers): one row per store x reader and the five
+    ratios the issue sets targets on, all finite; the numbers themselves are BENCHMARKS.md's business."""
+    out = tmp_path / "data.json"
+    bench.main(["--json", str(out), "data", "--images", "4", "--rounds", "1", "--workers", "0", "--batch-size", "2",
+                "--resize", "64", "--image-size", "32", "--data-dir", str(tmp_path)])
+    result = json.loads(out.read_text())
+    readers = ["raw bound (bytes in memory)", "ours: LmdbReader + draft", "Chinese-CLIP-style reader"]
+    assert sorted((r["store"], r["reader"], r["workers"]) for r in result["rows"]) == \
+        sorted((s, r, 0) for s in ("full", "resized64") for r in readers)
+    assert all(math.isfinite(r["images/s"]) and r["images/s"] > 0 for r in result["rows"])
+    assert set(result["ratios"]) == {"ours / raw bound (full, 0 workers)", "ours / raw bound (resized64, 0 workers)",
+                                     "ours / Chinese-CLIP-style (full 1024x768, 0 workers)",
+                                     "ours / Chinese-CLIP-style (resized64, 0 workers)",
+                                     "ours resized64 / ours full (0 workers)"}
+    assert all(math.isfinite(v) and v > 0 for v in result["ratios"].values())
+    assert result["images"] == 4 and result["rounds"] == 1

@@ -20,6 +20,7 @@ from torchvision import transforms as T
 import build_lmdb
 import datasets
 import main
+import models
 
 TINY_CN = ["--model", "CNCLIP_VITT16_CLIP", "--image-size", "32", "--batch-size", "8", "--epochs", "1",
            "--workers", "0", "--print-freq", "1", "--text-model", "BERT-tiny-chinese"]
@@ -166,6 +167,31 @@ def test_lmdb_opened_lazily_per_process_never_across_fork(tmp_path, photo):
     assert clone.read(2)[1] == ["2"]
 
 
+def test_lmdb_opened_readonly_without_lock_readahead_or_meminit(tmp_path, photo, monkeypatch):
+    """Every environment the reader opens (the size probe in the constructor, each worker's imgs/pairs) is
+    readonly, lock=False, readahead=False, meminit=False: what lets many workers share a file on a cluster."""
+    write_cnclip_lmdb(str(tmp_path / "l"), {i: jpeg(photo, i) for i in range(2)}, [(i, i, str(i)) for i in range(2)])
+    calls = []
+    real_open = lmdb.open
+
+    def spy(path, **options):
+        calls.append((os.path.basename(path), options))
+        return real_open(path, **options)
+
+    monkeypatch.setattr(datasets.lmdb, "open", spy)
+    reader = datasets.LmdbReader([str(tmp_path / "l")])
+    assert reader.read(1)[1] == ["1"]
+    assert sorted(name for name, _ in calls) == ["imgs", "pairs", "pairs"]  # constructor probe, then lazily both
+    for name, options in calls:
+        assert {k: options.get(k) for k in ("readonly", "lock", "readahead", "meminit")} == \
+            {"readonly": True, "lock": False, "readahead": False, "meminit": False}, name
+    env, _ = datasets.open_lmdb(str(tmp_path / "l" / "imgs"))  # the cached environment really has them
+    flags = env.flags()
+    assert (flags["readonly"], flags["lock"], flags["readahead"], flags["meminit"]) == (True, False, False, False)
+    for sub in ("imgs", "pairs"):
+        datasets.close_lmdb(str(tmp_path / "l" / sub))
+
+
 # --------------------------------------------------------------------------- build_lmdb.py
 def raw_dataset(photo, n_images=6):
     images = {500 + i: jpeg(photo, i) for i in range(n_images)}
@@ -220,43 +246,75 @@ def test_builder_resize_and_growing_map(tmp_path, photo):
     assert len(reader.image_bytes(5)) < len(images[5]) / 4
 
 
-def corrupt_cases(photo):
-    good = base64.b64encode(jpeg(photo, 1)).decode()
-    truncated = base64.b64encode(jpeg(photo, 2)[:300]).decode()
-    t = '{"text_id": 1, "text": "a", "image_ids": [1]}\n'
-    return {
-        "bad base64": ("1\t" + good + "\n2\t@@@not-base64@@@\n", t, "train_imgs.tsv:2: bad base64"),
-        "undecodable image": ("1\t" + good + "\n2\t" + truncated + "\n", t, "train_imgs.tsv:2: undecodable image"),
-        "duplicate image id": ("1\t" + good + "\n1\t" + good + "\n", t, "train_imgs.tsv:2: duplicate image id 1"),
-        "non-int image id": ("x1\t" + good + "\n", t, "train_imgs.tsv:1: image id b'x1' is not an integer"),
-        "missing tab": ("1 " + good + "\n", t, "train_imgs.tsv:1: expected 'image_id<TAB>base64'"),
-        "missing image": ("1\t" + good + "\n", t + '{"text_id": 2, "text": "b", "image_ids": [7]}\n',
-                          r"train_texts.jsonl:2: image id\(s\) \[7\] of text 2 not in"),
-        "duplicate text id": ("1\t" + good + "\n", t + t, "train_texts.jsonl:2: duplicate text id 1"),
-        "malformed jsonl": ("1\t" + good + "\n", t + '{"text_id": 2, "text": \n',
-                            "train_texts.jsonl:2: malformed json"),
-        "missing key": ("1\t" + good + "\n", '{"text_id": 2, "image_ids": [1]}\n',
-                        r"train_texts.jsonl:1: missing key\(s\) \['text'\]"),
-        "wrong type": ("1\t" + good + "\n", '{"text_id": "2", "text": "a", "image_ids": [1]}\n',
-                       "train_texts.jsonl:1: text_id must be an int"),
-    }
+BUILD_BAD_LINES = ["bad base64", "undecodable image", "duplicate image id", "non-int image id", "missing tab",
+                   "missing image", "duplicate text id", "malformed jsonl", "missing key", "wrong type", "not utf-8"]
 
 
-@pytest.mark.parametrize("case", ["bad base64", "undecodable image", "duplicate image id", "non-int image id",
-                                  "missing tab", "missing image", "duplicate text id", "malformed jsonl",
-                                  "missing key", "wrong type"])
+def corrupt_cases(photo) -> dict[str, tuple]:
+    """case -> (imgs tsv, texts jsonl (bytes), error, images kept {id: base64}, pairs kept [(image, text, caption)]).
+    The bad line is line 2 of 3 of its file, with a good line after it."""
+    b64 = {i: base64.b64encode(jpeg(photo, i)).decode() for i in (1, 2, 3)}
+    whole = jpeg(photo, 2, 64)
+    truncated = base64.b64encode(whole[:len(whole) * 2 // 3]).decode()
+    texts = [b'{"text_id": 1, "text": "a", "image_ids": [1]}', b'{"text_id": 2, "text": "b", "image_ids": [3, 1]}',
+             b'{"text_id": 3, "text": "c", "image_ids": [3]}']
+    all_pairs = [(1, 1, "a"), (3, 2, "b"), (1, 2, "b"), (3, 3, "c")]
+    cases = {}
+    for case, line2, message in [
+            ("bad base64", "2\t@@@not-base64@@@", "train_imgs.tsv:2: bad base64"),
+            ("undecodable image", "2\t" + truncated, "train_imgs.tsv:2: undecodable image"),
+            ("duplicate image id", "1\t" + b64[2], "train_imgs.tsv:2: duplicate image id 1"),
+            ("non-int image id", "x2\t" + b64[2], "train_imgs.tsv:2: image id b'x2' is not an integer"),
+            ("missing tab", "2 " + b64[2], "train_imgs.tsv:2: expected 'image_id<TAB>base64'")]:
+        tsv = f"1\t{b64[1]}\n{line2}\n3\t{b64[3]}\n"
+        cases[case] = (tsv, b"\n".join(texts) + b"\n", message, {1: b64[1], 3: b64[3]}, all_pairs)
+    for case, line2, message in [
+            ("missing image", b'{"text_id": 2, "text": "b", "image_ids": [3, 7]}',
+             r"train_texts.jsonl:2: image id\(s\) \[7\] of text 2 not in"),
+            ("duplicate text id", b'{"text_id": 1, "text": "b", "image_ids": [3, 1]}',
+             "train_texts.jsonl:2: duplicate text id 1"),
+            ("malformed jsonl", b'{"text_id": 2, "text": ', "train_texts.jsonl:2: malformed json"),
+            ("missing key", b'{"text_id": 2, "image_ids": [3]}', r"train_texts.jsonl:2: missing key\(s\) \['text'\]"),
+            ("wrong type", b'{"text_id": "2", "text": "b", "image_ids": [3]}',
+             "train_texts.jsonl:2: text_id must be an int"),
+            ("not utf-8", b'{"text_id": 2, "text": "\xff\xfe", "image_ids": [3]}', "train_texts.jsonl:2: not UTF-8")]:
+        tsv = "".join(f"{i}\t{v}\n" for i, v in b64.items())
+        jsonl = b"\n".join([texts[0], line2, texts[2]]) + b"\n"
+        cases[case] = (tsv, jsonl, message, b64, [all_pairs[0], all_pairs[3]])
+    assert sorted(cases) == sorted(BUILD_BAD_LINES)
+    return cases
+
+
+@pytest.mark.parametrize("case", BUILD_BAD_LINES)
 def test_builder_reports_bad_input_with_file_and_line(tmp_path, photo, case, capsys):
-    tsv, jsonl, message = corrupt_cases(photo)[case]
+    tsv, jsonl, message, kept_images, kept_pairs = corrupt_cases(photo)[case]
     (tmp_path / "train_imgs.tsv").write_text(tsv)
-    (tmp_path / "train_texts.jsonl").write_text(jsonl)
+    (tmp_path / "train_texts.jsonl").write_bytes(jsonl)
     os.makedirs(tmp_path / "lmdb" / "train")  # an existing LMDB must survive an interrupted build
     (tmp_path / "lmdb" / "train" / "keep").write_text("old")
     with pytest.raises(SystemExit, match=message + ".*use --skip-bad"):
         build_lmdb.main(["--data-dir", str(tmp_path), "--splits", "train"])
     assert os.listdir(tmp_path / "lmdb") == ["train"] and os.listdir(tmp_path / "lmdb" / "train") == ["keep"]
+    # --skip-bad drops the bad line only: every good line before and after it is in the LMDB
     [counts] = build_lmdb.main(["--data-dir", str(tmp_path), "--splits", "train", "--skip-bad"])
-    assert counts["bad"] >= 1 and f"skipped {counts['bad']} bad line(s)" in capsys.readouterr().err
-    assert counts["images"] >= 0 and os.path.isdir(tmp_path / "lmdb" / "train" / "pairs")
+    assert counts == {"split": "train", "images": len(kept_images), "texts": len({t for _, t, _ in kept_pairs}),
+                      "pairs": len(kept_pairs), "bad": 1, "map_resizes": 0}
+    assert "train: skipped 1 bad line(s)" in capsys.readouterr().err
+    env = lmdb.open(str(tmp_path / "lmdb" / "train" / "imgs"), readonly=True, lock=False)
+    with env.begin() as txn:
+        assert dict(txn.cursor()) == {**{str(i).encode(): v.encode() for i, v in kept_images.items()},
+                                      b"num_images": str(len(kept_images)).encode()}
+    env.close()
+    env = lmdb.open(str(tmp_path / "lmdb" / "train" / "pairs"), readonly=True, lock=False)
+    with env.begin() as txn:
+        assert txn.get(b"num_samples") == str(len(kept_pairs)).encode() and txn.stat()["entries"] == len(kept_pairs) + 1
+        assert [pickle.loads(txn.get(str(i).encode())) for i in range(len(kept_pairs))] == kept_pairs
+    env.close()
+    reader = datasets.LmdbReader([str(tmp_path / "lmdb" / "train")])
+    for i, (image_id, _, text) in enumerate(kept_pairs):
+        image, captions = reader.read(i)
+        assert captions == [text]
+        np.testing.assert_array_equal(np.asarray(image), pixels(base64.b64decode(kept_images[image_id])))
 
 
 def test_builder_missing_split_file(tmp_path):
@@ -354,6 +412,87 @@ def test_imagefolder_and_filelist_readers(tmp_path, photo):
     np.testing.assert_array_equal(np.asarray(reader.read(0)[0]), pixels(jpeg(photo, 5)))
 
 
+def write_idx(path, array: np.ndarray) -> None:
+    """An uncompressed MNIST idx file: magic 0x0000 0x08 (uint8) ndim, big-endian int32 sizes, the bytes."""
+    with open(path, "wb") as f:
+        f.write(bytes([0, 0, 8, array.ndim]) + np.array(array.shape, dtype=">i4").tobytes() + array.tobytes())
+
+
+def test_torchvision_reader_reads_mnist_files_on_disk_and_never_downloads(tmp_path, monkeypatch):
+    """A tiny MNIST in torchvision's raw layout (`mnist/MNIST/raw/*-idx?-ubyte`; MNIST has no checksum) read through
+    the catalog's `mnist` entry; a torchvision set that is not there fails with where to put it."""
+    from torchvision import datasets as tvd
+
+    monkeypatch.setattr(tvd.MNIST, "download", lambda self: pytest.fail("MNIST download attempted"))
+    raw = tmp_path / "downstream" / "mnist" / "MNIST" / "raw"
+    os.makedirs(raw)
+    rng = np.random.RandomState(0)
+    splits = {}
+    for prefix, n in (("train", 6), ("t10k", 4)):
+        images, labels = rng.randint(0, 256, (n, 28, 28)).astype(np.uint8), rng.permutation(10)[:n].astype(np.uint8)
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", images)
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
+        splits[prefix] = images, labels
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        reader = datasets.build_reader("mnist", split, data_root=str(tmp_path))
+        images, labels = splits[prefix]
+        assert isinstance(reader, datasets.TorchvisionReader) and len(reader) == len(labels)
+        for i in range(len(reader)):
+            image, captions = reader.read(i)
+            assert image.mode == "RGB" and image.size == (28, 28)
+            np.testing.assert_array_equal(np.asarray(image)[..., 1], images[i])
+            assert reader.label(i) == labels[i] and captions == [tvd.MNIST.classes[labels[i]]]
+    # the folder exists but holds no (or another) dataset: the torchvision error, the root and the fix
+    for kind in ("cifar10", "cifar100", "stl10", "mnist"):
+        root = tmp_path / "empty" / kind
+        os.makedirs(root)
+        with pytest.raises(datasets.DatasetError, match=rf"dataset 'x': torchvision {kind} not found under "
+                                                        rf"{re.escape(str(root))} \(.*\); place the extracted files "
+                                                        r"there \(nothing is downloaded\)"):
+            datasets.TorchvisionReader(kind, str(root), "test", "x")
+    with pytest.raises(datasets.DatasetError, match=r"'cifar10' \(dataset_catalog.json, path='downstream/cifar10'\): "
+                                                    r".* not found"):
+        datasets.build_reader("cifar10", "test", data_root=str(tmp_path))
+    with pytest.raises(datasets.DatasetError, match=r"torchvision kind 'svhn' is not one of \['cifar10', 'cifar100', "
+                                                    r"'mnist', 'stl10'\]"):
+        datasets.TorchvisionReader("svhn", str(tmp_path), "test", "x")
+
+
+# clip-rocket's downstream catalog (reference/clip_rocket.md §8: 23 entries, SLIP's 26 less sun397, fer2013 and
+# kinetics700_frames): name -> (format, on-disk folder of the test split); the train folder is always `train`.
+# clip-rocket's `special` type is our `torchvision` format (no folders: the torchvision class takes train=True/False).
+CLIP_ROCKET_DOWNSTREAM = {
+    "imagenet": ("imagefolder", "val"), "food101": ("imagefolder", "test"), "cub200": ("imagefolder", "val"),
+    "cars": ("imagefolder", "test"), "aircraft": ("imagefolder", "test"), "dtd": ("imagefolder", "test"),
+    "pets": ("imagefolder", "test"), "caltech101": ("imagefolder", "test"), "flowers": ("imagefolder", "test"),
+    "eurosat": ("imagefolder", "val"), "resisc45": ("imagefolder", "test"), "gtsrb": ("imagefolder", "test"),
+    "kitti_distance": ("imagefolder", "val"), "country211": ("imagefolder", "test"),
+    "patch_camelyon": ("imagefolder", "val"), "ucf101_frames": ("imagefolder", "val"),
+    "hateful_memes": ("imagefolder", "dev"), "rendered_sst2": ("imagefolder", "test"),
+    "mnist": ("torchvision", "test"), "cifar10": ("torchvision", "test"), "cifar100": ("torchvision", "test"),
+    "stl10": ("torchvision", "test"), "clevr_counts": ("filelist", "val"),
+}
+
+
+def test_catalog_has_every_downstream_set_of_clip_rocket_with_its_format_and_splits():
+    catalog = datasets.load_catalog()
+    assert len(CLIP_ROCKET_DOWNSTREAM) == 23
+    wrong = []
+    for name, (fmt, test_split) in CLIP_ROCKET_DOWNSTREAM.items():
+        entry = catalog.get(name)
+        if entry is None:
+            wrong.append(f"{name}: missing")
+            continue
+        got = (entry["format"], datasets.split_name(name, entry, "train"), datasets.split_name(name, entry, "test"))
+        if got != (fmt, "train", test_split):
+            wrong.append(f"{name}: (format, train, test) = {got}, clip-rocket has {(fmt, 'train', test_split)}")
+        if fmt == "torchvision" and entry.get("kind") != name:
+            wrong.append(f"{name}: torchvision kind {entry.get('kind')!r}")
+    assert not wrong, "\n".join(wrong)
+    assert catalog["clevr_counts"]["label_order"] == ["count_10", "count_3", "count_4", "count_5", "count_6",
+                                                      "count_7", "count_8", "count_9"]
+
+
 def test_catalog_entries_and_missing_dataset_messages(tmp_path, monkeypatch):
     catalog = datasets.load_catalog()
     for name in ["yfcc15m", "cc3m", "cc12m", "merged-29m", "muge", "flickr30k-cn", "coco-cn", "imagenet", "muge-sample",
@@ -449,7 +588,7 @@ def corrupt_lmdb(tmp_path, photo, bad: set[int], n=24) -> datasets.LmdbReader:
 def test_bad_samples_replaced_deterministically_counted_and_limited(tmp_path, photo):
     bad = {3, 4, 10, 17}
     reader = corrupt_lmdb(tmp_path, photo, bad)
-    with pytest.raises(datasets.CorruptSample, match=r"lmdb\[3\] \(image 3, text 3\)"):
+    with pytest.raises(datasets.CorruptSample, match=r"lmdb\[3\] \(image 3, text 3, .*/c/imgs\)"):
         reader.read(3)
 
     def epoch(workers, limit):
@@ -467,6 +606,105 @@ def test_bad_samples_replaced_deterministically_counted_and_limited(tmp_path, ph
     assert counter0.count == counter2.count >= 4 and set(counter2.offenders()) >= bad  # counted across workers
     with pytest.raises(datasets.TooManyBadSamples, match=r"more than --max-bad-samples 2; offending sample ids"):
         epoch(2, 2)
+
+
+N_ITEMS, BAD = 5, 2  # one broken item in the middle of five
+ONE_BAD_ITEM_CASES = ["yfcc15m missing zip member", "yfcc15m missing zip shard", "cc3m missing image file",
+                      "cc12m undecodable image file", "tsv bad base64", "tsv undecodable jpeg",
+                      "imagefolder truncated jpg", "filelist garbage jpg", "lmdb missing image id"]
+
+
+def one_bad_item_reader(case: str, tmp, photo) -> tuple[datasets.Reader, list[str]]:
+    """A reader of `case`'s format over N_ITEMS items with captions `caption k`, item BAD broken as `case` says
+    -> (reader, what its CorruptSample message must name: the sample, the image id, the path)."""
+    good = [jpeg(photo, k, 16) for k in range(N_ITEMS)]
+    whole = jpeg(photo, BAD, 64)
+    truncated = whole[:len(whole) * 2 // 3]  # opens (the header is whole), fails when decoded
+    fmt = case.split()[0]
+    if fmt == "yfcc15m":
+        ids = [12345600 + k for k in range(N_ITEMS)]  # one shard, images/12/345.zip, members 600.jpg ...
+        if case.endswith("shard"):
+            ids[BAD] = 12399902  # images/12/399.zip is never written
+        for k, image_id in enumerate(ids):
+            if k != BAD:
+                zpath, member = datasets.yfcc_zip_location(str(tmp / "yfcc"), image_id)
+                os.makedirs(os.path.dirname(zpath), exist_ok=True)
+                with zipfile.ZipFile(zpath, "a") as z:
+                    z.writestr(member, good[k])
+        (tmp / "meta.tsv").write_text("".join(f"{i}\tcaption {k}\t\n" for k, i in enumerate(ids)))
+        zpath, member = datasets.yfcc_zip_location(str(tmp / "yfcc"), ids[BAD])
+        assert os.path.exists(zpath) != case.endswith("shard")
+        return datasets.YfccReader(str(tmp / "meta.tsv"), str(tmp / "yfcc")), \
+            [f"yfcc15m[{BAD}]", f"image {ids[BAD]}", f"{zpath}:{member}"]
+    if fmt in ("cc3m", "cc12m"):
+        key = "image_id" if fmt == "cc3m" else "image_name"
+        os.makedirs(tmp / "img")
+        for k in range(N_ITEMS):
+            if k != BAD or fmt == "cc12m":  # cc3m: the file is missing; cc12m: it holds no image
+                (tmp / "img" / f"{k}.jpg").write_bytes(b"<html>404 Not Found</html>" if k == BAD else good[k])
+        records = np.empty(N_ITEMS, dtype=object)
+        records[:] = [{key: f"{k}.jpg", "captions": [f"caption {k}"]} for k in range(N_ITEMS)]
+        np.save(tmp / "meta.npy", records, allow_pickle=True)
+        return datasets.CaptionRecordsReader(str(tmp / "meta.npy"), str(tmp / "img"), fmt, key), \
+            [f"{fmt}[{BAD}]", str(tmp / "img" / f"{BAD}.jpg")]
+    if fmt == "tsv":
+        b64 = [base64.b64encode(g).decode() for g in good]
+        b64[BAD] = "@@@not*base64@" if case.endswith("base64") else base64.b64encode(truncated).decode()
+        (tmp / "train_imgs.tsv").write_text("".join(f"{500 + k}\t{b64[k]}\n" for k in range(N_ITEMS)))
+        (tmp / "train_texts.jsonl").write_text("".join(
+            json.dumps({"text_id": k, "text": f"caption {k}", "image_ids": [500 + k]}) + "\n" for k in range(N_ITEMS)))
+        return datasets.TsvReader(str(tmp), "train"), [f"tsv[{BAD}]", f"image {500 + BAD}",
+                                                        str(tmp / "train_imgs.tsv")]
+    if fmt == "imagefolder":
+        for k in range(N_ITEMS):
+            os.makedirs(tmp / "if" / f"caption {k}")
+            (tmp / "if" / f"caption {k}" / "a.jpg").write_bytes(truncated if k == BAD else good[k])
+        return datasets.ImageFolderReader(str(tmp / "if")), \
+            [f"imagefolder[{BAD}]", str(tmp / "if" / f"caption {BAD}" / "a.jpg")]
+    if fmt == "filelist":
+        os.makedirs(tmp / "fl" / "imgs")
+        for k in range(N_ITEMS):
+            (tmp / "fl" / "imgs" / f"{k}.jpg").write_bytes(os.urandom(300) if k == BAD else good[k])
+        np.save(tmp / "fl" / "val_images.npy", np.array([f"imgs/{k}.jpg" for k in range(N_ITEMS)]))
+        np.save(tmp / "fl" / "val_labels.npy", np.arange(N_ITEMS))
+        return datasets.FilelistReader(str(tmp / "fl"), "val", [f"caption {k}" for k in range(N_ITEMS)]), \
+            [f"filelist[{BAD}]", str(tmp / "fl" / "imgs" / f"{BAD}.jpg")]
+    assert case == "lmdb missing image id"
+    write_cnclip_lmdb(str(tmp / "l"), {k: good[k] for k in range(N_ITEMS) if k != BAD},
+                      [(k, 100 + k, f"caption {k}") for k in range(N_ITEMS)])
+    return datasets.LmdbReader([str(tmp / "l")]), [f"lmdb[{BAD}]", f"image {BAD}, text {100 + BAD}, {tmp / 'l'}/imgs)"]
+
+
+@pytest.mark.parametrize("case", ONE_BAD_ITEM_CASES)
+def test_every_reader_raises_corrupt_sample_that_the_dataset_replaces_and_counts(tmp_path, photo, case):
+    """Each storage format turns its own kind of broken item into a CorruptSample naming the sample and the path;
+    ImageTextDataset then serves a whole good sample in its place, the same one whatever the workers, counts it
+    and stops past --max-bad-samples."""
+    reader, names = one_bad_item_reader(case, tmp_path, photo)
+    assert len(reader) == N_ITEMS
+    with pytest.raises(datasets.CorruptSample) as raised:
+        reader.read(BAD)
+    assert all(name in str(raised.value) for name in names), (str(raised.value), names)
+    owner = {f"caption {k}": k for k in range(N_ITEMS)}
+
+    def epoch(workers: int, limit: int):
+        dataset = datasets.ImageTextDataset(reader, T.Compose([T.Resize((8, 8)), T.ToTensor()]),
+                                            lambda text: torch.tensor([[owner[text]]]), max_bad_samples=limit)
+        sampler = datasets.ResumableSampler(N_ITEMS, 1, seed=1, shuffle=False)  # items 0..4 in order
+        dataset.bad_samples.reset(0)
+        batches = list(DataLoader(dataset, batch_size=1, sampler=sampler, num_workers=workers))
+        return torch.cat([b[0] for b in batches]), [int(b[1]) for b in batches], dataset.bad_samples
+
+    views, ids, counter = epoch(0, 1)
+    replacement = ids[BAD]
+    assert ids[:BAD] + ids[BAD + 1:] == [k for k in range(N_ITEMS) if k != BAD] and replacement != BAD
+    assert torch.equal(views[BAD], views[replacement])  # the replacement's image with its own caption
+    assert counter.count == 1 and counter.offenders() == [BAD]  # seed 1: the first replacement draw is good
+    views2, ids2, counter2 = epoch(2, 1)
+    assert ids2 == ids and torch.equal(views2, views) and counter2.count == 1 and counter2.offenders() == [BAD]
+    with pytest.raises(datasets.TooManyBadSamples,
+                       match=rf"offending sample ids \[{BAD}\] \(last: {re.escape(names[0])}"):
+        epoch(0, 0)
 
 
 def test_main_stops_past_max_bad_samples_and_skips_below(tmp_path, muge_sample_root, capfd):
@@ -489,6 +727,26 @@ def test_main_stops_past_max_bad_samples_and_skips_below(tmp_path, muge_sample_r
     assert re.search(r"WARNING epoch 0: \d+ corrupt sample\(s\) replaced: \[\d+", out.out + out.err)
 
 
+def test_max_bad_samples_is_per_epoch(tmp_path, photo, capfd):
+    """2 corrupt images among 16 samples, --max-bad-samples 3, 2 epochs of 2 steps: every epoch stays within the
+    limit while the run's total (>= 4) does not, and the run completes (the count restarts each epoch)."""
+    root = tmp_path / "root" / "muge-sample" / "lmdb"  # the catalog's muge-sample entry, with a test split
+    bad = {5, 11}
+    train = {i: b"\xff\xd8 truncated" if i in bad else jpeg(photo, i) for i in range(16)}
+    write_cnclip_lmdb(str(root / "train"), train, [(i, i, f"第{i}张照片") for i in range(16)])
+    write_cnclip_lmdb(str(root / "test"), {i: jpeg(photo, 20 + i) for i in range(8)},
+                      [(i, i, f"第{i}张测试照片") for i in range(8)])
+    summary = main.main(TINY_CN + ["--dataset", "muge-sample", "--data-root", str(tmp_path / "root"), "--epochs", "2",
+                                   "--max-bad-samples", "3", "--output-dir", str(tmp_path / "exp")])
+    assert summary["epoch"] == 2 and summary["step"] == 4
+    out = capfd.readouterr()
+    per_epoch = {int(e): (int(n), ids) for e, n, ids in
+                 re.findall(r"epoch (\d+): (\d+) corrupt sample\(s\) replaced: \[([\d, ]+)\]", out.out + out.err)}
+    assert sorted(per_epoch) == [0, 1]
+    assert all(2 <= n <= 3 and {int(i) for i in ids.split(",")} == bad for n, ids in per_epoch.values())
+    assert sum(n for n, _ in per_epoch.values()) > 3
+
+
 def test_caption_sampling_single_and_multi():
     captions = ["a", "b", "c", "d"]
     singles, multis = set(), set()
@@ -506,6 +764,69 @@ def test_caption_sampling_single_and_multi():
     with pytest.raises(ValueError, match="unknown caption sampling"):
         datasets.pick_captions(captions, "all")
     assert main.parse_args(["--caption-sampling", "multi"]).caption_sampling == "multi"
+
+
+def multi_caption_reader(tmp_path, photo, n_images: int = 3) -> datasets.CaptionRecordsReader:
+    """cc3m-format records of n_images images with 4 captions each, `image k caption c`."""
+    os.makedirs(tmp_path / "img")
+    with open(tmp_path / "cc.jsonl", "w", encoding="utf-8") as f:
+        for k in range(n_images):
+            (tmp_path / "img" / f"{k}.jpg").write_bytes(jpeg(photo, k, 16))
+            captions = [f"image {k} caption {c}" for c in range(4)]
+            f.write(json.dumps({"image_id": f"{k}.jpg", "captions": captions}) + "\n")
+    return datasets.CaptionRecordsReader(str(tmp_path / "cc.jsonl"), str(tmp_path / "img"), "cc3m", "image_id")
+
+
+def caption_ids(texts) -> torch.Tensor:
+    """A stand-in tokenizer: each text `image k caption c` -> the row [4k + c]."""
+    return torch.tensor([[4 * int(t.split()[1]) + int(t.split()[3])] for t in ([texts] if isinstance(texts, str)
+                                                                           else texts)])
+
+
+def text_rows(dataset, epochs: int) -> dict[tuple[int, int], list[int]]:
+    """(epoch, index) -> the caption ids of the sample's text views (token rows), over whole epochs."""
+    rows = {}
+    for epoch in range(epochs):
+        sampler = datasets.ResumableSampler(len(dataset), 1, seed=0, shuffle=False)
+        sampler.set_epoch(epoch)
+        for key in sampler:
+            tokens = dataset[key][1]  # (1+A, L) for a multi-view sample, (L,) for a pair
+            rows[(epoch, key[0])] = tokens[:, 0].tolist() if tokens.dim() == 2 else [int(tokens[0])]
+    return rows
+
+
+def test_caption_sampling_single_and_multi_through_the_multi_view_dataset(tmp_path, photo):
+    """single: the weak and the A strong text views of a sample share one caption; multi: each draws its own.
+    Both draw anew each epoch and are fixed by (seed, epoch, index)."""
+    reader = multi_caption_reader(tmp_path, photo)
+    view = T.Compose([T.Resize((8, 8)), T.ToTensor()])
+
+    def rows(mode: str) -> dict:
+        return text_rows(datasets.MultiViewDataset(reader, view, caption_ids, caption_sampling=mode,
+                                                   strong_transforms=[view] * 3), epochs=8)
+
+    single, multi = rows("single"), rows("multi")
+    assert single == rows("single") and multi == rows("multi")
+    for drawn in (single, multi):
+        assert len(drawn) == 24 and all(len(ids) == 4 and {i // 4 for i in ids} == {index}
+                                        for (_, index), ids in drawn.items())  # the sample's own captions
+        assert all(len({tuple(drawn[(epoch, index)]) for epoch in range(8)}) > 1 for index in range(3))
+    assert all(len(set(ids)) == 1 for ids in single.values())
+    assert sum(len(set(ids)) > 1 for ids in multi.values()) >= 20  # 4 views agree by chance 1 time in 64
+    assert {i % 4 for ids in multi.values() for i in ids} == {0, 1, 2, 3}
+
+
+@pytest.mark.parametrize("mode", ["single", "multi"])
+def test_caption_sampling_flag_reaches_the_training_dataset(tmp_path, photo, mode):
+    """main's --caption-sampling is what the training dataset of a one-view and of a multi-view model uses."""
+    reader = multi_caption_reader(tmp_path, photo)
+    for model in ("CLIP_VITT16_CLIP", "CL2L_VITT16_CL2L"):
+        args = main.parse_args(["--model", model, "--dataset", "synthetic", "--caption-sampling", mode])
+        dataset = main.build_train_dataset(models.parse_model_name(model), args, reader, 16, caption_ids)
+        assert dataset.caption_sampling == mode
+    drawn = text_rows(dataset, epochs=4)  # CL2L: weak + 2 strong text views (no stop words in these captions)
+    assert all(len(ids) == 3 for ids in drawn.values())
+    assert any(len(set(ids)) > 1 for ids in drawn.values()) == (mode == "multi")
 
 
 # --------------------------------------------------------------------------- muge-sample
