@@ -760,6 +760,8 @@ def _add_retrieval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-reference", action="store_true", help="do not run the Chinese-CLIP pipeline (~3-4 min)")
     p.add_argument("--extract-batches", type=int, default=3, help="VITB16 batches timed for the extract throughput")
     p.add_argument("--extract-batch-size", type=int, default=32, help="images per VITB16 extract batch")
+    p.add_argument("--extract-workers", type=int, default=None,
+                   help="DataLoader workers of the timed `extract` tool path (default: extract's own, min(4, cores))")
     p.add_argument("--workdir", default=None, help="keep the feature/prediction files here (default: a temp dir)")
 
 
@@ -782,7 +784,7 @@ def _timed_process(cmd: list[str]) -> float:
 def bench_retrieval(args: argparse.Namespace) -> dict:
     """MUGE-validation-scale text->image top-10 + scoring: ours (eval_retrieval.py topk/score, .npy features)
     vs Chinese-CLIP's make_topk_predictions.py + evaluation.py (jsonl features), as whole processes; plus
-    the bare matmul+top-k floor and VITB16 extract throughput."""
+    the bare matmul+top-k floor and VITB16 extract throughput (the extract tool on an LMDB, and the model alone)."""
     import importlib.util
     import os
     import tempfile
@@ -876,37 +878,69 @@ def bench_retrieval(args: argparse.Namespace) -> dict:
                      "value": ref["identical_prediction_lines"]},
                     {"measure": "score JSON identical", "value": str(ref["same_score_json"])}]
 
-    summary += _extract_throughput(args)
+    extract_rows, extract = _extract_throughput(args)
+    summary += extract_rows
     print(markdown_table(summary))
     if tmp is not None:
         tmp.cleanup()
-    return {"rows": rows, "summary": summary, "load_average": os.getloadavg()}
+    return {"rows": rows, "summary": summary, **extract, "load_average": os.getloadavg()}
 
 
-def _extract_throughput(args: argparse.Namespace) -> list[dict]:
-    """VITB16 (random weights) image-feature extraction images/s on 224 px batches: fp32, and on CUDA also
-    under bf16 autocast (as `eval_retrieval.py extract` would run on a GPU)."""
-    import main as trainer
+def _extract_throughput(args: argparse.Namespace) -> tuple[list[dict], dict[str, float]]:
+    """VITB16 (random weights) image-feature extraction at 224 px, images/s, two numbers per precision (fp32,
+    and bf16 autocast on CUDA):
+    - tool: `eval_retrieval.extract_image_features`, i.e. `eval_retrieval.py extract` after the checkpoint is
+      loaded, on an LMDB of batches x batch-size 1024x768 photo JPEGs built by build_lmdb: LMDB read, JPEG
+      decode and squash transform in --extract-workers DataLoader processes, the model, L2 normalisation,
+      features back on the CPU (worker start-up included, as in a real run);
+    - model only: `encode_image` on random pixels already on the device (the data path's ceiling).
+    Returns (table rows, {"extract_tool_images_per_s[_bf16]", "extract_model_only_images_per_s[_bf16]"})."""
+    import base64
+    import os
+    import tempfile
+
+    import build_lmdb
+    import datasets
+    import eval_retrieval
     import models
 
     model = models.build_model(models.parse_model_name("CLIP_VITB16_CLIP")).eval()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
-    n = args.extract_batch_size
+    n, batches = args.extract_batch_size, args.extract_batches
+    workers = eval_retrieval.default_workers() if args.extract_workers is None else args.extract_workers
     pixels = torch.randn(n, 3, 224, 224, device=device)
-    rows = []
+    tmp = tempfile.TemporaryDirectory()
+    with open(os.path.join(tmp.name, "bench_imgs.tsv"), "w") as f:
+        f.writelines(f"{i}\t{base64.b64encode(p).decode()}\n" for i, p in enumerate(_bench_photos(n * batches)))
+    with open(os.path.join(tmp.name, "bench_texts.jsonl"), "w") as f:
+        f.writelines(json.dumps({"text_id": i, "text": "一张照片", "image_ids": [i]}) + "\n"
+                     for i in range(n * batches))
+    build_lmdb.main(["--data-dir", tmp.name, "--splits", "bench", "--lmdb-dir", os.path.join(tmp.name, "lmdb")])
+    imgs = os.path.join(tmp.name, "lmdb", "bench", "imgs")
+    rows, values = [], {}
     for precision in ["fp32"] + (["bf16"] if device.type == "cuda" else []):
-        ns = argparse.Namespace(precision=precision)
-        with torch.no_grad(), trainer.autocast(ns, device):
+        suffix = "" if precision == "fp32" else f"_{precision}"
+        with torch.no_grad(), eval_retrieval.autocast(precision, device):
             model.encode_image(pixels)  # warm-up (kernel selection)
             _sync(device)
             t0 = time.perf_counter()
-            for _ in range(args.extract_batches):
+            for _ in range(batches):
                 model.encode_image(pixels)
             _sync(device)
-        rows.append({"measure": f"VITB16 image feature extraction, {precision}, {device.type}, batch {n} (images/s)",
-                     "value": n * args.extract_batches / (time.perf_counter() - t0)})
-    return rows
+        values[f"extract_model_only_images_per_s{suffix}"] = n * batches / (time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        ids, _ = eval_retrieval.extract_image_features(model, imgs, 224, device, n, workers=workers,
+                                                       precision=precision)
+        values[f"extract_tool_images_per_s{suffix}"] = len(ids) / (time.perf_counter() - t0)
+        where = f"VITB16 image feature extraction, {precision}, {device.type}, batch {n}"
+        rows += [{"measure": f"{where}, tool: eval_retrieval extract on an LMDB of {n * batches} 1024x768 JPEGs, "
+                             f"{workers} workers (images/s)", "value": values[f"extract_tool_images_per_s{suffix}"]},
+                 {"measure": f"{where}, model only: encode_image on random pixels (images/s)",
+                  "value": values[f"extract_model_only_images_per_s{suffix}"]}]
+    datasets.close_lmdb(imgs)
+    tmp.cleanup()
+    return rows, values
 
 
 # --------------------------------------------------------------------------- objectives (issue 6)

@@ -6,16 +6,17 @@ R@K is the percent of queries that hit, and the mean recall (MR) averages R@1/5/
 Command line (file formats identical to Chinese-CLIP's, reference/chinese_clip.md §6):
 
     python eval_retrieval.py extract --resume CKPT|--pretrained W --image-data DIR_OR_TSV --text-data X.jsonl \
-        --output-dir OUT [--jsonl]
+        --output-dir OUT [--jsonl] [--precision fp32|bf16|fp16] [-j WORKERS]
     python eval_retrieval.py topk --image-feats F --text-feats F --output PRED.jsonl [--tr] [--top-k 10]
     python eval_retrieval.py score GT.jsonl PRED.jsonl OUT.json [--tr] [--gallery IDS] [--strict]
     python eval_retrieval.py ir2tr --input valid_texts.jsonl          # -> valid_texts.tr.jsonl
-    python eval_retrieval.py run --resume CKPT --data-dir DIR --split valid --output-dir OUT
+    python eval_retrieval.py run --resume CKPT --data-dir DIR --split valid --output-dir OUT [--precision P] [-j N]
 
 Features are L2-normalised float32 `NAME.npy` with the ids in `NAME.ids.npy` (int64), or Chinese-CLIP's
 `{"image_id"|"text_id", "feature"}` jsonl. Predictions are `{"text_id", "image_ids"}` (text->image) or
 `{"image_id", "text_ids"}` (image->text, `--tr`). The scorer also accepts the MUGE keys
-(`query_id`/`item_ids`) and writes the MUGE server's JSON.
+(`query_id`/`item_ids`) and writes the MUGE server's JSON; an unreadable or non-UTF-8 file is a failure
+JSON naming the file and line, not a traceback.
 """
 from __future__ import annotations
 
@@ -159,15 +160,17 @@ def topk_indices(queries: np.ndarray, gallery: np.ndarray, k: int = 10, max_chun
     depends on a column's place in the kernel's tile), so the product only shortlists the k + margin best
     of each query; those are rescored one dot product at a time (identical vectors, identical scores) and
     ordered by (score descending, index ascending). A query with more than `margin` scores within `tie_tol`
-    of its k-th (many duplicates at the cut) is rescored over the whole gallery. Query chunks keep the
-    (chunk, G) score matrix under `max_chunk_bytes`.
+    of its k-th (many duplicates at the cut) is rescored over the whole gallery, in gallery blocks.
+    Every intermediate array (the (C, G) scores, argpartition's (C, G) int64 indices, the (C, n, D) gathered
+    shortlist, a rescored block) stays under `max_chunk_bytes`, except that one query row always fits; the
+    only other allocations are the output and a transposed copy of the gallery.
     """
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     gallery = np.ascontiguousarray(gallery, dtype=np.float32)
-    Q, G = queries.shape[0], gallery.shape[0]
+    Q, G, D = queries.shape[0], gallery.shape[0], gallery.shape[1]
     k = min(k, G)
     shortlist = min(G, k + margin)
-    chunk = max(1, min(Q, max_chunk_bytes // (4 * max(G, 1))))
+    chunk = _query_chunk(Q, G, shortlist, D, max_chunk_bytes)
     gallery_t = np.ascontiguousarray(gallery.T)  # (D, G)
     out = np.empty((Q, k), dtype=np.int64)
     for start in range(0, Q, chunk):
@@ -181,8 +184,15 @@ def topk_indices(queries: np.ndarray, gallery: np.ndarray, k: int = 10, max_chun
         if shortlist < G:  # the shortlist's last score within tie_tol of the k-th: rescore the whole row
             short_scores = np.sort(np.take_along_axis(scores, cand, axis=1), axis=1)  # (C, n) ascending
             for row in np.nonzero(short_scores[:, -k] - short_scores[:, 0] <= tie_tol)[0]:
-                out[start + row] = _rank_exactly(q[row:row + 1], gallery, np.arange(G)[None], k)[0]
+                out[start + row] = _rank_row_exactly(q[row], gallery, k, max_chunk_bytes)
     return out
+
+
+def _query_chunk(Q: int, G: int, n: int, D: int, max_chunk_bytes: int) -> int:
+    """Query rows per chunk: the (C, G) float32 scores and int64 argpartition indices and the (C, n, D)
+    float32 shortlist gather all fit in `max_chunk_bytes` (at least one row)."""
+    per_row = max(8 * G, 4 * n * D, 1)
+    return max(1, min(Q, max_chunk_bytes // per_row))
 
 
 def _rank_exactly(q: np.ndarray, gallery: np.ndarray, cand: np.ndarray, k: int) -> np.ndarray:
@@ -191,6 +201,16 @@ def _rank_exactly(q: np.ndarray, gallery: np.ndarray, cand: np.ndarray, k: int) 
     exact = np.einsum("cd,cnd->cn", q, gallery[cand])  # (C, n)
     order = np.lexsort((cand, -exact), axis=-1)[:, :k]  # last key primary: score desc, then index asc
     return np.take_along_axis(cand, order, axis=1)
+
+
+def _rank_row_exactly(q: np.ndarray, gallery: np.ndarray, k: int, max_chunk_bytes: int) -> np.ndarray:
+    """(D,) query -> (k,) indices over the whole gallery by (dot product desc, index asc): the exact scores
+    of `_rank_exactly`, in gallery blocks of at most `max_chunk_bytes`."""
+    G, D = gallery.shape
+    block = max(1, max_chunk_bytes // (4 * D))
+    exact = np.concatenate([np.einsum("cd,cnd->cn", q[None], gallery[None, s:s + block])[0]
+                            for s in range(0, G, block)])  # (G,)
+    return np.lexsort((np.arange(G), -exact))[:k]
 
 
 # --------------------------------------------------------------------------- feature files
@@ -279,15 +299,26 @@ def iter_jsonl(path: str, what: str) -> Iterator[tuple[int, dict | None, str]]:
     """(line number, parsed object or None when the line is not JSON, raw line); blank lines are skipped."""
     if not os.path.exists(path):
         raise SubmissionError(f"The {what} file is not found!" + ("" if what == "submission" else f" ({path})"))
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                yield lineno, json.loads(line), line
-            except json.JSONDecodeError:
-                yield lineno, None, line
+    try:
+        # undecodable bytes become lone surrogates (the reference's UnicodeDecodeError names no line), so the
+        # line that is not UTF-8 is found below; newline handling stays Python's universal newlines
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
+            for lineno, line in enumerate(f, 1):
+                try:
+                    line.encode("utf-8")
+                except UnicodeEncodeError as exc:
+                    byte = ord(line[exc.start]) - 0xDC00
+                    raise SubmissionError(f"{path}:{lineno}: the {what} file is not UTF-8 text (byte 0x{byte:02x} "
+                                          f"at column {exc.start + 1}); save it as UTF-8") from None
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    yield lineno, json.loads(line), line
+                except json.JSONDecodeError:
+                    yield lineno, None, line
+    except OSError as exc:  # a folder, no permission, an I/O error
+        raise SubmissionError(f"{path}: cannot read the {what} file: {exc.strerror or exc}") from None
 
 
 def _is_int(value) -> bool:
@@ -396,12 +427,22 @@ def load_gallery_ids(path: str) -> set[int]:
     return set(iter_image_ids(path))
 
 
+def _lmdb_error() -> type[Exception]:
+    import lmdb
+
+    return lmdb.Error
+
+
 def score(gt_path: str, pred_path: str, out_path: str, tr: bool = False, gallery: str | None = None,
           k: int = 10) -> dict:
     """Score a prediction file like the MUGE server; writes and returns its JSON (success or failure)."""
     try:
         reference, keys = read_reference(gt_path, tr)
-        gallery_ids = load_gallery_ids(gallery) if gallery else None
+        try:
+            gallery_ids = load_gallery_ids(gallery) if gallery else None
+        except (OSError, ValueError, _lmdb_error()) as exc:  # incl. UnicodeDecodeError, a bad features jsonl
+            raise SubmissionError(f"--gallery {gallery}: cannot read the gallery ids: {type(exc).__name__}: "
+                                  f"{exc}") from None
         predictions = read_submission(pred_path, reference, keys, k, gallery_ids)
         r = compute_recalls(reference, predictions)
         result = {"success": True, "score": r["mean_recall"],
@@ -430,37 +471,85 @@ def ir_to_tr(input_path: str, output_path: str | None = None) -> str:
 
 
 # --------------------------------------------------------------------------- extraction
+class ImageRecords:
+    """Random access to the images of an LMDB `imgs` folder (key order, as Chinese-CLIP walks it) or a
+    `<id>\\t<base64>` tsv (file order): item i -> (image id, transform(PIL image)).
+
+    The keys (or the tsv line offsets) are listed once; LMDB environments and files are opened lazily in
+    each process (datasets.open_lmdb), so DataLoader workers decode and transform in parallel."""
+
+    def __init__(self, path: str, transform=None) -> None:
+        import datasets
+
+        self.path, self.transform, self.is_lmdb = path, transform, os.path.isdir(path)
+        if self.is_lmdb:
+            _, txn = datasets.open_lmdb(path)
+            self.keys = [k for k in txn.cursor().iternext(keys=True, values=False) if k != b"num_images"]
+            self.ids = [int(k.decode("utf-8")) for k in self.keys]
+        else:
+            self.offsets, self.linenos, self.ids = [], [], []
+            with open(path, "rb") as f:
+                offset = 0
+                for lineno, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            image_id = int(line.split(b"\t", 1)[0]) if b"\t" in line else None
+                        except ValueError:
+                            image_id = None
+                        if image_id is None:
+                            raise ValueError(f"{path}:{lineno}: a tsv line is <image_id>\\t<base64 image>")
+                        self.offsets.append(offset)
+                        self.linenos.append(lineno)
+                        self.ids.append(image_id)
+                    offset += len(line)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_file"}  # a spawned worker reopens
+
+    def raw(self, index: int) -> bytes:
+        """The encoded image bytes of item `index`."""
+        import datasets
+
+        if self.is_lmdb:
+            return datasets.b64decode_image(datasets.open_lmdb(self.path)[1].get(self.keys[index]))
+        cached = getattr(self, "_file", None)
+        if cached is None or cached[0] != os.getpid():
+            cached = self._file = (os.getpid(), open(self.path, "rb"))
+        cached[1].seek(self.offsets[index])
+        parts = cached[1].readline().rstrip(b"\r\n").split(b"\t")
+        if len(parts) != 2:
+            raise ValueError(f"{self.path}:{self.linenos[index]}: a tsv line is <image_id>\\t<base64 image>")
+        return datasets.b64decode_image(parts[1])
+
+    def close(self) -> None:
+        """Close this process's tsv handle (LMDB environments stay in datasets' per-process cache)."""
+        cached = self.__dict__.pop("_file", None)
+        if cached is not None and cached[0] == os.getpid():
+            cached[1].close()
+
+    def __getitem__(self, index: int):
+        from PIL import Image
+
+        image = Image.open(io.BytesIO(self.raw(index)))
+        return self.ids[index], (self.transform(image) if self.transform else image)
+
+
 def iter_image_records(path: str) -> Iterator[tuple[int, bytes]]:
-    """(image id, encoded image bytes) from an LMDB `imgs` folder (key order, as Chinese-CLIP walks it)
-    or a `<id>\\t<base64>` tsv."""
-    from datasets import b64decode_image
-
-    if os.path.isdir(path):
-        import lmdb
-
-        env = lmdb.open(path, readonly=True, create=False, lock=False, readahead=False, meminit=False)
-        try:
-            with env.begin(buffers=False) as txn:
-                for key, value in txn.cursor():
-                    if key == b"num_images":
-                        continue
-                    yield int(key.decode("utf-8")), b64decode_image(value)
-        finally:
-            env.close()
-        return
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            parts = line.rstrip("\n").split("\t")
-            if len(parts) != 2:
-                raise ValueError(f"{path}:{lineno}: a tsv line is <image_id>\\t<base64 image>")
-            yield int(parts[0]), b64decode_image(parts[1])
+    """(image id, encoded image bytes) from an LMDB `imgs` folder (key order) or a `<id>\\t<base64>` tsv."""
+    records = ImageRecords(path)
+    try:
+        for index, image_id in enumerate(records.ids):
+            yield image_id, records.raw(index)
+    finally:
+        records.close()
 
 
 def iter_image_ids(path: str) -> Iterator[int]:
-    for image_id, _ in iter_image_records(path):
-        yield image_id
+    """The image ids of an LMDB `imgs` folder or a tsv, without decoding the images."""
+    yield from ImageRecords(path).ids
 
 
 def squash_transform(image_size: int):
@@ -479,39 +568,62 @@ def _progress(iterable, desc: str, total: int | None = None):
     return tqdm(iterable, desc=desc, total=total, disable=not sys.stderr.isatty(), mininterval=5)
 
 
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def autocast(precision: str, device: torch.device):
+    """fp32: no autocast (Chinese-CLIP's extraction is fp32); bf16/fp16: torch.autocast on the device (CUDA,
+    or bf16 on CPU when asked for; fp16 needs CUDA)."""
+    import contextlib
+
+    import torch
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("fp16 autocast needs CUDA; use --precision bf16 (or fp32) on a CPU")
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def default_workers() -> int:
+    """DataLoader workers of `extract`: up to 4, never more than the usable cores."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(4, cores)
+
+
 @_no_grad
 def extract_image_features(model, path: str, image_size: int, device: torch.device, batch_size: int = 64,
-                           head: str = "z") -> tuple[np.ndarray, np.ndarray]:
-    """(ids (N,), L2-normalised features (N, D)) of every image of an LMDB imgs folder or tsv."""
+                           head: str = "z", workers: int = 0, precision: str = "fp32") -> tuple[np.ndarray, np.ndarray]:
+    """(ids (N,), L2-normalised features (N, D)) of every image of an LMDB imgs folder or tsv, in its order.
+
+    `workers` DataLoader processes decode and transform (the squash transform) while the model runs; the
+    batches, hence the features, are the same for any number of workers."""
     import torch
     import torch.nn.functional as F
-    from PIL import Image
+    from torch.utils.data import DataLoader
 
-    transform = squash_transform(image_size)
-    ids, feats, batch, batch_ids = [], [], [], []
-
-    def flush():
-        pixels = torch.stack(batch).to(device)  # (B, 3, R, R)
-        feats.append(F.normalize(model.encode_image(pixels, head=head).float(), dim=-1).cpu().numpy())
-        ids.extend(batch_ids)
-        batch.clear()
-        batch_ids.clear()
-
-    for image_id, raw in _progress(iter_image_records(path), "images"):
-        batch.append(transform(Image.open(io.BytesIO(raw))))
-        batch_ids.append(image_id)
-        if len(batch) == batch_size:
-            flush()
-    if batch:
-        flush()
-    if not ids:
+    records = ImageRecords(path, squash_transform(image_size))
+    if not len(records):
         raise ValueError(f"{path}: no images")
-    return np.asarray(ids, dtype=np.int64), np.concatenate(feats)
+    loader = DataLoader(records, batch_size=batch_size, shuffle=False, num_workers=workers,
+                        pin_memory=device.type == "cuda")
+    ids, feats = [], []
+    try:
+        for batch_ids, pixels in _progress(loader, "images", total=len(loader)):  # (B,), (B, 3, R, R)
+            with autocast(precision, device):
+                out = model.encode_image(pixels.to(device, non_blocking=True), head=head)
+            feats.append(F.normalize(out.float(), dim=-1).cpu().numpy())
+            ids.append(torch.as_tensor(batch_ids).numpy())
+    finally:
+        records.close()
+    return np.concatenate(ids).astype(np.int64), np.concatenate(feats)
 
 
 @_no_grad
 def extract_text_features(model, tokenizer, path: str, device: torch.device, batch_size: int = 64,
-                          head: str = "z") -> tuple[np.ndarray, np.ndarray]:
+                          head: str = "z", precision: str = "fp32") -> tuple[np.ndarray, np.ndarray]:
     """(ids (N,), L2-normalised features (N, D)) of every `{"text_id", "text"}` line of a jsonl."""
     import torch.nn.functional as F
 
@@ -525,9 +637,12 @@ def extract_text_features(model, tokenizer, path: str, device: torch.device, bat
             raise ValueError(f"{path}:{lineno}: a text line needs text_id and text: {line}")
         ids.append(obj[key])
         texts.append(obj[text_key])
-    feats = [F.normalize(model.encode_text(models.trim_padding(tokenizer(texts[i:i + batch_size])).to(device),
-                                           head=head).float(),
-                         dim=-1).cpu().numpy() for i in _progress(range(0, len(texts), batch_size), "texts")]
+    feats = []
+    for i in _progress(range(0, len(texts), batch_size), "texts"):
+        tokens = models.trim_padding(tokenizer(texts[i:i + batch_size])).to(device)  # (B, L')
+        with autocast(precision, device):
+            out = model.encode_text(tokens, head=head)
+        feats.append(F.normalize(out.float(), dim=-1).cpu().numpy())
     return np.asarray(ids, dtype=np.int64), np.concatenate(feats)
 
 
@@ -544,14 +659,16 @@ def extract(args: argparse.Namespace) -> dict[str, str]:
     stem = args.name or "features"
     if args.image_data:
         t0 = time.perf_counter()
-        ids, feats = extract_image_features(model, args.image_data, info["image_size"], device, args.img_batch_size)
+        ids, feats = extract_image_features(model, args.image_data, info["image_size"], device, args.img_batch_size,
+                                            workers=args.workers, precision=args.precision)
         paths["image"] = os.path.join(args.output_dir, f"{stem}.img_feat.npy")
         save_features(paths["image"], ids, feats, "image_id" if args.jsonl else None)
-        log.info("%d image features (%.1f images/s) stored in %s", len(ids), len(ids) / (time.perf_counter() - t0),
-                 paths["image"])
+        log.info("%d image features (%.1f images/s, %s, %d workers) stored in %s", len(ids),
+                 len(ids) / (time.perf_counter() - t0), args.precision, args.workers, paths["image"])
     if args.text_data:
         tokenizer = datasets.build_tokenizer(spec.base.tokenizer, info["context_length"])
-        ids, feats = extract_text_features(model, tokenizer, args.text_data, device, args.text_batch_size)
+        ids, feats = extract_text_features(model, tokenizer, args.text_data, device, args.text_batch_size,
+                                           precision=args.precision)
         paths["text"] = os.path.join(args.output_dir, f"{stem}.txt_feat.npy")
         save_features(paths["text"], ids, feats, "text_id" if args.jsonl else None)
         log.info("%d text features stored in %s", len(ids), paths["text"])
@@ -567,6 +684,12 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--img-batch-size", type=int, default=64, help="images per forward pass")
     p.add_argument("--text-batch-size", type=int, default=64, help="texts per forward pass")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="fp32 (as Chinese-CLIP's extraction); bf16/fp16: autocast on CUDA, several times faster with "
+                        "features within ~1e-2 of fp32 (bf16 also on CPU if asked; fp16 needs CUDA)")
+    p.add_argument("-j", "--workers", type=int, default=default_workers(),
+                   help="DataLoader processes decoding and transforming images (default min(4, cores)); 0: in the "
+                        "main process. The features do not depend on it")
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -648,6 +771,11 @@ def main(argv: list[str] | None = None) -> int:
     args = get_parser().parse_args(argv)
     if args.command in ("extract", "run") and not (args.resume or args.pretrained):
         raise SystemExit(f"{args.command}: give --resume CKPT or --pretrained WEIGHTS")
+    if args.command in ("extract", "run") and args.precision == "fp16":
+        import weights
+
+        if weights.resolve_device(args.device).type != "cuda":
+            raise SystemExit(f"{args.command}: --precision fp16 needs CUDA; use bf16 or fp32 on a CPU")
     if args.command == "extract":
         if not (args.image_data or args.text_data):
             raise SystemExit("extract: give --image-data and/or --text-data")

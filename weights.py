@@ -395,10 +395,17 @@ def load_weights(model: nn.Module, sources: list[str] | str) -> dict[str, list[s
         obj = read_state_dict(path)
         sd = to_ours(obj)
         if bert_text and unwrap_checkpoint(obj)[0] == "openai":
-            # an OpenAI CLIP checkpoint into a Chinese-BERT model: only the vision tower and logit_scale,
-            # as Chinese-CLIP's restore_model takes them
-            sd = {k: v for k, v in sd.items() if _tower(k) not in ("text", "text_projection")
-                  and not k.startswith("unexpected:")}
+            # an OpenAI CLIP checkpoint into a Chinese-BERT model (the MUGE baseline's init): only the vision
+            # tower, its projection and logit_scale, as Chinese-CLIP's restore_model takes them. The OpenAI text
+            # tower (and unknown non-vision keys) is dropped, and said so; unknown vision keys stay unexpected.
+            dropped = {k for k in sd if _tower(k) in ("text", "text_projection")
+                       or (k.startswith("unexpected:") and not k.startswith("unexpected:visual."))}
+            sd = {k: v for k, v in sd.items() if k not in dropped}
+            text_side = sorted(k.removeprefix("unexpected:") for k in dropped)
+            if text_side:
+                log.info("%s: the model's text tower is a BERT; ignored %d text-side keys of this OpenAI "
+                         "checkpoint (%s%s)", path, len(text_side), ", ".join(text_side[:5]),
+                         ", ..." if len(text_side) > 5 else "")
         if "visual.pos_embed" in sd and "visual.pos_embed" in target and \
                 sd["visual.pos_embed"].shape != target["visual.pos_embed"].shape:
             sd["visual.pos_embed"] = resize_pos_embed(sd["visual.pos_embed"], target["visual.pos_embed"].shape[1])
@@ -485,7 +492,8 @@ def kwargs_from_config(config: dict, spec: models.ModelSpec) -> dict:
     return kwargs
 
 
-def _device(device: str) -> torch.device:
+def resolve_device(device: str) -> torch.device:
+    """`auto` -> cuda when available, else cpu; anything else as torch.device."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
@@ -518,7 +526,7 @@ def load_model_for_eval(resume: str | None = None, pretrained: str | None = None
         load_weights(model, pretrained)
     if ckpt is not None:
         load_weights_dict(model, ckpt["model"], resume)
-    model.to(_device(device)).eval()
+    model.to(resolve_device(device)).eval()
     info = {"image_size": kwargs.get("image_size") or spec.backbone.image_size,
             "context_length": kwargs.get("context_length") or spec.base.context_length, "config": config}
     return model, spec, info

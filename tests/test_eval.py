@@ -32,9 +32,12 @@ EXPECTED = {"r1": 25.0, "r5": 50.0, "r10": 75.0, "mean_recall": 50.0}
 
 
 def write_jsonl(path, rows):
-    with open(path, "w", encoding="utf-8") as f:
+    """rows: dicts (JSON), str lines, or bytes lines written as they are (e.g. another encoding)."""
+    with open(path, "wb") as f:
         for row in rows:
-            f.write((row if isinstance(row, str) else json.dumps(row, ensure_ascii=False)) + "\n")
+            line = row if isinstance(row, bytes) else \
+                (row if isinstance(row, str) else json.dumps(row, ensure_ascii=False)).encode("utf-8")
+            f.write(line + b"\n")
     return str(path)
 
 
@@ -124,13 +127,48 @@ INVALID = {
     "duplicate line": (PRED + [PRED[1]], "line 5: Text_id 2 is predicted twice (first on line 2)"),
     "id not in gallery": (_bad(3, image_ids=PRED[3]["image_ids"][:9] + [999]),
                           "line 4: Text_id 4 predicts image_ids not in the gallery: [999]"),
+    # a GBK-encoded line: the reference dies with an uncaught UnicodeDecodeError and writes no JSON
+    "not UTF-8": (PRED[:2] + [json.dumps({**PRED[2], "note": "黑色背包"}, ensure_ascii=False).encode("gbk")]
+                  + PRED[3:], "pred.jsonl:3: the submission file is not UTF-8 text (byte 0xba at column 80)"),
+}
+MUGE_GT = [{"query_id": g["text_id"], "query_text": g["text"], "item_ids": g["image_ids"]} for g in GT]
+MUGE_PRED = [{"query_id": p["text_id"], "item_ids": p["image_ids"]} for p in PRED]
+
+
+def _bad_muge(index, **change):
+    rows = [dict(p) for p in MUGE_PRED]
+    rows[index] = {**rows[index], **change}
+    return rows
+
+
+# the MUGE baseline's keys and wording (Query_id ..., products)
+INVALID_MUGE = {
+    "no query_id": ([{"item_ids": MUGE_PRED[0]["item_ids"]}] + MUGE_PRED[1:],
+                    "line 1: There exists one line not containing query_id"),
+    "string query_id": (_bad_muge(1, query_id="2"), "line 2: Found an invalid query_id '2', it should be an integer"),
+    "no item_ids": (MUGE_PRED[:2] + [{"query_id": 3}] + MUGE_PRED[3:],
+                    "line 3: There exists one line not containing the predicted item_ids"),
+    "wrong length": (_bad_muge(0, item_ids=[10]), "line 1: Query_id 1 has wrong number of predicted item_ids! "
+                                                  "Require 10, but 1 founded."),
+    "string item id": (_bad_muge(2, item_ids=MUGE_PRED[2]["item_ids"][:4] + ["30"] + MUGE_PRED[2]["item_ids"][5:]),
+                       "line 3: Query_id 3 has an invalid predicted item_id '30' at rank 5"),
+    "duplicate item ids": (_bad_muge(1, item_ids=[11, 12, 13, 21, 14, 15, 16, 17, 18, 11]),
+                           "line 2: Query_id 2 has duplicate topk products in your prediction"),
+    "missing query": (MUGE_PRED[1:], "The following query_ids have no prediction in your submission, please check "
+                                     "again: 1"),
+    "duplicate line": (MUGE_PRED + [MUGE_PRED[0]], "line 5: Query_id 1 is predicted twice (first on line 1)"),
+    "id not in gallery": (_bad_muge(0, item_ids=[9] + MUGE_PRED[0]["item_ids"][1:]),
+                          "line 1: Query_id 1 predicts item_ids not in the gallery: [9]"),
+    "not UTF-8": (MUGE_PRED[:3] + [b'{"query_id": 4, "item_ids": [11, 12, 13, 14, 15, 16, 17, 18, 19, 22]} \xff'],
+                  "pred.jsonl:4: the submission file is not UTF-8 text (byte 0xff at column 71)"),
 }
 
 
-@pytest.mark.parametrize("case", list(INVALID))
-def test_score_invalid_submissions(tmp_path, case):
-    rows, message = INVALID[case]
-    gt, pred = write_jsonl(tmp_path / "gt.jsonl", GT), write_jsonl(tmp_path / "pred.jsonl", rows)
+@pytest.mark.parametrize("keys,case", [("cn_clip", c) for c in INVALID] + [("muge", c) for c in INVALID_MUGE])
+def test_score_invalid_submissions(tmp_path, keys, case):
+    rows, message = (INVALID if keys == "cn_clip" else INVALID_MUGE)[case]
+    gt = write_jsonl(tmp_path / "gt.jsonl", GT if keys == "cn_clip" else MUGE_GT)
+    pred = write_jsonl(tmp_path / "pred.jsonl", rows)
     gallery = tmp_path / "gallery.ids.npy"
     np.save(gallery, np.array(GALLERY, dtype=np.int64))
     out = tmp_path / "out.json"
@@ -155,6 +193,17 @@ def test_score_missing_file_and_blank_lines(tmp_path):
     # t2i ground truth scored as i2t names the fix
     res = eval_retrieval.score(gt, pred, str(tmp_path / "o.json"), tr=True)
     assert "score without --tr" in res["errorMsg"] and "gt.jsonl:1" in res["errorMsg"]
+    # a ground truth saved in GBK (its Chinese texts), a folder given as the submission, an unreadable
+    # gallery: the failure JSON names the file (and line), --strict exits 1
+    gbk = write_jsonl(tmp_path / "gt_gbk.jsonl", [json.dumps(g, ensure_ascii=False).encode("gbk") for g in GT])
+    for args, message in [((gbk, pred), "gt_gbk.jsonl:1: the ground-truth file is not UTF-8 text (byte 0xba at "
+                                        "column 25)"),
+                          ((gt, str(tmp_path)), f"{tmp_path}: cannot read the submission file"),
+                          ((gt, pred, "--gallery", gbk), f"--gallery {gbk}: cannot read the gallery ids")]:
+        out = tmp_path / "failed.json"
+        assert eval_retrieval.main(["score", *args[:2], str(out), *args[2:], "--strict"]) == 1
+        res = json.loads(out.read_text())
+        assert res["success"] is False and res["score"] == 0 and message in res["errorMsg"] == res["errorDetail"]
 
 
 def brute_force_topk(queries: np.ndarray, gallery: np.ndarray, k: int) -> np.ndarray:
@@ -180,6 +229,33 @@ def test_topk_matches_float64_brute_force_with_ties():
     q = g[rng.choice(500, 40)] + 0.1 * rng.randn(40, 16).astype(np.float32)
     got = eval_retrieval.topk_indices(q, g, 10)
     assert np.array_equal(got, brute_force_topk(q, g, 10))
+
+
+@pytest.mark.parametrize("Q,G,D,dup", [(6000, 12, 64, 0), (500, 2000, 256, 40)])
+def test_topk_memory_bounded_by_max_chunk_bytes(Q, G, D, dup):
+    """Many queries against a tiny gallery (the shortlist is the whole gallery: a (chunk, G, D) gather), and a
+    larger gallery whose duplicates at the cut force whole-row rescoring: every array numpy allocates stays
+    within a few max_chunk_bytes (tracemalloc sees numpy's buffers), and the result is the float64 brute force."""
+    import tracemalloc
+
+    rng = np.random.RandomState(3)
+    gallery = rng.randint(-2, 3, size=(G, D)).astype(np.float32)  # exact integer scores: real ties
+    gallery[G // 2:G // 2 + dup] = gallery[1]
+    gallery[-1] = gallery[0]
+    queries = rng.randint(-2, 3, size=(Q, D)).astype(np.float32)
+    queries[:50] = gallery[1]
+    budget = 256 * 2**10
+    assert eval_retrieval._query_chunk(Q, G, min(G, 18), D, budget) * max(8 * G, 4 * min(G, 18) * D) <= budget
+    tracemalloc.start()
+    try:
+        got = eval_retrieval.topk_indices(queries, gallery, 10, max_chunk_bytes=budget)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # the (Q, k) int64 output, the transposed gallery copy and at most three live intermediates under the budget
+    # (before: an 18 MB 6000 x 12 x 64 float32 gather for the tiny gallery, a 2 MB 2000 x 256 one per tie row)
+    assert peak <= got.nbytes + gallery.nbytes + 3 * budget, peak
+    assert np.array_equal(got, brute_force_topk(queries, gallery, 10))
 
 
 def test_topk_cli_formats_and_reads_chinese_clip_jsonl(tmp_path):
@@ -264,6 +340,34 @@ def test_extract_topk_score_end_to_end_on_muge_sample(tmp_path, muge_sample_root
     assert list(first_line) == ["image_id", "feature"] and len(first_line["feature"]) == 32
 
 
+def test_extract_workers_and_precision(tmp_path, muge_sample_root, cnclip_tiny_checkpoint):
+    """`extract -j 2` (DataLoader workers decode and transform) writes the very same ids and features as
+    `-j 0`, from the LMDB and from the tsv; bf16 autocast on CPU only when asked, close to fp32; fp16 needs CUDA."""
+    ckpt, _ = cnclip_tiny_checkpoint
+    data = os.path.join(muge_sample_root, "muge-sample")
+    lmdb_imgs, tsv = os.path.join(data, "lmdb", "valid", "imgs"), os.path.join(data, "valid_imgs.tsv")
+    texts = os.path.join(data, "valid_texts.jsonl")
+
+    def extract(name, *flags, image_data=lmdb_imgs):
+        assert eval_retrieval.main(["extract", "--resume", ckpt, "--image-data", image_data, "--text-data", texts,
+                                    "--output-dir", str(tmp_path), "--name", name, "--device", "cpu",
+                                    "--img-batch-size", "16", *flags]) == 0
+        return [eval_retrieval.load_features(str(tmp_path / f"{name}.{kind}_feat.npy")) for kind in ("img", "txt")]
+
+    (ids0, img0), (tids0, txt0) = extract("w0", "-j", "0")
+    (ids2, img2), (tids2, txt2) = extract("w2", "--workers", "2")
+    assert ids0.tolist() == ids2.tolist() and np.array_equal(img0, img2)  # 56 images: 3 batches of 16 + 8
+    assert tids0.tolist() == tids2.tolist() and np.array_equal(txt0, txt2)
+    (ids_t, img_t), _ = extract("tsv", "-j", "2", image_data=tsv)
+    row = {i: r for r, i in enumerate(ids0.tolist())}
+    assert sorted(ids_t.tolist()) == sorted(ids0.tolist()) and np.array_equal(img_t, img0[[row[i] for i in ids_t]])
+    (ids_b, img_b), (_, txt_b) = extract("bf16", "-j", "0", "--precision", "bf16")
+    assert ids_b.tolist() == ids0.tolist() and not np.array_equal(img_b, img0)  # autocast did run
+    assert np.abs(img_b - img0).max() < 0.05 and np.abs(txt_b - txt0).max() < 0.05
+    with pytest.raises(SystemExit, match="fp16 needs CUDA"):
+        extract("fp16", "--precision", "fp16")
+
+
 def test_pool_retrieval_uses_distinct_images_and_texts(muge_sample_root, cnclip_tiny_checkpoint):
     import datasets
 
@@ -276,6 +380,31 @@ def test_pool_retrieval_uses_distinct_images_and_texts(muge_sample_root, cnclip_
     assert metrics["pool_images"] == len({p[0] for p in pairs}) < len(pairs)
     assert metrics["pool_texts"] == len({p[1] for p in pairs})
     assert 0 <= metrics["text_to_image_R@1"] <= metrics["text_to_image_R@5"] <= metrics["text_to_image_R@10"] <= 100
+
+
+def test_pool_retrieval_equals_the_scorer_on_the_same_split(tmp_path, muge_sample_root, cnclip_tiny_checkpoint):
+    """main.py's validation recall (pool_retrieval over the LMDB reader's pairs) is, value for value, what
+    `eval_retrieval.py run` (extract -> topk -> the MUGE scorer, both directions) reports for the same model,
+    split and transform."""
+    import datasets
+
+    ckpt, model = cnclip_tiny_checkpoint
+    reader = datasets.build_reader("muge-sample", "test", data_root=muge_sample_root)
+    metrics = eval_retrieval.pool_retrieval(model, datasets.build_tokenizer("bert", 52), reader,
+                                            eval_retrieval.reader_pairs(reader), eval_retrieval.squash_transform(32),
+                                            torch.device("cpu"), batch_size=16)  # 56 images: 3 full batches + 8
+    out = tmp_path / "run"
+    assert eval_retrieval.main(["run", "--resume", ckpt, "--data-dir", os.path.join(muge_sample_root, "muge-sample"),
+                                "--split", "test", "--output-dir", str(out), "--device", "cpu", "--workers", "0"]) == 0
+    summary = json.loads((out / "test_retrieval.json").read_text())
+    n_text, n_image = len(np.load(out / "test.txt_feat.ids.npy")), len(np.load(out / "test.img_feat.ids.npy"))
+    assert (metrics["pool_texts"], metrics["pool_images"]) == (n_text, n_image)
+    for direction in ("text_to_image", "image_to_text"):
+        scored = summary[direction]["scoreJson"]
+        for k in (1, 5, 10):  # one query more or less is 100 / n_queries apart
+            assert metrics[f"{direction}_R@{k}"] == pytest.approx(scored[f"r{k}"], abs=1e-4), (direction, k)
+    assert metrics["text_to_image_mean_recall"] == pytest.approx(summary["text_to_image"]["score"], abs=1e-4)
+    assert 0 < summary["text_to_image"]["score"] < 100
 
 
 def test_zeroshot_metrics_against_hand_computed_values():

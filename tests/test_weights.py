@@ -184,6 +184,81 @@ def test_muge_baseline_init_roberta_text_and_openai_vision(tmp_path):
         assert (model.text(tokens) - cls).abs().max() <= TOL
 
 
+def test_roberta_pytorch_model_bin_with_tf_layernorm_names(tmp_path):
+    """An older Chinese RoBERTa `pytorch_model.bin` (torch.save of the state_dict, as TF-converted checkpoints
+    ship: LayerNorm.gamma/beta, the pooler and the MLM/NSP heads), as a folder and as the file itself."""
+    import re
+
+    from transformers import BertConfig, BertForPreTraining
+
+    cfg = models.BERT_CONFIGS["BERT-tiny-chinese"]
+    torch.manual_seed(3)
+    bert = BertForPreTraining(BertConfig(vocab_size=21128, **cfg)).eval()
+    with torch.no_grad():  # LayerNorms away from their 1/0 initialisation, so a skipped one would show
+        for name, p in bert.named_parameters():
+            if "LayerNorm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    sd = {re.sub(r"LayerNorm\.bias$", "LayerNorm.beta", re.sub(r"LayerNorm\.weight$", "LayerNorm.gamma", k)): v
+          for k, v in bert.state_dict().items()}
+    assert any(k.endswith("LayerNorm.gamma") for k in sd) and not any(k.endswith("LayerNorm.weight") for k in sd)
+    assert any(k.startswith("bert.pooler.") for k in sd) and any(k.startswith("cls.") for k in sd)
+    folder = tmp_path / "chinese-roberta-wwm-ext"
+    folder.mkdir()
+    torch.save(sd, folder / "pytorch_model.bin")
+    tokens = datasets.BertTokenizer(52)(ZH)
+    with torch.no_grad():
+        cls = bert.bert(input_ids=tokens, attention_mask=(tokens != 0).long()).last_hidden_state[:, 0]
+    for source in (folder, folder / "pytorch_model.bin"):
+        model = ours("CNCLIP_VITT16_CLIP", image_size=32, embed_dim=32, text_model="BERT-tiny-chinese")
+        assert weights.load_weights(model, str(source)) == {str(source): ["text"]}
+        with torch.no_grad():
+            assert (model.text(tokens) - cls).abs().max() <= TOL
+
+
+def test_fp16_torchscript_archive_loads_as_fp32(tmp_path):
+    """OpenAI's released archives are fp16 TorchScript: the HalfStorage tensors are read exactly, loaded into
+    fp32 weights, and give the features of the reference with its weights rounded to fp16 (to 1e-5), within
+    fp16 rounding of the fp32 reference."""
+    import copy
+
+    ref = open_clip_model(dict(layers=12, width=192, patch_size=16, image_size=32))
+    half = copy.deepcopy(ref).half()
+    path = str(tmp_path / "ViT-T-16.pt")
+    torch.jit.script(half).save(path)
+    sd = weights.read_torchscript_state_dict(path)
+    half_sd = half.state_dict()
+    assert sd["visual.conv1.weight"].dtype == torch.float16
+    assert all(torch.equal(sd[k], half_sd[k]) for k in half_sd if k != "attn_mask")
+    model = ours("CLIP_VITT16_CLIP", image_size=32, embed_dim=32, text_width=64, text_heads=1, text_layers=2)
+    weights.load_weights(model, path)
+    assert model.visual.pos_embed.dtype == torch.float32
+    rounded = half.float()
+    images, tokens = torch.randn(2, 3, 32, 32), datasets.BpeTokenizer(77)(EN)
+    with torch.no_grad():
+        assert_same_features(rounded.encode_image(images), rounded.encode_text(tokens), model, images, tokens)
+        img, fp32_img = model.encode_image(images), ref.encode_image(images)
+        assert 0 < (img - fp32_img).abs().max() <= 1e-2 * fp32_img.abs().max()
+
+
+def test_openai_into_cnclip_ignores_text_side_with_a_message_and_refuses_unknown_vision_keys(tmp_path, caplog):
+    """The MUGE baseline init takes an OpenAI checkpoint's vision tower only: its text tower (and unknown
+    non-vision keys) are ignored and listed in the log; an unknown vision key is an error, as in any load."""
+    openai = open_clip_model(dict(layers=12, width=192, patch_size=16, image_size=32))
+    sd = openai.state_dict()
+    sd["text_extra.weight"] = torch.zeros(3)
+    path = tmp_path / "openai.pt"
+    torch.save(sd, path)
+    model = ours("CNCLIP_VITT16_CLIP", image_size=32, embed_dim=32, text_model="BERT-tiny-chinese")
+    n_text = sum(1 for k in weights.to_ours(sd) if k.startswith(("text.", "text_projection", "unexpected:text")))
+    with caplog.at_level("INFO", logger="clip_lab"):
+        assert weights.load_weights(model, str(path))[str(path)] == ["image_projection", "logit_scale", "vision"]
+    assert f"ignored {n_text} text-side keys" in caplog.text and n_text == 30
+    sd["visual.extra_head.weight"] = torch.zeros(2)
+    torch.save(sd, path)
+    with pytest.raises(weights.WeightsError, match=r"unexpected keys \(1\): \['visual.extra_head.weight'\]"):
+        weights.load_weights(model, str(path))
+
+
 def test_strict_loading_lists_missing_and_unexpected_keys(tmp_path):
     ref = open_clip_model(dict(layers=12, width=192, patch_size=16, image_size=32))
     sd = ref.state_dict()
@@ -316,3 +391,91 @@ def test_whole_clip_source_must_bring_projections_and_partial_loads_warn(tmp_pat
     with caplog.at_level("WARNING", logger="clip_lab"):
         assert weights.load_weights(model, str(tmp_path / "vision.pt")) == {str(tmp_path / "vision.pt"): ["vision"]}
     assert "random initialisation: image_projection, text, text_projection" in caplog.text
+
+
+def _spy_load_model_for_eval(monkeypatch) -> dict:
+    """Record what the eval scripts' weights.load_model_for_eval returns (model, spec, info)."""
+    seen: dict = {}
+    real = weights.load_model_for_eval
+
+    def spy(**kwargs):
+        seen["model"], seen["spec"], seen["info"] = real(**kwargs)
+        return seen["model"], seen["spec"], seen["info"]
+
+    monkeypatch.setattr(weights, "load_model_for_eval", spy)
+    return seen
+
+
+def test_eval_retrieval_extract_with_pretrained_cnclip_checkpoint(tmp_path, muge_sample_root, monkeypatch):
+    """`eval_retrieval.py extract --pretrained <Chinese-CLIP .pt>` on the muge-sample LMDB and texts: the model
+    and context length 52 are inferred, and the features are Chinese-CLIP's own (its model, its tokenizer and
+    text preprocessing, the squash transform) to 1e-5."""
+    import json
+    from io import BytesIO
+
+    from cn_clip.clip import tokenize
+    from cn_clip.eval.data import _preprocess_text
+    from PIL import Image
+
+    import eval_retrieval
+
+    ref = cn_clip_model(12, 192, 16, 32)
+    pt = tmp_path / "clip_cn_vit-t-16.pt"
+    torch.save({"epoch": 2, "step": 40, "name": "tiny", "state_dict": {"module." + k: v for k, v in
+                                                                      ref.state_dict().items()}}, pt)
+    data = os.path.join(muge_sample_root, "muge-sample")
+    seen = _spy_load_model_for_eval(monkeypatch)
+    out = tmp_path / "feats"
+    assert eval_retrieval.main(["extract", "--pretrained", str(pt), "--image-data",
+                                os.path.join(data, "lmdb", "valid", "imgs"), "--text-data",
+                                os.path.join(data, "valid_texts.jsonl"), "--output-dir", str(out), "--device", "cpu",
+                                "--workers", "0"]) == 0
+    assert seen["spec"].name == "CNCLIP_VITT16_CLIP"
+    assert seen["info"]["context_length"] == 52 and seen["info"]["image_size"] == 32
+    img_ids, img = eval_retrieval.load_features(str(out / "features.img_feat.npy"))
+    txt_ids, txt = eval_retrieval.load_features(str(out / "features.txt_feat.npy"))
+    records = list(eval_retrieval.iter_image_records(os.path.join(data, "lmdb", "valid", "imgs")))
+    assert img_ids.tolist() == [i for i, _ in records]
+    transform = eval_retrieval.squash_transform(32)
+    pixels = torch.stack([transform(Image.open(BytesIO(raw))) for _, raw in records])
+    lines = [json.loads(line) for line in open(os.path.join(data, "valid_texts.jsonl"), encoding="utf-8")]
+    assert txt_ids.tolist() == [r["text_id"] for r in lines]
+    tokens = tokenize([_preprocess_text(r["text"]) for r in lines], context_length=52)
+    with torch.no_grad():
+        ref_img = torch.nn.functional.normalize(ref.encode_image(pixels), dim=-1).numpy()
+        ref_txt = torch.nn.functional.normalize(ref.encode_text(tokens), dim=-1).numpy()
+    assert abs(img - ref_img).max() <= TOL and abs(txt - ref_txt).max() <= TOL
+
+
+def test_eval_zeroshot_with_pretrained_openai_state_dict(tmp_path, monkeypatch):
+    """`eval_zeroshot.py --pretrained <OpenAI-layout state_dict> --datasets digits`: CLIP_VITT16_CLIP and context 77
+    are inferred, and the accuracy equals the open_clip reference model's own zero-shot accuracy."""
+    import json
+
+    import eval_zeroshot
+
+    ref = open_clip_model(dict(layers=12, width=192, patch_size=16, image_size=32))
+    pt = tmp_path / "ViT-T-16.pt"
+    torch.save(ref.state_dict(), pt)
+    seen = _spy_load_model_for_eval(monkeypatch)
+    results = eval_zeroshot.main(["--pretrained", str(pt), "--datasets", "digits", "--output-dir",
+                                  str(tmp_path / "zs"), "--device", "cpu"])
+    assert seen["spec"].name == "CLIP_VITT16_CLIP"
+    assert seen["info"]["context_length"] == 77 and seen["info"]["image_size"] == 32
+    written = json.loads((tmp_path / "zs" / "zeroshot_ViT-T-16.json").read_text())
+    assert written["model"] == "CLIP_VITT16_CLIP" and written["pretrained"] == str(pt)
+
+    class Reference(torch.nn.Module):  # open_clip's towers behind our encode_* signature (full 77 tokens)
+        def encode_image(self, images, head="z"):
+            return ref.encode_image(images)
+
+        def encode_text(self, tokens, head="z"):
+            return ref.encode_text(torch.nn.functional.pad(tokens, (0, 77 - tokens.shape[1])))
+
+    loader = torch.utils.data.DataLoader(datasets.ClassificationDataset(datasets.build_reader("digits", "test"),
+                                                                        datasets.val_transform(32)), batch_size=256)
+    classnames, templates = datasets.load_labels_and_templates("digits")
+    expect = eval_zeroshot.zeroshot_accuracy(Reference(), datasets.build_tokenizer("bpe", 77), classnames, templates,
+                                             loader, torch.device("cpu"))
+    assert results["digits"]["acc1_z"] == pytest.approx(expect["acc1_z"])
+    assert results["digits"]["acc5_z"] == pytest.approx(expect["acc5_z"])
