@@ -816,10 +816,12 @@ def zero_shot_metrics(model, spec: models.ModelSpec, tokenizer, args, device, na
 
 def retrieval_metrics(model, tokenizer, reader, image_size: int, device) -> dict[str, float]:
     """Image<->text recall over every distinct image and text of the split (the pool for pair datasets)."""
-    transform = datasets.val_transform(image_size)
     pairs = eval_retrieval.reader_pairs(reader)
-    if pairs is not None:  # MUGE-style pairs: recall over every distinct image and text of the split
-        return eval_retrieval.pool_retrieval(model, tokenizer, reader, pairs, transform, device)
+    if pairs is not None:  # MUGE-style pairs: recall over every distinct image and text of the split, with
+        # Chinese-CLIP's squash transform, so that it equals `eval_retrieval.py run` on the same checkpoint
+        return eval_retrieval.pool_retrieval(model, tokenizer, reader, pairs,
+                                             eval_retrieval.squash_transform(image_size), device)
+    transform = datasets.val_transform(image_size)
     images, captions = zip(*(reader.read(i) for i in range(len(reader))))
     pixel = torch.stack([transform(im) for im in images])
     return eval_retrieval.caption_retrieval(model, tokenizer, pixel, list(captions), device)

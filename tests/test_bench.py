@@ -71,6 +71,8 @@ def test_bench_retrieval_reports_processes_compute_and_extraction(tmp_path):
     measures = {r["measure"]: r["value"] for r in result["summary"]}
     assert measures["ours / floor (target <= 1.5)"] > 0
     assert any(m.startswith("VITB16 image feature extraction, fp32") and v > 0 for m, v in measures.items())
+    # the tool's own path (LMDB, decode in workers, squash transform) next to the model alone
+    assert result["extract_tool_images_per_s"] > 0 and result["extract_model_only_images_per_s"] > 0
     assert sum(1 for line in open(tmp_path / "ours.jsonl", encoding="utf-8")) == 50
 
 

@@ -405,6 +405,9 @@ def test_pool_retrieval_equals_the_scorer_on_the_same_split(tmp_path, muge_sampl
             assert metrics[f"{direction}_R@{k}"] == pytest.approx(scored[f"r{k}"], abs=1e-4), (direction, k)
     assert metrics["text_to_image_mean_recall"] == pytest.approx(summary["text_to_image"]["score"], abs=1e-4)
     assert 0 < summary["text_to_image"]["score"] < 100
+    # main.py's per-epoch validation of a pair dataset is this very computation (same transform)
+    validation = main.retrieval_metrics(model, datasets.build_tokenizer("bert", 52), reader, 32, torch.device("cpu"))
+    assert validation == pytest.approx(metrics, abs=1e-4)
 
 
 def test_zeroshot_metrics_against_hand_computed_values():
