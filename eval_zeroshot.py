@@ -148,16 +148,6 @@ def _read_json(filename: str) -> dict:
         return json.load(f)
 
 
-def labels_key(name: str, entry: dict, language: str, labels: dict) -> str:
-    """The labels.json/templates.json key of a dataset for a model of `language` (en/zh), labels.json only;
-    `class_names_and_templates` applies the full rule (templates, class-name files in the dataset's folder)."""
-    key = entry.get("labels", name)
-    base = key.removesuffix("-zh")
-    if language == "zh" and base + "-zh" in labels:
-        return base + "-zh"
-    return base if base in labels else key
-
-
 class ClassNames(NamedTuple):
     """What a dataset is classified with: names (a name or a list of synonyms per class), prompt templates,
     `source` (the labels.json key or the class-name file) and the names' `language`."""

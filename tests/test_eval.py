@@ -446,8 +446,8 @@ def test_eval_zeroshot_cli_on_digits_from_a_two_step_run(tmp_path):
                                           torch.device("cpu"))
     assert acc["acc1_z"] == pytest.approx(digits["acc1_z"]) and acc["acc5_z"] == pytest.approx(digits["acc5_z"])
     # a zh model picks the Chinese labels of the same dataset
-    assert eval_zeroshot.labels_key("digits", {"labels": "digits"}, "zh", {"digits": [], "digits-zh": []}) == \
-        "digits-zh"
+    zh = eval_zeroshot.class_names_and_templates("digits", {"labels": "digits"}, "zh")
+    assert (zh.source, zh.language) == ("digits-zh", "zh")
     with pytest.raises(SystemExit, match="unknown dataset"):
         eval_zeroshot.main(["--resume", ckpt, "--datasets", "nope"])
 
