@@ -150,7 +150,7 @@ def pool_retrieval(model, tokenizer, reader, pairs: list[tuple[int, int, str]], 
 
 
 # --------------------------------------------------------------------------- top-k
-def topk_indices(queries: np.ndarray, gallery: np.ndarray, k: int = 10, max_chunk_bytes: int = 16 * 2**20,
+def topk_indices(queries: np.ndarray, gallery: np.ndarray, k: int = 10, max_chunk_bytes: int = 32 * 2**20,
                  margin: int = 8, tie_tol: float = 1e-5) -> np.ndarray:
     """(Q, D) queries, (G, D) gallery (float32) -> (Q, k) int64 gallery indices by descending dot product.
 
