@@ -142,7 +142,7 @@ def test_siamlip_loss_matches_naive_reference_and_stops_target_gradients():
     expected = d(p_i, v_t) + d(p_t, v_i)
     expected += sum(d(p_is[:, a], v_ts[:, c]) + d(p_ts[:, a], v_is[:, c]) for a in range(A) for c in range(A))
     loss = losses.siamlip_loss(p_i, p_t, v_i, v_t, p_is, p_ts, v_is, v_ts)
-    assert float(loss) == pytest.approx(expected / (2 + 2 * A * A), rel=1e-5)
+    assert loss.item() == pytest.approx(expected / (2 + 2 * A * A), rel=1e-5)
     loss.backward()
     assert p_i.grad.abs().sum() > 0 and v_i.grad is None and v_is.grad is None
 
