@@ -862,6 +862,12 @@ def val_transform(image_size: int) -> T.Compose:
     ])
 
 
+def squash_transform(image_size: int) -> T.Compose:
+    """Chinese-CLIP's evaluation view: bicubic resize to a square (no crop), RGB, tensor, OpenAI normalisation."""
+    return T.Compose([T.Resize((image_size, image_size), interpolation=T.InterpolationMode.BICUBIC),
+                      T.Lambda(_to_rgb), T.ToTensor(), T.Normalize(OPENAI_MEAN, OPENAI_STD)])
+
+
 def strong_view_transform(image_size: int, max_scale: float = 1.0, min_scale: float = 0.08, blur_prob: float = 0.5,
                           solarize_prob: float = 0.0, grayscale_prob: float = 0.2,
                           jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1), jitter_prob: float = 0.8,

@@ -552,16 +552,6 @@ def iter_image_ids(path: str) -> Iterator[int]:
     yield from ImageRecords(path).ids
 
 
-def squash_transform(image_size: int):
-    """Chinese-CLIP's evaluation transform: bicubic resize to a square (no crop), RGB, normalise."""
-    from torchvision import transforms as T
-
-    import datasets
-
-    return T.Compose([T.Resize((image_size, image_size), interpolation=T.InterpolationMode.BICUBIC),
-                      T.Lambda(datasets._to_rgb), T.ToTensor(), T.Normalize(datasets.OPENAI_MEAN, datasets.OPENAI_STD)])
-
-
 def _progress(iterable, desc: str, total: int | None = None):
     from tqdm import tqdm
 
@@ -604,7 +594,9 @@ def extract_image_features(model, path: str, image_size: int, device: torch.devi
     import torch.nn.functional as F
     from torch.utils.data import DataLoader
 
-    records = ImageRecords(path, squash_transform(image_size))
+    import datasets
+
+    records = ImageRecords(path, datasets.squash_transform(image_size))
     if not len(records):
         raise ValueError(f"{path}: no images")
     loader = DataLoader(records, batch_size=batch_size, shuffle=False, num_workers=workers,

@@ -17,9 +17,16 @@ Class names and templates, for a model of language L (the first that exists):
       = class i) with templates.json `<key>-zh`;
   any: labels.json `<key>` with templates.json `<key>` (a Chinese model then gets English prompts, with a warning);
   any: `label.txt` in the dataset's folder (ELEVATER's English names) with templates.json `<key>`.
-`<key>` is the catalog entry's "labels" (else its name). English names and templates are SLIP's (MIT); the
+`<key>` is the catalog entry's "labels" (else its name) for labels.json and its "templates" (else `<key>`) for
+templates.json: the ELEVATER entries (elevater-*) set only "templates", so their names come from label_cn.txt alone
+and build_reader checks the count against the class folders. English names and templates are SLIP's (MIT); the
 `<key>-zh` templates of the ELEVATER sets are the ones Chinese-CLIP's zeroshot_evaluation.py uses (MIT): its own
 lists for aircraft, food101, flowers, eurosat/resisc45 and country211, its 183 generic ones for the rest.
+
+Image transform: datasets.val_transform (resize + centre crop, SLIP's); a catalog entry's "eval_transform": "squash"
+selects Chinese-CLIP's bicubic resize to a square with no crop (datasets.squash_transform), as the elevater-*
+and imagenet-cn entries do. ELEVATER's optional index.json only orders predictions for a benchmark submission
+(Chinese-CLIP's zeroshot_dataset.md), so accuracy does not depend on it and it is not read.
 """
 from __future__ import annotations
 
@@ -197,11 +204,11 @@ def class_names_and_templates(name: str, entry: dict, language: str, data_root: 
 
     labels = _read_json("labels.json") if labels is None else labels
     templates = _read_json("templates.json") if templates is None else templates
-    key = entry.get("labels", name)
-    base = key.removesuffix("-zh")
+    key, tkey = entry.get("labels", name), entry.get("templates", entry.get("labels", name))
+    base, tbase = key.removesuffix("-zh"), tkey.removesuffix("-zh")
     # (labels.json key or None for the folder's class-name file, templates.json key, language of the names)
-    order = [(base + "-zh", base + "-zh", "zh"), (None, base + "-zh", "zh")] if language == "zh" else []
-    order += [(base, base, "en"), (key, key, "zh" if key.endswith("-zh") else "en"), (None, base, "en")]
+    order = [(base + "-zh", tbase + "-zh", "zh"), (None, tbase + "-zh", "zh")] if language == "zh" else []
+    order += [(base, tbase, "en"), (key, tkey, "zh" if key.endswith("-zh") else "en"), (None, tbase, "en")]
     for labels_at, templates_at, names_language in order:
         if templates_at not in templates:
             continue
@@ -213,6 +220,24 @@ def class_names_and_templates(name: str, entry: dict, language: str, data_root: 
     raise datasets.DatasetError(f"dataset {name!r} has no class names with prompt templates for a {language} model: "
                                 f"add {base!r} (or {base + '-zh'!r}) to labels.json and templates.json, or put "
                                 f"{CLASS_NAME_FILES['zh']} / {CLASS_NAME_FILES['en']} in its folder")
+
+
+EVAL_TRANSFORMS = ("center_crop", "squash")  # a catalog entry's "eval_transform"; center_crop is the default
+
+
+def eval_transform(name: str, entry: dict, image_size: int):
+    """The image transform of catalog dataset `name`: its "eval_transform" key, "center_crop" (default,
+    datasets.val_transform: SLIP's resize + centre crop) or "squash" (Chinese-CLIP's bicubic resize to a square, no
+    crop: datasets.squash_transform); a DatasetError for any other value."""
+    import datasets
+
+    kind = entry.get("eval_transform", "center_crop")
+    if kind == "center_crop":
+        return datasets.val_transform(image_size)
+    if kind == "squash":
+        return datasets.squash_transform(image_size)
+    raise datasets.DatasetError(f"dataset {name!r} (dataset_catalog.json): unknown eval_transform {kind!r}; "
+                                f"choose one of {', '.join(EVAL_TRANSFORMS)}")
 
 
 def evaluate_dataset(model, tokenizer, name: str, language: str, image_size: int, device: torch.device,
@@ -232,7 +257,7 @@ def evaluate_dataset(model, tokenizer, name: str, language: str, image_size: int
     if len(on_disk) != len(classes.names):
         raise datasets.DatasetError(f"dataset {name!r}: its test split has {len(on_disk)} classes but "
                                     f"{classes.source} lists {len(classes.names)} names")
-    loader = DataLoader(datasets.ClassificationDataset(reader, datasets.val_transform(image_size)),
+    loader = DataLoader(datasets.ClassificationDataset(reader, eval_transform(name, entry, image_size)),
                         batch_size=batch_size, num_workers=workers)
     sims, targets = zeroshot_similarities(model, tokenizer, classes.names, classes.templates, loader, device)
     out: dict = {"metric": metric, "labels": classes.source, "num_images": len(targets)}

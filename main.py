@@ -820,7 +820,7 @@ def retrieval_metrics(model, tokenizer, reader, image_size: int, device) -> dict
     if pairs is not None:  # MUGE-style pairs: recall over every distinct image and text of the split, with
         # Chinese-CLIP's squash transform, so that it equals `eval_retrieval.py run` on the same checkpoint
         return eval_retrieval.pool_retrieval(model, tokenizer, reader, pairs,
-                                             eval_retrieval.squash_transform(image_size), device)
+                                             datasets.squash_transform(image_size), device)
     transform = datasets.val_transform(image_size)
     images, captions = zip(*(reader.read(i) for i in range(len(reader))))
     pixel = torch.stack([transform(im) for im in images])

@@ -326,7 +326,9 @@ def test_extract_topk_score_end_to_end_on_muge_sample(tmp_path, muge_sample_root
     from io import BytesIO
 
     from PIL import Image
-    pixels = eval_retrieval.squash_transform(32)(Image.open(BytesIO(first[1])))[None]
+
+    import datasets
+    pixels = datasets.squash_transform(32)(Image.open(BytesIO(first[1])))[None]
     with torch.no_grad():
         direct = torch.nn.functional.normalize(model.encode_image(pixels), dim=-1)[0].numpy()
     assert np.abs(img[col[first[0]]] - direct).max() < 1e-5
@@ -391,7 +393,7 @@ def test_pool_retrieval_equals_the_scorer_on_the_same_split(tmp_path, muge_sampl
     ckpt, model = cnclip_tiny_checkpoint
     reader = datasets.build_reader("muge-sample", "test", data_root=muge_sample_root)
     metrics = eval_retrieval.pool_retrieval(model, datasets.build_tokenizer("bert", 52), reader,
-                                            eval_retrieval.reader_pairs(reader), eval_retrieval.squash_transform(32),
+                                            eval_retrieval.reader_pairs(reader), datasets.squash_transform(32),
                                             torch.device("cpu"), batch_size=16)  # 56 images: 3 full batches + 8
     out = tmp_path / "run"
     assert eval_retrieval.main(["run", "--resume", ckpt, "--data-dir", os.path.join(muge_sample_root, "muge-sample"),

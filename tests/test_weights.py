@@ -436,7 +436,7 @@ def test_eval_retrieval_extract_with_pretrained_cnclip_checkpoint(tmp_path, muge
     txt_ids, txt = eval_retrieval.load_features(str(out / "features.txt_feat.npy"))
     records = list(eval_retrieval.iter_image_records(os.path.join(data, "lmdb", "valid", "imgs")))
     assert img_ids.tolist() == [i for i, _ in records]
-    transform = eval_retrieval.squash_transform(32)
+    transform = datasets.squash_transform(32)
     pixels = torch.stack([transform(Image.open(BytesIO(raw))) for _, raw in records])
     lines = [json.loads(line) for line in open(os.path.join(data, "valid_texts.jsonl"), encoding="utf-8")]
     assert txt_ids.tolist() == [r["text_id"] for r in lines]

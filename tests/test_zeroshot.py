@@ -1,7 +1,8 @@
 """Zero-shot data and evaluation: labels.json/templates.json against the catalog and the published class and
 template counts, the prompt-ensembled class embedding against a hand computation, the anchor metrics
 (mean per class, ROC-AUC) through evaluate_dataset on generated image folders, and Chinese class names read from
-an ELEVATER-style label_cn.txt."""
+an ELEVATER-style label_cn.txt; the elevater-* catalog entries of Chinese-CLIP's zero-shot table (§7.4) on
+folders laid out as ELEVATER_all.zip ships them, with Chinese-CLIP's squash transform."""
 import json
 import math
 import os
@@ -16,7 +17,8 @@ import eval_zeroshot
 LABELS = json.load(open(os.path.join(datasets.HERE, "labels.json"), encoding="utf-8"))
 TEMPLATES = json.load(open(os.path.join(datasets.HERE, "templates.json"), encoding="utf-8"))
 CATALOG = datasets.load_catalog()
-DOWNSTREAM = [n for n, e in CATALOG.items() if e["format"] in ("imagefolder", "torchvision", "filelist")]
+DOWNSTREAM = [n for n, e in CATALOG.items()  # SLIP's English sets (the zh elevater-*/imagenet-cn are below)
+              if e["format"] in ("imagefolder", "torchvision", "filelist") and e.get("language") != "zh"]
 
 # class counts of the datasets (checked against facebookresearch/SLIP labels.json)
 CLASS_COUNTS = {"imagenet": 1000, "food101": 101, "cub200": 200, "cars": 196, "aircraft": 100, "dtd": 47, "pets": 37,
@@ -31,7 +33,7 @@ TEMPLATE_COUNTS = {"imagenet": 80, "cifar10": 18, "cifar100": 18, "ucf101_frames
 ZH_TEMPLATE_COUNTS = {"aircraft": 100, "food101": 21, "flowers": 32, "eurosat": 24, "resisc45": 24, "country211": 4}
 ELEVATER = ["caltech101", "cifar10", "cifar100", "country211", "dtd", "eurosat", "aircraft", "food101", "gtsrb",
             "hateful_memes", "kitti_distance", "mnist", "flowers", "pets", "patch_camelyon", "rendered_sst2",
-            "resisc45", "cars"]
+            "resisc45", "cars", "fer2013", "voc2007"]
 EUROSAT_ZH = ["一年生作物地", "森林", "灌木地", "公路", "工业建筑", "牧场", "多年生作物地", "住宅建筑", "河流", "湖泊"]
 
 
@@ -266,3 +268,126 @@ def test_class_name_files_wrong_count_blank_line_and_english_label_txt(tmp_path)
     assert got.names == ["a", "b"] and got.templates == TEMPLATES["eurosat"] and got.language == "en"
     with pytest.raises(datasets.DatasetError, match="no class names"):
         eval_zeroshot.class_names_and_templates("muge", CATALOG["muge"], "zh", str(tmp_path))
+
+
+# --------------------------------------------------------------------------- Chinese-CLIP's table (ELEVATER folders)
+# reference/chinese_clip.md §7.4 column -> catalog entry; ELEVATER_all.zip folder of each elevater-* entry
+TABLE_74 = {"CIFAR10": "elevater-cifar10", "CIFAR100": "elevater-cifar100", "DTD": "elevater-dtd",
+            "EuroSAT": "elevater-eurosat", "FER": "elevater-fer2013", "FGVC": "elevater-aircraft",
+            "KITTI": "elevater-kitti_distance", "MNIST": "elevater-mnist", "PC": "elevater-patch_camelyon",
+            "VOC": "elevater-voc2007", "ImageNet": "imagenet-cn"}
+ELEVATER_FOLDERS = {"elevater-cifar10": "cifar-10", "elevater-cifar100": "cifar-100", "elevater-dtd": "dtd",
+                    "elevater-eurosat": "eurosat_clip", "elevater-fer2013": "fer-2013",
+                    "elevater-aircraft": "fgvc-aircraft-2013b-variants102", "elevater-kitti_distance": "kitti-distance",
+                    "elevater-mnist": "mnist", "elevater-patch_camelyon": "patch-camelyon",
+                    "elevater-voc2007": "voc-2007-classification"}
+CIFAR100_ZH = ["苹果", "水族馆鱼", "宝贝", "熊", "海狸", "床", "蜜蜂", "甲虫", "自行车", "瓶子", "碗", "男孩"]
+
+
+def test_elevater_catalog_entries_cover_the_chinese_clip_table(tmp_path):
+    elevater = {n: e for n, e in CATALOG.items() if n.startswith("elevater-")}
+    assert sorted(elevater) == sorted(ELEVATER_FOLDERS) == sorted(set(TABLE_74.values()) - {"imagenet-cn"})
+    for name, entry in elevater.items():
+        assert (entry["format"], entry["language"], entry["metric"], entry["eval_transform"]) == \
+            ("imagefolder", "zh", "top1", "squash"), name
+        assert entry["path"] == "elevater/" + ELEVATER_FOLDERS[name]
+        assert datasets.split_name(name, entry, "test") == "test"
+        assert "labels" not in entry, name  # names from label_cn.txt only; ImageFolderReader uses the folder names
+        assert len(TEMPLATES[entry["templates"] + "-zh"]) == ZH_TEMPLATE_COUNTS.get(entry["templates"], 183), name
+        # no label_cn.txt: an error, never SLIP's labels.json names (ELEVATER's class lists and order differ)
+        for language in ("zh", "en"):
+            with pytest.raises(datasets.DatasetError, match="no class names"):
+                eval_zeroshot.class_names_and_templates(name, entry, language, str(tmp_path))
+    imagenet = eval_zeroshot.class_names_and_templates("imagenet-cn", CATALOG["imagenet-cn"], "zh")
+    assert imagenet.source == "imagenet-zh" and imagenet.templates == TEMPLATES["imagenet-zh"]
+    assert CATALOG["imagenet-cn"]["eval_transform"] == "squash" and CATALOG["imagenet-cn"]["metric"] == "top1"
+    assert "imagenet-cn" not in eval_zeroshot.default_datasets("en")
+
+
+def test_eval_transform_squash_keeps_the_whole_image_centre_crop_does_not():
+    image = Image.new("RGB", (16, 8), (0, 0, 255))
+    image.paste((255, 0, 0), (0, 0, 4, 8))  # the left quarter red
+    squash = eval_zeroshot.eval_transform("elevater-dtd", CATALOG["elevater-dtd"], 8)(image)
+    crop = eval_zeroshot.eval_transform("dtd", CATALOG["dtd"], 8)(image)
+    assert squash.shape == crop.shape == (3, 8, 8)
+    assert squash[0, :, 0].min() > 1 and crop[0, :, 0].max() < -1  # red column 0: kept by squash, cropped away
+    with pytest.raises(datasets.DatasetError, match="unknown eval_transform 'crop'"):
+        eval_zeroshot.eval_transform("x", {"eval_transform": "crop"}, 8)
+
+
+def elevater_folder(root, name, names, codes_per_class=1, size=(8, 8), ext="png"):
+    """An ELEVATER_all.zip-style dataset at its catalog path: test/<id>/ (ids 0-9 for up to 10 classes, else
+    zero-padded 000...) of `ext` images, label_cn.txt, label.txt and an index.json that is not read; returns the
+    folder."""
+    folder = root / CATALOG[name]["path"]
+    width = 1 if len(names) <= 10 else 3
+    for c in range(len(names)):
+        os.makedirs(folder / "test" / f"{c:0{width}d}")
+        for k in range(codes_per_class):
+            code = 30 + c * codes_per_class + k
+            image = Image.new("RGB", size, (code, 40, 90))
+            image.paste((code, 200, 10), (0, 0, size[0] // 4, size[1]))  # a left band centre cropping drops
+            image.save(folder / "test" / f"{c:0{width}d}" / f"{k}.{ext}")
+    (folder / "label_cn.txt").write_text("\n".join(names) + "\n", encoding="utf-8")
+    (folder / "label.txt").write_text("\n".join(f"class {c}" for c in range(len(names))) + "\n", encoding="utf-8")
+    (folder / "index.json").write_text("not json: ELEVATER's submission order is never read", encoding="utf-8")
+    return folder
+
+
+def test_elevater_folder_through_evaluate_dataset(tmp_path, monkeypatch):
+    folder = elevater_folder(tmp_path, "elevater-cifar100", CIFAR100_ZH, codes_per_class=2)
+    table = torch.zeros(256, 12)
+    table[torch.arange(30, 54), torch.arange(24) // 2] = 1.0  # image code -> its folder's class
+    model, tokenizer, used = TableModel(table), SpyTokenizer(), []
+    squash, val = datasets.squash_transform, datasets.val_transform
+    monkeypatch.setattr(datasets, "squash_transform", lambda size: used.append(("squash", size)) or squash(size))
+    monkeypatch.setattr(datasets, "val_transform", lambda size: used.append(("center_crop", size)) or val(size))
+    out = eval_zeroshot.evaluate_dataset(model, tokenizer, "elevater-cifar100", "zh", 8, torch.device("cpu"),
+                                         str(tmp_path))
+    assert out["labels"] == str(folder / "label_cn.txt") and out["metric"] == "top1" and out["num_images"] == 24
+    assert out["score_z"] == out["acc1_z"] == 100.0  # targets follow the folder order, class c = line c
+    assert tokenizer.prompts == [t.format(n) for n in CIFAR100_ZH for t in TEMPLATES["cifar100-zh"]]
+    assert tokenizer.prompts[0] == "苹果的照片" and used == [("squash", 8)]
+    reader = datasets.build_reader("elevater-cifar100", "test", data_root=str(tmp_path))
+    assert [reader.label(i) for i in range(len(reader))] == [int(os.path.basename(os.path.dirname(p)))
+                                                              for p, _ in reader.samples]
+    # the same entry without eval_transform falls back to SLIP's resize + centre crop
+    catalog = {**CATALOG, "elevater-cifar100": {k: v for k, v in CATALOG["elevater-cifar100"].items()
+                                                if k != "eval_transform"}}
+    monkeypatch.setattr(datasets, "load_catalog", lambda: catalog)
+    eval_zeroshot.evaluate_dataset(model, SpyTokenizer(), "elevater-cifar100", "zh", 8, torch.device("cpu"),
+                                   str(tmp_path))
+    assert used == [("squash", 8), ("center_crop", 8)]
+    # a default dataset of a Chinese model where its folder exists, never of an English one
+    assert "elevater-cifar100" in eval_zeroshot.default_datasets("zh", str(tmp_path))
+    assert "elevater-cifar10" not in eval_zeroshot.default_datasets("zh", str(tmp_path))
+    assert "elevater-cifar100" not in eval_zeroshot.default_datasets("en", str(tmp_path))
+
+
+def test_elevater_folder_with_a_tiny_cnclip_model(tmp_path, monkeypatch):
+    import models
+
+    names = ["愤怒", "厌恶", "恐惧", "高兴", "悲伤", "惊讶", "中性"]  # 7 classes: folders 0-6
+    elevater_folder(tmp_path, "elevater-fer2013", names, codes_per_class=2, size=(48, 32), ext="jpg")
+    torch.manual_seed(0)
+    model = models.build_model(models.parse_model_name("CNCLIP_VITT16_CLIP"), image_size=32, embed_dim=16,
+                               text_model="BERT-tiny-chinese").eval()
+    tokenizer = datasets.build_tokenizer("bert", 52)
+    got = []
+    similarities = eval_zeroshot.zeroshot_similarities
+    monkeypatch.setattr(eval_zeroshot, "zeroshot_similarities", lambda *a: got.append(similarities(*a)) or got[-1])
+    out = eval_zeroshot.evaluate_dataset(model, tokenizer, "elevater-fer2013", "zh", 32, torch.device("cpu"),
+                                         str(tmp_path))
+    reader = datasets.build_reader("elevater-fer2013", "test", data_root=str(tmp_path))
+
+    def sims_with(transform):
+        loader = torch.utils.data.DataLoader(datasets.ClassificationDataset(reader, transform), batch_size=5)
+        return similarities(model, tokenizer, names, TEMPLATES["fer2013-zh"], loader, torch.device("cpu"))
+
+    (squashed, targets), (cropped, _) = sims_with(datasets.squash_transform(32)), sims_with(
+        datasets.val_transform(32))
+    assert torch.equal(got[0][1], targets) and targets.tolist() == [c for c in range(7) for _ in range(2)]
+    assert torch.allclose(got[0][0]["z"], squashed["z"], atol=1e-5)
+    assert not torch.allclose(got[0][0]["z"], cropped["z"], atol=1e-3)  # the 48x32 images: squash != crop
+    assert out["num_images"] == 14 and out["metric"] == "top1"
+    assert out["acc1_z"] == pytest.approx(eval_zeroshot.topk_accuracy(squashed["z"], targets)["acc1"])
