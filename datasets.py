@@ -589,25 +589,45 @@ def texts_jsonl_path(folder: str, split: str) -> str:
     return older if not os.path.exists(path) and os.path.exists(older) else path
 
 
-class TsvReader(_LazyHandles):
+class TsvImages(_LazyHandles):
+    """The images of an `image_id<TAB>base64` tsv (`{split}_imgs.tsv`): every line's byte offset indexed once,
+    images read by id through a file opened lazily in each process. A malformed line or a duplicate id is a
+    DatasetError naming file:line."""
+
+    def __init__(self, imgs_path: str) -> None:
+        self.imgs_path = imgs_path
+        self.offsets: dict[int, int] = {}  # image id -> byte offset of its line, in file order
+        with open(imgs_path, "rb") as f:
+            offset = 0
+            for lineno, line in enumerate(f, 1):
+                image_id, _ = parse_imgs_tsv_line(line, f"{imgs_path}:{lineno}")
+                if image_id in self.offsets:
+                    raise DatasetError(f"{imgs_path}:{lineno}: duplicate image id {image_id}")
+                self.offsets[image_id] = offset
+                offset += len(line)
+
+    def image_ids(self) -> list[int]:
+        return list(self.offsets)
+
+    def image_bytes(self, image_id: int) -> bytes:
+        """The encoded image of `image_id` (base64-decoded)."""
+        f = _per_process(self, "_h_file", lambda: open(self.imgs_path, "rb"))
+        f.seek(self.offsets[image_id])
+        _, b64 = parse_imgs_tsv_line(f.readline(), self.imgs_path)
+        return b64decode_image(b64)
+
+
+class TsvReader(TsvImages):
     """The `tsv` format: `{split}_imgs.tsv` (id<TAB>base64) + `{split}_texts.jsonl` (or `_queries.jsonl`).
     Each (text, image) combination is one sample, in jsonl order (as Chinese-CLIP's LMDB builder)."""
 
     def __init__(self, folder: str, split: str, name: str = "tsv") -> None:
         self.name, self.draft = name, None
-        self.imgs_path, self.texts_path = os.path.join(folder, f"{split}_imgs.tsv"), texts_jsonl_path(folder, split)
-        for path in (self.imgs_path, self.texts_path):
+        imgs_path, self.texts_path = os.path.join(folder, f"{split}_imgs.tsv"), texts_jsonl_path(folder, split)
+        for path in (imgs_path, self.texts_path):
             if not os.path.isfile(path):
                 raise DatasetError(f"dataset {name!r}: {path} not found")
-        self.offsets: dict[int, int] = {}  # image id -> byte offset of its line
-        with open(self.imgs_path, "rb") as f:
-            offset = 0
-            for lineno, line in enumerate(f, 1):
-                image_id, _ = parse_imgs_tsv_line(line, f"{self.imgs_path}:{lineno}")
-                if image_id in self.offsets:
-                    raise DatasetError(f"{self.imgs_path}:{lineno}: duplicate image id {image_id}")
-                self.offsets[image_id] = offset
-                offset += len(line)
+        super().__init__(imgs_path)
         self.pairs: list[tuple[int, int, str]] = []  # (image_id, text_id, text)
         with open(self.texts_path, encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
@@ -622,15 +642,6 @@ class TsvReader(_LazyHandles):
 
     def __len__(self) -> int:
         return len(self.pairs)
-
-    def image_ids(self) -> list[int]:
-        return list(self.offsets)
-
-    def image_bytes(self, image_id: int) -> bytes:
-        f = _per_process(self, "_h_file", lambda: open(self.imgs_path, "rb"))
-        f.seek(self.offsets[image_id])
-        _, b64 = parse_imgs_tsv_line(f.readline(), self.imgs_path)
-        return b64decode_image(b64)
 
     def read(self, index: int) -> tuple[Image.Image, list[str]]:
         image_id, text_id, text = self.pairs[index]

@@ -475,60 +475,31 @@ class ImageRecords:
     """Random access to the images of an LMDB `imgs` folder (key order, as Chinese-CLIP walks it) or a
     `<id>\\t<base64>` tsv (file order): item i -> (image id, transform(PIL image)).
 
-    The keys (or the tsv line offsets) are listed once; LMDB environments and files are opened lazily in
-    each process (datasets.open_lmdb), so DataLoader workers decode and transform in parallel."""
+    The keys (or the tsv line offsets, `datasets.TsvImages`) are listed once; LMDB environments and files are
+    opened lazily in each process, so DataLoader workers decode and transform in parallel."""
 
     def __init__(self, path: str, transform=None) -> None:
         import datasets
 
-        self.path, self.transform, self.is_lmdb = path, transform, os.path.isdir(path)
-        if self.is_lmdb:
+        self.path, self.transform = path, transform
+        if os.path.isdir(path):
             _, txn = datasets.open_lmdb(path)
             self.keys = [k for k in txn.cursor().iternext(keys=True, values=False) if k != b"num_images"]
-            self.ids = [int(k.decode("utf-8")) for k in self.keys]
+            self.ids, self.tsv = [int(k.decode("utf-8")) for k in self.keys], None
         else:
-            self.offsets, self.linenos, self.ids = [], [], []
-            with open(path, "rb") as f:
-                offset = 0
-                for lineno, line in enumerate(f, 1):
-                    if line.strip():
-                        try:
-                            image_id = int(line.split(b"\t", 1)[0]) if b"\t" in line else None
-                        except ValueError:
-                            image_id = None
-                        if image_id is None:
-                            raise ValueError(f"{path}:{lineno}: a tsv line is <image_id>\\t<base64 image>")
-                        self.offsets.append(offset)
-                        self.linenos.append(lineno)
-                        self.ids.append(image_id)
-                    offset += len(line)
+            self.tsv = datasets.TsvImages(path)
+            self.ids = self.tsv.image_ids()
 
     def __len__(self) -> int:
         return len(self.ids)
-
-    def __getstate__(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k != "_file"}  # a spawned worker reopens
 
     def raw(self, index: int) -> bytes:
         """The encoded image bytes of item `index`."""
         import datasets
 
-        if self.is_lmdb:
-            return datasets.b64decode_image(datasets.open_lmdb(self.path)[1].get(self.keys[index]))
-        cached = getattr(self, "_file", None)
-        if cached is None or cached[0] != os.getpid():
-            cached = self._file = (os.getpid(), open(self.path, "rb"))
-        cached[1].seek(self.offsets[index])
-        parts = cached[1].readline().rstrip(b"\r\n").split(b"\t")
-        if len(parts) != 2:
-            raise ValueError(f"{self.path}:{self.linenos[index]}: a tsv line is <image_id>\\t<base64 image>")
-        return datasets.b64decode_image(parts[1])
-
-    def close(self) -> None:
-        """Close this process's tsv handle (LMDB environments stay in datasets' per-process cache)."""
-        cached = self.__dict__.pop("_file", None)
-        if cached is not None and cached[0] == os.getpid():
-            cached[1].close()
+        if self.tsv is not None:
+            return self.tsv.image_bytes(self.ids[index])
+        return datasets.b64decode_image(datasets.open_lmdb(self.path)[1].get(self.keys[index]))
 
     def __getitem__(self, index: int):
         from PIL import Image
@@ -540,11 +511,8 @@ class ImageRecords:
 def iter_image_records(path: str) -> Iterator[tuple[int, bytes]]:
     """(image id, encoded image bytes) from an LMDB `imgs` folder (key order) or a `<id>\\t<base64>` tsv."""
     records = ImageRecords(path)
-    try:
-        for index, image_id in enumerate(records.ids):
-            yield image_id, records.raw(index)
-    finally:
-        records.close()
+    for index, image_id in enumerate(records.ids):
+        yield image_id, records.raw(index)
 
 
 def iter_image_ids(path: str) -> Iterator[int]:
@@ -602,14 +570,11 @@ def extract_image_features(model, path: str, image_size: int, device: torch.devi
     loader = DataLoader(records, batch_size=batch_size, shuffle=False, num_workers=workers,
                         pin_memory=device.type == "cuda")
     ids, feats = [], []
-    try:
-        for batch_ids, pixels in _progress(loader, "images", total=len(loader)):  # (B,), (B, 3, R, R)
-            with autocast(precision, device):
-                out = model.encode_image(pixels.to(device, non_blocking=True), head=head)
-            feats.append(F.normalize(out.float(), dim=-1).cpu().numpy())
-            ids.append(torch.as_tensor(batch_ids).numpy())
-    finally:
-        records.close()
+    for batch_ids, pixels in _progress(loader, "images", total=len(loader)):  # (B,), (B, 3, R, R)
+        with autocast(precision, device):
+            out = model.encode_image(pixels.to(device, non_blocking=True), head=head)
+        feats.append(F.normalize(out.float(), dim=-1).cpu().numpy())
+        ids.append(torch.as_tensor(batch_ids).numpy())
     return np.concatenate(ids).astype(np.int64), np.concatenate(feats)
 
 
