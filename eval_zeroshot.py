@@ -241,9 +241,10 @@ def eval_transform(name: str, entry: dict, image_size: int):
 
 
 def evaluate_dataset(model, tokenizer, name: str, language: str, image_size: int, device: torch.device,
-                     data_root: str | None = None, batch_size: int = 256, workers: int = 0) -> dict:
+                     data_root: str | None = None, batch_size: int = 256, workers: int = 0, reader=None) -> dict:
     """Zero-shot metrics of one catalog dataset: {"metric", "labels" (the labels.json key or class-name file the
-    names came from), "num_images", "score_<head>" (the anchor metric), "acc1_<head>", "acc5_<head>"}."""
+    names came from), "num_images", "score_<head>" (the anchor metric), "acc1_<head>", "acc5_<head>"}.
+    `reader`: its test-split reader when the caller holds one (main.py's validation), else built here."""
     import datasets
 
     entry = datasets.catalog_entry(name)
@@ -252,7 +253,7 @@ def evaluate_dataset(model, tokenizer, name: str, language: str, image_size: int
         log.warning("%s: no %s class names, evaluating a %s model with the %s ones (%s)", name, language, language,
                     classes.language, classes.source)
     metric = entry.get("metric", DATASET_METRICS.get(name, "top1"))
-    reader = datasets.build_reader(name, "test", data_root=data_root)
+    reader = reader if reader is not None else datasets.build_reader(name, "test", data_root=data_root)
     on_disk = getattr(reader, "classnames", None) or classes.names
     if len(on_disk) != len(classes.names):
         raise datasets.DatasetError(f"dataset {name!r}: its test split has {len(on_disk)} classes but "

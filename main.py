@@ -793,7 +793,7 @@ def evaluate(model, spec: models.ModelSpec, tokenizer, args, device, name: str, 
     was_training = model.training
     model.eval()
     try:
-        metrics = zero_shot_metrics(model, spec, tokenizer, args, device, name)
+        metrics = zero_shot_metrics(model, spec, tokenizer, args, device, name, reader)
         if datasets.catalog_entry(name)["format"] not in CLASS_NAME_CAPTION_FORMATS:
             metrics.update(retrieval_metrics(model, tokenizer, reader, ctx_image_size(args, spec), device))
     finally:
@@ -801,12 +801,15 @@ def evaluate(model, spec: models.ModelSpec, tokenizer, args, device, name: str, 
     return metrics
 
 
-def zero_shot_metrics(model, spec: models.ModelSpec, tokenizer, args, device, name: str) -> dict[str, float]:
+def zero_shot_metrics(model, spec: models.ModelSpec, tokenizer, args, device, name: str,
+                      reader) -> dict[str, float]:
     """eval_zeroshot.evaluate_dataset's float metrics (score_<head> = the dataset's anchor metric, acc1_<head>,
-    acc5_<head>) with the prompts of the model's language; {} for a dataset without class names (MUGE...)."""
+    acc5_<head>) on `reader` (the test split opened at start) with the prompts of the model's language; {} for a
+    dataset without class names (MUGE...)."""
     try:
         result = eval_zeroshot.evaluate_dataset(model, tokenizer, name, spec.base.language, ctx_image_size(args, spec),
-                                                device, args.data_root, batch_size=256, workers=args.workers)
+                                                device, args.data_root, batch_size=256, workers=args.workers,
+                                                reader=reader)
     except datasets.DatasetError as exc:  # no class names/templates (or names that do not fit the split): the
         # run goes on with the other metrics, so the epoch's checkpoint is still written
         log.warning("no zero-shot metrics on %s: %s", name, exc)

@@ -456,9 +456,10 @@ def test_train_only_dataset_checks_its_validation_set_before_the_first_step(tmp_
 def test_per_epoch_validation_equals_eval_zeroshot_in_the_models_language(tmp_path, monkeypatch):
     """A Chinese model validated on `digits` after a whole epoch: eval_zeroshot.evaluate_dataset with the
     digits-zh prompts, the same numbers as `eval_zeroshot.py --resume` on the epoch's checkpoint; retrieval too."""
-    calls = []
+    calls, readers = [], []
 
     def spy(*args, **kwargs):
+        readers.append(kwargs.get("reader"))
         result = evaluate_dataset(*args, **kwargs)
         calls.append(result)
         return result
@@ -470,6 +471,7 @@ def test_per_epoch_validation_equals_eval_zeroshot_in_the_models_language(tmp_pa
     summary = main.main(argv)
     assert summary["epoch"] == 1 and summary["val_dataset"] == "digits"
     assert len(calls) == 1 and calls[0]["labels"] == "digits-zh"
+    assert readers[0] is not None  # the test split opened at start, not listed again every epoch
     offline = eval_zeroshot.main(["--resume", str(tmp_path / "cn" / "checkpoint.pt"), "--datasets", "digits",
                                   "--output-dir", str(tmp_path / "offline"), "--device", "cpu"])["digits"]
     assert offline["labels"] == "digits-zh"
