@@ -65,12 +65,15 @@ def catalog_entry(name: str, catalog: dict | None = None) -> dict:
     return catalog[name]
 
 
+def read_repo_json(filename: str) -> dict:
+    """A JSON file next to this module (labels.json, templates.json)."""
+    with open(os.path.join(HERE, filename), encoding="utf-8") as f:
+        return json.load(f)
+
+
 def load_labels_and_templates(name: str) -> tuple[list[str], list[str]]:
     """Class names (labels.json) and prompt templates (templates.json) of a classification dataset."""
-    with open(os.path.join(HERE, "labels.json"), encoding="utf-8") as f:
-        labels = json.load(f)
-    with open(os.path.join(HERE, "templates.json"), encoding="utf-8") as f:
-        templates = json.load(f)
+    labels, templates = read_repo_json("labels.json"), read_repo_json("templates.json")
     if name not in labels or name not in templates:
         raise DatasetError(f"dataset {name!r} has no class names in labels.json or no templates in templates.json")
     return labels[name], templates[name]
@@ -773,9 +776,7 @@ def split_name(name: str, entry: dict, split: str) -> str:
 
 
 def _classnames(entry: dict, name: str) -> list[str] | None:
-    with open(os.path.join(HERE, "labels.json"), encoding="utf-8") as f:
-        labels = json.load(f)
-    names = labels.get(entry.get("labels", name))
+    names = read_repo_json("labels.json").get(entry.get("labels", name))
     return [n if isinstance(n, str) else n[0] for n in names] if names else None
 
 

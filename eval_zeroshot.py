@@ -148,13 +148,6 @@ def zeroshot_accuracy(model, tokenizer, classnames: list, templates: list[str], 
 
 
 # --------------------------------------------------------------------------- offline evaluation
-def _read_json(filename: str) -> dict:
-    import datasets
-
-    with open(os.path.join(datasets.HERE, filename), encoding="utf-8") as f:
-        return json.load(f)
-
-
 class ClassNames(NamedTuple):
     """What a dataset is classified with: names (a name or a list of synonyms per class), prompt templates,
     `source` (the labels.json key or the class-name file) and the names' `language`."""
@@ -202,8 +195,8 @@ def class_names_and_templates(name: str, entry: dict, language: str, data_root: 
     parsed labels.json/templates.json (read when None)."""
     import datasets
 
-    labels = _read_json("labels.json") if labels is None else labels
-    templates = _read_json("templates.json") if templates is None else templates
+    labels = datasets.read_repo_json("labels.json") if labels is None else labels
+    templates = datasets.read_repo_json("templates.json") if templates is None else templates
     key, tkey = entry.get("labels", name), entry.get("templates", entry.get("labels", name))
     base, tbase = key.removesuffix("-zh"), tkey.removesuffix("-zh")
     # (labels.json key or None for the folder's class-name file, templates.json key, language of the names)
@@ -274,7 +267,7 @@ def default_datasets(language: str, data_root: str | None = None) -> list[str]:
     names (labels.json `<key>-zh`, or label_cn.txt in its folder under `data_root`) and `<key>-zh` templates."""
     import datasets
 
-    labels, templates = _read_json("labels.json"), _read_json("templates.json")
+    labels, templates = datasets.read_repo_json("labels.json"), datasets.read_repo_json("templates.json")
     names = []
     for name, entry in datasets.load_catalog().items():
         try:
