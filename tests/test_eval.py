@@ -3,6 +3,7 @@ submission), top-k against a float64 brute force with ties, extract -> topk -> s
 real muge-sample dataset, zero-shot metrics and eval_zeroshot.py on digits from a 2-step run."""
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import eval_retrieval
 import eval_zeroshot
 import main
 import models
+import readers
 import weights
 
 GT = [{"text_id": 1, "text": "红色连衣裙", "image_ids": [10]},
@@ -207,7 +209,10 @@ def test_score_missing_file_and_blank_lines(tmp_path):
 
 
 def brute_force_topk(queries: np.ndarray, gallery: np.ndarray, k: int) -> np.ndarray:
-    scores = queries.astype(np.float64) @ gallery.astype(np.float64).T
+    # exact scores: float32 x float32 products are exact in float64 and math.fsum rounds their sum once, so equal
+    # vectors get equal scores (a float64 BLAS product may still round duplicate columns apart)
+    q64, g64 = queries.astype(np.float64), gallery.astype(np.float64)
+    scores = np.array([[math.fsum(q * g) for g in g64] for q in q64])
     idx = np.arange(gallery.shape[0])
     return np.stack([np.lexsort((idx, -row))[:k] for row in scores])  # score desc, then gallery order
 
@@ -374,7 +379,7 @@ def test_pool_retrieval_uses_distinct_images_and_texts(muge_sample_root, cnclip_
     import datasets
 
     _, model = cnclip_tiny_checkpoint
-    reader = datasets.build_reader("muge-sample", "test", data_root=muge_sample_root)
+    reader = readers.build_reader("muge-sample", "test", data_root=muge_sample_root)
     pairs = eval_retrieval.reader_pairs(reader)
     tokenizer = datasets.build_tokenizer("bert", 52)
     metrics = eval_retrieval.pool_retrieval(model, tokenizer, reader, pairs, datasets.val_transform(32),
@@ -391,7 +396,7 @@ def test_pool_retrieval_equals_the_scorer_on_the_same_split(tmp_path, muge_sampl
     import datasets
 
     ckpt, model = cnclip_tiny_checkpoint
-    reader = datasets.build_reader("muge-sample", "test", data_root=muge_sample_root)
+    reader = readers.build_reader("muge-sample", "test", data_root=muge_sample_root)
     metrics = eval_retrieval.pool_retrieval(model, datasets.build_tokenizer("bert", 52), reader,
                                             eval_retrieval.reader_pairs(reader), datasets.squash_transform(32),
                                             torch.device("cpu"), batch_size=16)  # 56 images: 3 full batches + 8
@@ -441,9 +446,9 @@ def test_eval_zeroshot_cli_on_digits_from_a_two_step_run(tmp_path):
 
     model, spec, info = weights.load_model_for_eval(resume=ckpt, device="cpu")
     assert info["image_size"] == 32
-    loader = torch.utils.data.DataLoader(datasets.ClassificationDataset(datasets.build_reader("digits", "test"),
+    loader = torch.utils.data.DataLoader(datasets.ClassificationDataset(readers.build_reader("digits", "test"),
                                                                         datasets.val_transform(32)), batch_size=256)
-    classnames, templates = datasets.load_labels_and_templates("digits")
+    classnames, templates = readers.load_labels_and_templates("digits")
     acc = eval_zeroshot.zeroshot_accuracy(model, datasets.build_tokenizer("bpe", 77), classnames, templates, loader,
                                           torch.device("cpu"))
     assert acc["acc1_z"] == pytest.approx(digits["acc1_z"]) and acc["acc5_z"] == pytest.approx(digits["acc5_z"])
