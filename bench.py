@@ -16,6 +16,9 @@ from collections.abc import Callable
 
 import torch
 
+import readers
+import utils
+
 SUBCOMMANDS: dict[str, tuple[Callable[[argparse.Namespace], dict], Callable[[argparse.ArgumentParser], None]]] = {}
 
 
@@ -216,10 +219,10 @@ def _compile_models(s: dict) -> None:
 
 def _ours_step(s: dict, device: torch.device, k: int = 1, optimizer_step: bool = True,
                keep_grads: bool = False) -> None:
-    """One training step of our trainer: main.forward_backward over k micro-batches (+ AdamW step, clamp).
+    """One training step of our trainer: engine.forward_backward over k micro-batches (+ AdamW step, clamp).
 
     keep_grads: zero the gradient buffers instead of freeing them (memory measurement)."""
-    import main as trainer
+    import engine
     import models
 
     images = s["batch"][0]
@@ -227,7 +230,8 @@ def _ours_step(s: dict, device: torch.device, k: int = 1, optimizer_step: bool =
     tokens = [models.trim_padding(t).to(device, non_blocking=True) for t in s["host_tokens"].chunk(k)]
     micro = list(zip(images.chunk(k), tokens))
     s["opt_ours"].zero_grad(set_to_none=not keep_grads)
-    trainer.forward_backward(s["ours"], s["criterion"], micro, s["ns"], device, s["scaler"])
+    engine.forward_backward(s["ours"], s["criterion"], micro, engine.StepConfig.from_args(s["ns"], device),
+                            s["scaler"])
     if optimizer_step:
         s["opt_ours"].step()
         s["ours"].clamp_logit_scale()
@@ -235,11 +239,10 @@ def _ours_step(s: dict, device: torch.device, k: int = 1, optimizer_step: bool =
 
 def _peer_step(s: dict, device: torch.device, optimizer_step: bool = True, keep_grads: bool = False) -> None:
     """The same step in open_clip: forward, ClipLoss, backward, AdamW step, logit-scale clamp."""
-    import main as trainer
 
     images, tokens = s["batch"]
     s["opt_peer"].zero_grad(set_to_none=not keep_grads)
-    with trainer.autocast(s["ns"], device):
+    with utils.autocast(s["ns"].precision, device):
         out = s["peer"](images, tokens)
         loss = s["peer_loss"](out["image_features"], out["text_features"], out["logit_scale"])
     loss.backward()
@@ -261,15 +264,14 @@ def _peer_accum_step(s: dict, device: torch.device, k: int, optimizer_step: bool
     k no-grad forwards cache the features, then each micro-batch is re-run with grad against the cached
     others, its loss backpropagated: 2k forwards + k backwards (4/3 of one step), then (optimizer_step) the
     AdamW step and clamp. Every backward here keeps the logit-scale graph; it is a timing peer, not a trainer."""
-    import main as trainer
 
     images, tokens = s["batch"]
     micro = list(zip(images.chunk(k), tokens.chunk(k)))
     s["opt_peer"].zero_grad(set_to_none=True)
-    with torch.no_grad(), trainer.autocast(s["ns"], device):
+    with torch.no_grad(), utils.autocast(s["ns"].precision, device):
         cached = [s["peer"](*batch) for batch in micro]
     for j, batch in enumerate(micro):
-        with trainer.autocast(s["ns"], device):
+        with utils.autocast(s["ns"].precision, device):
             out = s["peer"](*batch)
             feats = {key: torch.cat([c[key] for c in cached[:j]] + [out[key]] + [c[key] for c in cached[j + 1:]])
                      for key in ("image_features", "text_features")}
@@ -320,7 +322,7 @@ def _memory_child(config: str) -> None:
 
     Baseline = memory after set-up and one full warm-up step (weights, AdamW state, batch, and the
     gradient buffers, zeroed but kept); the measured region is forward + loss + backward (for ours,
-    main.forward_backward with cfg["k"] micro-batches), so the difference is activation memory.
+    engine.forward_backward with cfg["k"] micro-batches), so the difference is activation memory.
     CPU: peak RSS (VmHWM, reset through /proc/self/clear_refs, else getrusage ru_maxrss) minus baseline
     RSS after malloc_trim; CUDA: max_memory_allocated minus memory_allocated. Prints one JSON line.
     """
@@ -448,14 +450,14 @@ def bench_train(args: argparse.Namespace) -> dict:
 
     Reports samples/s, step time, activation memory, FLOPs per sample (FlopCounterMode over one step),
     MFU against a matmul peak measured in the same run, and the cost of exact gradient accumulation
-    (main.forward_backward with k micro-batches vs one batch) in time per sample and activation memory.
+    (engine.forward_backward with k micro-batches vs one batch) in time per sample and activation memory.
     """
     import os
     import statistics
 
     if args.batch_size % args.update_freq:
         raise SystemExit(f"--batch-size {args.batch_size} is not divisible by --update-freq {args.update_freq}")
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = utils.resolve_device(args.device)
     if args.precision == "bf16" and device.type == "cpu":
         print("note: bf16 autocast on CPU; the matmul peak is still measured in fp32")
     load_before = os.getloadavg()
@@ -534,7 +536,7 @@ def bench_train(args: argparse.Namespace) -> dict:
           f"({torch.get_num_threads()} threads, load {load_before[0]:.2f} -> {load_after[0]:.2f}); "
           f"matmul peak {peak / 1e9:.1f} GFLOP/s ({result['peak_matmul_dtype']})")
     print(markdown_table(rows))
-    # main.forward_backward does 2k-1 forwards + k backwards (backward ~ 2 forwards): its compute floor
+    # engine.forward_backward does 2k-1 forwards + k backwards (backward ~ 2 forwards): its compute floor
     result["accum_compute_floor"] = (4 * k - 1) / (3 * k)
     accum = {"k": k, "step_s_k1": accum_s["k1"], f"step_s_k{k}": accum_s[f"k{k}"],
              "time_ratio (<=1.35)": result["accum_time_per_sample_ratio"],
@@ -668,7 +670,7 @@ def _images_per_s(dataset, workers: int, batch_size: int) -> float:
 
 
 class _InMemoryImages(torch.utils.data.Dataset):
-    """The raw bound: the same decode (datasets.decode_image with draft) + transform over bytes in memory."""
+    """The raw bound: the same decode (readers.decode_image with draft) + transform over bytes in memory."""
 
     def __init__(self, blobs: list[bytes], transform, draft: int | None) -> None:
         self.blobs, self.transform, self.draft = blobs, transform, draft
@@ -677,9 +679,8 @@ class _InMemoryImages(torch.utils.data.Dataset):
         return len(self.blobs)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        import datasets
 
-        return self.transform(datasets.decode_image(self.blobs[index], self.draft))
+        return self.transform(readers.decode_image(self.blobs[index], self.draft))
 
 
 @subcommand("data", _add_data_args)
@@ -714,7 +715,7 @@ def bench_data(args: argparse.Namespace) -> dict:
     runs: dict[tuple[str, str, int], list[float]] = {}
     for _ in range(args.rounds):
         for store, folder in stores.items():
-            reader = datasets.LmdbReader([os.path.join(folder, "train")], name=store)
+            reader = readers.LmdbReader([os.path.join(folder, "train")], name=store)
             reader.draft = draft
             blobs = [reader.image_bytes(i) for i in range(len(reader))]
             runs.setdefault((store, "raw bound (bytes in memory)", 0), []).append(
@@ -723,7 +724,7 @@ def bench_data(args: argparse.Namespace) -> dict:
                 ours = _OurReaderImages(reader, transform)
                 runs.setdefault((store, "ours: LmdbReader + draft", w), []).append(
                     _images_per_s(ours, w, args.batch_size))
-                datasets.close_lmdb()  # py-lmdb opens an environment once per process
+                readers.close_lmdb()  # py-lmdb opens an environment once per process
                 peer = _CnClipStyleReader(os.path.join(folder, "train"), peer_transform)
                 runs.setdefault((store, "Chinese-CLIP-style reader", w), []).append(
                     _images_per_s(peer, w, args.batch_size))
@@ -900,7 +901,6 @@ def _extract_throughput(args: argparse.Namespace) -> tuple[list[dict], dict[str,
     import tempfile
 
     import build_lmdb
-    import datasets
     import eval_retrieval
     import models
 
@@ -921,7 +921,7 @@ def _extract_throughput(args: argparse.Namespace) -> tuple[list[dict], dict[str,
     rows, values = [], {}
     for precision in ["fp32"] + (["bf16"] if device.type == "cuda" else []):
         suffix = "" if precision == "fp32" else f"_{precision}"
-        with torch.no_grad(), eval_retrieval.autocast(precision, device):
+        with torch.no_grad(), utils.autocast(precision, device):
             model.encode_image(pixels)  # warm-up (kernel selection)
             _sync(device)
             t0 = time.perf_counter()
@@ -938,7 +938,7 @@ def _extract_throughput(args: argparse.Namespace) -> tuple[list[dict], dict[str,
                              f"{workers} workers (images/s)", "value": values[f"extract_tool_images_per_s{suffix}"]},
                  {"measure": f"{where}, model only: encode_image on random pixels (images/s)",
                   "value": values[f"extract_model_only_images_per_s{suffix}"]}]
-    datasets.close_lmdb(imgs)
+    readers.close_lmdb(imgs)
     tmp.cleanup()
     return rows, values
 
@@ -976,6 +976,7 @@ def _objective_child(config: str) -> None:
     RSS via VmHWM reset by /proc/self/clear_refs, base = RSS after the warm-up step)."""
     import statistics
 
+    import engine
     import main as trainer
     import models
 
@@ -994,8 +995,10 @@ def _objective_child(config: str) -> None:
     batch = (torch.randn(B, 3, S, S), tokens) + ((torch.randn(B, A, 3, S, S),) if spec.objective.num_views else ())
     batch = tuple(t.to(device) for t in batch)
 
+    step_config = engine.StepConfig.from_args(args, device)
+
     def step(i: int) -> None:
-        trainer.forward_backward(model, criterion, [batch], args, device, scaler)
+        engine.forward_backward(model, criterion, [batch], step_config, scaler)
         model.before_optimizer_step(i)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -1030,7 +1033,7 @@ def _augment_rate(args: argparse.Namespace) -> dict:
 
     trainer_args = trainer.parse_args(_objective_flags(f"CL2L_{args.backbone}_CL2L", args))
     spec = models.parse_model_name(trainer_args.model)
-    reader = datasets.SyntheticReader(args.augment_samples, image_size=args.source_size)
+    reader = readers.SyntheticReader(args.augment_samples, image_size=args.source_size)
     tokenizer = datasets.build_tokenizer("bpe", 77)
     dataset = trainer.build_train_dataset(spec, trainer_args, reader, args.image_size, tokenizer)
     dataset[(0, 0)]  # warm caches (WordNet is loaded by build_train_dataset)
@@ -1054,8 +1057,7 @@ def bench_objectives(args: argparse.Namespace) -> dict:
     import os
     import subprocess
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = utils.resolve_device(args.device)
     names = args.models or [m.format(bb=args.backbone) for m in OBJECTIVE_MODELS]
     here = os.path.dirname(os.path.abspath(__file__))
     load_before = os.getloadavg()[0]

@@ -32,7 +32,14 @@ import lmdb
 from PIL import Image
 from tqdm import tqdm
 
-from datasets import CORRUPT_ERRORS, DatasetError, parse_imgs_tsv_line, parse_text_record, texts_jsonl_path
+from readers import (
+    CORRUPT_ERRORS,
+    DatasetError,
+    b64decode_image,
+    parse_imgs_tsv_line,
+    parse_text_record,
+    texts_jsonl_path,
+)
 
 log = logging.getLogger("build_lmdb")
 
@@ -104,7 +111,7 @@ def resized_b64(data: bytes, size: int, quality: int) -> bytes:
 def check_image(b64: bytes, where: str) -> bytes:
     """Decoded image bytes of a base64 field (standard or urlsafe alphabet), fully decoded once to validate."""
     try:
-        data = base64.b64decode(b64.replace(b"-", b"+").replace(b"_", b"/"), validate=True)
+        data = b64decode_image(b64)
     except (binascii.Error, ValueError) as exc:
         raise BuildError(f"{where}: bad base64 ({exc})") from None
     try:

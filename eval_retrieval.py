@@ -34,6 +34,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+import readers
+
 if TYPE_CHECKING:  # torch is imported inside the functions that need it: `score`/`ir2tr` start in ~0.1 s
     import torch
 
@@ -475,19 +477,18 @@ class ImageRecords:
     """Random access to the images of an LMDB `imgs` folder (key order, as Chinese-CLIP walks it) or a
     `<id>\\t<base64>` tsv (file order): item i -> (image id, transform(PIL image)).
 
-    The keys (or the tsv line offsets, `datasets.TsvImages`) are listed once; LMDB environments and files are
+    The keys (or the tsv line offsets, `readers.TsvImages`) are listed once; LMDB environments and files are
     opened lazily in each process, so DataLoader workers decode and transform in parallel."""
 
     def __init__(self, path: str, transform=None) -> None:
-        import datasets
 
         self.path, self.transform = path, transform
         if os.path.isdir(path):
-            _, txn = datasets.open_lmdb(path)
+            _, txn = readers.open_lmdb(path)
             self.keys = [k for k in txn.cursor().iternext(keys=True, values=False) if k != b"num_images"]
             self.ids, self.tsv = [int(k.decode("utf-8")) for k in self.keys], None
         else:
-            self.tsv = datasets.TsvImages(path)
+            self.tsv = readers.TsvImages(path)
             self.ids = self.tsv.image_ids()
 
     def __len__(self) -> int:
@@ -495,11 +496,10 @@ class ImageRecords:
 
     def raw(self, index: int) -> bytes:
         """The encoded image bytes of item `index`."""
-        import datasets
 
         if self.tsv is not None:
             return self.tsv.image_bytes(self.ids[index])
-        return datasets.b64decode_image(datasets.open_lmdb(self.path)[1].get(self.keys[index]))
+        return readers.b64decode_image(readers.open_lmdb(self.path)[1].get(self.keys[index]))
 
     def __getitem__(self, index: int):
         from PIL import Image
@@ -529,22 +529,6 @@ def _progress(iterable, desc: str, total: int | None = None):
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
-def autocast(precision: str, device: torch.device):
-    """fp32: no autocast (Chinese-CLIP's extraction is fp32); bf16/fp16: torch.autocast on the device (CUDA,
-    or bf16 on CPU when asked for; fp16 needs CUDA)."""
-    import contextlib
-
-    import torch
-
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision {precision!r}: use one of {', '.join(PRECISIONS)}")
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    if precision == "fp16" and device.type != "cuda":
-        raise ValueError("fp16 autocast needs CUDA; use --precision bf16 (or fp32) on a CPU")
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-
-
 def default_workers() -> int:
     """DataLoader workers of `extract`: up to 4, never more than the usable cores."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -563,6 +547,7 @@ def extract_image_features(model, path: str, image_size: int, device: torch.devi
     from torch.utils.data import DataLoader
 
     import datasets
+    import utils
 
     records = ImageRecords(path, datasets.squash_transform(image_size))
     if not len(records):
@@ -571,7 +556,7 @@ def extract_image_features(model, path: str, image_size: int, device: torch.devi
                         pin_memory=device.type == "cuda")
     ids, feats = [], []
     for batch_ids, pixels in _progress(loader, "images", total=len(loader)):  # (B,), (B, 3, R, R)
-        with autocast(precision, device):
+        with utils.autocast(precision, device):
             out = model.encode_image(pixels.to(device, non_blocking=True), head=head)
         feats.append(F.normalize(out.float(), dim=-1).cpu().numpy())
         ids.append(torch.as_tensor(batch_ids).numpy())
@@ -585,6 +570,7 @@ def extract_text_features(model, tokenizer, path: str, device: torch.device, bat
     import torch.nn.functional as F
 
     import models
+    import utils
 
     ids, texts = [], []
     for lineno, obj, line in iter_jsonl(path, "text"):
@@ -597,7 +583,7 @@ def extract_text_features(model, tokenizer, path: str, device: torch.device, bat
     feats = []
     for i in _progress(range(0, len(texts), batch_size), "texts"):
         tokens = models.trim_padding(tokenizer(texts[i:i + batch_size])).to(device)  # (B, L')
-        with autocast(precision, device):
+        with utils.autocast(precision, device):
             out = model.encode_text(tokens, head=head)
         feats.append(F.normalize(out.float(), dim=-1).cpu().numpy())
     return np.asarray(ids, dtype=np.int64), np.concatenate(feats)
@@ -729,9 +715,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("extract", "run") and not (args.resume or args.pretrained):
         raise SystemExit(f"{args.command}: give --resume CKPT or --pretrained WEIGHTS")
     if args.command in ("extract", "run") and args.precision == "fp16":
-        import weights
+        import utils
 
-        if weights.resolve_device(args.device).type != "cuda":
+        if utils.resolve_device(args.device).type != "cuda":
             raise SystemExit(f"{args.command}: --precision fp16 needs CUDA; use bf16 or fp32 on a CPU")
     if args.command == "extract":
         if not (args.image_data or args.text_data):

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 import models
+import readers
 
 log = logging.getLogger("clip_lab")
 
@@ -160,13 +161,12 @@ class ClassNames(NamedTuple):
 def class_name_file(name: str, entry: dict, language: str, data_root: str | None = None) -> str | None:
     """ELEVATER's class-name file of `language` (label_cn.txt, label.txt) in the dataset's catalog folder
     (`path`, under the data root), or None when there is none."""
-    import datasets
 
     if language not in CLASS_NAME_FILES or "path" not in entry:
         return None
     try:
-        folder = datasets.entry_path(name, entry, "path", data_root, kind="dir")
-    except datasets.DatasetError:  # no data root, or the folder is missing: build_reader says so later
+        folder = readers.entry_path(name, entry, "path", data_root, kind="dir")
+    except readers.DatasetError:  # no data root, or the folder is missing: build_reader says so later
         return None
     path = os.path.join(folder, CLASS_NAME_FILES[language])
     return path if os.path.isfile(path) else None
@@ -175,16 +175,15 @@ def class_name_file(name: str, entry: dict, language: str, data_root: str | None
 def read_class_names(path: str) -> list[str]:
     """One class name per line (line i = class i), as Chinese-CLIP reads ELEVATER's label_cn.txt; trailing blank
     lines are dropped, a blank line before the last name is an error."""
-    import datasets
 
     with open(path, encoding="utf-8-sig") as f:
         names = [line.strip() for line in f]
     while names and not names[-1]:
         names.pop()
     if not names:
-        raise datasets.DatasetError(f"{path}: no class names (expected one per line)")
+        raise readers.DatasetError(f"{path}: no class names (expected one per line)")
     if "" in names:
-        raise datasets.DatasetError(f"{path}:{names.index('') + 1}: blank line (expected one class name per line)")
+        raise readers.DatasetError(f"{path}:{names.index('') + 1}: blank line (expected one class name per line)")
     return names
 
 
@@ -193,10 +192,9 @@ def class_names_and_templates(name: str, entry: dict, language: str, data_root: 
     """Class names and templates of catalog dataset `name` for a model of `language`, the first found in the order
     of the module docstring; a DatasetError when there are none (MUGE, synthetic...). `labels`/`templates`: the
     parsed labels.json/templates.json (read when None)."""
-    import datasets
 
-    labels = datasets.read_repo_json("labels.json") if labels is None else labels
-    templates = datasets.read_repo_json("templates.json") if templates is None else templates
+    labels = readers.read_repo_json("labels.json") if labels is None else labels
+    templates = readers.read_repo_json("templates.json") if templates is None else templates
     key, tkey = entry.get("labels", name), entry.get("templates", entry.get("labels", name))
     base, tbase = key.removesuffix("-zh"), tkey.removesuffix("-zh")
     # (labels.json key or None for the folder's class-name file, templates.json key, language of the names)
@@ -210,7 +208,7 @@ def class_names_and_templates(name: str, entry: dict, language: str, data_root: 
         path = class_name_file(name, entry, names_language, data_root) if labels_at is None else None
         if path:
             return ClassNames(read_class_names(path), templates[templates_at], path, names_language)
-    raise datasets.DatasetError(f"dataset {name!r} has no class names with prompt templates for a {language} model: "
+    raise readers.DatasetError(f"dataset {name!r} has no class names with prompt templates for a {language} model: "
                                 f"add {base!r} (or {base + '-zh'!r}) to labels.json and templates.json, or put "
                                 f"{CLASS_NAME_FILES['zh']} / {CLASS_NAME_FILES['en']} in its folder")
 
@@ -229,7 +227,7 @@ def eval_transform(name: str, entry: dict, image_size: int):
         return datasets.val_transform(image_size)
     if kind == "squash":
         return datasets.squash_transform(image_size)
-    raise datasets.DatasetError(f"dataset {name!r} (dataset_catalog.json): unknown eval_transform {kind!r}; "
+    raise readers.DatasetError(f"dataset {name!r} (dataset_catalog.json): unknown eval_transform {kind!r}; "
                                 f"choose one of {', '.join(EVAL_TRANSFORMS)}")
 
 
@@ -240,16 +238,16 @@ def evaluate_dataset(model, tokenizer, name: str, language: str, image_size: int
     `reader`: its test-split reader when the caller holds one (main.py's validation), else built here."""
     import datasets
 
-    entry = datasets.catalog_entry(name)
+    entry = readers.catalog_entry(name)
     classes = class_names_and_templates(name, entry, language, data_root)
     if classes.language != language:
         log.warning("%s: no %s class names, evaluating a %s model with the %s ones (%s)", name, language, language,
                     classes.language, classes.source)
     metric = entry.get("metric", DATASET_METRICS.get(name, "top1"))
-    reader = reader if reader is not None else datasets.build_reader(name, "test", data_root=data_root)
+    reader = reader if reader is not None else readers.build_reader(name, "test", data_root=data_root)
     on_disk = getattr(reader, "classnames", None) or classes.names
     if len(on_disk) != len(classes.names):
-        raise datasets.DatasetError(f"dataset {name!r}: its test split has {len(on_disk)} classes but "
+        raise readers.DatasetError(f"dataset {name!r}: its test split has {len(on_disk)} classes but "
                                     f"{classes.source} lists {len(classes.names)} names")
     loader = DataLoader(datasets.ClassificationDataset(reader, eval_transform(name, entry, image_size)),
                         batch_size=batch_size, num_workers=workers)
@@ -265,14 +263,13 @@ def default_datasets(language: str, data_root: str | None = None) -> list[str]:
     """Catalog datasets with class names and templates for a model of `language`: those of its language (the
     catalog's `language`, else that of the names found), and for a Chinese model every dataset with Chinese
     names (labels.json `<key>-zh`, or label_cn.txt in its folder under `data_root`) and `<key>-zh` templates."""
-    import datasets
 
-    labels, templates = datasets.read_repo_json("labels.json"), datasets.read_repo_json("templates.json")
+    labels, templates = readers.read_repo_json("labels.json"), readers.read_repo_json("templates.json")
     names = []
-    for name, entry in datasets.load_catalog().items():
+    for name, entry in readers.load_catalog().items():
         try:
             classes = class_names_and_templates(name, entry, language, data_root, labels, templates)
-        except datasets.DatasetError:
+        except readers.DatasetError:
             continue
         if entry.get("language", classes.language) == language or classes.language == language != "en":
             names.append(name)
@@ -327,7 +324,7 @@ def main(argv: list[str] | None = None) -> dict:
         try:
             results[name] = evaluate_dataset(model, tokenizer, name, spec.base.language, info["image_size"], device,
                                              args.data_root, args.batch_size, args.workers)
-        except datasets.DatasetError as exc:
+        except readers.DatasetError as exc:
             if explicit:
                 raise SystemExit(f"eval_zeroshot: {exc}") from None
             log.warning("skipping %s: %s", name, exc)

@@ -5,16 +5,13 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import math
 import os
-import resource
 import shlex
 import sys
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -23,10 +20,12 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 import datasets
+import engine
 import eval_retrieval
 import eval_zeroshot
 import losses
 import models
+import readers
 import text_augment
 import utils
 import weights
@@ -295,12 +294,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for key in ("dataset", "val_dataset"):  # a typo fails here, before an experiment folder is written
         try:
             if getattr(args, key) not in (None, NO_VALIDATION):
-                datasets.catalog_entry(getattr(args, key))
-        except datasets.DatasetError as exc:
+                readers.catalog_entry(getattr(args, key))
+        except readers.DatasetError as exc:
             parser.error(f"--{key.replace('_', '-')}: {exc}")
     try:
         val_name = validation_dataset_name(args)
-    except datasets.DatasetError as exc:
+    except readers.DatasetError as exc:
         parser.error(f"--val-dataset: {exc}")
     if args.evaluate and val_name is None:
         parser.error("--evaluate with --val-dataset none has nothing to evaluate: name a --val-dataset")
@@ -312,7 +311,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def has_test_split(name: str, catalog: dict | None = None) -> bool:
     """Whether catalog entry `name` has a logical "test" split (a merged entry: every one of its parts)."""
-    entry = datasets.catalog_entry(name, catalog)
+    entry = readers.catalog_entry(name, catalog)
     if entry["format"] == "merged":
         return all(has_test_split(part, catalog) for part in entry["datasets"])
     return "test" in entry.get("splits", {"test": "test"})  # no `splits` map: the format has train and test
@@ -324,20 +323,20 @@ def validation_dataset_name(args: argparse.Namespace) -> str | None:
     None for `--val-dataset none`. A set without a test split raises a DatasetError naming the fix."""
     if args.val_dataset == NO_VALIDATION:
         return None
-    catalog = datasets.load_catalog()
+    catalog = readers.load_catalog()
     if args.val_dataset is None and has_test_split(args.dataset, catalog):
         return args.dataset
-    name = args.val_dataset or datasets.catalog_entry(args.dataset, catalog).get("val_dataset")
+    name = args.val_dataset or readers.catalog_entry(args.dataset, catalog).get("val_dataset")
     if name is None:
-        raise datasets.DatasetError(
+        raise readers.DatasetError(
             f"dataset {args.dataset!r} has no test split and its dataset_catalog.json entry no 'val_dataset' key: "
             "pass --val-dataset NAME (a catalog dataset with a test split) or --val-dataset none")
     source = "--val-dataset" if args.val_dataset else f"the 'val_dataset' of {args.dataset!r} in dataset_catalog.json"
     try:
         if not has_test_split(name, catalog):
-            raise datasets.DatasetError(f"dataset {name!r} has no test split")
-    except datasets.DatasetError as exc:
-        raise datasets.DatasetError(f"validation set {name!r} ({source}): {exc}") from None
+            raise readers.DatasetError(f"dataset {name!r} has no test split")
+    except readers.DatasetError as exc:
+        raise readers.DatasetError(f"validation set {name!r} ({source}): {exc}") from None
     return name
 
 
@@ -347,9 +346,9 @@ def build_validation_reader(name: str | None, args: argparse.Namespace):
     if name is None:
         return None
     try:
-        return datasets.build_reader(name, "test", data_root=args.data_root)
-    except datasets.DatasetError as exc:
-        raise datasets.DatasetError(
+        return readers.build_reader(name, "test", data_root=args.data_root)
+    except readers.DatasetError as exc:
+        raise readers.DatasetError(
             f"validation set {name!r} of --dataset {args.dataset!r} cannot be read: {exc}. Choose another with "
             "--val-dataset NAME, or train without per-epoch validation with --val-dataset none") from None
 
@@ -532,253 +531,6 @@ def init_wandb(args: argparse.Namespace, exp_dir: str, commit: str):
     return run
 
 
-# --------------------------------------------------------------------------- training state
-@dataclass
-class RunState:
-    """Everything about progress that a checkpoint must restore."""
-
-    epoch: int = 0
-    step: int = 0  # optimizer steps done in total
-    step_in_epoch: int = 0  # optimizer steps done in the current epoch
-    best_metric: float = -math.inf
-    nonfinite: int = 0
-
-
-class NonFiniteLoss(RuntimeError):
-    pass
-
-
-def autocast(args: argparse.Namespace, device: torch.device):
-    if args.precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, DistributedDataParallel) else model
-
-
-def _rng_snapshot(device: torch.device):
-    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
-
-
-def _rng_restore(snapshot, device: torch.device) -> None:
-    torch.set_rng_state(snapshot[0])
-    if snapshot[1] is not None:
-        torch.cuda.set_rng_state(snapshot[1], device)
-
-
-def forward_backward(model, criterion, micro_batches, args, device, scaler) -> dict[str, torch.Tensor]:
-    """Forward + backward over the k micro-batches of one optimizer step; returns the loss dict.
-
-    k = 1: plain step. `naive`: each micro-batch is its own contrastive batch, loss / k.
-    `exact` (Cui et al. 2021, ZeroVL; Pham et al. 2021, BASIC): a no-grad pass caches every
-    micro-batch's per-sample outputs; then micro-batch j is recomputed with grad (same RNG state)
-    and the loss is taken over the whole k*B batch with the cached outputs of the others, so the
-    summed gradient equals the gradient of one k*B batch. The last micro-batch's grad forward is the
-    end of the caching pass (its graph is kept and it goes first), so it is not recomputed. Scalar
-    outputs (the temperature) keep their graph only in the last backward, the one DDP syncs, so their
-    gradient is counted once and reaches DDP's reduction.
-    A non-finite loss raises NonFiniteLoss only after every backward ran and all ranks agreed, so no
-    rank leaves a collective behind (the caller discards the step's gradients on every rank).
-    """
-    k = len(micro_batches)
-    no_sync = model.no_sync if isinstance(model, DistributedDataParallel) else contextlib.nullcontext
-    checks: list[tuple[torch.Tensor, dict]] = []  # (finite flag on the device, what to dump) per backward
-
-    def backward(loss_dict: dict, batch, outputs, divisor: int = 1) -> None:
-        # no host sync here: the flags are read once, after the last backward
-        checks.append((torch.isfinite(loss_dict["loss"].detach()), {"batch": batch, "outputs": outputs,
-                                                                     "loss": loss_dict}))
-        scaler.scale(loss_dict["loss"] / divisor).backward()
-
-    if k == 1 or args.accum_mode == "naive":
-        for j, batch in enumerate(micro_batches):
-            with (no_sync() if j < k - 1 else contextlib.nullcontext()), autocast(args, device):
-                loss_dict = criterion(model(*batch))
-                backward(loss_dict, batch, None, k)
-    else:
-        loss_dict = _exact_accumulation(model, criterion, micro_batches, args, device, no_sync, backward)
-    finite = torch.stack([flag for flag, _ in checks]).tolist()  # the step's one host sync
-    bad = next((payload for ok, (_, payload) in zip(finite, checks) if not ok), None)
-    if not utils.all_ranks_true(bad is None):
-        raise NonFiniteLoss(bad or {"batch": micro_batches[-1], "outputs": None, "loss": loss_dict})
-    return loss_dict
-
-
-@contextlib.contextmanager
-def sparse_embedding_grads(model: nn.Module):
-    """Within the block, every trainable `nn.Embedding` gives a sparse (rows-used-only) weight gradient that
-    its backward adds in place into a dense `.grad` (zeros allocated here when the step starts without one).
-
-    For exact accumulation: each of the k backwards then touches only the B*L rows its tokens used,
-    instead of building a dense vocab x width gradient (49,408 x 512 = 101 MB for CLIP's BPE table) and
-    adding it to `.grad`; `.grad` stays dense, so DDP, AdamW and clipping see what they always see. The
-    flag is read at forward time, so a forward and its backward agree.
-    """
-    embeddings = [m for m in model.modules() if isinstance(m, nn.Embedding) and m.weight.requires_grad
-                  and not m.sparse]
-    for m in embeddings:
-        if m.weight.grad is None:
-            m.weight.grad = torch.zeros_like(m.weight)
-        m.sparse = True
-    try:
-        yield
-    finally:
-        for m in embeddings:
-            m.sparse = False
-
-
-def _exact_accumulation(model, criterion, micro_batches, args, device, no_sync, backward) -> dict:
-    """The exact scheme of `forward_backward`: 2k-1 forwards + k backwards, 5/4 of one k*B step at k=4.
-
-    Embedding gradients are accumulated sparsely (`sparse_embedding_grads`), except under --compile
-    (inductor does not take sparse tensors)."""
-    k = len(micro_batches)
-    with contextlib.nullcontext() if getattr(args, "compile", False) else sparse_embedding_grads(model):
-        cached, rng, last, rng_end = _cache_pass(model, micro_batches, args, device, no_sync)
-        for n, j in enumerate([k - 1] + list(range(k - 1))):  # the synced backward (n = k-1) comes last
-            loss_dict = _recompute_backward(model, criterion, micro_batches, j, cached, rng, last, args, device,
-                                            no_sync, backward, synced=n == k - 1)
-    _rng_restore(rng_end, device)
-    return loss_dict
-
-
-@contextlib.contextmanager
-def frozen_batchnorm_stats(model: nn.Module):
-    """BatchNorm running statistics and counters are put back as they were when the block ends.
-
-    Exact accumulation runs micro-batches 0..k-2 twice in training mode (cached, then recomputed); without this
-    each would move the running averages twice, and `num_batches_tracked` would count 2k-1 batches per step."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
-             and m.track_running_stats]
-    saved = [[t.clone() for t in (m.running_mean, m.running_var, m.num_batches_tracked)] for m in norms]
-    try:
-        yield
-    finally:
-        for m, buffers in zip(norms, saved, strict=True):
-            for live, before in zip((m.running_mean, m.running_var, m.num_batches_tracked), buffers, strict=True):
-                live.copy_(before)
-
-
-def _cache_pass(model, micro_batches, args, device, no_sync):
-    """No-grad forwards of micro-batches 0..k-2 (outputs cached, RNG states kept, BatchNorm statistics left
-    for their recompute to update) + the last one with grad."""
-    cached, rng = [], []
-    with autocast(args, device):
-        with torch.no_grad(), frozen_batchnorm_stats(model):
-            for batch in micro_batches[:-1]:
-                rng.append(_rng_snapshot(device))
-                cached.append({key: v.detach() for key, v in model(*batch).items() if v.ndim > 0})
-        with no_sync():
-            last = model(*micro_batches[-1])
-        cached.append({key: v.detach() for key, v in last.items() if v.ndim > 0})
-    rng_end = _rng_snapshot(device)  # the step consumes the RNG of exactly one pass over the micro-batches
-    return cached, rng, last, rng_end
-
-
-def _recompute_backward(model, criterion, micro_batches, j, cached, rng, last, args, device, no_sync, backward,
-                        synced: bool) -> dict:
-    """Micro-batch j with grad (recomputed under its cached RNG state, or the kept last graph) against the
-    cached outputs of the others, then its backward; only the synced one keeps the scalars' graph."""
-    with (contextlib.nullcontext() if synced else no_sync()), autocast(args, device):
-        if j == len(micro_batches) - 1:
-            fresh = last
-        else:
-            _rng_restore(rng[j], device)
-            fresh = model(*micro_batches[j])
-        merged = {key: torch.cat([c[key] for c in cached[:j]] + [v] + [c[key] for c in cached[j + 1:]])
-                  if key in cached[j] else (v if synced else v.detach()) for key, v in fresh.items()}
-        loss_dict = criterion(merged)
-        backward(loss_dict, micro_batches[j], merged)
-    return loss_dict
-
-
-def dump_nonfinite(exp_dir: str, step: int, payload: dict) -> str:
-    """Save the offending batch, outputs and loss parts (tensors only) for post-mortem."""
-    rank = utils.get_rank()
-    path = os.path.join(exp_dir, f"nonfinite_step{step}.pt" if rank == 0 else f"nonfinite_step{step}_rank{rank}.pt")
-    batch = [t.detach().cpu() for t in payload["batch"]]
-    outputs = {k: v.detach().cpu() for k, v in (payload["outputs"] or {}).items()}
-    utils.save_atomic({"step": step, "batch": batch, "outputs": outputs,
-                       "loss": {k: v.detach().cpu() for k, v in payload["loss"].items()}}, path)
-    return path
-
-
-def train_one_epoch(model, criterion, loader, optimizer, scaler, lr_schedule, state: RunState, args, ctx) -> dict:
-    """One pass over the loader in optimizer steps of `update_freq` micro-batches; returns epoch means."""
-    model.train()
-    meters: dict[str, utils.SmoothedValue] = {}
-    micro, t_data, t_start, window_steps = [], 0.0, time.perf_counter(), 0
-    t_last = time.perf_counter()
-    steps_in_epoch = ctx["steps_per_epoch"]
-    for batch in loader:  # a tuple of tensors, passed to model(*batch); layout set by the dataset
-        # token tensors (int64, as both tokenizers return) lose their all-padding columns on the host
-        micro.append(tuple((models.trim_padding(t) if t.dtype == torch.int64 and t.ndim >= 2 else t)
-                           .to(ctx["device"], non_blocking=True) for t in batch))
-        if len(micro) < args.update_freq:
-            continue
-        t_data += time.perf_counter() - t_last
-        for group in optimizer.param_groups:
-            group["lr"] = float(lr_schedule[state.step])
-        try:
-            loss_dict = forward_backward(model, criterion, micro, args, ctx["device"], scaler)
-        except NonFiniteLoss as exc:
-            optimizer.zero_grad(set_to_none=True)
-            state.nonfinite += 1
-            if state.nonfinite > args.max_nonfinite:
-                path = dump_nonfinite(ctx["exp_dir"], state.step, exc.args[0])
-                raise SystemExit(f"non-finite loss at step {state.step} (epoch {state.epoch}); batch, features "
-                                 f"and loss parts saved to {path}. Lower --lr, use --precision fp32/bf16, or "
-                                 f"allow skips with --max-nonfinite N.") from None
-            log.warning("non-finite loss at step %d skipped (%d/%d)", state.step, state.nonfinite, args.max_nonfinite)
-            loss_dict = {}  # the step consumes its batches without an update, like a GradScaler-skipped step,
-            # so the LR schedule, the epoch length and the resume position stay aligned
-        if loss_dict:
-            unwrap(model).before_optimizer_step(state.step)  # e.g. SWALIPV1's frozen prototypes
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            unwrap(model).clamp_logit_scale()
-            unwrap(model).after_optimizer_step(state.step + 1, ctx["total_steps"])  # e.g. BYOLIP's EMA target
-        micro = []
-        state.step += 1
-        state.step_in_epoch += 1
-        for key, value in loss_dict.items():
-            meters.setdefault(key, utils.SmoothedValue()).update(float(value.detach()), args.batch_size)
-        window_steps += 1
-        if state.step % args.print_freq == 0 or state.step_in_epoch == steps_in_epoch:
-            log_progress(meters, state, ctx, optimizer, window_steps, time.perf_counter() - t_start, t_data)
-            t_start, t_data, window_steps = time.perf_counter(), 0.0, 0
-        if args.save_every_steps and state.step % args.save_every_steps == 0:
-            ctx["save"](is_best=False)
-        if state.step_in_epoch >= steps_in_epoch or (args.max_steps and state.step >= args.max_steps):
-            break
-        t_last = time.perf_counter()
-    return {key: utils.all_reduce_mean(m.global_avg) for key, m in meters.items()}
-
-
-def memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
-def log_progress(meters, state: RunState, ctx, optimizer, steps: int, elapsed: float, t_data: float) -> None:
-    """Console line + log.txt JSON line + wandb point for the last logging window (`steps` steps, `elapsed` s)."""
-    window = {key: m.window_avg() for key, m in meters.items()}
-    record = {"type": "train", "epoch": state.epoch, "global_step": state.step, "lr": optimizer.param_groups[0]["lr"],
-              "logit_scale": float(unwrap(ctx["model"]).logit_scale.detach().exp()),
-              "samples_per_s": steps * ctx["global_batch"] / max(elapsed, 1e-9),
-              "data_time_s": t_data, "memory_mb": memory_mb(ctx["device"]), **window}
-    log.info("epoch %d step %d/%d | %s | %.1f samples/s | data %.2fs | lr %.2e | scale %.2f | mem %.0f MB",
-             state.epoch, state.step_in_epoch, ctx["steps_per_epoch"],
-             " ".join(f"{k} {v:.4f}" for k, v in window.items()), record["samples_per_s"], t_data,
-             record["lr"], record["logit_scale"], record["memory_mb"])
-    ctx["record"](record)
-
-
 # --------------------------------------------------------------------------- evaluation
 # captions of these formats are bare class names: zero-shot classification already measures them, and caption
 # retrieval would hold every image of the split (50,000 for ImageNet) in memory
@@ -789,12 +541,12 @@ def evaluate(model, spec: models.ModelSpec, tokenizer, args, device, name: str, 
     """Validation on the test split of catalog dataset `name` (`reader`: its test-split reader): zero-shot
     metrics exactly as eval_zeroshot.py computes them (when it has class names), then image<->text recall over
     the split (unless its captions are bare class names)."""
-    model = unwrap(model)
+    model = engine.unwrap(model)
     was_training = model.training
     model.eval()
     try:
         metrics = zero_shot_metrics(model, spec, tokenizer, args, device, name, reader)
-        if datasets.catalog_entry(name)["format"] not in CLASS_NAME_CAPTION_FORMATS:
+        if readers.catalog_entry(name)["format"] not in CLASS_NAME_CAPTION_FORMATS:
             metrics.update(retrieval_metrics(model, tokenizer, reader, ctx_image_size(args, spec), device))
     finally:
         model.train(was_training)
@@ -810,7 +562,7 @@ def zero_shot_metrics(model, spec: models.ModelSpec, tokenizer, args, device, na
         result = eval_zeroshot.evaluate_dataset(model, tokenizer, name, spec.base.language, ctx_image_size(args, spec),
                                                 device, args.data_root, batch_size=256, workers=args.workers,
                                                 reader=reader)
-    except datasets.DatasetError as exc:  # no class names/templates (or names that do not fit the split): the
+    except readers.DatasetError as exc:  # no class names/templates (or names that do not fit the split): the
         # run goes on with the other metrics, so the epoch's checkpoint is still written
         log.warning("no zero-shot metrics on %s: %s", name, exc)
         return {}
@@ -838,14 +590,15 @@ def selection_score(metrics: dict[str, float]) -> float:
 
 def ctx_image_size(args: argparse.Namespace, spec: models.ModelSpec) -> int:
     """--image-size, else the dataset's catalog image_size, else the backbone preset."""
-    return args.image_size or datasets.catalog_entry(args.dataset).get("image_size") or spec.backbone.image_size
+    return args.image_size or readers.catalog_entry(args.dataset).get("image_size") or spec.backbone.image_size
 
 
 # --------------------------------------------------------------------------- checkpoint
-def checkpoint_payload(model, optimizer, scaler, state: RunState, args, commit: str,
+def checkpoint_payload(model, optimizer, scaler, state: engine.RunState, args, commit: str,
                        rng_states: list[dict]) -> dict:
     """What checkpoint.pt holds; `rng` is the list of every rank's RNG states (`utils.gather_rng_states`)."""
-    return {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+    return {"model": engine.unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(),
             "epoch": state.epoch, "step": state.step, "step_in_epoch": state.step_in_epoch,
             "best_metric": state.best_metric, "nonfinite": state.nonfinite,
             "rng": rng_states, "args": config_of(args), "commit": commit}
@@ -865,14 +618,14 @@ def restore_rng(saved: list[dict] | dict, rank: int, world_size: int, seed: int,
     utils.seed_all(utils.rank_seed(seed, rank, step))
 
 
-def restore(path: str, model, optimizer, scaler, state: RunState, args, env: utils.DistEnv) -> None:
+def restore(path: str, model, optimizer, scaler, state: engine.RunState, args, env: utils.DistEnv) -> None:
     """Training state from checkpoint `path` (weights strictly, optimizer, scaler, progress, this rank's RNG)."""
     ckpt = utils.load_checkpoint(path)
     missing = [k for k in ("model", "optimizer", "epoch", "step", "step_in_epoch", "rng") if k not in ckpt]
     if missing:
         raise RuntimeError(f"checkpoint {path!r} lacks the keys {missing}: not a CLIP Lab training checkpoint "
                            "(use --pretrained for bare weights)")
-    weights.load_weights_dict(unwrap(model), ckpt["model"], path)
+    weights.load_weights_dict(engine.unwrap(model), ckpt["model"], path)
     optimizer.load_state_dict(ckpt["optimizer"])
     scaler.load_state_dict(ckpt["scaler"])
     state.epoch, state.step, state.step_in_epoch = ckpt["epoch"], ckpt["step"], ckpt["step_in_epoch"]
@@ -912,7 +665,7 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
     # the same initial weights on every rank (above), then each rank its own stream for dropout masks
     utils.seed_all(utils.rank_seed(args.seed, env.rank))
     tokenizer = datasets.build_tokenizer(spec.base.tokenizer, args.context_length or spec.base.context_length)
-    reader = datasets.build_reader(args.dataset, "train", data_root=args.data_root)
+    reader = readers.build_reader(args.dataset, "train", data_root=args.data_root)
     val_name = validation_dataset_name(args)
     val_reader = build_validation_reader(val_name, args)  # a missing validation set fails now, not after an epoch
     dataset = build_train_dataset(spec, args, reader, image_size, tokenizer)
@@ -934,7 +687,7 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
                                   else int(args.warmup_epochs * steps_per_epoch))
     optimizer = torch.optim.AdamW(param_groups(model, args.wd), lr=args.lr, betas=tuple(args.betas), eps=args.eps)
     scaler = torch.amp.GradScaler(env.device.type, enabled=args.precision == "fp16")
-    state = RunState()
+    state = engine.RunState()
     if resume_path:
         restore(resume_path, model, optimizer, scaler, state, args, env)
         log.info("resumed from %s at epoch %d, step %d", resume_path, state.epoch, state.step)
@@ -947,14 +700,7 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
     criterion = build_criterion(spec, args, env)
 
     wandb_run = init_wandb(args, exp_dir, commit) if args.wandb and main_process else None
-
-    def record(entry: dict) -> None:
-        if not main_process:
-            return
-        with open(os.path.join(exp_dir, "log.txt"), "a", encoding="utf-8") as f:
-            f.write(json.dumps(entry) + "\n")
-        if wandb_run is not None:
-            wandb_run.log({k: v for k, v in entry.items() if isinstance(v, (int, float))})
+    run_log = engine.RunLog(os.path.join(exp_dir, "log.txt") if main_process else None, wandb_run)
 
     def save(is_best: bool) -> None:  # called on every rank: the RNG states are gathered
         rng_states = utils.gather_rng_states()
@@ -964,11 +710,13 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
             if is_best:
                 utils.save_atomic(payload, os.path.join(exp_dir, "checkpoint_best.pt"))
 
-    ctx = {"device": env.device, "exp_dir": exp_dir, "steps_per_epoch": steps_per_epoch, "model": ddp_model,
-           "total_steps": total_steps,
-           "global_batch": args.batch_size * env.world_size * args.update_freq, "record": record, "save": save}
+    loop = engine.LoopConfig(
+        step=engine.StepConfig.from_args(args, env.device), update_freq=args.update_freq, batch_size=args.batch_size,
+        global_batch=args.batch_size * env.world_size * args.update_freq, steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps, print_freq=args.print_freq, save_every_steps=args.save_every_steps,
+        max_steps=args.max_steps, max_nonfinite=args.max_nonfinite, dump_dir=exp_dir)
     log.info("model %s (%.2fM params), %d steps/epoch, global batch %d, %d rank(s) on %s, validation on %s",
-             args.model, sum(p.numel() for p in model.parameters()) / 1e6, steps_per_epoch, ctx["global_batch"],
+             args.model, sum(p.numel() for p in model.parameters()) / 1e6, steps_per_epoch, loop.global_batch,
              env.world_size, env.device, val_name or "nothing (--val-dataset none)")
 
     def validate() -> dict[str, float]:
@@ -983,15 +731,18 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
     while not args.evaluate and state.epoch < args.epochs and not (args.max_steps and state.step >= args.max_steps):
         sampler.set_epoch(state.epoch, state.step_in_epoch * args.update_freq)
         dataset.bad_samples.reset(state.epoch)
+        batches, meters = iter(loader), engine.EpochMeters()
         try:
-            train_stats = train_one_epoch(ddp_model, criterion, loader, optimizer, scaler, lr_schedule, state, args,
-                                          ctx)
+            while (pause := engine.train_one_epoch(ddp_model, criterion, batches, optimizer, scaler, lr_schedule,
+                                                   state, loop, meters, run_log)) is engine.Pause.CHECKPOINT_DUE:
+                save(is_best=False)
         except datasets.TooManyBadSamples as exc:
             raise SystemExit(f"stopping: {exc}") from None
+        train_stats = meters.epoch_means()
         if dataset.bad_samples.count:
             log.warning("epoch %d: %d corrupt sample(s) replaced: %s", state.epoch, dataset.bad_samples.count,
                         dataset.bad_samples.offenders())
-        if state.step_in_epoch < steps_per_epoch:  # stopped by --max-steps mid-epoch
+        if pause is engine.Pause.MAX_STEPS:  # stopped by --max-steps mid-epoch
             save(is_best=False)
             break
         state.epoch, state.step_in_epoch = state.epoch + 1, 0
@@ -1003,8 +754,9 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
             state.best_metric = max(state.best_metric, score)
             log.info("epoch %d eval on %s: %s", state.epoch, val_name,
                      " ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
-        record({"type": "epoch", "epoch": state.epoch, "global_step": state.step,
-                **{f"train_{k}": v for k, v in train_stats.items()}, **{f"test_{k}": v for k, v in metrics.items()}})
+        run_log.write({"type": "epoch", "epoch": state.epoch, "global_step": state.step,
+                       **{f"train_{k}": v for k, v in train_stats.items()},
+                       **{f"test_{k}": v for k, v in metrics.items()}})
         save(is_best)
     summary = {"model": args.model, "dataset": args.dataset, "val_dataset": val_name, "epoch": state.epoch,
                "step": state.step, "best_metric": state.best_metric if math.isfinite(state.best_metric) else None,

@@ -1,7 +1,8 @@
 """Small shared helpers, kept under ~300 lines on purpose.
 
 What belongs here and nothing else:
-- distributed set-up and queries (`init_distributed`, `get_rank`, `get_world_size`, `is_main_process`,
+- the device and autocast rules (`resolve_device`, `autocast`);
+- distributed set-up and queries (`init_distributed`, `get_rank`, `get_world_size`,
   `all_gather_with_grad`, `all_reduce_mean`, `all_ranks_true`);
 - checkpoint I/O (`save_atomic`, `load_checkpoint`, RNG state capture/restore);
 - meters (`SmoothedValue`) and the git commit lookup.
@@ -9,6 +10,7 @@ Model, loss, data and training code live in their own files.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
@@ -66,13 +68,30 @@ def detect_launch_env() -> tuple[int, int, int] | None:
     return None
 
 
+def resolve_device(device: str) -> torch.device:
+    """The one device rule: "auto" -> cuda when available, else cpu; anything else as torch.device."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def autocast(precision: str, device: torch.device):
+    """The one autocast rule: fp32 -> no autocast; bf16/fp16 -> torch.autocast on the device's type.
+    Logits and losses that need fp32 cast inside the model/loss code."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision not in ("bf16", "fp16"):
+        raise ValueError(f"precision {precision!r}: use fp32, bf16 or fp16")
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
 def init_distributed(device: str = "auto") -> DistEnv:
     """Initialise torch.distributed when launched by torchrun/Slurm; gloo on CPU, nccl on CUDA.
 
-    `device` is "auto" (CUDA when available), "cpu" or "cuda". Each process binds to
+    `device` is "auto" (CUDA when available), "cpu" or "cuda" (`resolve_device`). Each process binds to
     cuda:LOCAL_RANK, so one task per GPU.
     """
-    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    use_cuda = resolve_device(device).type == "cuda"
     launch = detect_launch_env()
     rank, world, local = launch if launch else (0, 1, 0)
     dev = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
@@ -90,10 +109,6 @@ def get_rank() -> int:
 
 def get_world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def is_main_process() -> bool:
-    return get_rank() == 0
 
 
 def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:

@@ -38,6 +38,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import models
+import readers
+import utils
 
 log = logging.getLogger("clip_lab")
 
@@ -474,11 +476,10 @@ def kwargs_from_config(config: dict, spec: models.ModelSpec) -> dict:
     """build_model kwargs from a checkpoint's stored args (main.py's flag names)."""
     image_size = config.get("image_size")
     if image_size is None:
-        import datasets
 
         try:
-            image_size = datasets.catalog_entry(config.get("dataset", "")).get("image_size")
-        except datasets.DatasetError:
+            image_size = readers.catalog_entry(config.get("dataset", "")).get("image_size")
+        except readers.DatasetError:
             image_size = None
     kwargs = dict(image_size=image_size or spec.backbone.image_size, embed_dim=config.get("embed_dim"),
                   text_model=config.get("text_model"), text_width=config.get("text_width"),
@@ -490,13 +491,6 @@ def kwargs_from_config(config: dict, spec: models.ModelSpec) -> dict:
         fields = {f.name for f in dataclasses.fields(models.RecipeOptions)}
         kwargs["recipe"] = models.RecipeOptions(**{k: v for k, v in config.items() if k in fields and v is not None})
     return kwargs
-
-
-def resolve_device(device: str) -> torch.device:
-    """`auto` -> cuda when available, else cpu; anything else as torch.device."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def load_model_for_eval(resume: str | None = None, pretrained: str | None = None, model_name: str | None = None,
@@ -526,7 +520,7 @@ def load_model_for_eval(resume: str | None = None, pretrained: str | None = None
         load_weights(model, pretrained)
     if ckpt is not None:
         load_weights_dict(model, ckpt["model"], resume)
-    model.to(resolve_device(device)).eval()
+    model.to(utils.resolve_device(device)).eval()
     info = {"image_size": kwargs.get("image_size") or spec.backbone.image_size,
             "context_length": kwargs.get("context_length") or spec.base.context_length, "config": config}
     return model, spec, info

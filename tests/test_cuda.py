@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from conftest import TINY_RUN
 
+import engine
 import losses
 import main
 import models
@@ -55,12 +56,13 @@ def test_xformers_attention_matches_sdpa_in_bf16(causal):
 def test_exact_accumulation_on_cuda_equals_one_batch(precision, rtol):
     model, (images, tokens) = tiny_model(), tiny_batch()
     ns = main.parse_args(["--accum-mode", "exact", "--precision", precision])
+    step = engine.StepConfig.from_args(ns, CUDA)
     scaler = torch.amp.GradScaler("cuda", enabled=False)
-    main.forward_backward(model, losses.ClipLoss(), list(zip(images.chunk(4), tokens.chunk(4))), ns, CUDA, scaler)
+    engine.forward_backward(model, losses.ClipLoss(), list(zip(images.chunk(4), tokens.chunk(4))), step, scaler)
     assert model.text.token_embedding.weight.grad.layout == torch.strided
     accumulated = grads(model)
     model.zero_grad(set_to_none=True)
-    main.forward_backward(model, losses.ClipLoss(), [(images, tokens)], ns, CUDA, scaler)
+    engine.forward_backward(model, losses.ClipLoss(), [(images, tokens)], step, scaler)
     assert_grads_match(accumulated, grads(model), rtol)
 
 
@@ -83,9 +85,10 @@ def test_nccl_ddp_exact_accumulation_with_sparse_embedding_grads_equals_one_batc
         reference, (images, tokens) = tiny_model(), tiny_batch()
         ddp = DistributedDataParallel(tiny_model(), device_ids=[CUDA.index])
         ns = main.parse_args(["--accum-mode", "exact"])
+        step = engine.StepConfig.from_args(ns, CUDA)
         scaler = torch.amp.GradScaler("cuda", enabled=False)
-        main.forward_backward(ddp, losses.ClipLoss(), list(zip(images.chunk(4), tokens.chunk(4))), ns, CUDA, scaler)
-        main.forward_backward(reference, losses.ClipLoss(), [(images, tokens)], ns, CUDA, scaler)
+        engine.forward_backward(ddp, losses.ClipLoss(), list(zip(images.chunk(4), tokens.chunk(4))), step, scaler)
+        engine.forward_backward(reference, losses.ClipLoss(), [(images, tokens)], step, scaler)
         assert_grads_match(grads(ddp.module), grads(reference), 1e-4)
     finally:
         dist.destroy_process_group()

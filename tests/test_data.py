@@ -21,6 +21,7 @@ import build_lmdb
 import datasets
 import main
 import models
+import readers
 
 TINY_CN = ["--model", "CNCLIP_VITT16_CLIP", "--image-size", "32", "--batch-size", "8", "--epochs", "1",
            "--workers", "0", "--print-freq", "1", "--text-model", "BERT-tiny-chinese"]
@@ -89,7 +90,7 @@ def test_lmdb_written_by_chinese_clip_reads_as_is(tmp_path, photo):
     pairs = [(1000, 7, "一只猫"), (1001, 8, "一杯咖啡"), (1000, 9, "猫的照片"), (1003, 10, "火箭")]
     write_cnclip_lmdb(str(tmp_path / "lmdb" / "train"), images, pairs)
     catalog = {"cn": {"format": "lmdb", "path": "lmdb/{split}"}}
-    reader = datasets.build_reader("cn", "train", catalog, data_root=str(tmp_path))
+    reader = readers.build_reader("cn", "train", catalog, data_root=str(tmp_path))
     assert len(reader) == 4
     for i, (image_id, text_id, text) in enumerate(pairs):
         assert reader.pair(i) == (image_id, text_id, text)
@@ -103,7 +104,7 @@ def test_sharded_lmdb_concatenates_folders(tmp_path, photo):
     write_cnclip_lmdb(str(tmp_path / "a" / "train"), {1: jpeg(photo, 1)}, [(1, 1, "甲"), (1, 2, "乙")])
     write_cnclip_lmdb(str(tmp_path / "b" / "train"), {2: jpeg(photo, 2)}, [(2, 3, "丙")])
     catalog = {"sh": {"format": "lmdb", "path": ["a/{split}", "b/{split}"]}}
-    reader = datasets.build_reader("sh", "train", catalog, data_root=str(tmp_path))
+    reader = readers.build_reader("sh", "train", catalog, data_root=str(tmp_path))
     assert len(reader) == 3
     assert [reader.read(i)[1] for i in range(3)] == [["甲"], ["乙"], ["丙"]]
     np.testing.assert_array_equal(np.asarray(reader.read(2)[0]), pixels(jpeg(photo, 2)))
@@ -111,15 +112,15 @@ def test_sharded_lmdb_concatenates_folders(tmp_path, photo):
         reader.read(3)
     # an LMDB that is not in the Chinese-CLIP layout fails at start with what is wrong
     shutil.rmtree(tmp_path / "b" / "train" / "imgs")
-    with pytest.raises(datasets.DatasetError, match=r"'sh': .*b/train/imgs/data.mdb not found; build the LMDB"):
-        datasets.build_reader("sh", "train", catalog, data_root=str(tmp_path))
+    with pytest.raises(readers.DatasetError, match=r"'sh': .*b/train/imgs/data.mdb not found; build the LMDB"):
+        readers.build_reader("sh", "train", catalog, data_root=str(tmp_path))
     os.makedirs(tmp_path / "c")
     env = lmdb.open(str(tmp_path / "c" / "imgs"), map_size=1 << 20)
     env.close()
     env = lmdb.open(str(tmp_path / "c" / "pairs"), map_size=1 << 20)
     env.close()
-    with pytest.raises(datasets.DatasetError, match=r"c/pairs has no 'num_samples' key: not a Chinese-CLIP LMDB"):
-        datasets.LmdbReader([str(tmp_path / "c")])
+    with pytest.raises(readers.DatasetError, match=r"c/pairs has no 'num_samples' key: not a Chinese-CLIP LMDB"):
+        readers.LmdbReader([str(tmp_path / "c")])
 
 
 def test_restricted_unpickler_refuses_code(tmp_path, photo):
@@ -127,30 +128,30 @@ def test_restricted_unpickler_refuses_code(tmp_path, photo):
     evil = pickle.dumps(Evil(str(marker)))
     write_cnclip_lmdb(str(tmp_path / "lmdb" / "train"), {1: jpeg(photo, 1)}, [(1, 1, "a"), (1, 2, "b")],
                       pair_values=[pickle.dumps((1, 1, "a")), evil])
-    reader = datasets.LmdbReader([str(tmp_path / "lmdb" / "train")])
+    reader = readers.LmdbReader([str(tmp_path / "lmdb" / "train")])
     assert reader.read(0)[1] == ["a"]
-    with pytest.raises(datasets.UnsafePickleError, match=r"pairs key 1: refusing to unpickle the global posix.system"):
+    with pytest.raises(readers.UnsafePickleError, match=r"pairs key 1: refusing to unpickle the global posix.system"):
         reader.read(1)
     assert not marker.exists()
     # plain data that is not a (int/str) 3-tuple is refused too, and never reaches the caller
     for value in ([1, 2, "x"], (1, 2, 3.5), (1, 2), {"a": 1}):
-        with pytest.raises(datasets.UnsafePickleError, match="must be a tuple"):
-            datasets.load_pair(pickle.dumps(value), "k")
+        with pytest.raises(readers.UnsafePickleError, match="must be a tuple"):
+            readers.load_pair(pickle.dumps(value), "k")
     # the bad-sample machinery does not swallow it
     dataset = datasets.ImageTextDataset(reader, T.ToTensor(), lambda t: torch.zeros(1, 4), max_bad_samples=10)
-    with pytest.raises(datasets.UnsafePickleError):
+    with pytest.raises(readers.UnsafePickleError):
         dataset[(1, 0)]
     assert not marker.exists()
 
 
 def test_lmdb_opened_lazily_per_process_never_across_fork(tmp_path, photo):
     write_cnclip_lmdb(str(tmp_path / "l"), {i: jpeg(photo, i) for i in range(4)}, [(i, i, str(i)) for i in range(4)])
-    reader = datasets.LmdbReader([str(tmp_path / "l")])
+    reader = readers.LmdbReader([str(tmp_path / "l")])
     key = os.path.realpath(tmp_path / "l" / "imgs")
-    assert key not in datasets._LMDB_ENVS  # nothing left open by the constructor
+    assert key not in readers._LMDB_ENVS  # nothing left open by the constructor
     reader.read(0)  # opened in the parent
     parent = os.getpid()
-    assert datasets._LMDB_ENVS[key][0] == parent
+    assert readers._LMDB_ENVS[key][0] == parent
 
     class Probe(Dataset):
         def __len__(self):
@@ -158,11 +159,11 @@ def test_lmdb_opened_lazily_per_process_never_across_fork(tmp_path, photo):
 
         def __getitem__(self, i):
             image, _ = reader.read(i)
-            return torch.tensor([os.getpid(), datasets._LMDB_ENVS[key][0], image.size[0]])
+            return torch.tensor([os.getpid(), readers._LMDB_ENVS[key][0], image.size[0]])
 
     got = torch.cat(list(DataLoader(Probe(), batch_size=1, num_workers=2)))
     assert (got[:, 0] == got[:, 1]).all() and (got[:, 0] != parent).all()  # each worker opened its own
-    assert datasets._LMDB_ENVS[key][0] == parent and reader.read(3)[1] == ["3"]  # the parent's is untouched
+    assert readers._LMDB_ENVS[key][0] == parent and reader.read(3)[1] == ["3"]  # the parent's is untouched
     clone = pickle.loads(pickle.dumps(reader))  # spawned workers get a picklable reader
     assert clone.read(2)[1] == ["2"]
 
@@ -178,18 +179,18 @@ def test_lmdb_opened_readonly_without_lock_readahead_or_meminit(tmp_path, photo,
         calls.append((os.path.basename(path), options))
         return real_open(path, **options)
 
-    monkeypatch.setattr(datasets.lmdb, "open", spy)
-    reader = datasets.LmdbReader([str(tmp_path / "l")])
+    monkeypatch.setattr(readers.lmdb, "open", spy)
+    reader = readers.LmdbReader([str(tmp_path / "l")])
     assert reader.read(1)[1] == ["1"]
     assert sorted(name for name, _ in calls) == ["imgs", "pairs", "pairs"]  # constructor probe, then lazily both
     for name, options in calls:
         assert {k: options.get(k) for k in ("readonly", "lock", "readahead", "meminit")} == \
             {"readonly": True, "lock": False, "readahead": False, "meminit": False}, name
-    env, _ = datasets.open_lmdb(str(tmp_path / "l" / "imgs"))  # the cached environment really has them
+    env, _ = readers.open_lmdb(str(tmp_path / "l" / "imgs"))  # the cached environment really has them
     flags = env.flags()
     assert (flags["readonly"], flags["lock"], flags["readahead"], flags["meminit"]) == (True, False, False, False)
     for sub in ("imgs", "pairs"):
-        datasets.close_lmdb(str(tmp_path / "l" / sub))
+        readers.close_lmdb(str(tmp_path / "l" / sub))
 
 
 # --------------------------------------------------------------------------- build_lmdb.py
@@ -225,10 +226,10 @@ def test_builder_lmdb_reads_back_byte_for_byte(tmp_path, photo):
             assert base64.urlsafe_b64decode(stored.decode("utf-8", errors="ignore")) == data
     env.close()
     # and through our reader
-    reader = datasets.LmdbReader([str(tmp_path / "lmdb" / "train")])
+    reader = readers.LmdbReader([str(tmp_path / "lmdb" / "train")])
     assert [reader.pair(i) for i in range(len(reader))] == expected
     np.testing.assert_array_equal(np.asarray(reader.read(2)[0]), pixels(images[503]))  # pair 2 = (503, 11)
-    assert datasets.LmdbReader([str(tmp_path / "lmdb" / "valid")]).read(0)[1] == ["旧格式"]
+    assert readers.LmdbReader([str(tmp_path / "lmdb" / "valid")]).read(0)[1] == ["旧格式"]
     assert not [p for p in os.listdir(tmp_path / "lmdb") if p.startswith(".")]  # no temp folders left
 
 
@@ -240,7 +241,7 @@ def test_builder_resize_and_growing_map(tmp_path, photo):
     assert full["map_resizes"] >= 2  # 12 x ~30 KB images never fit a 64 KiB map
     [small] = build_lmdb.main(["--data-dir", str(tmp_path), "--splits", "train", "--lmdb-dir", str(tmp_path / "r"),
                                "--resize", "64"])
-    reader = datasets.LmdbReader([str(tmp_path / "r" / "train")])
+    reader = readers.LmdbReader([str(tmp_path / "r" / "train")])
     image, _ = reader.read(5)
     assert min(image.size) == 64 and image.size == (80, 64)
     assert len(reader.image_bytes(5)) < len(images[5]) / 4
@@ -310,7 +311,7 @@ def test_builder_reports_bad_input_with_file_and_line(tmp_path, photo, case, cap
         assert txn.get(b"num_samples") == str(len(kept_pairs)).encode() and txn.stat()["entries"] == len(kept_pairs) + 1
         assert [pickle.loads(txn.get(str(i).encode())) for i in range(len(kept_pairs))] == kept_pairs
     env.close()
-    reader = datasets.LmdbReader([str(tmp_path / "lmdb" / "train")])
+    reader = readers.LmdbReader([str(tmp_path / "lmdb" / "train")])
     for i, (image_id, _, text) in enumerate(kept_pairs):
         image, captions = reader.read(i)
         assert captions == [text]
@@ -330,35 +331,35 @@ def test_tsv_reader_both_key_sets_and_errors(tmp_path, photo):
     write_raw_split(str(tmp_path / "old"), "train", images, old)
     os.rename(tmp_path / "old" / "train_texts.jsonl", tmp_path / "old" / "train_queries.jsonl")
     for folder in ("new", "old"):
-        reader = datasets.build_reader("m", "train", {"m": {"format": "tsv", "path": folder}}, str(tmp_path))
+        reader = readers.build_reader("m", "train", {"m": {"format": "tsv", "path": folder}}, str(tmp_path))
         assert len(reader) == 6 and reader.read(5)[1] == ["第三句"]
         np.testing.assert_array_equal(np.asarray(reader.read(5)[0]), pixels(images[502]))
     with open(tmp_path / "new" / "train_texts.jsonl", "a") as f:
         f.write('{"text_id": 99, "text": "x", "image_ids": [12345]}\n')
-    with pytest.raises(datasets.DatasetError, match=r"train_texts.jsonl:4: image id 12345 of text 99 is not in"):
-        datasets.TsvReader(str(tmp_path / "new"), "train")
+    with pytest.raises(readers.DatasetError, match=r"train_texts.jsonl:4: image id 12345 of text 99 is not in"):
+        readers.TsvReader(str(tmp_path / "new"), "train")
 
 
 def test_yfcc_zip_reader(tmp_path, photo):
     rows = [(12345678, "a title", "a description"), (12345001, "", "only description"), (99000001, "", "")]
     for k, (image_id, _, _) in enumerate(rows):
-        zpath, member = datasets.yfcc_zip_location(str(tmp_path / "yfcc"), image_id)
+        zpath, member = readers.yfcc_zip_location(str(tmp_path / "yfcc"), image_id)
         os.makedirs(os.path.dirname(zpath), exist_ok=True)
         with zipfile.ZipFile(zpath, "a") as z:
             z.writestr(member, jpeg(photo, k))
-    assert datasets.yfcc_zip_location("R", 12345678) == (os.path.join("R", "images", "12", "345.zip"), "678.jpg")
+    assert readers.yfcc_zip_location("R", 12345678) == (os.path.join("R", "images", "12", "345.zip"), "678.jpg")
     with open(tmp_path / "meta.pkl", "wb") as f:
         pickle.dump(rows, f)
     (tmp_path / "meta.tsv").write_text("".join(f"{i}\t{t}\t{d}\n" for i, t, d in rows))
     for meta in ("meta.pkl", "meta.tsv"):
         catalog = {"y": {"format": "yfcc15m", "metadata": meta, "root": "yfcc"}}
-        reader = datasets.build_reader("y", "train", catalog, str(tmp_path))
+        reader = readers.build_reader("y", "train", catalog, str(tmp_path))
         assert [reader.read(i)[1] for i in range(3)] == [["a title", "a description"], ["only description"], [""]]
         np.testing.assert_array_equal(np.asarray(reader.read(1)[0]), pixels(jpeg(photo, 1)))
     with open(tmp_path / "evil.pkl", "wb") as f:
         pickle.dump([Evil(str(tmp_path / "pwned"))], f)
-    with pytest.raises(datasets.UnsafePickleError, match="evil.pkl: refusing"):
-        datasets.load_yfcc_metadata(str(tmp_path / "evil.pkl"))
+    with pytest.raises(readers.UnsafePickleError, match="evil.pkl: refusing"):
+        readers.load_yfcc_metadata(str(tmp_path / "evil.pkl"))
     assert not (tmp_path / "pwned").exists()
 
 
@@ -376,15 +377,15 @@ def test_cc3m_cc12m_npy_and_merged(tmp_path, photo):
     catalog = {"cc3m": {"format": "cc3m", "metadata": "cc3m.npy", "root": "img"},
                "cc12m": {"format": "cc12m", "metadata": "cc12m.npy", "root": "img"},
                "mix": {"format": "merged", "datasets": ["cc3m", "cc12m"]}}
-    mix = datasets.build_reader("mix", "train", catalog, str(tmp_path))
+    mix = readers.build_reader("mix", "train", catalog, str(tmp_path))
     assert len(mix) == 4
     assert [mix.read(i)[1] for i in range(4)] == [["zero"], ["one", "uno"], ["two"], ["three"]]
     np.testing.assert_array_equal(np.asarray(mix.read(3)[0]), pixels(jpeg(photo, 3)))
     evil = np.empty(1, dtype=object)
     evil[0] = Evil(str(tmp_path / "pwned"))
     np.save(tmp_path / "evil.npy", evil, allow_pickle=True)
-    with pytest.raises(datasets.UnsafePickleError, match="refusing to unpickle the global posix.system"):
-        datasets.load_caption_records(str(tmp_path / "evil.npy"))
+    with pytest.raises(readers.UnsafePickleError, match="refusing to unpickle the global posix.system"):
+        readers.load_caption_records(str(tmp_path / "evil.npy"))
     assert not (tmp_path / "pwned").exists()
 
 
@@ -394,7 +395,7 @@ def test_imagefolder_and_filelist_readers(tmp_path, photo):
             os.makedirs(tmp_path / "if" / split / cls)
             (tmp_path / "if" / split / cls / "a.jpg").write_bytes(jpeg(photo, c))
     catalog = {"if": {"format": "imagefolder", "path": "if", "splits": {"train": "train", "test": "val"}}}
-    reader = datasets.build_reader("if", "test", catalog, str(tmp_path))
+    reader = readers.build_reader("if", "test", catalog, str(tmp_path))
     assert len(reader) == 2 and [reader.label(i) for i in range(2)] == [0, 1]
     assert reader.read(1)[1] == ["sea lion"]
     loader = DataLoader(datasets.ClassificationDataset(reader, T.Compose([T.Resize((8, 8)), T.ToTensor()])),
@@ -407,7 +408,7 @@ def test_imagefolder_and_filelist_readers(tmp_path, photo):
     np.save(tmp_path / "fl" / "val_labels.npy", np.array(["count_3", "count_10"]))
     catalog = {"clevr": {"format": "filelist", "path": "fl", "splits": {"test": "val"},
                          "label_order": ["count_10", "count_3"]}}
-    reader = datasets.build_reader("clevr", "test", catalog, str(tmp_path))
+    reader = readers.build_reader("clevr", "test", catalog, str(tmp_path))
     assert [reader.label(i) for i in range(2)] == [1, 0]
     np.testing.assert_array_equal(np.asarray(reader.read(0)[0]), pixels(jpeg(photo, 5)))
 
@@ -434,9 +435,9 @@ def test_torchvision_reader_reads_mnist_files_on_disk_and_never_downloads(tmp_pa
         write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
         splits[prefix] = images, labels
     for split, prefix in (("train", "train"), ("test", "t10k")):
-        reader = datasets.build_reader("mnist", split, data_root=str(tmp_path))
+        reader = readers.build_reader("mnist", split, data_root=str(tmp_path))
         images, labels = splits[prefix]
-        assert isinstance(reader, datasets.TorchvisionReader) and len(reader) == len(labels)
+        assert isinstance(reader, readers.TorchvisionReader) and len(reader) == len(labels)
         for i in range(len(reader)):
             image, captions = reader.read(i)
             assert image.mode == "RGB" and image.size == (28, 28)
@@ -446,16 +447,16 @@ def test_torchvision_reader_reads_mnist_files_on_disk_and_never_downloads(tmp_pa
     for kind in ("cifar10", "cifar100", "stl10", "mnist"):
         root = tmp_path / "empty" / kind
         os.makedirs(root)
-        with pytest.raises(datasets.DatasetError, match=rf"dataset 'x': torchvision {kind} not found under "
+        with pytest.raises(readers.DatasetError, match=rf"dataset 'x': torchvision {kind} not found under "
                                                         rf"{re.escape(str(root))} \(.*\); place the extracted files "
                                                         r"there \(nothing is downloaded\)"):
-            datasets.TorchvisionReader(kind, str(root), "test", "x")
-    with pytest.raises(datasets.DatasetError, match=r"'cifar10' \(dataset_catalog.json, path='downstream/cifar10'\): "
+            readers.TorchvisionReader(kind, str(root), "test", "x")
+    with pytest.raises(readers.DatasetError, match=r"'cifar10' \(dataset_catalog.json, path='downstream/cifar10'\): "
                                                     r".* not found"):
-        datasets.build_reader("cifar10", "test", data_root=str(tmp_path))
-    with pytest.raises(datasets.DatasetError, match=r"torchvision kind 'svhn' is not one of \['cifar10', 'cifar100', "
+        readers.build_reader("cifar10", "test", data_root=str(tmp_path))
+    with pytest.raises(readers.DatasetError, match=r"torchvision kind 'svhn' is not one of \['cifar10', 'cifar100', "
                                                     r"'mnist', 'stl10'\]"):
-        datasets.TorchvisionReader("svhn", str(tmp_path), "test", "x")
+        readers.TorchvisionReader("svhn", str(tmp_path), "test", "x")
 
 
 # clip-rocket's downstream catalog (reference/clip_rocket.md §8: 23 entries, SLIP's 26 less sun397, fer2013 and
@@ -475,7 +476,7 @@ CLIP_ROCKET_DOWNSTREAM = {
 
 
 def test_catalog_has_every_downstream_set_of_clip_rocket_with_its_format_and_splits():
-    catalog = datasets.load_catalog()
+    catalog = readers.load_catalog()
     assert len(CLIP_ROCKET_DOWNSTREAM) == 23
     wrong = []
     for name, (fmt, test_split) in CLIP_ROCKET_DOWNSTREAM.items():
@@ -483,7 +484,7 @@ def test_catalog_has_every_downstream_set_of_clip_rocket_with_its_format_and_spl
         if entry is None:
             wrong.append(f"{name}: missing")
             continue
-        got = (entry["format"], datasets.split_name(name, entry, "train"), datasets.split_name(name, entry, "test"))
+        got = (entry["format"], readers.split_name(name, entry, "train"), readers.split_name(name, entry, "test"))
         if got != (fmt, "train", test_split):
             wrong.append(f"{name}: (format, train, test) = {got}, clip-rocket has {(fmt, 'train', test_split)}")
         if fmt == "torchvision" and entry.get("kind") != name:
@@ -494,26 +495,26 @@ def test_catalog_has_every_downstream_set_of_clip_rocket_with_its_format_and_spl
 
 
 def test_catalog_entries_and_missing_dataset_messages(tmp_path, monkeypatch):
-    catalog = datasets.load_catalog()
+    catalog = readers.load_catalog()
     for name in ["yfcc15m", "cc3m", "cc12m", "merged-29m", "muge", "flickr30k-cn", "coco-cn", "imagenet", "muge-sample",
                  "food101", "cifar10", "clevr_counts", "digits", "digits-zh", "synthetic", "synthetic-zh"]:
         assert name in catalog
     paths = [v for e in catalog.values() for k, v in e.items() if k in ("path", "metadata", "root")]
     assert paths and not any(os.path.isabs(p) for p in paths if isinstance(p, str))  # no machine paths
     monkeypatch.delenv("CLIP_LAB_DATA_ROOT", raising=False)
-    with pytest.raises(datasets.DatasetError, match=r"'muge'.*needs a data root: pass --data-root DIR or export "
+    with pytest.raises(readers.DatasetError, match=r"'muge'.*needs a data root: pass --data-root DIR or export "
                                                     r"CLIP_LAB_DATA_ROOT"):
-        datasets.build_reader("muge", "train")
+        readers.build_reader("muge", "train")
     monkeypatch.setenv("CLIP_LAB_DATA_ROOT", str(tmp_path))
     tried = os.path.join(str(tmp_path), "muge/lmdb/train")
-    with pytest.raises(datasets.DatasetError, match=rf"dataset 'muge' .*: {tried} not found. Fix: .*--data-root.*"
+    with pytest.raises(readers.DatasetError, match=rf"dataset 'muge' .*: {tried} not found. Fix: .*--data-root.*"
                                                     r"build_lmdb.py"):
-        datasets.build_reader("muge", "train")
-    with pytest.raises(datasets.DatasetError, match=r"dataset 'cc3m' .*metadata='cc3m/cc3m_train.npy'"):
-        datasets.build_reader("merged-29m", "train")
-    with pytest.raises(datasets.DatasetError, match="'yfcc15m' has no 'test' split"):
-        datasets.build_reader("yfcc15m", "test")
-    with pytest.raises(datasets.DatasetError, match=r"dataset 'muge-sample'.*not found"):  # at start, before training
+        readers.build_reader("muge", "train")
+    with pytest.raises(readers.DatasetError, match=r"dataset 'cc3m' .*metadata='cc3m/cc3m_train.npy'"):
+        readers.build_reader("merged-29m", "train")
+    with pytest.raises(readers.DatasetError, match="'yfcc15m' has no 'test' split"):
+        readers.build_reader("yfcc15m", "test")
+    with pytest.raises(readers.DatasetError, match=r"dataset 'muge-sample'.*not found"):  # at start, before training
         main.main(TINY_CN + ["--dataset", "muge-sample", "--data-root", str(tmp_path / "nowhere"),
                              "--output-dir", str(tmp_path / "exp")])
 
@@ -524,9 +525,9 @@ def test_draft_decode_keeps_every_crop_at_full_resolution(photo):
     out = io.BytesIO()
     big.save(out, format="JPEG", quality=90)
     need = datasets.draft_size(224, 0.5)
-    drafted = datasets.decode_image(out.getvalue(), need)
+    drafted = readers.decode_image(out.getvalue(), need)
     assert drafted.size == (512, 384) and min(drafted.size) >= need  # DCT-scaled 1/2, not 1/4
-    assert datasets.decode_image(out.getvalue()).size == (1024, 768)
+    assert readers.decode_image(out.getvalue()).size == (1024, 768)
     crop = T.RandomResizedCrop(224, scale=(0.5, 1.0))
     torch.manual_seed(0)
     square = Image.new("RGB", (need, need))
@@ -566,7 +567,7 @@ def test_sampler_resumes_exactly_mid_epoch_for_two_ranks():
 
 
 def test_resumed_loader_yields_the_same_samples_with_workers():
-    reader = datasets.SyntheticReader(200, 16)
+    reader = readers.SyntheticReader(200, 16)
     dataset = datasets.ImageTextDataset(reader, datasets.train_transform(16), lambda t: torch.tensor([[len(t)]]))
 
     def batches(start):
@@ -579,16 +580,16 @@ def test_resumed_loader_yields_the_same_samples_with_workers():
 
 
 # --------------------------------------------------------------------------- bad samples, caption sampling
-def corrupt_lmdb(tmp_path, photo, bad: set[int], n=24) -> datasets.LmdbReader:
+def corrupt_lmdb(tmp_path, photo, bad: set[int], n=24) -> readers.LmdbReader:
     images = {i: (b"\xff\xd8 not really a jpeg" if i in bad else jpeg(photo, i, 16)) for i in range(n)}
     write_cnclip_lmdb(str(tmp_path / "c"), images, [(i, i, f"t{i}") for i in range(n)])
-    return datasets.LmdbReader([str(tmp_path / "c")])
+    return readers.LmdbReader([str(tmp_path / "c")])
 
 
 def test_bad_samples_replaced_deterministically_counted_and_limited(tmp_path, photo):
     bad = {3, 4, 10, 17}
     reader = corrupt_lmdb(tmp_path, photo, bad)
-    with pytest.raises(datasets.CorruptSample, match=r"lmdb\[3\] \(image 3, text 3, .*/c/imgs\)"):
+    with pytest.raises(readers.CorruptSample, match=r"lmdb\[3\] \(image 3, text 3, .*/c/imgs\)"):
         reader.read(3)
 
     def epoch(workers, limit):
@@ -614,7 +615,7 @@ ONE_BAD_ITEM_CASES = ["yfcc15m missing zip member", "yfcc15m missing zip shard",
                       "imagefolder truncated jpg", "filelist garbage jpg", "lmdb missing image id"]
 
 
-def one_bad_item_reader(case: str, tmp, photo) -> tuple[datasets.Reader, list[str]]:
+def one_bad_item_reader(case: str, tmp, photo) -> tuple[readers.Reader, list[str]]:
     """A reader of `case`'s format over N_ITEMS items with captions `caption k`, item BAD broken as `case` says
     -> (reader, what its CorruptSample message must name: the sample, the image id, the path)."""
     good = [jpeg(photo, k, 16) for k in range(N_ITEMS)]
@@ -627,14 +628,14 @@ def one_bad_item_reader(case: str, tmp, photo) -> tuple[datasets.Reader, list[st
             ids[BAD] = 12399902  # images/12/399.zip is never written
         for k, image_id in enumerate(ids):
             if k != BAD:
-                zpath, member = datasets.yfcc_zip_location(str(tmp / "yfcc"), image_id)
+                zpath, member = readers.yfcc_zip_location(str(tmp / "yfcc"), image_id)
                 os.makedirs(os.path.dirname(zpath), exist_ok=True)
                 with zipfile.ZipFile(zpath, "a") as z:
                     z.writestr(member, good[k])
         (tmp / "meta.tsv").write_text("".join(f"{i}\tcaption {k}\t\n" for k, i in enumerate(ids)))
-        zpath, member = datasets.yfcc_zip_location(str(tmp / "yfcc"), ids[BAD])
+        zpath, member = readers.yfcc_zip_location(str(tmp / "yfcc"), ids[BAD])
         assert os.path.exists(zpath) != case.endswith("shard")
-        return datasets.YfccReader(str(tmp / "meta.tsv"), str(tmp / "yfcc")), \
+        return readers.YfccReader(str(tmp / "meta.tsv"), str(tmp / "yfcc")), \
             [f"yfcc15m[{BAD}]", f"image {ids[BAD]}", f"{zpath}:{member}"]
     if fmt in ("cc3m", "cc12m"):
         key = "image_id" if fmt == "cc3m" else "image_name"
@@ -645,7 +646,7 @@ def one_bad_item_reader(case: str, tmp, photo) -> tuple[datasets.Reader, list[st
         records = np.empty(N_ITEMS, dtype=object)
         records[:] = [{key: f"{k}.jpg", "captions": [f"caption {k}"]} for k in range(N_ITEMS)]
         np.save(tmp / "meta.npy", records, allow_pickle=True)
-        return datasets.CaptionRecordsReader(str(tmp / "meta.npy"), str(tmp / "img"), fmt, key), \
+        return readers.CaptionRecordsReader(str(tmp / "meta.npy"), str(tmp / "img"), fmt, key), \
             [f"{fmt}[{BAD}]", str(tmp / "img" / f"{BAD}.jpg")]
     if fmt == "tsv":
         b64 = [base64.b64encode(g).decode() for g in good]
@@ -653,13 +654,13 @@ def one_bad_item_reader(case: str, tmp, photo) -> tuple[datasets.Reader, list[st
         (tmp / "train_imgs.tsv").write_text("".join(f"{500 + k}\t{b64[k]}\n" for k in range(N_ITEMS)))
         (tmp / "train_texts.jsonl").write_text("".join(
             json.dumps({"text_id": k, "text": f"caption {k}", "image_ids": [500 + k]}) + "\n" for k in range(N_ITEMS)))
-        return datasets.TsvReader(str(tmp), "train"), [f"tsv[{BAD}]", f"image {500 + BAD}",
+        return readers.TsvReader(str(tmp), "train"), [f"tsv[{BAD}]", f"image {500 + BAD}",
                                                         str(tmp / "train_imgs.tsv")]
     if fmt == "imagefolder":
         for k in range(N_ITEMS):
             os.makedirs(tmp / "if" / f"caption {k}")
             (tmp / "if" / f"caption {k}" / "a.jpg").write_bytes(truncated if k == BAD else good[k])
-        return datasets.ImageFolderReader(str(tmp / "if")), \
+        return readers.ImageFolderReader(str(tmp / "if")), \
             [f"imagefolder[{BAD}]", str(tmp / "if" / f"caption {BAD}" / "a.jpg")]
     if fmt == "filelist":
         os.makedirs(tmp / "fl" / "imgs")
@@ -667,12 +668,12 @@ def one_bad_item_reader(case: str, tmp, photo) -> tuple[datasets.Reader, list[st
             (tmp / "fl" / "imgs" / f"{k}.jpg").write_bytes(os.urandom(300) if k == BAD else good[k])
         np.save(tmp / "fl" / "val_images.npy", np.array([f"imgs/{k}.jpg" for k in range(N_ITEMS)]))
         np.save(tmp / "fl" / "val_labels.npy", np.arange(N_ITEMS))
-        return datasets.FilelistReader(str(tmp / "fl"), "val", [f"caption {k}" for k in range(N_ITEMS)]), \
+        return readers.FilelistReader(str(tmp / "fl"), "val", [f"caption {k}" for k in range(N_ITEMS)]), \
             [f"filelist[{BAD}]", str(tmp / "fl" / "imgs" / f"{BAD}.jpg")]
     assert case == "lmdb missing image id"
     write_cnclip_lmdb(str(tmp / "l"), {k: good[k] for k in range(N_ITEMS) if k != BAD},
                       [(k, 100 + k, f"caption {k}") for k in range(N_ITEMS)])
-    return datasets.LmdbReader([str(tmp / "l")]), [f"lmdb[{BAD}]", f"image {BAD}, text {100 + BAD}, {tmp / 'l'}/imgs)"]
+    return readers.LmdbReader([str(tmp / "l")]), [f"lmdb[{BAD}]", f"image {BAD}, text {100 + BAD}, {tmp / 'l'}/imgs)"]
 
 
 @pytest.mark.parametrize("case", ONE_BAD_ITEM_CASES)
@@ -682,7 +683,7 @@ def test_every_reader_raises_corrupt_sample_that_the_dataset_replaces_and_counts
     and stops past --max-bad-samples."""
     reader, names = one_bad_item_reader(case, tmp_path, photo)
     assert len(reader) == N_ITEMS
-    with pytest.raises(datasets.CorruptSample) as raised:
+    with pytest.raises(readers.CorruptSample) as raised:
         reader.read(BAD)
     assert all(name in str(raised.value) for name in names), (str(raised.value), names)
     owner = {f"caption {k}": k for k in range(N_ITEMS)}
@@ -766,7 +767,7 @@ def test_caption_sampling_single_and_multi():
     assert main.parse_args(["--caption-sampling", "multi"]).caption_sampling == "multi"
 
 
-def multi_caption_reader(tmp_path, photo, n_images: int = 3) -> datasets.CaptionRecordsReader:
+def multi_caption_reader(tmp_path, photo, n_images: int = 3) -> readers.CaptionRecordsReader:
     """cc3m-format records of n_images images with 4 captions each, `image k caption c`."""
     os.makedirs(tmp_path / "img")
     with open(tmp_path / "cc.jsonl", "w", encoding="utf-8") as f:
@@ -774,7 +775,7 @@ def multi_caption_reader(tmp_path, photo, n_images: int = 3) -> datasets.Caption
             (tmp_path / "img" / f"{k}.jpg").write_bytes(jpeg(photo, k, 16))
             captions = [f"image {k} caption {c}" for c in range(4)]
             f.write(json.dumps({"image_id": f"{k}.jpg", "captions": captions}) + "\n")
-    return datasets.CaptionRecordsReader(str(tmp_path / "cc.jsonl"), str(tmp_path / "img"), "cc3m", "image_id")
+    return readers.CaptionRecordsReader(str(tmp_path / "cc.jsonl"), str(tmp_path / "img"), "cc3m", "image_id")
 
 
 def caption_ids(texts) -> torch.Tensor:
@@ -836,8 +837,8 @@ def test_muge_sample_trains_with_chinese_clip(muge_sample_root, tmp_path):
     for split in ("train", "valid", "test"):
         for name in (f"{split}_imgs.tsv", f"{split}_texts.jsonl", f"lmdb/{split}/imgs/data.mdb"):
             assert os.path.isfile(os.path.join(folder, name))
-    reader = datasets.build_reader("muge-sample", "train", data_root=muge_sample_root)
-    tsv = datasets.build_reader("muge-sample-tsv", "train", data_root=muge_sample_root)
+    reader = readers.build_reader("muge-sample", "train", data_root=muge_sample_root)
+    tsv = readers.build_reader("muge-sample-tsv", "train", data_root=muge_sample_root)
     assert len(reader) == len(tsv) >= 300 and len(reader.image_ids()) >= 150
     assert reader.pair(0) == tsv.pairs[0] and reader.read(0)[1] == tsv.read(0)[1]
     assert any("\u4e00" <= ch <= "\u9fff" for ch in reader.read(0)[1][0])
@@ -859,10 +860,10 @@ def test_b64decode_image_reads_both_alphabets_and_lenient_text_like_the_standard
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no deprecated pybase64 alphabet mixing on the fast paths
         for form in forms[:2] + forms[3:]:
-            assert datasets.b64decode_image(form) == raw
-    assert datasets.b64decode_image(forms[2]) == stdlib_b64.urlsafe_b64decode(forms[2]) == raw
+            assert readers.b64decode_image(form) == raw
+    assert readers.b64decode_image(forms[2]) == stdlib_b64.urlsafe_b64decode(forms[2]) == raw
     with pytest.raises(ValueError):
-        datasets.b64decode_image(b"a")
+        readers.b64decode_image(b"a")
 
 
 def test_normalize_uint8_equals_to_dtype_then_normalize():

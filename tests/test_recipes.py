@@ -11,9 +11,11 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 import datasets
+import engine
 import losses
 import main
 import models
+import readers
 
 
 def unit(*shape, seed=0):
@@ -286,7 +288,8 @@ def test_cl2l_exact_accumulation_equals_the_big_batch():
 
     def grads(micro):
         model.zero_grad(set_to_none=True)
-        main.forward_backward(model, criterion, micro, args, torch.device("cpu"), scaler)
+        engine.forward_backward(model, criterion, micro, engine.StepConfig.from_args(args, torch.device("cpu")),
+                                scaler)
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     big = grads([(images, tokens, strong)])
@@ -307,8 +310,8 @@ def test_exact_accumulation_moves_batchnorm_statistics_once_per_micro_batch():
     tokens = torch.randint(1, 1000, (8, 3, 77), generator=g)
     tokens[..., 9] = 49407
     micro = [(images[i:i + 2], tokens[i:i + 2], strong[i:i + 2]) for i in range(0, 8, 2)]
-    main.forward_backward(model, losses.SiamLIPLoss(), micro, main.parse_args(["--model", "CL2L_VITT16_SIAMLIP"]),
-                          torch.device("cpu"), torch.amp.GradScaler("cpu", enabled=False))
+    step = engine.StepConfig.from_args(main.parse_args(["--model", "CL2L_VITT16_SIAMLIP"]), torch.device("cpu"))
+    engine.forward_backward(model, losses.SiamLIPLoss(), micro, step, torch.amp.GradScaler("cpu", enabled=False))
     with torch.no_grad():
         for j in (3, 0, 1, 2):
             reference(*micro[j])
@@ -444,14 +447,15 @@ def test_every_objective_trains_two_steps(name, extra):
     spec = models.parse_model_name(name)
     model = models.build_model(spec, **{**main.model_kwargs(args), "image_size": 32})
     tokenizer = datasets.build_tokenizer(spec.base.tokenizer, spec.base.context_length)
-    dataset = main.build_train_dataset(spec, args, datasets.build_reader("synthetic", "train"), 32, tokenizer)
+    dataset = main.build_train_dataset(spec, args, readers.build_reader("synthetic", "train"), 32, tokenizer)
     criterion = main.build_criterion(spec, args, main.utils.DistEnv())
     optimizer = torch.optim.AdamW(main.param_groups(model, args.wd), lr=args.lr)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     loader = DataLoader(dataset, batch_size=8, sampler=datasets.ResumableSampler(len(dataset), 8))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     for step, batch in zip(range(2), loader):
-        loss_dict = main.forward_backward(model, criterion, [batch], args, torch.device("cpu"), scaler)
+        step_config = engine.StepConfig.from_args(args, torch.device("cpu"))
+        loss_dict = engine.forward_backward(model, criterion, [batch], step_config, scaler)
         assert torch.isfinite(loss_dict["loss"]), loss_dict
         assert set(spec.objective.metric_names) - {"clip_loss_image_local", "clip_loss_text_local",
                                                    "clip_acc_image_local", "clip_acc_text_local"} <= set(loss_dict)
@@ -548,4 +552,4 @@ def test_vit_strong_views_must_match_the_image_size():
     args = main.parse_args(["--model", "CL2L_VITT16_CL2L", "--multicrop-resize", "24"])
     spec = models.parse_model_name(args.model)
     with pytest.raises(SystemExit, match="takes one input size"):
-        main.build_train_dataset(spec, args, datasets.build_reader("synthetic", "train"), 32, None)
+        main.build_train_dataset(spec, args, readers.build_reader("synthetic", "train"), 32, None)

@@ -10,6 +10,7 @@ from PIL import Image
 
 import datasets
 import main
+import readers
 import text_augment
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -98,7 +99,7 @@ def test_missing_wordnet_fails_at_start_with_the_fix(tmp_path, monkeypatch):
     args = main.parse_args(["--model", "CL2L_VITT16_CL2L", "--text-augment"])
     spec = main.models.parse_model_name(args.model)
     with pytest.raises(SystemExit, match="scripts/ci_wordnet.sh"):
-        main.build_train_dataset(spec, args, datasets.build_reader("synthetic", "train"), 32, None)
+        main.build_train_dataset(spec, args, readers.build_reader("synthetic", "train"), 32, None)
 
 
 def test_prepare_nltk_data_copies_and_generates_lexnames(tmp_path):
@@ -131,7 +132,7 @@ def test_strong_views():
 
 
 def test_multiview_sample_layout_and_seeding():
-    reader = datasets.build_reader("synthetic", "train")
+    reader = readers.build_reader("synthetic", "train")
     tokenizer = datasets.build_tokenizer("bpe", 77)
     ds = datasets.MultiViewDataset(reader, datasets.train_transform(32), tokenizer,
                                    strong_transforms=datasets.strong_view_transforms(2, 24),

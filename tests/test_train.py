@@ -12,11 +12,12 @@ import torch
 from conftest import TINY_RUN
 from PIL import Image
 
-import datasets
+import engine
 import eval_zeroshot
 import losses
 import main
 import models
+import readers
 import utils
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -111,14 +112,14 @@ def test_exact_accumulation_adds_sparse_embedding_grads_into_a_dense_grad():
     embedding = model.text.token_embedding
     incoming = []  # layout of each gradient the embedding's backward produces, before accumulation
     embedding.weight.register_hook(lambda g: incoming.append(g.layout))
-    main.forward_backward(model, losses.ClipLoss(), list(zip(images.chunk(4), tokens.chunk(4))), ns,
-                          torch.device("cpu"), scaler)
+    step = engine.StepConfig.from_args(ns, torch.device("cpu"))
+    engine.forward_backward(model, losses.ClipLoss(), list(zip(images.chunk(4), tokens.chunk(4))), step, scaler)
     assert incoming == [torch.sparse_coo] * 4 and embedding.weight.grad.layout == torch.strided
     assert not embedding.sparse
     accumulated = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
     incoming.clear()
-    main.forward_backward(model, losses.ClipLoss(), [(images, tokens)], ns, torch.device("cpu"), scaler)
+    engine.forward_backward(model, losses.ClipLoss(), [(images, tokens)], step, scaler)
     assert incoming == [torch.strided]  # k = 1: the plain dense path
     for name, p in model.named_parameters():
         torch.testing.assert_close(accumulated[name], p.grad, rtol=1e-4, atol=1e-5 * float(p.grad.abs().max()),
@@ -425,7 +426,7 @@ def test_validation_set_is_resolved_from_flags_and_catalog(capsys):
         assert not main.has_test_split(train_only) and resolved("--dataset", train_only) == "imagenet"
     assert resolved("--dataset", "cc3m", "--val-dataset", "digits") == "digits"
     assert resolved("--dataset", "cc3m", "--val-dataset", "none") is None
-    for name in datasets.load_catalog():
+    for name in readers.load_catalog():
         assert main.has_test_split(resolved("--dataset", name)), name
     for argv, message in [(["--val-dataset", "cc3m"], "validation set 'cc3m' (--val-dataset): dataset 'cc3m' has "
                                                       "no test split"),
@@ -440,7 +441,7 @@ def test_train_only_dataset_checks_its_validation_set_before_the_first_step(tmp_
     naming the set and the way out; --val-dataset none trains a whole epoch without validation."""
     root = write_cc3m(tmp_path / "data")
     base = flag(TINY_RUN, "--dataset", "cc3m") + ["--data-root", root, "--output-dir", str(tmp_path / "exp")]
-    with pytest.raises(datasets.DatasetError, match=r"validation set 'imagenet' of --dataset 'cc3m' cannot be read: "
+    with pytest.raises(readers.DatasetError, match=r"validation set 'imagenet' of --dataset 'cc3m' cannot be read: "
                                                     r"dataset 'imagenet' .*not found.*--val-dataset none"):
         main.main(base + ["--name", "default"])
     assert not os.path.exists(tmp_path / "exp" / "default" / "log.txt")  # no step was logged
@@ -456,10 +457,10 @@ def test_train_only_dataset_checks_its_validation_set_before_the_first_step(tmp_
 def test_per_epoch_validation_equals_eval_zeroshot_in_the_models_language(tmp_path, monkeypatch):
     """A Chinese model validated on `digits` after a whole epoch: eval_zeroshot.evaluate_dataset with the
     digits-zh prompts, the same numbers as `eval_zeroshot.py --resume` on the epoch's checkpoint; retrieval too."""
-    calls, readers = [], []
+    calls, seen_readers = [], []
 
     def spy(*args, **kwargs):
-        readers.append(kwargs.get("reader"))
+        seen_readers.append(kwargs.get("reader"))
         result = evaluate_dataset(*args, **kwargs)
         calls.append(result)
         return result
@@ -471,7 +472,7 @@ def test_per_epoch_validation_equals_eval_zeroshot_in_the_models_language(tmp_pa
     summary = main.main(argv)
     assert summary["epoch"] == 1 and summary["val_dataset"] == "digits"
     assert len(calls) == 1 and calls[0]["labels"] == "digits-zh"
-    assert readers[0] is not None  # the test split opened at start, not listed again every epoch
+    assert seen_readers[0] is not None  # the test split opened at start, not listed again every epoch
     offline = eval_zeroshot.main(["--resume", str(tmp_path / "cn" / "checkpoint.pt"), "--datasets", "digits",
                                   "--output-dir", str(tmp_path / "offline"), "--device", "cpu"])["digits"]
     assert offline["labels"] == "digits-zh"
@@ -527,7 +528,7 @@ def test_mixed_precision_trains_with_fp32_logits(tiny_run_args, tmp_path, precis
     model = models.build_model(models.parse_model_name(args.model), **{**main.model_kwargs(args), "image_size": 32})
     images, tokens = torch.randn(4, 3, 32, 32), torch.randint(1, 400, (4, 77))
     tokens[:, 5] = 49407
-    with main.autocast(args, torch.device("cpu")):
+    with utils.autocast(args.precision, torch.device("cpu")):
         out = model(images, tokens)
         assert model.encode_text(tokens).dtype == (torch.bfloat16 if precision == "bf16" else torch.float16)
         loss = losses.ClipLoss()(out)

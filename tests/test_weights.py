@@ -8,6 +8,7 @@ import torch
 
 import datasets
 import models
+import readers
 import weights
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -472,9 +473,9 @@ def test_eval_zeroshot_with_pretrained_openai_state_dict(tmp_path, monkeypatch):
         def encode_text(self, tokens, head="z"):
             return ref.encode_text(torch.nn.functional.pad(tokens, (0, 77 - tokens.shape[1])))
 
-    loader = torch.utils.data.DataLoader(datasets.ClassificationDataset(datasets.build_reader("digits", "test"),
+    loader = torch.utils.data.DataLoader(datasets.ClassificationDataset(readers.build_reader("digits", "test"),
                                                                         datasets.val_transform(32)), batch_size=256)
-    classnames, templates = datasets.load_labels_and_templates("digits")
+    classnames, templates = readers.load_labels_and_templates("digits")
     expect = eval_zeroshot.zeroshot_accuracy(Reference(), datasets.build_tokenizer("bpe", 77), classnames, templates,
                                              loader, torch.device("cpu"))
     assert results["digits"]["acc1_z"] == pytest.approx(expect["acc1_z"])

@@ -13,10 +13,11 @@ from PIL import Image
 
 import datasets
 import eval_zeroshot
+import readers
 
-LABELS = json.load(open(os.path.join(datasets.HERE, "labels.json"), encoding="utf-8"))
-TEMPLATES = json.load(open(os.path.join(datasets.HERE, "templates.json"), encoding="utf-8"))
-CATALOG = datasets.load_catalog()
+LABELS = json.load(open(os.path.join(readers.HERE, "labels.json"), encoding="utf-8"))
+TEMPLATES = json.load(open(os.path.join(readers.HERE, "templates.json"), encoding="utf-8"))
+CATALOG = readers.load_catalog()
 DOWNSTREAM = [n for n, e in CATALOG.items()  # SLIP's English sets (the zh elevater-*/imagenet-cn are below)
               if e["format"] in ("imagefolder", "torchvision", "filelist") and e.get("language") != "zh"]
 
@@ -129,7 +130,7 @@ def make_folder(root, classes: list[list[int]]) -> None:
 
 def similarities_of(model, tokenizer, name, root, names, templates):
     """The similarities evaluate_dataset scores, recomputed with the building blocks on the same test split."""
-    reader = datasets.build_reader(name, "test", data_root=str(root))
+    reader = readers.build_reader(name, "test", data_root=str(root))
     loader = torch.utils.data.DataLoader(datasets.ClassificationDataset(reader, datasets.val_transform(8)),
                                          batch_size=7)
     return eval_zeroshot.zeroshot_similarities(model, tokenizer, names, templates, loader, torch.device("cpu"))
@@ -215,7 +216,7 @@ def test_roc_auc_with_a_tiny_clip_model(tmp_path):
     tokenizer = datasets.build_tokenizer("bpe", 77)
     out = eval_zeroshot.evaluate_dataset(model, tokenizer, "hateful_memes", "en", 32, torch.device("cpu"),
                                          str(tmp_path))
-    reader = datasets.build_reader("hateful_memes", "test", data_root=str(tmp_path))
+    reader = readers.build_reader("hateful_memes", "test", data_root=str(tmp_path))
     loader = torch.utils.data.DataLoader(datasets.ClassificationDataset(reader, datasets.val_transform(32)))
     sims, targets = eval_zeroshot.zeroshot_similarities(model, tokenizer, LABELS["hateful_memes"],
                                                         TEMPLATES["hateful_memes"], loader, torch.device("cpu"))
@@ -254,11 +255,11 @@ def test_chinese_model_uses_label_cn_txt_of_the_dataset_folder(tmp_path):
 
 def test_class_name_files_wrong_count_blank_line_and_english_label_txt(tmp_path):
     path, model = eurosat_folder(tmp_path, EUROSAT_ZH[:9])
-    with pytest.raises(datasets.DatasetError, match="10 classes but .*label_cn.txt lists 9"):
+    with pytest.raises(readers.DatasetError, match="10 classes but .*label_cn.txt lists 9"):
         eval_zeroshot.evaluate_dataset(model, SpyTokenizer(), "eurosat", "zh", 8, torch.device("cpu"), str(tmp_path))
     with open(path, "w", encoding="utf-8") as f:
         f.write("森林\n\n河流\n")
-    with pytest.raises(datasets.DatasetError, match="label_cn.txt:2: blank line"):
+    with pytest.raises(readers.DatasetError, match="label_cn.txt:2: blank line"):
         eval_zeroshot.read_class_names(path)
     # label.txt gives English names when labels.json lacks the dataset
     (tmp_path / "downstream" / "eurosat" / "label.txt").write_text("a\nb\n", encoding="utf-8")
@@ -266,7 +267,7 @@ def test_class_name_files_wrong_count_blank_line_and_english_label_txt(tmp_path)
     got = eval_zeroshot.class_names_and_templates("eurosat", CATALOG["eurosat"], "en", str(tmp_path), labels,
                                                   TEMPLATES)
     assert got.names == ["a", "b"] and got.templates == TEMPLATES["eurosat"] and got.language == "en"
-    with pytest.raises(datasets.DatasetError, match="no class names"):
+    with pytest.raises(readers.DatasetError, match="no class names"):
         eval_zeroshot.class_names_and_templates("muge", CATALOG["muge"], "zh", str(tmp_path))
 
 
@@ -291,12 +292,12 @@ def test_elevater_catalog_entries_cover_the_chinese_clip_table(tmp_path):
         assert (entry["format"], entry["language"], entry["metric"], entry["eval_transform"]) == \
             ("imagefolder", "zh", "top1", "squash"), name
         assert entry["path"] == "elevater/" + ELEVATER_FOLDERS[name]
-        assert datasets.split_name(name, entry, "test") == "test"
+        assert readers.split_name(name, entry, "test") == "test"
         assert "labels" not in entry, name  # names from label_cn.txt only; ImageFolderReader uses the folder names
         assert len(TEMPLATES[entry["templates"] + "-zh"]) == ZH_TEMPLATE_COUNTS.get(entry["templates"], 183), name
         # no label_cn.txt: an error, never SLIP's labels.json names (ELEVATER's class lists and order differ)
         for language in ("zh", "en"):
-            with pytest.raises(datasets.DatasetError, match="no class names"):
+            with pytest.raises(readers.DatasetError, match="no class names"):
                 eval_zeroshot.class_names_and_templates(name, entry, language, str(tmp_path))
     imagenet = eval_zeroshot.class_names_and_templates("imagenet-cn", CATALOG["imagenet-cn"], "zh")
     assert imagenet.source == "imagenet-zh" and imagenet.templates == TEMPLATES["imagenet-zh"]
@@ -311,7 +312,7 @@ def test_eval_transform_squash_keeps_the_whole_image_centre_crop_does_not():
     crop = eval_zeroshot.eval_transform("dtd", CATALOG["dtd"], 8)(image)
     assert squash.shape == crop.shape == (3, 8, 8)
     assert squash[0, :, 0].min() > 1 and crop[0, :, 0].max() < -1  # red column 0: kept by squash, cropped away
-    with pytest.raises(datasets.DatasetError, match="unknown eval_transform 'crop'"):
+    with pytest.raises(readers.DatasetError, match="unknown eval_transform 'crop'"):
         eval_zeroshot.eval_transform("x", {"eval_transform": "crop"}, 8)
 
 
@@ -348,13 +349,13 @@ def test_elevater_folder_through_evaluate_dataset(tmp_path, monkeypatch):
     assert out["score_z"] == out["acc1_z"] == 100.0  # targets follow the folder order, class c = line c
     assert tokenizer.prompts == [t.format(n) for n in CIFAR100_ZH for t in TEMPLATES["cifar100-zh"]]
     assert tokenizer.prompts[0] == "苹果的照片" and used == [("squash", 8)]
-    reader = datasets.build_reader("elevater-cifar100", "test", data_root=str(tmp_path))
+    reader = readers.build_reader("elevater-cifar100", "test", data_root=str(tmp_path))
     assert [reader.label(i) for i in range(len(reader))] == [int(os.path.basename(os.path.dirname(p)))
                                                               for p, _ in reader.samples]
     # the same entry without eval_transform falls back to SLIP's resize + centre crop
     catalog = {**CATALOG, "elevater-cifar100": {k: v for k, v in CATALOG["elevater-cifar100"].items()
                                                 if k != "eval_transform"}}
-    monkeypatch.setattr(datasets, "load_catalog", lambda: catalog)
+    monkeypatch.setattr(readers, "load_catalog", lambda: catalog)
     eval_zeroshot.evaluate_dataset(model, SpyTokenizer(), "elevater-cifar100", "zh", 8, torch.device("cpu"),
                                    str(tmp_path))
     assert used == [("squash", 8), ("center_crop", 8)]
@@ -378,7 +379,7 @@ def test_elevater_folder_with_a_tiny_cnclip_model(tmp_path, monkeypatch):
     monkeypatch.setattr(eval_zeroshot, "zeroshot_similarities", lambda *a: got.append(similarities(*a)) or got[-1])
     out = eval_zeroshot.evaluate_dataset(model, tokenizer, "elevater-fer2013", "zh", 32, torch.device("cpu"),
                                          str(tmp_path))
-    reader = datasets.build_reader("elevater-fer2013", "test", data_root=str(tmp_path))
+    reader = readers.build_reader("elevater-fer2013", "test", data_root=str(tmp_path))
 
     def sims_with(transform):
         loader = torch.utils.data.DataLoader(datasets.ClassificationDataset(reader, transform), batch_size=5)

@@ -1,0 +1,769 @@
+"""Storage: the dataset catalog, every storage reader, safe unpickling and the one image decoder.
+
+A reader knows only stored bytes and captions: `read(i) -> (RGB PIL image, [captions])` (and `label(i)` for
+classification sets). Transforms, tokenizers, sample composition and the sampler live in datasets.py.
+This module never imports torch at import time, so the builders (build_lmdb.py) and the NumPy-only
+retrieval tools (`eval_retrieval.py score|topk`) start fast; torchvision is imported only by the two
+readers that need it.
+"""
+from __future__ import annotations
+
+import binascii
+import bisect
+import contextlib
+import io
+import json
+import logging
+import os
+import pickle
+import zipfile
+from typing import Protocol
+
+import lmdb
+import numpy as np
+import pybase64
+from PIL import Image
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CATALOG_PATH = os.path.join(HERE, "dataset_catalog.json")
+log = logging.getLogger("clip_lab")
+
+
+# --------------------------------------------------------------------------- catalog
+class DatasetError(ValueError):
+    """A dataset that is unknown, misconfigured or missing on disk."""
+
+
+def load_catalog(path: str = CATALOG_PATH) -> dict:
+    """Read dataset_catalog.json (name -> entry with at least a `format` key)."""
+    with open(path, encoding="utf-8") as f:
+        catalog = json.load(f)
+    for name, entry in catalog.items():
+        if "format" not in entry:
+            raise DatasetError(f"{path}: entry {name!r} has no 'format' key")
+    return catalog
+
+
+def catalog_entry(name: str, catalog: dict | None = None) -> dict:
+    """The catalog entry of `name`, or a DatasetError listing the known names."""
+    catalog = catalog if catalog is not None else load_catalog()
+    if name not in catalog:
+        raise DatasetError(f"unknown dataset {name!r}: dataset_catalog.json has {sorted(catalog)}")
+    return catalog[name]
+
+
+def read_repo_json(filename: str) -> dict:
+    """A JSON file next to this module (labels.json, templates.json)."""
+    with open(os.path.join(HERE, filename), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def load_labels_and_templates(name: str) -> tuple[list[str], list[str]]:
+    """Class names (labels.json) and prompt templates (templates.json) of a classification dataset."""
+    labels, templates = read_repo_json("labels.json"), read_repo_json("templates.json")
+    if name not in labels or name not in templates:
+        raise DatasetError(f"dataset {name!r} has no class names in labels.json or no templates in templates.json")
+    return labels[name], templates[name]
+
+
+
+# --------------------------------------------------------------------------- readers
+class Reader(Protocol):
+    """Storage layer: the image and captions of index i, nothing else."""
+
+    def __len__(self) -> int: ...
+
+    def read(self, index: int) -> tuple[Image.Image, list[str]]: ...
+
+
+def digits_split(split: str, test_fraction: float = 0.2) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 1,797 real 8x8 digits, split by image with a fixed permutation.
+
+    Returns (images uint8 (N, 8, 8) in 0..255, labels int (N,)).
+    """
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    order = np.random.RandomState(0).permutation(len(digits.target))
+    n_test = int(round(len(order) * test_fraction))
+    chosen = order[:n_test] if split in ("test", "val") else order[n_test:]
+    images = (digits.images[chosen] * (255.0 / 16.0)).round().astype(np.uint8)
+    return images, digits.target[chosen]
+
+
+class DigitsReader:
+    """The `digits` format: real handwritten digits with captions built from the dataset's templates."""
+
+    def __init__(self, split: str, labels_key: str) -> None:
+        self.images, self.labels = digits_split(split)
+        classnames, templates = load_labels_and_templates(labels_key)
+        self.captions = [[t.format(c) for t in templates] for c in classnames]  # per class
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def read(self, index: int) -> tuple[Image.Image, list[str]]:
+        image = Image.fromarray(self.images[index], mode="L").convert("RGB")
+        return image, self.captions[int(self.labels[index])]
+
+    def label(self, index: int) -> int:
+        return int(self.labels[index])
+
+
+class SyntheticReader:
+    """The `synthetic` format: random images and captions, for fast tests (no files)."""
+
+    WORDS = ("red", "green", "blue", "cat", "dog", "car", "tree", "house", "sky", "river", "small", "large")
+
+    def __init__(self, num_samples: int, image_size: int = 32, language: str = "en") -> None:
+        self.num_samples, self.image_size, self.language = num_samples, image_size, language
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def read(self, index: int) -> tuple[Image.Image, list[str]]:
+        rng = np.random.RandomState(index)
+        pixels = rng.randint(0, 256, size=(self.image_size, self.image_size, 3), dtype=np.uint8)
+        words = rng.choice(self.WORDS, size=4)
+        caption = " ".join(words) if self.language == "en" else "一张" + "".join(words) + "的照片"
+        return Image.fromarray(pixels), [f"a photo of a {caption}" if self.language == "en" else caption]
+
+    def label(self, index: int) -> int:
+        return index % len(self.WORDS)
+
+
+# --------------------------------------------------------------------------- storage formats at scale
+LMDB_READ_OPTIONS = dict(readonly=True, create=False, lock=False, readahead=False, meminit=False, max_readers=2048)
+CORRUPT_ERRORS = (OSError, ValueError, SyntaxError, EOFError, zipfile.BadZipFile, Image.DecompressionBombError)
+
+
+class CorruptSample(Exception):
+    """A sample whose stored bytes cannot be read or decoded; ImageTextDataset skips, replaces and counts it."""
+
+    def __init__(self, sample_id: str, reason: str) -> None:
+        super().__init__(sample_id, reason)
+        self.sample_id, self.reason = sample_id, reason
+
+    def __str__(self) -> str:
+        return f"{self.sample_id}: {self.reason}"
+
+
+class UnsafePickleError(pickle.UnpicklingError):
+    """A pickle that asks for anything but the plain types a format admits (never loaded)."""
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler that resolves only the (module, name) globals in `allowed` and refuses every other one.
+
+    Plain containers, ints and strings need no global at all, so `allowed=()` admits data only;
+    `os.system`, `builtins.eval`, `subprocess.Popen`, ... are refused before anything is called.
+    """
+
+    def __init__(self, file, allowed: frozenset = frozenset()) -> None:
+        super().__init__(file)
+        self.allowed = allowed
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self.allowed:
+            return super().find_class(module, name)
+        raise UnsafePickleError(f"refusing to unpickle the global {module}.{name}: only plain data is admitted")
+
+
+def restricted_loads(data: bytes, where: str, allowed: frozenset = frozenset()):
+    """pickle.loads with `_RestrictedUnpickler`; `where` (file/key) is named in every error."""
+    try:
+        return _RestrictedUnpickler(io.BytesIO(data), allowed).load()
+    except UnsafePickleError as exc:
+        raise UnsafePickleError(f"{where}: {exc}") from None
+
+
+def load_pair(data: bytes, where: str) -> tuple:
+    """A Chinese-CLIP pairs value, `pickle.dumps((image_id, text_id, text))`, admitting only tuple/int/str."""
+    try:
+        pair = restricted_loads(data, where)
+    except UnsafePickleError:
+        raise
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError) as exc:
+        raise CorruptSample(where, f"unreadable pickle ({exc})") from None
+    if not (type(pair) is tuple and len(pair) == 3 and all(type(v) in (int, str) for v in pair)):
+        raise UnsafePickleError(f"{where}: a pair must be a tuple (image_id, text_id, text) of int/str, "
+                                f"got {type(pair).__name__} {pair!r:.80}")
+    return pair
+
+
+_URLSAFE_TO_STANDARD = bytes.maketrans(b"-_", b"+/")
+
+
+def b64decode_image(value: bytes | str) -> bytes:
+    """Base64 text in Chinese-CLIP's urlsafe alphabet or the standard one -> the encoded image bytes.
+
+    pybase64's SIMD decoder, strict in the alphabet the text uses (build_lmdb --resize writes the standard
+    one), else as lenient as the standard library (line breaks, mixed alphabets): 17x faster than
+    `base64.urlsafe_b64decode` on a 260 KB photo (bench.py data). Raises binascii.Error (a ValueError)."""
+    if isinstance(value, str):
+        value = value.encode("ascii")
+    standard = b"+" in value or b"/" in value  # memchr scans; a urlsafe string has neither
+    try:
+        return pybase64.b64decode(value, altchars=None if standard else b"-_", validate=True)
+    except binascii.Error:
+        return pybase64.b64decode(value.translate(_URLSAFE_TO_STANDARD))
+
+
+def decode_image(data: bytes, draft: int | None = None) -> Image.Image:
+    """Encoded image bytes -> RGB PIL image, decoded now (errors surface here, not in the transform).
+
+    With `draft`, a JPEG is decoded by libjpeg's DCT scaling at the smallest 1/2, 1/4 or 1/8 size whose
+    sides stay >= draft (PIL `Image.draft`): much less work on large photos, never below `draft`.
+    """
+    image = Image.open(io.BytesIO(data))
+    if draft and image.format == "JPEG":
+        image.draft("RGB", (draft, draft))
+    return image.convert("RGB")
+
+
+
+def _per_process(obj, attr: str, opener):
+    """`opener()` cached on `obj.attr` for the current process only: a handle opened before a fork
+    (DataLoader workers) is never used in the child, which opens its own."""
+    cached = getattr(obj, attr, None)
+    if cached is None or cached[0] != os.getpid():
+        cached = (os.getpid(), opener())
+        setattr(obj, attr, cached)
+    return cached[1]
+
+
+class _LazyHandles:
+    """Pickling drops per-process handles (files, LMDB environments), so spawned workers reopen them."""
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_h_")}
+
+
+# ---- yfcc15m
+def yfcc_zip_location(root: str, image_id: int) -> tuple[str, str]:
+    """YFCC100M zip layout: image 12345678 is member `678.jpg` of `root/images/12/345.zip`."""
+    d = f"{image_id:08d}"
+    return os.path.join(root, "images", d[:2], d[2:5] + ".zip"), d[5:] + ".jpg"
+
+
+def load_yfcc_metadata(path: str) -> list[tuple[int, str, str]]:
+    """(image id, title, description) rows from SLIP's pickle (a list of 3-tuples; read with the restricted
+    unpickler), a tsv (id<TAB>title<TAB>description) or a jsonl ({"image_id", "title", "description"})."""
+    rows: list[tuple[int, str, str]] = []
+    if path.endswith((".pkl", ".pickle")):
+        with open(path, "rb") as f:
+            data = restricted_loads(f.read(), path)
+        if not isinstance(data, list):
+            raise DatasetError(f"{path}: expected a list of (image_id, title, description), got {type(data).__name__}")
+        for i, row in enumerate(data):
+            if not (isinstance(row, tuple) and len(row) == 3 and type(row[0]) is int
+                    and all(isinstance(v, str) for v in row[1:])):
+                raise DatasetError(f"{path}: item {i} is not an (int, str, str) tuple: {row!r:.80}")
+            rows.append(row)
+        return rows
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                if path.endswith(".jsonl"):
+                    rec = json.loads(line)
+                    rows.append((int(rec["image_id"]), rec.get("title") or "", rec.get("description") or ""))
+                else:
+                    image_id, title, desc = line.rstrip("\n").split("\t")
+                    rows.append((int(image_id), title, desc))
+            except (ValueError, KeyError, TypeError) as exc:
+                raise DatasetError(f"{path}:{lineno}: expected image id, title, description ({exc})") from None
+    return rows
+
+
+class YfccReader(_LazyHandles):
+    """The `yfcc15m` format: zip shards of JPEGs plus (id, title, description) metadata.
+    Captions are the non-empty ones of {title, description}, or [''] (clip-rocket's rule)."""
+
+    def __init__(self, metadata: str, root: str, name: str = "yfcc15m") -> None:
+        self.rows, self.root, self.name, self.draft = load_yfcc_metadata(metadata), root, name, None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _zip(self, path: str) -> zipfile.ZipFile:
+        cache = _per_process(self, "_h_zips", dict)
+        if path not in cache:
+            if len(cache) >= 32:  # keep a few shards open; close the oldest
+                cache.pop(next(iter(cache))).close()
+            cache[path] = zipfile.ZipFile(path)
+        return cache[path]
+
+    def read(self, index: int) -> tuple[Image.Image, list[str]]:
+        image_id, title, desc = self.rows[index]
+        zpath, member = yfcc_zip_location(self.root, image_id)
+        try:
+            image = decode_image(self._zip(zpath).read(member), self.draft)
+        except (*CORRUPT_ERRORS, KeyError) as exc:
+            raise CorruptSample(f"{self.name}[{index}] (image {image_id}, {zpath}:{member})", repr(exc)) from None
+        return image, [c for c in (title, desc) if c] or [""]
+
+
+# ---- cc3m / cc12m
+NPY_ARRAY_GLOBALS = frozenset({("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "_reconstruct"),
+                               ("numpy", "ndarray"), ("numpy", "dtype")})
+
+
+def load_caption_records(path: str) -> list[dict]:
+    """clip-rocket's cc3m/cc12m metadata: a .npy object array of dicts ({'image_id' or 'image_name', 'captions'}),
+    unpickled with only numpy's array-rebuilding globals admitted; or a .jsonl of the same dicts."""
+    if path.endswith(".jsonl"):
+        records = []
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        records.append(json.loads(line))
+                    except ValueError as exc:
+                        raise DatasetError(f"{path}:{lineno}: malformed json ({exc})") from None
+        return records
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        if version not in readers:
+            raise DatasetError(f"{path}: unsupported .npy version {version}")
+        _, _, dtype = readers[version](f)
+        if not dtype.hasobject:
+            raise DatasetError(f"{path}: expected an object array of dicts, got dtype {dtype}")
+        array = restricted_loads(f.read(), path, NPY_ARRAY_GLOBALS)
+    if not isinstance(array, np.ndarray) or array.dtype != object:
+        raise DatasetError(f"{path}: expected an object array of dicts, got {type(array).__name__}")
+    return list(array.ravel())
+
+
+class CaptionRecordsReader(_LazyHandles):
+    """The `cc3m` / `cc12m` formats: metadata records plus an image root; the image of a record is
+    `root/str(image_id)` (cc3m) or `root/image_name` (cc12m)."""
+
+    def __init__(self, metadata: str, root: str, name: str, path_key: str) -> None:
+        self.records, self.root, self.name, self.path_key, self.draft = (load_caption_records(metadata), root, name,
+                                                                         path_key, None)
+        for i, rec in enumerate(self.records[:1000]):  # a cheap schema check at start
+            if not isinstance(rec, dict) or path_key not in rec or not isinstance(rec.get("captions"), (list, tuple)):
+                raise DatasetError(f"{metadata}: record {i} lacks {path_key!r} or a 'captions' list: {rec!r:.80}")
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def read(self, index: int) -> tuple[Image.Image, list[str]]:
+        rec = self.records[index]
+        path = os.path.join(self.root, str(rec[self.path_key]))
+        try:
+            with open(path, "rb") as f:
+                image = decode_image(f.read(), self.draft)
+        except CORRUPT_ERRORS as exc:
+            raise CorruptSample(f"{self.name}[{index}] ({path})", repr(exc)) from None
+        return image, [str(c) for c in rec["captions"]] or [""]
+
+
+# ---- merged mixtures
+class MergedReader:
+    """The `merged` format: the concatenation of several catalog entries (e.g. cc3m + cc12m + yfcc15m = 29M)."""
+
+    def __init__(self, parts: list[tuple[str, Reader]]) -> None:
+        self.names, self.parts = [n for n, _ in parts], [r for _, r in parts]
+        self.offsets = np.cumsum([0] + [len(r) for r in self.parts]).tolist()
+
+    @property
+    def draft(self) -> int | None:
+        return getattr(self.parts[0], "draft", None)
+
+    @draft.setter
+    def draft(self, value: int | None) -> None:
+        for part in self.parts:
+            part.draft = value
+
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    def read(self, index: int) -> tuple[Image.Image, list[str]]:
+        part = bisect.bisect_right(self.offsets, index) - 1
+        return self.parts[part].read(index - self.offsets[part])
+
+
+# ---- Chinese-CLIP LMDB
+_LMDB_ENVS: dict[str, tuple] = {}  # realpath -> (pid, environment, long-lived read transaction)
+
+
+def open_lmdb(path: str) -> tuple[lmdb.Environment, lmdb.Transaction]:
+    """A read-only environment and a long-lived read transaction, opened once per process.
+
+    py-lmdb refuses to open one environment twice in a process, and LMDB forbids using one across fork():
+    a forked DataLoader worker closes the copy it inherited (never reading through it) and opens its own.
+    """
+    key = os.path.realpath(path)
+    cached = _LMDB_ENVS.get(key)
+    if cached is not None and cached[0] == os.getpid():
+        return cached[1], cached[2]
+    if cached is not None:  # inherited through fork: release the child's copy of the mapping and descriptors
+        with contextlib.suppress(lmdb.Error):
+            cached[1].close()
+    env = lmdb.open(path, **LMDB_READ_OPTIONS)
+    _LMDB_ENVS[key] = (os.getpid(), env, env.begin())
+    return env, _LMDB_ENVS[key][2]
+
+
+def close_lmdb(path: str | None = None) -> None:
+    """Close this process's cached environments (every one, or that of `path`), e.g. before another
+    program opens the same LMDB in this process."""
+    for key in [os.path.realpath(path)] if path else list(_LMDB_ENVS):
+        cached = _LMDB_ENVS.pop(key, None)
+        if cached is not None and cached[0] == os.getpid():
+            cached[1].close()
+
+
+def lmdb_get_once(path: str, key: bytes) -> bytes | None:
+    """One value, without leaving the environment open in this process unless it already was."""
+    cached = _LMDB_ENVS.get(os.path.realpath(path))
+    if cached is not None and cached[0] == os.getpid():
+        return cached[2].get(key)
+    env = lmdb.open(path, **LMDB_READ_OPTIONS)
+    try:
+        with env.begin() as txn:
+            return txn.get(key)
+    finally:
+        env.close()
+
+
+class LmdbReader(_LazyHandles):
+    """The `lmdb` format, Chinese-CLIP's layout, possibly sharded over several folders, each holding
+    `imgs` (str(image_id) -> base64 text, + `num_images`) and `pairs` (str(i) -> pickled (image_id, text_id,
+    text), + `num_samples`). Environments are opened lazily in each process (readonly, lock=False,
+    readahead=False, meminit=False) and never used across a fork. Each pair is one sample with captions [text].
+    """
+
+    def __init__(self, folders: list[str], name: str = "lmdb") -> None:
+        self.folders, self.name, self.draft = list(folders), name, None
+        counts = []
+        for folder in self.folders:
+            for sub in ("imgs", "pairs"):
+                if not os.path.isfile(os.path.join(folder, sub, "data.mdb")):
+                    raise DatasetError(f"dataset {name!r}: {os.path.join(folder, sub, 'data.mdb')} not found; build "
+                                       f"the LMDB with `python build_lmdb.py --data-dir DIR --splits ...`")
+            n = lmdb_get_once(os.path.join(folder, "pairs"), b"num_samples")  # nothing stays open before a fork
+            if n is None:
+                raise DatasetError(f"dataset {name!r}: {folder}/pairs has no 'num_samples' key: "
+                                   "not a Chinese-CLIP LMDB")
+            counts.append(int(n))
+        self.offsets = np.cumsum([0] + counts).tolist()
+
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    def _txn(self, shard: int, sub: str) -> lmdb.Transaction:
+        txns = _per_process(self, "_h_txns", lambda: [{s: open_lmdb(os.path.join(f, s))[1] for s in ("imgs", "pairs")}
+                                                      for f in self.folders])
+        return txns[shard][sub]
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """Global sample index -> (shard, index inside the shard)."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"{self.name}: index {index} out of range [0, {len(self)})")
+        shard = bisect.bisect_right(self.offsets, index) - 1
+        return shard, index - self.offsets[shard]
+
+    def pair(self, index: int) -> tuple:
+        """(image_id, text_id, text) of sample `index`."""
+        shard, local = self.locate(index)
+        raw = self._txn(shard, "pairs").get(str(local).encode("utf-8"))
+        where = f"{self.folders[shard]}/pairs key {local}"
+        if raw is None:
+            raise CorruptSample(f"{self.name}[{index}]", f"{where} is missing")
+        return load_pair(raw, where)
+
+    def image_bytes(self, image_id, shard: int = 0) -> bytes:
+        """The encoded image of `image_id` in a shard (base64-decoded, urlsafe or standard alphabet)."""
+        value = self._txn(shard, "imgs").get(str(image_id).encode("utf-8"))
+        if value is None:
+            raise KeyError(f"image id {image_id} not in {self.folders[shard]}/imgs")
+        return b64decode_image(value)
+
+    def image_ids(self, shard: int = 0) -> list[int]:
+        """Every image id of a shard, in key order."""
+        return [int(k) for k in self._txn(shard, "imgs").cursor().iternext(values=False) if k != b"num_images"]
+
+    def read(self, index: int) -> tuple[Image.Image, list[str]]:
+        image_id, text_id, text = self.pair(index)
+        shard, _ = self.locate(index)
+        try:
+            image = decode_image(self.image_bytes(image_id, shard), self.draft)
+        except (*CORRUPT_ERRORS, KeyError) as exc:
+            raise CorruptSample(f"{self.name}[{index}] (image {image_id}, text {text_id}, "
+                                f"{self.folders[shard]}/imgs)", repr(exc)) from None
+        return image, [text]
+
+
+# ---- raw MUGE / Chinese-CLIP files
+def parse_imgs_tsv_line(line: bytes, where: str) -> tuple[int, bytes]:
+    """`image_id<TAB>base64` -> (int id, base64 bytes); DatasetError naming `where` (file:line) otherwise."""
+    fields = line.rstrip(b"\r\n").split(b"\t")
+    if len(fields) != 2:
+        raise DatasetError(f"{where}: expected 'image_id<TAB>base64', got {len(fields)} field(s)")
+    try:
+        return int(fields[0]), fields[1]
+    except ValueError:
+        raise DatasetError(f"{where}: image id {fields[0][:40]!r} is not an integer") from None
+
+
+def parse_text_record(line: str, where: str) -> tuple[int, str, list[int]]:
+    """A jsonl text line, Chinese-CLIP keys {text_id, text, image_ids} or MUGE's older {query_id, query_text,
+    item_ids} -> (text_id, text, image_ids); DatasetError naming `where` (file:line) otherwise."""
+    try:
+        rec = json.loads(line)
+    except ValueError as exc:
+        raise DatasetError(f"{where}: malformed json ({exc})") from None
+    if not isinstance(rec, dict):
+        raise DatasetError(f"{where}: expected a json object, got {type(rec).__name__}")
+    keys = ("text_id", "text", "image_ids") if "text_id" in rec else ("query_id", "query_text", "item_ids")
+    missing = [k for k in keys if k not in rec]
+    if missing:
+        raise DatasetError(f"{where}: missing key(s) {missing} (expected text_id/text/image_ids or "
+                           "query_id/query_text/item_ids)")
+    text_id, text, image_ids = (rec[k] for k in keys)
+    if type(text_id) is not int or not isinstance(text, str) or not isinstance(image_ids, list) \
+            or not all(type(i) is int for i in image_ids):
+        raise DatasetError(f"{where}: {keys[0]} must be an int, {keys[1]} a string and {keys[2]} a list of ints")
+    return text_id, text, image_ids
+
+
+def texts_jsonl_path(folder: str, split: str) -> str:
+    """`{split}_texts.jsonl` (Chinese-CLIP), else MUGE's older `{split}_queries.jsonl`."""
+    path = os.path.join(folder, f"{split}_texts.jsonl")
+    older = os.path.join(folder, f"{split}_queries.jsonl")
+    return older if not os.path.exists(path) and os.path.exists(older) else path
+
+
+class TsvImages(_LazyHandles):
+    """The images of an `image_id<TAB>base64` tsv (`{split}_imgs.tsv`): every line's byte offset indexed once,
+    images read by id through a file opened lazily in each process. A malformed line or a duplicate id is a
+    DatasetError naming file:line."""
+
+    def __init__(self, imgs_path: str) -> None:
+        self.imgs_path = imgs_path
+        self.offsets: dict[int, int] = {}  # image id -> byte offset of its line, in file order
+        with open(imgs_path, "rb") as f:
+            offset = 0
+            for lineno, line in enumerate(f, 1):
+                image_id, _ = parse_imgs_tsv_line(line, f"{imgs_path}:{lineno}")
+                if image_id in self.offsets:
+                    raise DatasetError(f"{imgs_path}:{lineno}: duplicate image id {image_id}")
+                self.offsets[image_id] = offset
+                offset += len(line)
+
+    def image_ids(self) -> list[int]:
+        return list(self.offsets)
+
+    def image_bytes(self, image_id: int) -> bytes:
+        """The encoded image of `image_id` (base64-decoded)."""
+        f = _per_process(self, "_h_file", lambda: open(self.imgs_path, "rb"))
+        f.seek(self.offsets[image_id])
+        _, b64 = parse_imgs_tsv_line(f.readline(), self.imgs_path)
+        return b64decode_image(b64)
+
+
+class TsvReader(TsvImages):
+    """The `tsv` format: `{split}_imgs.tsv` (id<TAB>base64) + `{split}_texts.jsonl` (or `_queries.jsonl`).
+    Each (text, image) combination is one sample, in jsonl order (as Chinese-CLIP's LMDB builder)."""
+
+    def __init__(self, folder: str, split: str, name: str = "tsv") -> None:
+        self.name, self.draft = name, None
+        imgs_path, self.texts_path = os.path.join(folder, f"{split}_imgs.tsv"), texts_jsonl_path(folder, split)
+        for path in (imgs_path, self.texts_path):
+            if not os.path.isfile(path):
+                raise DatasetError(f"dataset {name!r}: {path} not found")
+        super().__init__(imgs_path)
+        self.pairs: list[tuple[int, int, str]] = []  # (image_id, text_id, text)
+        with open(self.texts_path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                text_id, text, image_ids = parse_text_record(line, f"{self.texts_path}:{lineno}")
+                for image_id in image_ids:
+                    if image_id not in self.offsets:
+                        raise DatasetError(f"{self.texts_path}:{lineno}: image id {image_id} of text {text_id} is "
+                                           f"not in {self.imgs_path}")
+                    self.pairs.append((image_id, text_id, text))
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def read(self, index: int) -> tuple[Image.Image, list[str]]:
+        image_id, text_id, text = self.pairs[index]
+        try:
+            image = decode_image(self.image_bytes(image_id), self.draft)
+        except CORRUPT_ERRORS as exc:
+            raise CorruptSample(f"{self.name}[{index}] (image {image_id}, text {text_id}, {self.imgs_path})",
+                                repr(exc)) from None
+        return image, [text]
+
+
+# ---- downstream classification
+class ImageFolderReader:
+    """The `imagefolder` format: `root/<class>/<image>`; captions are the class name (labels.json if it has
+    the dataset, else the folder name)."""
+
+    def __init__(self, root: str, classnames: list[str] | None = None, name: str = "imagefolder") -> None:
+        from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+        classes, class_to_idx = find_classes(root)
+        self.samples = make_dataset(root, class_to_idx, extensions=IMG_EXTENSIONS)
+        self.classnames = classnames or [c.replace("_", " ") for c in classes]
+        if len(self.classnames) != len(classes):
+            raise DatasetError(f"dataset {name!r}: {root} has {len(classes)} class folders but labels.json "
+                               f"lists {len(self.classnames)} names")
+        self.name, self.draft = name, None
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def read(self, index: int) -> tuple[Image.Image, list[str]]:
+        path, label = self.samples[index]
+        try:
+            with open(path, "rb") as f:
+                image = decode_image(f.read(), self.draft)
+        except CORRUPT_ERRORS as exc:
+            raise CorruptSample(f"{self.name}[{index}] ({path})", repr(exc)) from None
+        return image, [self.classnames[label]]
+
+    def label(self, index: int) -> int:
+        return self.samples[index][1]
+
+
+class FilelistReader(ImageFolderReader):
+    """The `filelist` format: `root/{split}_images.npy` (image paths, relative to root) and
+    `{split}_labels.npy` (ints, or strings mapped through the entry's `label_order`)."""
+
+    def __init__(self, root: str, split: str, classnames: list[str] | None, label_order: list[str] | None = None,
+                 name: str = "filelist") -> None:
+        images = np.load(os.path.join(root, f"{split}_images.npy"), allow_pickle=False)
+        labels = np.load(os.path.join(root, f"{split}_labels.npy"), allow_pickle=False)
+        if label_order is not None:
+            index = {c: i for i, c in enumerate(label_order)}
+            labels = np.array([index[str(v)] for v in labels])
+        self.samples = [(os.path.join(root, str(p)), int(y)) for p, y in zip(images, labels)]
+        n_classes = len(label_order) if label_order else int(labels.max()) + 1
+        self.classnames = classnames or [str(i) for i in range(n_classes)]
+        self.name, self.draft = name, None
+
+
+class TorchvisionReader:
+    """The `torchvision` format (clip-rocket's `special`): CIFAR10, CIFAR100, STL10, MNIST already on disk
+    (never downloaded)."""
+
+    def __init__(self, kind: str, root: str, split: str, name: str) -> None:
+        from torchvision import datasets as tvd
+
+        train = split == "train"
+        builders = {"cifar10": lambda: tvd.CIFAR10(root, train=train, download=False),
+                    "cifar100": lambda: tvd.CIFAR100(root, train=train, download=False),
+                    "stl10": lambda: tvd.STL10(root, split="train" if train else "test", download=False),
+                    "mnist": lambda: tvd.MNIST(root, train=train, download=False)}
+        if kind not in builders:
+            raise DatasetError(f"dataset {name!r}: torchvision kind {kind!r} is not one of {sorted(builders)}")
+        try:
+            self.dataset = builders[kind]()
+        except RuntimeError as exc:
+            raise DatasetError(f"dataset {name!r}: torchvision {kind} not found under {root} ({exc}); place the "
+                               "extracted files there (nothing is downloaded)") from None
+        self.classnames = [str(c) for c in getattr(self.dataset, "classes", [])]
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def read(self, index: int) -> tuple[Image.Image, list[str]]:
+        image, label = self.dataset[index]
+        return image.convert("RGB"), [self.classnames[label] if self.classnames else str(label)]
+
+    def label(self, index: int) -> int:
+        return int(self.dataset[index][1])
+
+
+# ---- catalog paths
+def resolve_data_root(data_root: str | None = None) -> str | None:
+    """`--data-root` if given, else `$CLIP_LAB_DATA_ROOT`, else None."""
+    return data_root or os.environ.get("CLIP_LAB_DATA_ROOT") or None
+
+
+def entry_path(name: str, entry: dict, key: str, data_root: str | None, split: str = "", kind: str = "any") -> str:
+    """The catalog path `entry[key]` (with `{split}` filled in) under the data root, checked to exist.
+
+    A missing path raises a DatasetError naming the entry, the path tried and how to fix it.
+    """
+    rel = str(entry[key]).format(split=split)
+    root = resolve_data_root(data_root)
+    if not os.path.isabs(rel) and root is None:
+        raise DatasetError(f"dataset {name!r} (dataset_catalog.json, {key}={rel!r}) needs a data root: pass "
+                           f"--data-root DIR or export CLIP_LAB_DATA_ROOT=DIR, DIR being the folder that holds {rel!r}")
+    path = os.path.join(root or "", rel)
+    exists = {"dir": os.path.isdir, "file": os.path.isfile}.get(kind, os.path.exists)(path)
+    if not exists:
+        raise DatasetError(f"dataset {name!r} (dataset_catalog.json, {key}={rel!r}): {path} not found. Fix: put the "
+                           f"data there, point --data-root / $CLIP_LAB_DATA_ROOT (now {root!r}) at the folder that "
+                           f"holds {rel!r}, or edit the entry's {key!r}" +
+                           (" (build an LMDB with `python build_lmdb.py --data-dir DIR --splits train,valid,test`)"
+                            if entry.get("format") == "lmdb" else ""))
+    return path
+
+
+def split_name(name: str, entry: dict, split: str) -> str:
+    """The on-disk split of a logical split (train/test), through the entry's optional `splits` map."""
+    splits = entry.get("splits")
+    if splits is None:
+        return split
+    if split not in splits:
+        raise DatasetError(f"dataset {name!r} has no {split!r} split (dataset_catalog.json lists {sorted(splits)}); "
+                           "choose another --val-dataset")
+    return splits[split]
+
+
+def _classnames(entry: dict, name: str) -> list[str] | None:
+    names = read_repo_json("labels.json").get(entry.get("labels", name))
+    return [n if isinstance(n, str) else n[0] for n in names] if names else None
+
+
+def build_reader(name: str, split: str, catalog: dict | None = None, data_root: str | None = None) -> Reader:
+    """The reader for catalog entry `name` and logical `split` (train/test), dispatched on its `format`.
+
+    Catalog paths are relative to `data_root` (else $CLIP_LAB_DATA_ROOT); a missing file fails here with the
+    entry name, the path tried and how to fix it.
+    """
+    catalog = catalog if catalog is not None else load_catalog()
+    entry = catalog_entry(name, catalog)
+    fmt = entry["format"]
+    if fmt == "digits":
+        return DigitsReader(split, entry.get("labels", name))
+    if fmt == "synthetic":
+        return SyntheticReader(entry.get("num_samples", 256) if split == "train" else entry.get("num_test", 64),
+                               entry.get("image_size", 32), entry.get("language", "en"))
+    if fmt == "merged":
+        return MergedReader([(part, build_reader(part, split, catalog, data_root)) for part in entry["datasets"]])
+    on_disk = split_name(name, entry, split)
+    if fmt == "lmdb":
+        keys = entry["path"] if isinstance(entry["path"], list) else [entry["path"]]
+        folders = [entry_path(name, {**entry, "path": p}, "path", data_root, on_disk, "dir") for p in keys]
+        return LmdbReader(folders, name)
+    if fmt == "tsv":
+        return TsvReader(entry_path(name, entry, "path", data_root, on_disk, "dir"), on_disk, name)
+    if fmt == "yfcc15m":
+        return YfccReader(entry_path(name, entry, "metadata", data_root, on_disk, "file"),
+                          entry_path(name, entry, "root", data_root, on_disk, "dir"), name)
+    if fmt in ("cc3m", "cc12m"):
+        return CaptionRecordsReader(entry_path(name, entry, "metadata", data_root, on_disk, "file"),
+                                    entry_path(name, entry, "root", data_root, on_disk, "dir"), name,
+                                    "image_id" if fmt == "cc3m" else "image_name")
+    if fmt == "imagefolder":
+        return ImageFolderReader(entry_path(name, {**entry, "path": os.path.join(entry["path"], on_disk)}, "path",
+                                            data_root, on_disk, "dir"), _classnames(entry, name), name)
+    if fmt == "filelist":
+        return FilelistReader(entry_path(name, entry, "path", data_root, on_disk, "dir"), on_disk,
+                              _classnames(entry, name), entry.get("label_order"), name)
+    if fmt == "torchvision":
+        return TorchvisionReader(entry["kind"], entry_path(name, entry, "path", data_root, on_disk, "dir"), on_disk,
+                                 name)
+    raise DatasetError(f"dataset {name!r}: format {fmt!r} has no reader")
