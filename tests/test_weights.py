@@ -321,12 +321,12 @@ def test_finetune_recipe_from_cnclip_checkpoint(tmp_path, muge_sample_root):
     text = [k for k in released if k.startswith("text.bert.encoder")]
     assert any(not torch.equal(state[k], released[k]) for k in text)
     args = main.parse_args(flags)
-    dataset = main.build_train_dataset(models.parse_model_name(args.model), args, main.datasets.SyntheticReader(4),
+    dataset = main.build_train_dataset(models.parse_model_name(args.model), args, main.readers.SyntheticReader(4),
                                        32, main.datasets.build_tokenizer("bert", 52))
     assert any(isinstance(t, timm.data.auto_augment.AutoAugment) for t in dataset.transform.transforms)
     assert isinstance(args, argparse.Namespace) and args.warmup_steps == 1
     summary = main.main(flags + ["--name", "eval", "--evaluate"])
-    reader = main.datasets.build_reader("muge-sample", "test", data_root=muge_sample_root)
+    reader = main.readers.build_reader("muge-sample", "test", data_root=muge_sample_root)
     pairs = eval_retrieval.reader_pairs(reader)
     assert summary["pool_images"] == len({p[0] for p in pairs}) and summary["pool_texts"] == len({p[1] for p in pairs})
     assert 0 <= summary["text_to_image_R@1"] <= summary["text_to_image_R@10"] <= 100
