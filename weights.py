@@ -10,6 +10,16 @@ Layouts (reference/chinese_clip.md §2.4-2.5):
   (HF BertModel), "module.text_projection", "module.logit_scale"}}`.
 - A Chinese RoBERTa checkpoint (`pytorch_model.bin` / a transformers folder): `bert.*` keys (or bare
   BertModel keys); the pooler and the MLM/NSP heads are not used.
+- open_clip (open_clip_torch 3.3.0: factory.py, model.py, timm_model.py; a folder `<name>.json` /
+  `open_clip_config.json` + `open_clip_model.safetensors`): the OpenAI keys for its native towers; a timm vision
+  tower is `visual.trunk.*` (the timm model's own keys) + `visual.head.proj.weight`; SigLIP-style models add
+  `logit_bias`.
+- transformers (5.24.0: models/clip/modeling_clip.py, models/chinese_clip/modeling_chinese_clip.py; a folder
+  `config.json` + `model.safetensors`, or sharded with `model.safetensors.index.json`): `vision_model.{embeddings.
+  {class_embedding,patch_embedding,position_embedding},pre_layrnorm,encoder.layers.i.{layer_norm1,self_attn.
+  {q,k,v,out}_proj,layer_norm2,mlp.fc1,mlp.fc2},post_layernorm}`, `visual_projection.weight`, then for CLIPModel
+  `text_model.{embeddings.{token,position}_embedding,encoder.layers.i.*,final_layer_norm}` and for ChineseCLIPModel
+  `text_model.*` = the BertModel keys ([CLS] pooling, as Chinese-CLIP); `text_projection.weight`, `logit_scale`.
 - Ours: timm ViT keys under `visual.` (`patch_embed.proj`, `cls_token`, `pos_embed`, `norm_pre`,
   `blocks.i.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}`, `norm`), `text.*`, and the projections as
   `nn.Linear` (`image_projection.weight` = OpenAI `visual.proj` transposed).
@@ -20,18 +30,22 @@ silently leaves layers random). Files are read with `torch.load(weights_only=Tru
 archive is read by unpickling only its tensors (no TorchScript code is loaded or run).
 
 CLI: `python weights.py convert-openai IN.pt OUT.pt` (TorchScript -> plain OpenAI-layout state_dict),
-`python weights.py export-cnclip CKPT OUT.pt` (ours -> Chinese-CLIP checkpoint),
-`python weights.py convert PRETRAINED OUT.pt [--model NAME]` (anything -> our state_dict).
+`python weights.py export CKPT --format openai|open_clip|hf|cnclip --out PATH [--head z|h] [--name NAME]` (our
+checkpoint -> a released layout, with an export record; `export-cnclip CKPT OUT.pt` = `--format cnclip`),
+`python weights.py convert PRETRAINED OUT.pt` (anything -> our state_dict).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import pickle
 import re
+import shutil
 import sys
 import zipfile
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -134,13 +148,36 @@ def read_torchscript_state_dict(path: str) -> dict[str, torch.Tensor]:
     return out
 
 
+# weight files of a transformers folder and of an open_clip folder (open_clip/constants.py), in the order tried
+FOLDER_WEIGHTS = ("pytorch_model.bin", "model.safetensors", "open_clip_model.safetensors",
+                  "open_clip_pytorch_model.bin")
+SHARD_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")  # transformers' sharded weights
+
+
+def _read_shards(index_path: str) -> dict[str, torch.Tensor]:
+    """A sharded transformers checkpoint: the index's `weight_map` names the file of every key."""
+    with open(index_path, encoding="utf-8") as f:
+        weight_map = json.load(f).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise WeightsError(f"{index_path}: no 'weight_map' (key -> shard file)")
+    out: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(weight_map.values())):
+        out.update(read_state_dict(os.path.join(os.path.dirname(index_path), shard)))
+    return out
+
+
 def read_state_dict(path: str) -> dict:
-    """A checkpoint file or folder -> the object it holds (weights_only), TorchScript archives as state_dicts."""
-    if os.path.isdir(path):  # a transformers folder
-        for name in ("pytorch_model.bin", "model.safetensors"):
+    """A checkpoint file or folder -> the object it holds (weights_only), TorchScript archives as state_dicts.
+
+    A folder is a transformers or open_clip one: the first of FOLDER_WEIGHTS, else a sharded SHARD_INDEXES."""
+    if os.path.isdir(path):
+        for name in FOLDER_WEIGHTS:
             if os.path.exists(os.path.join(path, name)):
                 return read_state_dict(os.path.join(path, name))
-        raise WeightsError(f"{path}: folder without pytorch_model.bin or model.safetensors")
+        for name in SHARD_INDEXES:
+            if os.path.exists(os.path.join(path, name)):
+                return _read_shards(os.path.join(path, name))
+        raise WeightsError(f"{path}: folder without any of {', '.join(FOLDER_WEIGHTS + SHARD_INDEXES)}")
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
@@ -180,6 +217,10 @@ def openai_visual_to_ours(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     out = {}
     if "attnpool.c_proj.weight" in sd:  # ModifiedResNet: our RN50 backbone is the same module
         return {f"visual.{k}": v for k, v in sd.items()}
+    if any(k.startswith("trunk.") for k in sd):  # open_clip's TimmModel: our timm backbone + a linear head
+        return {("image_projection.weight" if k == "head.proj.weight" else
+                 f"visual.{k.removeprefix('trunk.')}" if k.startswith("trunk.") else f"unexpected:visual.{k}"): v
+                for k, v in sd.items()}
     for key, value in sd.items():
         m = re.match(r"transformer\.resblocks\.(\d+)\.(.+)", key)
         if key == "class_embedding":
@@ -238,8 +279,8 @@ def openai_to_ours(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             continue
         if key == "text_projection":
             out["text_projection.weight"] = value.t().contiguous()
-        elif key == "logit_scale":
-            out["logit_scale"] = value.reshape(())
+        elif key in ("logit_scale", "logit_bias"):  # logit_bias: open_clip's SigLIP-style models
+            out[key] = value.reshape(())
         elif key.startswith("transformer.resblocks."):
             rest = key[len("transformer."):]
             for src, dst in _TEXT_BLOCK:
@@ -320,9 +361,120 @@ def bert_to_ours(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def ours_to_open_clip(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our CLIP state_dict -> open_clip's CLIP keys: the OpenAI layout, a timm vision tower (our R50) as open_clip's
+    TimmModel (`visual.trunk.*` + `visual.head.proj.weight`), and `logit_bias` (SigLIP)."""
+    if "visual.layer4.0.conv1.weight" not in sd or "visual.attnpool.c_proj.weight" in sd:  # not a timm ResNet
+        out = ours_to_openai(sd)
+    else:
+        out = {f"visual.trunk.{k.removeprefix('visual.')}": v for k, v in sd.items() if k.startswith("visual.")}
+        out["visual.head.proj.weight"] = sd["image_projection.weight"]
+        out.update(ours_to_openai({k: v for k, v in sd.items() if not k.startswith(("visual.", "image_projection."))}))
+    if "logit_bias" in sd:
+        out["logit_bias"] = sd["logit_bias"]
+    return out
+
+
+# transformers' CLIP towers: OpenAI block names -> HF names; the fused attn.in_proj is split into q/k/v_proj
+_HF_BLOCK = [("ln_1", "layer_norm1"), ("attn.out_proj", "self_attn.out_proj"), ("ln_2", "layer_norm2"),
+             ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2")]
+_HF_VISION = [("conv1.weight", "embeddings.patch_embedding.weight"), ("class_embedding", "embeddings.class_embedding"),
+              ("positional_embedding", "embeddings.position_embedding.weight"), ("ln_pre", "pre_layrnorm"),
+              ("ln_post", "post_layernorm")]
+_HF_TEXT = [("token_embedding", "embeddings.token_embedding"),
+            ("positional_embedding", "embeddings.position_embedding.weight"), ("ln_final", "final_layer_norm")]
+_QKV = ("q_proj", "k_proj", "v_proj")
+_HF_BUFFERS = ("position_ids", "token_type_ids")  # index buffers some transformers versions save; not weights
+
+
+def _transformer_to_hf(sd: dict[str, torch.Tensor], top: list[tuple[str, str]], where: str) -> dict[str, torch.Tensor]:
+    """One OpenAI-layout transformer tower (keys without `where`, its prefix) -> transformers' keys (no prefix)."""
+    out = {}
+    for key, value in sd.items():
+        m = re.match(r"transformer\.resblocks\.(\d+)\.(.+)", key)
+        if m and m.group(2) in ("attn.in_proj_weight", "attn.in_proj_bias"):
+            kind = m.group(2).rsplit("_", 1)[1]
+            for name, part in zip(_QKV, value.chunk(3, dim=0)):  # in_proj rows are [q; k; v]
+                out[f"encoder.layers.{m.group(1)}.self_attn.{name}.{kind}"] = part.contiguous()
+        elif m and _rename(m.group(2), _HF_BLOCK):
+            out[f"encoder.layers.{m.group(1)}.{_rename(m.group(2), _HF_BLOCK)}"] = value
+        elif _rename(key, top):
+            out[_rename(key, top)] = value
+        else:
+            raise WeightsError(f"{where}{key} has no equivalent in transformers' CLIP towers")
+    return out
+
+
+def _transformer_from_hf(sd: dict[str, torch.Tensor], top: list[tuple[str, str]],
+                         where: str) -> dict[str, torch.Tensor]:
+    """Inverse of `_transformer_to_hf` (q/k/v_proj concatenated back); keys it does not know are returned under
+    their full transformers name (`where` + key), for the caller to report as unexpected."""
+    inv_block, inv_top = [(b, a) for a, b in _HF_BLOCK], [(b, a) for a, b in top]
+    out, qkv = {}, {}
+    for key, value in sd.items():
+        m = re.match(r"encoder\.layers\.(\d+)\.(.+)", key)
+        q = re.fullmatch(r"self_attn\.([qkv]_proj)\.(weight|bias)", m.group(2)) if m else None
+        if q:
+            qkv.setdefault((m.group(1), q.group(2)), {})[q.group(1)] = value
+        elif m and _rename(m.group(2), inv_block):
+            out[f"transformer.resblocks.{m.group(1)}.{_rename(m.group(2), inv_block)}"] = value
+        elif _rename(key, inv_top):
+            out[_rename(key, inv_top)] = value
+        elif not key.endswith(_HF_BUFFERS):
+            out[where + key] = value
+    for (layer, kind), parts in qkv.items():
+        if set(parts) != set(_QKV):
+            raise WeightsError(f"{where}encoder.layers.{layer}.self_attn: has {sorted(parts)} {kind}s, needs "
+                               f"all of {list(_QKV)}")
+        out[f"transformer.resblocks.{layer}.attn.in_proj_{kind}"] = torch.cat([parts[n] for n in _QKV])
+    return out
+
+
+def openai_to_hf(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An OpenAI-layout CLIP with a ViT (or a Chinese-CLIP state_dict without `module.`: `bert.*` text) ->
+    transformers' CLIPModel (or ChineseCLIPModel) keys."""
+    vision = {k.removeprefix("visual."): v for k, v in sd.items() if k.startswith("visual.") and k != "visual.proj"}
+    out = {f"vision_model.{k}": v for k, v in _transformer_to_hf(vision, _HF_VISION, "visual.").items()}
+    out["visual_projection.weight"] = sd["visual.proj"].t().contiguous()
+    text = {}
+    for key, value in sd.items():
+        if key == "text_projection":
+            out["text_projection.weight"] = value.t().contiguous()
+        elif key == "logit_scale":
+            out[key] = value
+        elif key.startswith("bert."):
+            out["text_model." + key.removeprefix("bert.")] = value
+        elif not key.startswith("visual."):
+            text[key] = value
+    out.update({f"text_model.{k}": v for k, v in _transformer_to_hf(text, _HF_TEXT, "").items()})
+    return out
+
+
+def hf_to_openai(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers' CLIPModel keys -> the OpenAI layout; ChineseCLIPModel keys -> the Chinese-CLIP layout (`bert.*`
+    text, no `module.`). Keys without an equivalent keep their name (the loaders report them as unexpected)."""
+    bert = any(k.startswith("text_model.encoder.layer.") for k in sd)  # BertModel: `layer.i`; CLIP: `layers.i`
+    vision = {k.removeprefix("vision_model."): v for k, v in sd.items() if k.startswith("vision_model.")}
+    out = {(k if k.startswith("vision_model.") else f"visual.{k}"): v
+           for k, v in _transformer_from_hf(vision, _HF_VISION, "vision_model.").items()}
+    text = {k.removeprefix("text_model."): v for k, v in sd.items() if k.startswith("text_model.")}
+    if bert:
+        out.update({f"bert.{k}": v for k, v in text.items() if not k.endswith(_HF_BUFFERS)})
+    else:
+        out.update(_transformer_from_hf(text, _HF_TEXT, "text_model."))
+    for key, value in sd.items():
+        if key == "visual_projection.weight":
+            out["visual.proj"] = value.t().contiguous()
+        elif key == "text_projection.weight":
+            out["text_projection"] = value.t().contiguous()
+        elif not key.startswith(("vision_model.", "text_model.")):
+            out[key] = value  # logit_scale, or a key the caller reports
+    return out
+
+
 # --------------------------------------------------------------------------- recognising a source
 def unwrap_checkpoint(obj: dict) -> tuple[str, dict]:
-    """(layout, state_dict) of a loaded file: 'ours', 'cnclip', 'openai' or 'bert'."""
+    """(layout, state_dict) of a loaded file: 'ours', 'cnclip', 'openai' (also open_clip's), 'hf' or 'bert'."""
     if not isinstance(obj, dict):
         raise WeightsError(f"expected a dict of tensors, got {type(obj).__name__}")
     if "model" in obj and isinstance(obj["model"], dict):
@@ -337,6 +489,8 @@ def unwrap_checkpoint(obj: dict) -> tuple[str, dict]:
         return "openai", sd
     if any(k.startswith(("visual.blocks.", "visual.patch_embed", "image_projection", "text.")) for k in keys):
         return "ours", sd
+    if any(k.startswith(("vision_model.", "text_model.")) for k in keys):
+        return "hf", sd
     if any(k.startswith(("bert.encoder.", "encoder.layer.")) for k in keys):
         return "bert", sd
     if any(k.startswith("visual.") for k in keys):
@@ -353,6 +507,9 @@ def to_ours(obj: dict) -> dict[str, torch.Tensor]:
         return cnclip_to_ours(sd)
     if layout == "bert":
         return bert_to_ours(sd)
+    if layout == "hf":
+        sd = hf_to_openai(sd)
+        return cnclip_to_ours(sd) if any(k.startswith("bert.") for k in sd) else openai_to_ours(sd)
     return openai_to_ours(sd)
 
 
@@ -396,7 +553,8 @@ def load_weights(model: nn.Module, sources: list[str] | str) -> dict[str, list[s
     for path in sources:
         obj = read_state_dict(path)
         sd = to_ours(obj)
-        if bert_text and unwrap_checkpoint(obj)[0] == "openai":
+        if bert_text and unwrap_checkpoint(obj)[0] in ("openai", "hf") and not any(k.startswith("text.bert.")
+                                                                                  for k in sd):
             # an OpenAI CLIP checkpoint into a Chinese-BERT model (the MUGE baseline's init): only the vision
             # tower, its projection and logit_scale, as Chinese-CLIP's restore_model takes them. The OpenAI text
             # tower (and unknown non-vision keys) is dropped, and said so; unknown vision keys stay unexpected.
@@ -444,10 +602,15 @@ def _bert_name(sd: dict[str, torch.Tensor]) -> str:
 
 
 def infer_model(sd: dict[str, torch.Tensor]) -> tuple[str, dict]:
-    """(model name, build_model kwargs) of a full CLIP state_dict in our layout."""
+    """(model name, build_model kwargs) of a full CLIP state_dict in our layout.
+
+    The weights do not say the number of heads: the CLIP text tower gets width // 64 (OpenAI's rule) and a ViT its
+    registered backbone's (VITS16, not VITS16MOCO); an export's record (`exported_model`) says it exactly."""
     if "visual.attnpool.c_proj.weight" in sd:
         backbone, image_size = "RN50", (int(round((sd["visual.attnpool.positional_embedding"].shape[0] - 1) ** 0.5))
                                         * 32)
+    elif "visual.layer4.0.conv1.weight" in sd:  # timm ResNet-50 (clip-rocket's R50): any resolution, preset size
+        backbone, image_size = "R50", models.BACKBONES["R50"].image_size
     elif "visual.patch_embed.proj.weight" in sd:
         width, patch = sd["visual.patch_embed.proj.weight"].shape[0], sd["visual.patch_embed.proj.weight"].shape[-1]
         depth = len({k.split(".")[2] for k in sd if k.startswith("visual.blocks.")})
@@ -464,12 +627,14 @@ def infer_model(sd: dict[str, torch.Tensor]) -> tuple[str, dict]:
         raise WeightsError("cannot infer the vision backbone from these weights")
     embed_dim = sd["text_projection.weight"].shape[0]
     kwargs = {"image_size": image_size, "embed_dim": embed_dim}
+    objective = "SIGLIP" if "logit_bias" in sd else "CLIP"
     if "text.bert.embeddings.word_embeddings.weight" in sd:
-        return f"CNCLIP_{backbone}_CLIP", {**kwargs, "text_model": _bert_name(sd)}
+        return f"CNCLIP_{backbone}_{objective}", {**kwargs, "text_model": _bert_name(sd)}
     width = sd["text.token_embedding.weight"].shape[1]
     layers = len({k.split(".")[2] for k in sd if k.startswith("text.resblocks.")})
-    return f"CLIP_{backbone}_CLIP", {**kwargs, "text_width": width, "text_heads": width // 64, "text_layers": layers,
-                                     "context_length": sd["text.positional_embedding"].shape[0]}
+    return f"CLIP_{backbone}_{objective}", {**kwargs, "text_width": width, "text_heads": width // 64,
+                                            "text_layers": layers,
+                                            "context_length": sd["text.positional_embedding"].shape[0]}
 
 
 def kwargs_from_config(config: dict, spec: models.ModelSpec) -> dict:
@@ -497,21 +662,25 @@ def load_model_for_eval(resume: str | None = None, pretrained: str | None = None
                         device: str = "auto") -> tuple[nn.Module, models.ModelSpec, dict]:
     """An eval-mode model from our checkpoint (rebuilt from its stored args) and/or released weights.
 
-    Returns (model, spec, info) with info = {"image_size", "context_length", "config"}. Without
-    --resume and --model the architecture is inferred from the (first) pretrained file.
+    Returns (model, spec, info) with info = {"image_size", "context_length", "config", "checkpoint": {"epoch",
+    "step", "commit"} of --resume}. Without --model and a model in the checkpoint's args (a `weights.py convert`
+    output has none), the architecture is the one an export recorded next to the weights (`exported_model`), else
+    the one the checkpoint's or the (first) pretrained file's weights imply (`infer_model`).
     """
     config: dict = {}
     ckpt = None
     if resume:
         ckpt = read_state_dict(resume)
-        if not isinstance(ckpt, dict) or "model" not in ckpt or "args" not in ckpt:
-            raise WeightsError(f"{resume}: not a CLIP Lab checkpoint (no 'model'/'args'); use --pretrained")
-        config = dict(ckpt["args"])
+        if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
+            raise WeightsError(f"{resume}: not a CLIP Lab checkpoint (no 'model'); use --pretrained")
+        config = dict(ckpt.get("args") or {})
     if model_name or config.get("model"):
         spec = models.parse_model_name(model_name or config["model"])
         kwargs = kwargs_from_config(config, spec)
-    elif pretrained:
-        name, kwargs = infer_model(to_ours(read_state_dict(pretrained.split(",")[0])))
+    elif ckpt is not None or pretrained:
+        source = resume if ckpt is not None else pretrained.split(",")[0]
+        name, kwargs = exported_model(source) or infer_model(to_ours(ckpt if ckpt is not None
+                                                                     else read_state_dict(source)))
         spec = models.parse_model_name(name)
     else:
         raise WeightsError("give a checkpoint (--resume), pretrained weights (--pretrained) or --model")
@@ -522,14 +691,16 @@ def load_model_for_eval(resume: str | None = None, pretrained: str | None = None
         load_weights_dict(model, ckpt["model"], resume)
     model.to(utils.resolve_device(device)).eval()
     info = {"image_size": kwargs.get("image_size") or spec.backbone.image_size,
-            "context_length": kwargs.get("context_length") or spec.base.context_length, "config": config}
+            "context_length": kwargs.get("context_length") or spec.base.context_length, "config": config,
+            "checkpoint": {k: ckpt.get(k) for k in ("epoch", "step", "commit")} if ckpt is not None else {}}
     return model, spec, info
 
 
-def load_weights_dict(model: nn.Module, state: dict, source: str) -> None:
-    """Strict load_state_dict of our own state_dict with missing/unexpected keys listed."""
+def load_weights_dict(model: nn.Module, state: dict, source: str, assign: bool = False) -> None:
+    """Strict load_state_dict of our own state_dict with missing/unexpected keys listed. assign=True makes the
+    tensors the model's parameters (a model built on the meta device, never initialised)."""
     state = {k.removeprefix("module."): v for k, v in state.items()}
-    result = model.load_state_dict(state, strict=False)
+    result = model.load_state_dict(state, strict=False, assign=assign)
     if result.missing_keys or result.unexpected_keys:
         raise WeightsError(f"{source}: state_dict does not fit the model. missing keys ({len(result.missing_keys)}): "
                            f"{result.missing_keys[:20]}; unexpected keys ({len(result.unexpected_keys)}): "
@@ -537,28 +708,371 @@ def load_weights_dict(model: nn.Module, state: dict, source: str) -> None:
 
 
 # --------------------------------------------------------------------------- exports
+EXPORT_FORMATS = ("openai", "open_clip", "hf", "cnclip")
+FORMAT_NAMES = {"openai": "an OpenAI CLIP state_dict", "open_clip": "an open_clip model",
+                "hf": "a transformers CLIPModel/ChineseCLIPModel", "cnclip": "a Chinese-CLIP checkpoint"}
+EXPORT_RECORD = "clip_lab_export.json"  # an exported folder's record; an exported file's is <file>.json
+
+
+@dataclass(frozen=True)
+class ExportPair:
+    """The two towers an export writes, as a model of their own.
+
+    state: our-layout state_dict (visual.*, text.*, image_projection.*, text_projection.weight, logit_scale, and
+    logit_bias for SigLIP); name, kwargs: the `build_model` description that rebuilds the pair; vision: {"kind":
+    vit | modified_resnet | timm_resnet | other, sizes}; text: {"kind": transformer | bert, sizes}; dropped:
+    top-level modules of the source model left out; problems: how its ViT differs from CLIP's (empty if it does not).
+    """
+
+    state: dict
+    name: str
+    kwargs: dict
+    vision: dict
+    text: dict
+    dropped: list
+    problems: list
+
+
+def _vit_mismatches(vit: nn.Module) -> list[str]:
+    """How a timm VisionTransformer differs from OpenAI CLIP's ViT, the one layout OpenAI, open_clip, transformers
+    (CLIPVisionModel: pre_layrnorm, hidden_act quick_gelu) and Chinese-CLIP read; empty when it is one."""
+    import timm
+
+    blocks = list(vit.blocks)
+    norms = [vit.norm_pre, vit.norm] + [n for b in blocks for n in (b.norm1, b.norm2)]
+    checks = [
+        (isinstance(vit.norm_pre, nn.LayerNorm), "no LayerNorm before the blocks (CLIP's ln_pre)"),
+        (vit.patch_embed.proj.bias is None, "a bias in the patch embedding (CLIP's conv1 has none)"),
+        (len(set(vit.patch_embed.patch_size)) == 1, "non-square patches"),
+        (vit.global_pool == "token" and isinstance(vit.fc_norm, nn.Identity),
+         f"pooling {vit.global_pool!r} (CLIP takes the class token after ln_post)"),
+        (vit.has_class_token and vit.num_prefix_tokens == 1 and not vit.no_embed_class,
+         "not exactly one class token with its own position embedding"),
+        (all(isinstance(n, nn.LayerNorm) and n.eps == 1e-5 for n in norms), "LayerNorms other than eps 1e-5"),
+        (all(isinstance(b.mlp.act, timm.layers.QuickGELU) for b in blocks), "an MLP activation other than QuickGELU"),
+        (all(isinstance(b.mlp.norm, nn.Identity) for b in blocks), "a norm inside the MLP"),
+        (all(isinstance(b.ls1, nn.Identity) and isinstance(b.ls2, nn.Identity) for b in blocks), "layer scale"),
+        (all(isinstance(b.attn, models.TimmAttention) and b.attn.qkv.bias is not None for b in blocks),
+         "attention other than plain multi-head attention with q/k/v biases"),
+    ]
+    return [f"its ViT has {reason}" for ok, reason in checks if not ok]
+
+
+def _vision_description(visual: nn.Module, spec: models.ModelSpec, image_size: int) -> tuple[dict, list[str]]:
+    """(sizes of the vision tower for the target configs, _vit_mismatches)."""
+    import timm
+
+    if spec.backbone.projected:  # OpenAI's ModifiedResNet (RN50)
+        return {"kind": "modified_resnet", "image_size": image_size, "width": visual.conv1.out_channels * 2,
+                "layers": [len(getattr(visual, f"layer{i}")) for i in range(1, 5)],
+                "heads": visual.attnpool.num_heads}, []
+    if isinstance(visual, timm.models.ResNet):
+        return {"kind": "timm_resnet", "image_size": image_size,
+                "timm_model_name": visual.pretrained_cfg["architecture"]}, []
+    if isinstance(visual, timm.models.VisionTransformer):
+        return {"kind": "vit", "image_size": image_size, "width": visual.embed_dim, "layers": len(visual.blocks),
+                "heads": visual.blocks[0].attn.num_heads, "patch_size": visual.patch_embed.patch_size[0],
+                "mlp_width": visual.blocks[0].mlp.fc1.out_features}, _vit_mismatches(visual)
+    return {"kind": "other", "class": type(visual).__name__}, []
+
+
+def export_pair(model: nn.Module, spec: models.ModelSpec, info: dict, head: str = "z") -> ExportPair:
+    """The towers and projections of embedding head `head` of `model` (from `load_model_for_eval`) as an ExportPair.
+
+    Head z is the CLIP projector pair (a CL2L model's global pair); head h of a CL2L model is its l2l projector pair
+    with its own temperature (the z pair itself without separate projectors). Raises WeightsError for an unknown
+    head and for a projector that is an MLP: every target holds one linear projection per tower."""
+    heads = tuple(getattr(model, "embedding_heads", ("z",)))
+    if head not in heads:
+        raise WeightsError(f"{spec.name} has no embedding head {head!r} (its heads: {', '.join(heads)})")
+    parts = ("image_projection", "text_projection", "logit_scale")
+    if head == "h" and model.opts.separate_proj:
+        parts = ("l2l_image_projection", "l2l_text_projection", "l2l_logit_scale")
+    for part in parts[:2]:
+        proj = getattr(model, part)
+        if not isinstance(proj, (nn.Linear, nn.Identity)):
+            layers = "-".join(type(m).__name__ for m in proj.children()) or type(proj).__name__
+            raise WeightsError(f"head {head} of {spec.name}: {part} is an MLP ({layers}); OpenAI CLIP, open_clip, "
+                               "transformers and Chinese-CLIP hold one linear projection per tower" +
+                               (": export head z, the global pair" if head == "h" else ""))
+    sd = model.state_dict()
+    state = {k: v for k, v in sd.items() if k.startswith(("visual.", "text."))}
+    for part, ours in zip(parts, ("image_projection", "text_projection")):
+        state.update({f"{ours}.{k}": v for k, v in getattr(model, part).state_dict().items()})
+    state["logit_scale"] = sd[parts[2]]
+    if "logit_bias" in sd:
+        state["logit_bias"] = sd["logit_bias"]
+    vision, problems = _vision_description(model.visual, spec, info["image_size"])
+    embed_dim = state["text_projection.weight"].shape[0]
+    kwargs = {"image_size": info["image_size"], "embed_dim": embed_dim, "context_length": info["context_length"]}
+    if isinstance(model.text, models.BertTextTower):
+        text = {"kind": "bert", "config_name": _bert_name(state), "config": model.text.bert.config.to_dict()}
+        kwargs["text_model"] = text["config_name"]
+    else:
+        t = model.text
+        text = {"kind": "transformer", "width": t.width, "heads": t.resblocks[0].heads, "layers": len(t.resblocks),
+                "mlp_width": t.resblocks[0].mlp.c_fc.out_features, "context_length": t.context_length,
+                "vocab_size": t.token_embedding.num_embeddings}
+        kwargs.update(text_width=t.width, text_heads=text["heads"], text_layers=text["layers"])
+    name = f"{'CNCLIP' if text['kind'] == 'bert' else 'CLIP'}_{spec.backbone.name}_" \
+           f"{'SIGLIP' if 'logit_bias' in state else 'CLIP'}"
+    dropped = sorted({k.split(".")[0] for k in sd} - {"visual", "text", "logit_bias", *parts})
+    return ExportPair(state, name, kwargs, vision, text, dropped, problems)
+
+
+def export_refusals(pair: ExportPair, fmt: str) -> list[str]:
+    """Why `pair` cannot be written as format `fmt`, one reason each (empty when it can)."""
+    vision, bert = pair.vision["kind"], pair.text["kind"] == "bert"
+    out = list(pair.problems)
+    if vision == "other":
+        out.append(f"its vision tower ({pair.vision['class']}) is neither a CLIP ViT nor a ResNet-50")
+    if vision == "timm_resnet" and fmt != "open_clip":
+        out.append("its vision tower R50 is timm's ResNet-50 with global average pooling and a linear projection "
+                   "(clip-rocket's); OpenAI and Chinese-CLIP ResNets are ModifiedResNets with an attention pool (our "
+                   "RN50) and transformers' CLIP vision towers are ViTs: use --format open_clip (a timm tower)")
+    if vision == "modified_resnet" and fmt == "hf":
+        out.append("its vision tower RN50 is OpenAI's ModifiedResNet; transformers' CLIPVisionModel and "
+                   "ChineseCLIPVisionModel are ViTs: use --format " + ("cnclip" if bert else "openai or open_clip"))
+    if bert and fmt == "openai":
+        out.append("its text tower is a Chinese BERT; OpenAI CLIP's is the causal CLIP transformer: use --format hf "
+                   "(ChineseCLIPModel) or cnclip")
+    if bert and fmt == "open_clip":
+        out.append("its text tower is a Chinese BERT; open_clip builds BERT towers from a Hugging Face hub name "
+                   "(text_cfg.hf_model_name), so the folder would not hold the whole model: use --format hf "
+                   "(ChineseCLIPModel) or cnclip")
+    if not bert and fmt == "cnclip":
+        out.append("Chinese-CLIP's text tower is a BERT; this model's is the CLIP transformer: use --format openai, "
+                   "open_clip or hf")
+    if "logit_bias" in pair.state and fmt != "open_clip":
+        out.append(f"SigLIP's logit_bias has no place in {FORMAT_NAMES[fmt]} (transformers' SiglipModel has another "
+                   "vision tower: no class token, an attention-pool head): use --format open_clip (init_logit_bias)")
+    if fmt == "openai":  # OpenAI's build_model (clip.load; open_clip's build_model_from_openai_state_dict)
+        for tower, sizes in (("vision", pair.vision), ("text", pair.text)):
+            if sizes["kind"] in ("vit", "transformer") and sizes["heads"] != sizes["width"] // 64:
+                out.append(f"its {tower} tower has {sizes['heads']} heads of width {sizes['width'] // sizes['heads']}"
+                           f"; OpenAI's loader derives width // 64 = {sizes['width'] // 64} heads from the weights: "
+                           "use --format open_clip or hf")
+    return out
+
+
+def open_clip_config(pair: ExportPair) -> dict:
+    """open_clip's model config of `pair` (the `CLIP(**cfg)` kwargs a model_configs/*.json holds)."""
+    v, t = pair.vision, pair.text
+    if v["kind"] == "vit":
+        vision = {"image_size": v["image_size"], "layers": v["layers"], "width": v["width"],
+                  "head_width": v["width"] // v["heads"], "mlp_ratio": v["mlp_width"] / v["width"],
+                  "patch_size": v["patch_size"]}
+    elif v["kind"] == "modified_resnet":  # open_clip: heads = width * 32 // head_width
+        vision = {"image_size": v["image_size"], "layers": v["layers"], "width": v["width"],
+                  "head_width": v["width"] * 32 // v["heads"]}
+    else:  # timm_resnet: open_clip's TimmModel, global average pool then a bias-free linear projection
+        vision = {"image_size": v["image_size"], "timm_model_name": v["timm_model_name"],
+                  "timm_model_pretrained": False, "timm_pool": "avg", "timm_proj": "linear", "timm_proj_bias": False}
+    cfg = {"embed_dim": pair.kwargs["embed_dim"], "quick_gelu": True, "vision_cfg": vision,
+           "text_cfg": {"context_length": t["context_length"], "vocab_size": t["vocab_size"], "width": t["width"],
+                        "heads": t["heads"], "layers": t["layers"], "mlp_ratio": t["mlp_width"] / t["width"]}}
+    if "logit_bias" in pair.state:
+        cfg["init_logit_bias"] = float(pair.state["logit_bias"])
+    return cfg
+
+
+def _write_json(path: str, obj: dict) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1)
+        f.write("\n")
+
+
+def _write_openai(pair: ExportPair, out: str, record: dict) -> None:
+    utils.save_atomic(ours_to_openai(pair.state), out)
+
+
+def _write_cnclip(pair: ExportPair, out: str, record: dict) -> None:
+    payload = {"epoch": int(record["epoch"] or 0), "step": int(record["step"] or 0), "name": record["name"],
+               "state_dict": ours_to_cnclip(pair.state)}
+    utils.save_atomic(payload, out)
+
+
+def _write_open_clip(pair: ExportPair, out: str, record: dict) -> None:
+    """`<name>.json` (for open_clip.add_model_config), open_clip_config.json (for `local-dir:` and the hub) and
+    open_clip_model.safetensors, written from open_clip's own CLIP loaded strictly with the weights."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    import datasets
+
+    cfg = open_clip_config(pair)
+    with torch.device("meta"):  # no random initialisation: every weight is assigned
+        model = open_clip.CLIP(**cfg)
+    load_weights_dict(model, ours_to_open_clip(pair.state), f"open_clip CLIP({record['name']})", assign=True)
+    save_file(model.state_dict(), os.path.join(out, "open_clip_model.safetensors"))
+    _write_json(os.path.join(out, f"{record['name']}.json"), cfg)
+    # our eval transform (datasets.val_transform): shortest side, bicubic, centre crop, OpenAI mean/std
+    preprocess = {"mean": list(datasets.OPENAI_MEAN), "std": list(datasets.OPENAI_STD), "interpolation": "bicubic",
+                  "resize_mode": "shortest"}
+    _write_json(os.path.join(out, "open_clip_config.json"), {"model_cfg": cfg, "preprocess_cfg": preprocess})
+
+
+def _hf_clip_tokenizer(context_length: int):
+    """transformers' CLIPTokenizer with the vocabulary and merges of our BPE tokenizer (open_clip's
+    SimpleTokenizer), its special tokens under OpenAI's names."""
+    from transformers import CLIPTokenizer
+
+    import datasets
+
+    bpe = datasets.BpeTokenizer(context_length).tokenizer
+    vocab = {k: v for k, v in bpe.encoder.items() if v not in (bpe.sot_token_id, bpe.eot_token_id)}
+    vocab.update({"<|startoftext|>": bpe.sot_token_id, "<|endoftext|>": bpe.eot_token_id})
+    merges = [pair for pair, _ in sorted(bpe.bpe_ranks.items(), key=lambda item: item[1])]
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=context_length)
+
+
+def _write_hf(pair: ExportPair, out: str, record: dict) -> None:
+    """A transformers CLIPModel (CLIP text) or ChineseCLIPModel (BERT text) folder with its tokenizer and image
+    processor (our eval transforms: CLIP resize + centre crop, Chinese-CLIP squash), via save_pretrained."""
+    import transformers
+
+    import datasets
+
+    v, t, embed_dim = pair.vision, pair.text, pair.kwargs["embed_dim"]
+    vision = dict(hidden_size=v["width"], intermediate_size=v["mlp_width"], num_hidden_layers=v["layers"],
+                  num_attention_heads=v["heads"], image_size=v["image_size"], patch_size=v["patch_size"],
+                  hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=embed_dim)
+    size, context = v["image_size"], pair.kwargs["context_length"]
+    norm = dict(resample=3, image_mean=list(datasets.OPENAI_MEAN), image_std=list(datasets.OPENAI_STD))  # bicubic
+    if t["kind"] == "bert":
+        text = {k: t["config"][k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                            "num_attention_heads", "max_position_embeddings", "type_vocab_size",
+                                            "hidden_act", "layer_norm_eps", "pad_token_id", "hidden_dropout_prob",
+                                            "attention_probs_dropout_prob", "initializer_range")}
+        config_cls, model_cls = transformers.ChineseCLIPConfig, transformers.ChineseCLIPModel
+        layout = {k.removeprefix("module."): v for k, v in ours_to_cnclip(pair.state).items()}
+        tokenizer = datasets.BertTokenizer(context).tokenizer
+        tokenizer.model_max_length = context
+        processor = transformers.ChineseCLIPImageProcessor(size={"height": size, "width": size}, do_center_crop=False,
+                                                           **norm)
+    else:
+        text = dict(vocab_size=t["vocab_size"], hidden_size=t["width"], intermediate_size=t["mlp_width"],
+                    num_hidden_layers=t["layers"], num_attention_heads=t["heads"],
+                    max_position_embeddings=t["context_length"], hidden_act="quick_gelu", layer_norm_eps=1e-5,
+                    projection_dim=embed_dim, bos_token_id=49406, eos_token_id=49407)
+        config_cls, model_cls = transformers.CLIPConfig, transformers.CLIPModel
+        layout = ours_to_openai(pair.state)
+        tokenizer = _hf_clip_tokenizer(context)
+        processor = transformers.CLIPImageProcessor(size={"shortest_edge": size},
+                                                    crop_size={"height": size, "width": size}, **norm)
+    config = config_cls(text_config=text, vision_config=vision, projection_dim=embed_dim,
+                        logit_scale_init_value=float(pair.state["logit_scale"]))
+    with torch.device("meta"):  # no random initialisation: every weight is assigned
+        model = model_cls(config)
+    load_weights_dict(model, openai_to_hf(layout), f"transformers {model_cls.__name__}", assign=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    processor.save_pretrained(out)
+    if t["kind"] == "bert":  # the wordpiece vocabulary itself, for tools that read vocab.txt
+        shutil.copyfile(datasets.CHINESE_VOCAB, os.path.join(out, "vocab.txt"))
+
+
+_WRITERS = {"openai": _write_openai, "open_clip": _write_open_clip, "hf": _write_hf, "cnclip": _write_cnclip}
+
+
+def export(ckpt_path: str, fmt: str, out: str, head: str = "z", name: str | None = None) -> dict:
+    """Write embedding head `head` of our checkpoint `ckpt_path` in format `fmt` to `out`; returns the export record.
+
+    openai / cnclip write a file (+ the record as `<out>.json`); open_clip / hf write a folder (built beside `out`,
+    then renamed into place) holding the record as clip_lab_export.json. The model is rebuilt by
+    `load_model_for_eval`. `name`: the open_clip config name (default: the checkpoint's model name), or the
+    Chinese-CLIP checkpoint's name (default: the run's name). Raises WeightsError, naming every reason, when the
+    architecture does not fit the format, and when `out` exists (nothing is overwritten).
+    """
+    import datetime
+
+    if fmt not in EXPORT_FORMATS:
+        raise WeightsError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
+    folder = fmt in ("open_clip", "hf")
+    for target in [out] if folder else [out, out + ".json"]:
+        if os.path.lexists(target) and not (folder and os.path.isdir(target) and not os.listdir(target)):
+            raise WeightsError(f"{target} exists; an export never overwrites: remove it or choose another --out")
+    model, spec, info = load_model_for_eval(resume=ckpt_path, device="cpu")
+    try:
+        pair = export_pair(model, spec, info, head)
+    except WeightsError as exc:
+        raise WeightsError(f"{ckpt_path}: {exc}") from None
+    refusals = export_refusals(pair, fmt)
+    if refusals:
+        raise WeightsError(f"{ckpt_path}: {spec.name} cannot be exported as {FORMAT_NAMES[fmt]}: "
+                           + "; ".join(refusals))
+    if pair.dropped:
+        log.warning("%s: not exported (the export holds the towers and head %s's projections only): %s", ckpt_path,
+                    head, ", ".join(pair.dropped))
+    default_name = spec.name if fmt == "open_clip" else \
+        info["config"].get("name") or os.path.splitext(os.path.basename(ckpt_path))[0]
+    record = {"format": fmt, "source": os.path.abspath(ckpt_path), "commit": info["checkpoint"].get("commit"),
+              "epoch": info["checkpoint"].get("epoch"), "step": info["checkpoint"].get("step"),
+              "source_model": spec.name, "head": head, "name": name or default_name,
+              "model": {"name": pair.name, "kwargs": pair.kwargs}, "dropped": pair.dropped,
+              "exported_with": {"tool": "weights.py export", "commit": utils.git_commit()},
+              "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+    if not folder:
+        _WRITERS[fmt](pair, out, record)
+        _write_json(out + ".json", record)
+    else:
+        partial = f"{out.rstrip(os.sep)}.partial-{os.getpid()}"
+        os.makedirs(partial)
+        try:
+            _WRITERS[fmt](pair, partial, record)
+            _write_json(os.path.join(partial, EXPORT_RECORD), record)
+            os.replace(partial, out)
+        finally:
+            if os.path.isdir(partial):
+                shutil.rmtree(partial)
+    log.info("wrote %s (%s, %s)", out, FORMAT_NAMES[fmt], pair.name)
+    return record
+
+
+def exported_model(path: str) -> tuple[str, dict] | None:
+    """(model name, build_model kwargs) that `export` recorded for the weights at `path` (a folder's
+    clip_lab_export.json, a file's `<file>.json`), or None when there is no record."""
+    record_path = os.path.join(path, EXPORT_RECORD) if os.path.isdir(path) else path + ".json"
+    if not os.path.isfile(record_path):
+        return None
+    with open(record_path, encoding="utf-8") as f:
+        try:
+            record = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise WeightsError(f"{record_path}: not an export record ({exc})") from exc
+    model = record.get("model") if isinstance(record, dict) and record.get("format") in EXPORT_FORMATS else None
+    if not (isinstance(model, dict) and isinstance(model.get("name"), str) and isinstance(model.get("kwargs"), dict)):
+        return None
+    return model["name"], model["kwargs"]
+
+
 def export_cnclip(ckpt_path: str, out_path: str) -> dict:
-    """Our checkpoint (or state_dict) of a CNCLIP model -> a Chinese-CLIP checkpoint file."""
-    obj = read_state_dict(ckpt_path)
-    layout, sd = unwrap_checkpoint(obj)
-    if layout != "ours":
-        raise WeightsError(f"{ckpt_path}: export-cnclip takes a CLIP Lab checkpoint, not a {layout} one")
-    sd = {k.removeprefix("module."): v for k, v in sd.items()}
-    payload = {"epoch": int(obj.get("epoch", 0)), "step": int(obj.get("step", 0)),
-               "name": str(obj.get("args", {}).get("name") or os.path.splitext(os.path.basename(ckpt_path))[0]),
-               "state_dict": ours_to_cnclip(sd)}
-    torch.save(payload, out_path)
-    return payload
+    """Our checkpoint of a CNCLIP model -> a Chinese-CLIP checkpoint file (`export(..., "cnclip", ...)`)."""
+    return export(ckpt_path, "cnclip", out_path)
 
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    parser = argparse.ArgumentParser("weights", description="convert released CLIP weights")
+    parser = argparse.ArgumentParser("weights", description="convert released CLIP weights; export ours")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("convert-openai", help="OpenAI TorchScript/state_dict -> plain OpenAI-layout state_dict")
     p.add_argument("input")
     p.add_argument("output")
-    p = sub.add_parser("export-cnclip", help="our CNCLIP checkpoint -> Chinese-CLIP checkpoint")
+    p = sub.add_parser("export", help="our checkpoint -> OpenAI CLIP, open_clip, transformers or Chinese-CLIP")
+    p.add_argument("input", help="a CLIP Lab checkpoint (experiments/RUN/checkpoint.pt) or a `convert` output")
+    p.add_argument("--format", required=True, choices=EXPORT_FORMATS,
+                   help="openai: a state_dict file (clip.load, open_clip); open_clip: a folder with the config "
+                        "JSON and weights; hf: a transformers CLIPModel/ChineseCLIPModel folder; cnclip: a "
+                        "Chinese-CLIP .pt")
+    p.add_argument("--out", required=True, help="file (openai, cnclip) or folder (open_clip, hf) to write; an "
+                                                "existing one is never overwritten")
+    p.add_argument("--head", default="z", choices=("z", "h"),
+                   help="embedding head of a CL2L model: z, the global pair (default), or h, its l2l projectors "
+                        "(when they are linear)")
+    p.add_argument("--name", default=None, help="open_clip: the config name (default: the model name); cnclip: "
+                                                "the checkpoint's name (default: the run's name)")
+    p = sub.add_parser("export-cnclip", help="our CNCLIP checkpoint -> Chinese-CLIP checkpoint (= export "
+                                             "--format cnclip)")
     p.add_argument("input")
     p.add_argument("output")
     p = sub.add_parser("convert", help="any supported weights -> our state_dict ({'model': ...})")
@@ -571,8 +1085,15 @@ def main(argv: list[str] | None = None) -> None:
         if layout != "openai":
             raise SystemExit(f"{args.input}: not OpenAI CLIP weights (looks like {layout})")
         torch.save({k: v for k, v in sd.items() if k not in IGNORED_SOURCE_KEYS[:3]}, args.output)
-    elif args.command == "export-cnclip":
-        export_cnclip(args.input, args.output)
+    elif args.command in ("export", "export-cnclip"):
+        try:
+            if args.command == "export":
+                export(args.input, args.format, args.out, head=args.head, name=args.name)
+            else:
+                export(args.input, "cnclip", args.output)
+        except WeightsError as exc:
+            raise SystemExit(f"weights.py {args.command}: {exc}") from None
+        return
     else:
         sd = to_ours(read_state_dict(args.input))
         bad = [k for k in sd if k.startswith("unexpected:")]
