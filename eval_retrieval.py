@@ -419,7 +419,7 @@ def read_reference(path: str, tr: bool = False) -> tuple[dict[int, list[int]], K
             raise SubmissionError(f"{where}: {keys.query} must be an integer and {keys.items} a list: {line}")
         try:
             qid = readers.json_id(obj[keys.query], where, keys.query)
-            items = [readers.json_id(item, where, f"each of {keys.items}") for item in obj[keys.items]]
+            items = readers.json_ids(obj[keys.items], where, f"each of {keys.items}")
         except readers.DatasetError as exc:
             raise SubmissionError(str(exc)) from None
         if qid in first_line:

@@ -374,9 +374,11 @@ EVAL_ERRORS = (readers.DatasetError, readers.CorruptSample, readers.NonFiniteErr
 
 
 def _one_line(exc: BaseException) -> str:
-    """The last line of an error's message (a DataLoader worker's copy carries the worker's traceback first)."""
+    """An error's message on one line: a DataLoader worker's copy carries the worker's traceback first, ending with
+    "module.Error: message", of which the message is kept."""
     lines = [line for line in str(exc).strip().splitlines() if line.strip()]
-    return lines[-1] if lines else type(exc).__name__
+    last = lines[-1] if lines else type(exc).__name__
+    return last.removeprefix(f"{type(exc).__module__}.{type(exc).__name__}: ")
 
 
 def main(argv: list[str] | None = None) -> dict:

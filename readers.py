@@ -232,6 +232,14 @@ def json_id(value, where: str, key: str) -> int:
     return value
 
 
+def json_ids(values: list, where: str, key: str) -> list:
+    """`json_id` of every value of a JSON list (`key` names one of them), checked in one pass when all are fine."""
+    if all(type(v) is int for v in values) and (not values or INT64_RANGE[0] <= min(values)
+                                                   and max(values) < INT64_RANGE[1]):
+        return values
+    return [json_id(v, where, key) for v in values]
+
+
 def text_id(field: bytes | str, where: str, key: str = "image id") -> int:
     """The id rule for a text field (a tsv column, an LMDB key): an int64 integer written as `str(id)` writes it
     (ASCII digits, an optional '-', no leading zero), nothing else: no spaces, '+', '_', leading zeros or '.' that
@@ -239,7 +247,8 @@ def text_id(field: bytes | str, where: str, key: str = "image id") -> int:
     otherwise."""
     raw = field.encode("ascii", "replace") if isinstance(field, str) else bytes(field)
     digits = raw[1:] if raw[:1] == b"-" else raw
-    if not (digits.isdigit() and raw == str(int(raw)).encode() and INT64_RANGE[0] <= int(raw) < INT64_RANGE[1]):
+    if not (digits.isdigit() and len(digits) <= 19 and raw == str(int(raw)).encode()
+            and INT64_RANGE[0] <= int(raw) < INT64_RANGE[1]):
         raise DatasetError(f"{where}: {key} {raw[:40]!r} is not an integer")
     return int(raw)
 
@@ -288,8 +297,8 @@ def check_finite(values: np.ndarray, ids: Sequence, what: str, where: str, label
     """Raise NonFiniteError "<where>: N of M <what> are not finite (first: <label> <id>)" when any row of `values`
     ((M, ...) array, row i named ids[i]) holds a NaN or an infinity. One reduction when all is well."""
     values = np.asarray(values)
-    if values.size == 0 or np.isfinite(values.sum(dtype=np.float64)):
-        return  # NaN and +-inf propagate through the sum; float64 does not overflow on finite float32 rows
+    if values.size == 0 or np.isfinite(values.sum()):
+        return  # NaN and +-inf propagate through the sum (an overflow to inf just takes the exact path below)
     bad = ~np.isfinite(values.reshape(len(values), -1)).all(axis=1)  # (M,)
     if bad.any():
         first = ids[int(np.argmax(bad))]
@@ -333,7 +342,8 @@ class DigitsReader:
         return len(self.labels)
 
     def read(self, index: int) -> tuple[Image.Image, list[str]]:
-        return to_rgb(Image.fromarray(self.images[index])), self.captions[int(self.labels[index])]  # (8, 8) uint8: L
+        image = to_rgb(Image.fromarray(self.images[index]))  # (8, 8) uint8: L
+        return image, check_captions(self.captions[int(self.labels[index])], f"digits[{index}]")
 
     def label(self, index: int) -> int:
         return int(self.labels[index])
@@ -798,7 +808,7 @@ def parse_text_record(line: str, where: str, need_image_ids: bool = True) -> tup
     tid, text, image_ids = (rec[k] for k in keys)
     if not isinstance(text, str) or not isinstance(image_ids, list):
         raise DatasetError(f"{where}: {keys[0]} must be an int, {keys[1]} a string and {keys[2]} a list of ints")
-    return json_id(tid, where, keys[0]), text, [json_id(i, where, keys[2][:-1]) for i in image_ids]
+    return json_id(tid, where, keys[0]), text, json_ids(image_ids, where, keys[2][:-1])
 
 
 def texts_jsonl_path(folder: str, split: str) -> str:
@@ -943,7 +953,8 @@ class TorchvisionReader:
 
     def read(self, index: int) -> tuple[Image.Image, list[str]]:
         image, label = self.dataset[index]  # decoded by torchvision from raw arrays (CIFAR: RGB, MNIST: L)
-        return to_rgb(image), [self.classnames[label] if self.classnames else str(label)]
+        return to_rgb(image), check_captions([self.classnames[label] if self.classnames else str(label)],
+                                             f"torchvision[{index}]")
 
     def label(self, index: int) -> int:
         return int(self.dataset[index][1])

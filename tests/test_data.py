@@ -1106,7 +1106,7 @@ def test_a_caption_that_cannot_be_tokenised_is_a_bad_sample_in_training_and_a_fi
         readers.CaptionRecordsReader(str(tmp_path / "meta.jsonl"), str(tmp_path / "img"), "cc3m", "image_id").read(0)
 
 
-@pytest.mark.parametrize("field", [b" 7", b"+7", b"1_000", b"07", b"7.0", b"\xef\xbb\xbf7"])
+@pytest.mark.parametrize("field", [b" 7", b"+7", b"1_000", b"07", b"7.0", b"\xef\xbb\xbf7", b"9" * 25])
 def test_tsv_image_ids_are_integers_as_str_writes_them(tmp_path, photo, field):
     """`int()` accepts " 7", "+7", "1_000" and "07": one id would have several spellings (and LMDB keys), so the
     readers and the builder refuse them, naming the line (a byte-order mark is accepted at the start of the file
