@@ -680,7 +680,7 @@ class _InMemoryImages(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> torch.Tensor:
 
-        return self.transform(readers.decode_image(self.blobs[index], self.draft))
+        return self.transform(readers.decode_image(self.blobs[index], f"image {index}", self.draft))
 
 
 @subcommand("data", _add_data_args)

@@ -11,8 +11,12 @@ Output, `OUT/{split}/imgs` and `OUT/{split}/pairs`, in the layout Chinese-CLIP's
 - pairs: `str(i).encode()` -> `pickle.dumps((image_id, text_id, text))` for every (text, image) combination in
   jsonl order, and `b"num_samples"` -> `str(N).encode()`.
 
-Every image is decoded once to validate it. Errors (bad base64, undecodable image, a text naming a missing image,
-a duplicate id, a malformed jsonl line) name the file and line; `--skip-bad` drops them and prints the count.
+Every image is decoded once to validate it, by the readers' one decoder (`readers.decode_image`: the same mode
+rule and --max-image-pixels limit as training and evaluation), and every text is checked as the readers check
+captions (`readers.check_captions`) and ids (`readers.json_id` / `readers.text_id`: integers, never coerced,
+unique). Errors (bad base64, an undecodable or too large image, a text naming a missing image, a duplicate or
+non-integer id, a malformed jsonl line, a caption that is not valid Unicode) name the file and line; `--skip-bad`
+drops them and prints the count. A UTF-8 byte-order mark at the start of a file is accepted.
 The map size starts small and doubles when full. Each split is written into a temporary folder that is renamed
 into place at the end, so an interrupted build never leaves a half LMDB.
 """
@@ -33,9 +37,15 @@ from PIL import Image
 from tqdm import tqdm
 
 from readers import (
-    CORRUPT_ERRORS,
+    DEFAULT_MAX_IMAGE_PIXELS,
+    CorruptSample,
     DatasetError,
+    UniqueIds,
     b64decode_image,
+    check_captions,
+    decode_image,
+    max_pixels_arg,
+    open_lines,
     parse_imgs_tsv_line,
     parse_text_record,
     texts_jsonl_path,
@@ -57,6 +67,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="store JPEGs re-encoded with the short side at most N pixels (a large decode saving)")
     p.add_argument("--quality", type=int, default=95, help="JPEG quality of --resize re-encoding")
     p.add_argument("--skip-bad", action="store_true", help="drop bad lines (reported) instead of stopping")
+    p.add_argument("--max-image-pixels", type=max_pixels_arg, default=DEFAULT_MAX_IMAGE_PIXELS,
+                   help="images with more pixels (after a JPEG's draft reduction) are bad lines, as in training and "
+                        "evaluation; raise it for valid huge images")
     p.add_argument("--initial-map-size", type=int, default=64 << 20,
                    help="initial LMDB map size in bytes; doubled whenever it fills up")
     p.add_argument("--commit-every", type=int, default=1000, help="puts per write transaction")
@@ -94,11 +107,12 @@ class GrowingWriter:
         self.env.close()
 
 
-def resized_b64(data: bytes, size: int, quality: int) -> bytes:
-    """JPEG bytes re-encoded with the short side at most `size` (bicubic), as standard base64."""
-    image = Image.open(io.BytesIO(data))
-    image.draft("RGB", (size, size))  # DCT-domain downscale first, never below `size`
-    image = image.convert("RGB")
+
+def resized_b64(data: bytes, size: int, quality: int, where: str = "image",
+                max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> bytes:
+    """Image bytes decoded by the readers' rule (a JPEG drafted, never below `size`), re-encoded as a JPEG with the
+    short side at most `size` (bicubic), as standard base64."""
+    image = decode_image(data, where, size, max_pixels)
     scale = size / min(image.size)
     if scale < 1:
         image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
@@ -108,18 +122,17 @@ def resized_b64(data: bytes, size: int, quality: int) -> bytes:
     return base64.b64encode(out.getvalue())
 
 
-def check_image(b64: bytes, where: str) -> bytes:
-    """Decoded image bytes of a base64 field (standard or urlsafe alphabet), fully decoded once to validate."""
+def check_image(b64: bytes, where: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> bytes:
+    """Decoded image bytes of a base64 field (standard or urlsafe alphabet), decoded once by `readers.decode_image`
+    to validate (a JPEG at 1/8 size: every entropy-coded byte is still read, much faster)."""
     try:
         data = b64decode_image(b64)
     except (binascii.Error, ValueError) as exc:
         raise BuildError(f"{where}: bad base64 ({exc})") from None
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.draft("RGB", (64, 64))  # every entropy-coded byte is still read; much faster
-            image.load()
-    except CORRUPT_ERRORS as exc:
-        raise BuildError(f"{where}: undecodable image ({exc})") from None
+        decode_image(data, where, 64, max_pixels)
+    except CorruptSample as exc:
+        raise BuildError(str(exc)) from None
     return data
 
 
@@ -144,30 +157,31 @@ def build_split(data_dir: str, split: str, out_dir: str, args: argparse.Namespac
 
     try:
         imgs = GrowingWriter(os.path.join(tmp, "imgs"), args.initial_map_size, args.commit_every)
-        seen: set[int] = set()
-        with open(imgs_path, "rb") as f, tqdm(total=os.path.getsize(imgs_path), unit="B", unit_scale=True,
-                                              desc=f"{split} images", file=sys.stderr) as bar:
+        seen = UniqueIds(imgs_path, "image id")
+        with open_lines(imgs_path, binary=True) as f, \
+                tqdm(total=os.path.getsize(imgs_path), unit="B", unit_scale=True, desc=f"{split} images",
+                     file=sys.stderr) as bar:
             for lineno, line in enumerate(f, 1):
                 bar.update(len(line))
                 where = f"{imgs_path}:{lineno}"
                 try:
                     image_id, b64 = parse_imgs_tsv_line(line, where)
-                    if image_id in seen:
-                        raise BuildError(f"{where}: duplicate image id {image_id}")
-                    data = check_image(b64, where)
+                    seen.check(image_id, lineno)
+                    data = check_image(b64, where, args.max_image_pixels)
                 except DatasetError as exc:
                     fail(exc if isinstance(exc, BuildError) else BuildError(str(exc)))
                     continue
-                seen.add(image_id)
-                imgs.put(str(image_id).encode("utf-8"), resized_b64(data, args.resize, args.quality)
-                         if args.resize else b64)
+                seen.add(image_id, lineno)
+                imgs.put(str(image_id).encode("utf-8"), resized_b64(data, args.resize, args.quality, where,
+                                                                    args.max_image_pixels) if args.resize else b64)
         imgs.put(b"num_images", str(len(seen)).encode("utf-8"))
         imgs.close()
 
         pairs = GrowingWriter(os.path.join(tmp, "pairs"), args.initial_map_size, args.commit_every)
-        n_pairs, text_ids = 0, set()
-        with open(texts_path, "rb") as f, tqdm(total=os.path.getsize(texts_path), unit="B", unit_scale=True,
-                                               desc=f"{split} texts", file=sys.stderr) as bar:
+        n_pairs, text_ids = 0, UniqueIds(texts_path, "text id")
+        with open_lines(texts_path, binary=True) as f, \
+                tqdm(total=os.path.getsize(texts_path), unit="B", unit_scale=True, desc=f"{split} texts",
+                     file=sys.stderr) as bar:
             for lineno, raw in enumerate(f, 1):
                 bar.update(len(raw))
                 if not raw.strip():
@@ -175,18 +189,18 @@ def build_split(data_dir: str, split: str, out_dir: str, args: argparse.Namespac
                 where = f"{texts_path}:{lineno}"
                 try:
                     text_id, text, image_ids = parse_text_record(raw.decode("utf-8"), where)
-                    if text_id in text_ids:
-                        raise BuildError(f"{where}: duplicate text id {text_id}")
+                    text_ids.check(text_id, lineno)
+                    check_captions([text], where)
                     missing = [i for i in image_ids if i not in seen]
                     if missing:
                         raise BuildError(f"{where}: image id(s) {missing} of text {text_id} not in {imgs_path}")
                 except UnicodeDecodeError as exc:
                     fail(BuildError(f"{where}: not UTF-8 ({exc})"))
                     continue
-                except DatasetError as exc:
+                except (DatasetError, CorruptSample) as exc:
                     fail(exc if isinstance(exc, BuildError) else BuildError(str(exc)))
                     continue
-                text_ids.add(text_id)
+                text_ids.add(text_id, lineno)
                 for image_id in image_ids:
                     pairs.put(str(n_pairs).encode("utf-8"), pickle.dumps((image_id, text_id, text)))
                     n_pairs += 1

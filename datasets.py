@@ -1,7 +1,8 @@
 """Data: transforms, tokenizers, sample composition (views, captions, bad-sample policy) and the sampler.
 
 Storage (the catalog, the readers and the image decoder) is readers.py; this module turns what a reader
-returns into training samples:
+returns (RGB images, by readers.decode_image's one rule) into training samples. Transforms take RGB and never
+convert modes:
 - `ImageTextDataset` / `MultiViewDataset` compose a sample (image views + tokenised captions) from a reader;
 - transforms and tokenizers are named builder functions;
 - `ResumableSampler` fixes the per-epoch order across ranks and can start mid-epoch.
@@ -104,16 +105,11 @@ def train_transform(image_size: int, min_scale: float = 0.5) -> v2.Compose:
 
 def autoaugment_transform(image_size: int):
     """Chinese-CLIP's `--use-augment` training view (timm create_transform): RandomResizedCrop(scale 0.9-1,
-    bicubic), horizontal flip, AutoAugment 'original' policy, RGB, tensor, OpenAI normalisation."""
+    bicubic), horizontal flip, AutoAugment 'original' policy, tensor, OpenAI normalisation."""
     from timm.data import create_transform
 
-    timm_tf = create_transform(input_size=image_size, scale=(0.9, 1.0), is_training=True, color_jitter=None,
-                               auto_augment="original", interpolation="bicubic", mean=OPENAI_MEAN, std=OPENAI_STD)
-    return T.Compose([T.Lambda(_to_rgb), *timm_tf.transforms])
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    return image.convert("RGB")
+    return create_transform(input_size=image_size, scale=(0.9, 1.0), is_training=True, color_jitter=None,
+                            auto_augment="original", interpolation="bicubic", mean=OPENAI_MEAN, std=OPENAI_STD)
 
 
 def val_transform(image_size: int) -> T.Compose:
@@ -127,9 +123,9 @@ def val_transform(image_size: int) -> T.Compose:
 
 
 def squash_transform(image_size: int) -> T.Compose:
-    """Chinese-CLIP's evaluation view: bicubic resize to a square (no crop), RGB, tensor, OpenAI normalisation."""
+    """Chinese-CLIP's evaluation view: bicubic resize to a square (no crop), tensor, OpenAI normalisation."""
     return T.Compose([T.Resize((image_size, image_size), interpolation=T.InterpolationMode.BICUBIC),
-                      T.Lambda(_to_rgb), T.ToTensor(), T.Normalize(OPENAI_MEAN, OPENAI_STD)])
+                      T.ToTensor(), T.Normalize(OPENAI_MEAN, OPENAI_STD)])
 
 
 def strong_view_transform(image_size: int, max_scale: float = 1.0, min_scale: float = 0.08, blur_prob: float = 0.5,

@@ -1,28 +1,34 @@
 """Image-text retrieval: recall metrics, feature extraction, top-k predictions and the MUGE scorer.
 
 A query is a hit at K when any of its ground-truth items is among its K most similar gallery items;
-R@K is the percent of queries that hit, and the mean recall (MR) averages R@1/5/10.
+R@K is the percent of queries that hit, and the mean recall (MR) averages R@1/5/10. A query without any
+ground-truth item (MUGE's test texts, `"image_ids": []`) is unlabelled: excluded from R@K and counted
+(`labelled_queries`, the one rule of the scorer, `ir2tr`, `run` and main.py's validation); a split with no
+labelled query is an error, and `--strict` makes any unlabelled query one.
 
 Command line (file formats identical to Chinese-CLIP's, reference/chinese_clip.md §6):
 
     python eval_retrieval.py extract --resume CKPT|--pretrained W --image-data DIR_OR_TSV --text-data X.jsonl \
-        --output-dir OUT [--jsonl] [--precision fp32|bf16|fp16] [-j WORKERS]
+        --output-dir OUT [--jsonl] [--precision fp32|bf16|fp16] [-j WORKERS] [--max-image-pixels N]
     python eval_retrieval.py topk --image-feats F --text-feats F --output PRED.jsonl [--tr] [--top-k 10]
     python eval_retrieval.py score GT.jsonl PRED.jsonl OUT.json [--tr] [--gallery IDS] [--strict]
-    python eval_retrieval.py ir2tr --input valid_texts.jsonl          # -> valid_texts.tr.jsonl
-    python eval_retrieval.py run --resume CKPT --data-dir DIR --split valid --output-dir OUT [--precision P] [-j N]
+    python eval_retrieval.py ir2tr --input valid_texts.jsonl [--strict]          # -> valid_texts.tr.jsonl
+    python eval_retrieval.py run --resume CKPT --data-dir DIR --split valid --output-dir OUT [--precision P] [-j N] \
+        [--strict] [--max-image-pixels N]
 
 Features are L2-normalised float32 `NAME.npy` with the ids in `NAME.ids.npy` (int64), or Chinese-CLIP's
 `{"image_id"|"text_id", "feature"}` jsonl. Predictions are `{"text_id", "image_ids"}` (text->image) or
 `{"image_id", "text_ids"}` (image->text, `--tr`). The scorer also accepts the MUGE keys
 (`query_id`/`item_ids`) and writes the MUGE server's JSON; an unreadable or non-UTF-8 file is a failure
-JSON naming the file and line, not a traceback.
+JSON naming the file and line, not a traceback (also for deeply nested JSON and integers too long to parse).
+Images are decoded by `readers.decode_image` (the training readers' rule), ids follow the readers' id rule
+(integers, never coerced, unique), and non-finite numbers stop evaluation where they enter it: extracted features
+before they are written, feature files read by `topk` (`readers.check_finite`).
 """
 from __future__ import annotations
 
 import argparse
 import functools
-import io
 import json
 import logging
 import os
@@ -57,17 +63,58 @@ def _no_grad(fn):
     return wrapper
 
 
+# --------------------------------------------------------------------------- the unlabelled-query rule
+class UnlabelledQueries(ValueError):
+    """A split with no labelled query (nothing to score), or any unlabelled query under --strict."""
+
+
+def labelled_queries(query_ids: list, n_items: list[int], what: str, strict: bool = False) -> tuple[list[int], int]:
+    """The one rule for queries without ground truth, used by the scorer, `ir2tr`, `run` and main.py's validation
+    (recall_at_k): query i (named query_ids[i]) with n_items[i] == 0 ground-truth items is unlabelled, excluded from
+    R@K and counted. Returns (positions of the labelled queries, number of unlabelled ones).
+
+    Raises UnlabelledQueries when no query is labelled ("<what>: none of the N queries has a ground-truth item:
+    nothing to score") or, with `strict`, when any is ("<what>: U of N queries have no ground-truth item (first: id
+    X)")."""
+    labelled = [i for i, n in enumerate(n_items) if n > 0]
+    unlabelled = len(n_items) - len(labelled)
+    if not labelled:
+        raise UnlabelledQueries(f"{what}: none of the {len(n_items)} queries has a ground-truth item: nothing to "
+                                "score (a test split without labels?)")
+    if strict and unlabelled:
+        first = next(query_ids[i] for i, n in enumerate(n_items) if n == 0)
+        raise UnlabelledQueries(f"{what}: {unlabelled} of {len(n_items)} queries have no ground-truth item "
+                                f"(first: id {first}); without --strict they are excluded from recall and counted")
+    return labelled, unlabelled
+
+
 # --------------------------------------------------------------------------- metrics on tensors
-def recall_at_k(sim: torch.Tensor, positives: torch.Tensor, ks: tuple[int, ...] = KS) -> dict[str, float]:
-    """sim (Q, G) similarities, positives (Q, G) bool ground truth -> {"R@k": percent} for each k.
+def recall_at_k(sim: torch.Tensor, positives: torch.Tensor, ks: tuple[int, ...] = KS, what: str = "queries",
+                strict: bool = False) -> dict[str, float]:
+    """sim (Q, G) similarities, positives (Q, G) bool ground truth -> {"R@k": percent for each k,
+    "unlabelled_queries": count}, queries without a positive excluded by `labelled_queries`' rule.
 
     Ties are broken by gallery order (a stable sort), like Chinese-CLIP's top-k scripts.
     """
     import torch
 
-    order = torch.sort(sim, dim=1, descending=True, stable=True).indices  # (Q, G)
-    hits = torch.gather(positives, 1, order)  # (Q, G) ground truth in ranked order
-    return {f"R@{k}": float(hits[:, :k].any(dim=1).float().mean() * 100) for k in ks}
+    counts = positives.sum(dim=1).tolist()  # (Q,) ground-truth items per query
+    rows, unlabelled = labelled_queries(list(range(len(counts))), counts, what, strict)
+    rows = torch.as_tensor(rows)
+    order = torch.sort(sim[rows], dim=1, descending=True, stable=True).indices  # (Q', G)
+    hits = torch.gather(positives[rows], 1, order)  # (Q', G) ground truth in ranked order
+    return {**{f"R@{k}": float(hits[:, :k].any(dim=1).float().mean() * 100) for k in ks},
+            "unlabelled_queries": float(unlabelled)}
+
+
+def both_directions(sim: torch.Tensor, positives: torch.Tensor) -> dict[str, float]:
+    """sim (N, T) image-text similarities, positives (N, T) -> image_to_text_R@k, text_to_image_R@k, their
+    unlabelled query counts and mean_recall (the mean of the six recalls)."""
+    out = {}
+    for direction, (s, p) in (("image_to_text", (sim, positives)), ("text_to_image", (sim.t(), positives.t()))):
+        out.update({f"{direction}_{k}": v for k, v in recall_at_k(s, p, what=direction.replace("_to_", "->")).items()})
+    out["mean_recall"] = sum(out[f"{d}_R@{k}"] for d in ("image_to_text", "text_to_image") for k in KS) / 6
+    return out
 
 
 @_no_grad
@@ -95,9 +142,7 @@ def caption_retrieval(model, tokenizer, images: torch.Tensor, captions: list[lis
         models.trim_padding(tokenizer(texts[i:i + batch_size])).to(device)).float(),
                                  dim=-1).cpu() for i in range(0, len(texts), batch_size)])  # (T, D)
     sim = img @ txt.t()  # (N, T)
-    i2t = {f"image_to_text_{k}": v for k, v in recall_at_k(sim, positives).items()}
-    t2i = {f"text_to_image_{k}": v for k, v in recall_at_k(sim.t(), positives.t()).items()}
-    return {**i2t, **t2i, "mean_recall": (sum(i2t.values()) + sum(t2i.values())) / 6}
+    return both_directions(sim, positives)
 
 
 def reader_pairs(reader) -> list[tuple[int, int, str]] | None:
@@ -144,11 +189,9 @@ def pool_retrieval(model, tokenizer, reader, pairs: list[tuple[int, int, str]], 
         models.trim_padding(tokenizer(captions[i:i + batch_size])).to(device)).float(), dim=-1).cpu()
            for i in range(0, len(captions), batch_size)]
     sim = torch.cat(img) @ torch.cat(txt).t()  # (N, T)
-    i2t = {f"image_to_text_{k}": v for k, v in recall_at_k(sim, positives).items()}
-    t2i = {f"text_to_image_{k}": v for k, v in recall_at_k(sim.t(), positives.t()).items()}
-    return {**i2t, **t2i, "mean_recall": (sum(i2t.values()) + sum(t2i.values())) / 6,
-            "text_to_image_mean_recall": sum(t2i.values()) / 3, "pool_images": float(len(image_ids)),
-            "pool_texts": float(len(text_ids))}
+    out = both_directions(sim, positives)
+    return {**out, "text_to_image_mean_recall": sum(out[f"text_to_image_R@{k}"] for k in KS) / 3,
+            "pool_images": float(len(image_ids)), "pool_texts": float(len(text_ids))}
 
 
 # --------------------------------------------------------------------------- top-k
@@ -234,25 +277,52 @@ def save_features(path: str, ids: np.ndarray, feats: np.ndarray, id_key: str | N
 
 
 def load_features(path: str) -> tuple[np.ndarray, np.ndarray]:
-    """Read (ids int64 (N,), features float32 (N, D)) from our .npy pair or Chinese-CLIP's jsonl."""
+    """Read (ids int64 (N,), features float32 (N, D)) from our .npy pair or Chinese-CLIP's jsonl (ids by the readers'
+    id rule, unique). A NaN or infinite feature is a readers.NonFiniteError naming the first id; a malformed line a
+    ValueError naming file:line."""
     if path.endswith(".npy"):
         feats = np.load(path, mmap_mode="r")
         ids = np.load(ids_path(path))
-        if feats.ndim != 2 or len(ids) != len(feats):
-            raise ValueError(f"{path}: features {feats.shape} do not match {len(ids)} ids in {ids_path(path)}")
-        return ids, np.array(feats, dtype=np.float32)  # a writable in-memory copy
-    ids, rows = [], []
-    with open(path, encoding="utf-8") as f:
+        if feats.ndim != 2 or len(ids) != len(feats) or ids.dtype != np.int64:
+            raise ValueError(f"{path}: features {feats.shape} do not match {len(ids)} int64 ids in {ids_path(path)} "
+                             f"({ids.dtype})")
+        feats = np.array(feats, dtype=np.float32)  # a writable in-memory copy
+        if len(np.unique(ids)) != len(ids):
+            raise readers.DatasetError(f"{ids_path(path)}: duplicate ids, e.g. {_first_duplicate(ids.tolist())}")
+    else:
+        ids, feats = _load_features_jsonl(path)
+    readers.check_finite(feats, ids, "features", path)
+    return ids, feats
+
+
+def _first_duplicate(values: list) -> object:
+    seen = set()
+    return next(v for v in values if v in seen or seen.add(v))
+
+
+def _load_features_jsonl(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """Chinese-CLIP's `{"image_id"|"text_id"|"query_id", "feature"}` lines -> (ids (N,), features (N, D))."""
+    rows = []
+    unique = readers.UniqueIds(path, "id")
+    with readers.open_lines(path) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            obj = json.loads(line)
-            key = "image_id" if "image_id" in obj else "text_id" if "text_id" in obj else "query_id"
-            if key not in obj or "feature" not in obj:
-                raise ValueError(f"{path}:{lineno}: a feature line needs image_id/text_id and feature")
-            ids.append(obj[key])
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except (ValueError, RecursionError) as exc:
+                raise ValueError(f"{where}: malformed json ({exc})") from None
+            key = next((k for k in ("image_id", "text_id", "query_id") if isinstance(obj, dict) and k in obj), None)
+            if key is None or "feature" not in obj or not isinstance(obj["feature"], list):
+                raise ValueError(f"{where}: a feature line needs image_id/text_id and a feature list")
+            unique.add(readers.json_id(obj[key], where, key), lineno)
             rows.append(obj["feature"])
-    return np.asarray(ids, dtype=np.int64), np.asarray(rows, dtype=np.float32).reshape(len(rows), -1)
+    try:
+        feats = np.asarray(rows, dtype=np.float32).reshape(len(rows), -1)
+    except (ValueError, TypeError) as exc:  # ragged rows, strings
+        raise ValueError(f"{path}: feature lists of different lengths or non-numbers ({exc})") from None
+    return np.fromiter(unique.lines, dtype=np.int64, count=len(unique)), feats
 
 
 def write_predictions(path: str, query_ids: np.ndarray, gallery_ids: np.ndarray, idx: np.ndarray,
@@ -298,13 +368,15 @@ T2I, I2T, MUGE = Keys("text_id", "image_ids", "Text_id", "images"), \
 
 
 def iter_jsonl(path: str, what: str) -> Iterator[tuple[int, dict | None, str]]:
-    """(line number, parsed object or None when the line is not JSON, raw line); blank lines are skipped."""
+    """(line number, parsed object or None when the line is not JSON, raw line); blank lines and a UTF-8
+    byte-order mark at the start of the file are skipped. Not JSON includes nesting too deep for the parser and
+    integers too long to convert (Python's 4300-digit limit)."""
     if not os.path.exists(path):
         raise SubmissionError(f"The {what} file is not found!" + ("" if what == "submission" else f" ({path})"))
     try:
         # undecodable bytes become lone surrogates (the reference's UnicodeDecodeError names no line), so the
         # line that is not UTF-8 is found below; newline handling stays Python's universal newlines
-        with open(path, encoding="utf-8", errors="surrogateescape") as f:
+        with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
             for lineno, line in enumerate(f, 1):
                 try:
                     line.encode("utf-8")
@@ -316,9 +388,10 @@ def iter_jsonl(path: str, what: str) -> Iterator[tuple[int, dict | None, str]]:
                 if not line:
                     continue
                 try:
-                    yield lineno, json.loads(line), line
-                except json.JSONDecodeError:
-                    yield lineno, None, line
+                    obj = json.loads(line)
+                except (ValueError, RecursionError):  # JSONDecodeError is a ValueError, as is a too long integer
+                    obj = None
+                yield lineno, obj, line
     except OSError as exc:  # a folder, no permission, an I/O error
         raise SubmissionError(f"{path}: cannot read the {what} file: {exc.strerror or exc}") from None
 
@@ -328,8 +401,10 @@ def _is_int(value) -> bool:
 
 
 def read_reference(path: str, tr: bool = False) -> tuple[dict[int, list[int]], Keys]:
-    """Ground truth {query id: [item ids]} (later duplicates overwrite earlier ones, as the reference does)."""
-    reference, keys = {}, None
+    """Ground truth {query id: [item ids]}, ids by the readers' id rule: integers (int64; a 1000.7 or "1000" is an
+    error naming the line, never coerced), a query id at most once (the MUGE reference lets a later line overwrite
+    an earlier one silently)."""
+    reference, keys, first_line = {}, None, {}
     for lineno, obj, line in iter_jsonl(path, "ground-truth"):
         where = f"{path}:{lineno}"
         if not isinstance(obj, dict):
@@ -340,9 +415,16 @@ def read_reference(path: str, tr: bool = False) -> tuple[dict[int, list[int]], K
             other = "image_ids" if tr else "text_ids"
             hint = f" (it has {other}: use {'score without --tr' if tr else 'score --tr'})" if other in obj else ""
             raise SubmissionError(f"{where}: a ground-truth line needs {keys.query} and {keys.items}{hint}: {line}")
-        if not _is_int(obj[keys.query]) or not isinstance(obj[keys.items], list):
+        if not isinstance(obj[keys.items], list):
             raise SubmissionError(f"{where}: {keys.query} must be an integer and {keys.items} a list: {line}")
-        reference[obj[keys.query]] = obj[keys.items]
+        try:
+            qid = readers.json_id(obj[keys.query], where, keys.query)
+            items = readers.json_ids(obj[keys.items], where, f"each of {keys.items}")
+        except readers.DatasetError as exc:
+            raise SubmissionError(str(exc)) from None
+        if qid in first_line:
+            raise SubmissionError(f"{where}: duplicate {keys.query} {qid} (first on line {first_line[qid]})")
+        first_line[qid], reference[qid] = lineno, items
     if keys is None:
         raise SubmissionError(f"{path}: the ground-truth file has no queries")
     return reference, keys
@@ -405,19 +487,23 @@ def read_submission(path: str, reference: dict, keys: Keys, k: int = 10,
     return submission
 
 
-def compute_recalls(reference: dict, predictions: dict, ks: tuple[int, ...] = KS) -> dict[str, float]:
-    """MUGE metric: R@K = fraction of ground-truth queries with any gt id in the top K, MR = mean of R@1/5/10.
+def compute_recalls(reference: dict, predictions: dict, ks: tuple[int, ...] = KS, what: str = "queries",
+                    strict: bool = False) -> dict[str, float]:
+    """MUGE metric: R@K = fraction of the labelled ground-truth queries with any gt id in the top K, MR = mean of
+    R@1/5/10; unlabelled queries (no gt id) are excluded and counted (`labelled_queries`).
 
     Returned x100 with the reference's exact float operations (fraction, mean, then x100), so the JSON is
-    bit-identical to the MUGE/Chinese-CLIP evaluator's."""
+    bit-identical to the MUGE/Chinese-CLIP evaluator's on a split where every query is labelled."""
+    qids = list(reference)
+    rows, unlabelled = labelled_queries(qids, [len(reference[q]) for q in qids], what, strict)
     hits = dict.fromkeys(ks, 0)
-    for qid, gt in reference.items():
+    for qid in (qids[i] for i in rows):
         pred = predictions[qid]
         for k in ks:
-            hits[k] += any(g in pred[:k] for g in set(gt))
-    r = {k: hits[k] * 1.0 / len(reference) for k in ks}
+            hits[k] += any(g in pred[:k] for g in set(reference[qid]))
+    r = {k: hits[k] * 1.0 / len(rows) for k in ks}
     mean_recall = sum(r[k] for k in ks) / float(len(ks))
-    return {"mean_recall": mean_recall * 100, **{f"r{k}": r[k] * 100 for k in ks}}
+    return {"mean_recall": mean_recall * 100, **{f"r{k}": r[k] * 100 for k in ks}, "unlabelled_queries": unlabelled}
 
 
 def load_gallery_ids(path: str) -> set[int]:
@@ -436,21 +522,26 @@ def _lmdb_error() -> type[Exception]:
 
 
 def score(gt_path: str, pred_path: str, out_path: str, tr: bool = False, gallery: str | None = None,
-          k: int = 10) -> dict:
-    """Score a prediction file like the MUGE server; writes and returns its JSON (success or failure)."""
+          k: int = 10, strict: bool = False) -> dict:
+    """Score a prediction file like the MUGE server; writes and returns its JSON (success or failure). Unlabelled
+    queries are excluded and counted (`"unlabelled_queries": N` in scoreJson when N > 0, so that a fully labelled
+    split gives the reference's JSON); with `strict` any unlabelled query is a failure."""
     try:
         reference, keys = read_reference(gt_path, tr)
         try:
             gallery_ids = load_gallery_ids(gallery) if gallery else None
-        except (OSError, ValueError, _lmdb_error()) as exc:  # incl. UnicodeDecodeError, a bad features jsonl
+        except (OSError, ValueError, RecursionError, _lmdb_error()) as exc:  # UnicodeDecodeError, a bad jsonl
             raise SubmissionError(f"--gallery {gallery}: cannot read the gallery ids: {type(exc).__name__}: "
                                   f"{exc}") from None
         predictions = read_submission(pred_path, reference, keys, k, gallery_ids)
-        r = compute_recalls(reference, predictions)
+        direction = "image->text" if keys is I2T else "text->image"
+        r = compute_recalls(reference, predictions, what=f"{gt_path} ({direction})", strict=strict)
         result = {"success": True, "score": r["mean_recall"],
                   "scoreJson": {"score": r["mean_recall"], "mean_recall": r["mean_recall"],
                                 "r1": r["r1"], "r5": r["r5"], "r10": r["r10"]}}
-    except SubmissionError as exc:
+        if r["unlabelled_queries"]:
+            result["scoreJson"]["unlabelled_queries"] = r["unlabelled_queries"]
+    except (SubmissionError, UnlabelledQueries) as exc:
         msg = exc.args[0]
         result = {"errorDetail": msg, "errorMsg": msg, "score": 0, "scoreJson": {}, "success": False}
     with open(out_path, "w", encoding="utf-8") as f:
@@ -458,54 +549,85 @@ def score(gt_path: str, pred_path: str, out_path: str, tr: bool = False, gallery
     return result
 
 
-def ir_to_tr(input_path: str, output_path: str | None = None) -> str:
-    """Text->image annotations to image->text (`X.jsonl` -> `X.tr.jsonl`, images in first-seen order)."""
+def ir_to_tr(input_path: str, output_path: str | None = None, gallery_ids: list[int] | None = None,
+             strict: bool = False) -> tuple[str, int]:
+    """Text->image annotations to image->text (`X.jsonl` -> `X.tr.jsonl`, images in first-seen order); texts
+    without an image are unlabelled (`labelled_queries`: counted, an error when no text has one, or any with
+    `strict`). With `gallery_ids`, every gallery image without a text gets a `"text_ids": []` line, so the scorer
+    counts it as an unlabelled image->text query. Returns (output path, unlabelled texts). Raises SubmissionError."""
     output_path = output_path or input_path.removesuffix(".jsonl") + ".tr.jsonl"
-    t2i: dict[int, list[int]] = {}
     reference, _ = read_reference(input_path)
+    qids = list(reference)
+    try:
+        _, unlabelled = labelled_queries(qids, [len(reference[q]) for q in qids], f"{input_path} (texts)", strict)
+    except UnlabelledQueries as exc:
+        raise SubmissionError(str(exc)) from None
+    t2i: dict[int, list[int]] = {}
     for text_id, image_ids in reference.items():
         for image_id in image_ids:
             t2i.setdefault(image_id, []).append(text_id)
+    for image_id in gallery_ids or []:
+        t2i.setdefault(image_id, [])
     with open(output_path, "w", encoding="utf-8") as f:
         for image_id, text_ids in t2i.items():
             f.write(json.dumps({"image_id": image_id, "text_ids": text_ids}) + "\n")
-    return output_path
+    return output_path, unlabelled
 
 
 # --------------------------------------------------------------------------- extraction
 class ImageRecords:
-    """Random access to the images of an LMDB `imgs` folder (key order, as Chinese-CLIP walks it) or a
-    `<id>\\t<base64>` tsv (file order): item i -> (image id, transform(PIL image)).
+    """Random access to the images of an LMDB `imgs` folder (key order, as Chinese-CLIP walks it; readers.LmdbImages)
+    or a `<id>\\t<base64>` tsv (file order; readers.TsvImages): item i -> (image id, transform(RGB image)), the image
+    decoded by `readers.decode_image` (the training readers' rule and --max-image-pixels).
 
-    The keys (or the tsv line offsets, `readers.TsvImages`) are listed once; LMDB environments and files are
-    opened lazily in each process, so DataLoader workers decode and transform in parallel."""
+    The ids are listed once; LMDB environments and files are opened lazily in each process, so DataLoader workers
+    decode and transform in parallel. A corrupt or too large image is a readers.CorruptSample "image <id> in <path>:
+    ...", returned (not raised) by `item` so that a DataLoader worker hands it to the main process intact."""
 
-    def __init__(self, path: str, transform=None) -> None:
-
-        self.path, self.transform = path, transform
-        if os.path.isdir(path):
-            _, txn = readers.open_lmdb(path)
-            self.keys = [k for k in txn.cursor().iternext(keys=True, values=False) if k != b"num_images"]
-            self.ids, self.tsv = [int(k.decode("utf-8")) for k in self.keys], None
-        else:
-            self.tsv = readers.TsvImages(path)
-            self.ids = self.tsv.image_ids()
+    def __init__(self, path: str, transform=None, max_pixels: int = readers.DEFAULT_MAX_IMAGE_PIXELS) -> None:
+        self.path, self.transform, self.max_pixels = path, transform, max_pixels
+        self.images = readers.LmdbImages(path) if os.path.isdir(path) else readers.TsvImages(path)
+        self.ids = self.images.image_ids()
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def raw(self, index: int) -> bytes:
         """The encoded image bytes of item `index`."""
-
-        if self.tsv is not None:
-            return self.tsv.image_bytes(self.ids[index])
-        return readers.b64decode_image(readers.open_lmdb(self.path)[1].get(self.keys[index]))
+        return self.images.image_bytes(self.ids[index])
 
     def __getitem__(self, index: int):
-        from PIL import Image
+        image_id = self.ids[index]
+        image = readers.read_image(lambda: self.raw(index), f"image {image_id} in {self.path}",
+                                   max_pixels=self.max_pixels)
+        return image_id, (self.transform(image) if self.transform else image)
 
-        image = Image.open(io.BytesIO(self.raw(index)))
-        return self.ids[index], (self.transform(image) if self.transform else image)
+    def item(self, index: int):
+        """`self[index]`, or the CorruptSample it raises."""
+        try:
+            return self[index]
+        except readers.CorruptSample as exc:
+            return exc
+
+
+def _collate_or_error(batch: list):
+    """default_collate, or the first CorruptSample of the batch (re-raised by the main process)."""
+    from torch.utils.data import default_collate
+
+    return next((item for item in batch if isinstance(item, Exception)), None) or default_collate(batch)
+
+
+class _Items:
+    """ImageRecords.item as a map-style dataset (a corrupt image travels from a worker as a value)."""
+
+    def __init__(self, records: ImageRecords) -> None:
+        self.records = records
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int):
+        return self.records.item(index)
 
 
 def iter_image_records(path: str) -> Iterator[tuple[int, bytes]]:
@@ -537,11 +659,14 @@ def default_workers() -> int:
 
 @_no_grad
 def extract_image_features(model, path: str, image_size: int, device: torch.device, batch_size: int = 64,
-                           head: str = "z", workers: int = 0, precision: str = "fp32") -> tuple[np.ndarray, np.ndarray]:
+                           head: str = "z", workers: int = 0, precision: str = "fp32",
+                           max_pixels: int = readers.DEFAULT_MAX_IMAGE_PIXELS) -> tuple[np.ndarray, np.ndarray]:
     """(ids (N,), L2-normalised features (N, D)) of every image of an LMDB imgs folder or tsv, in its order.
 
     `workers` DataLoader processes decode and transform (the squash transform) while the model runs; the
-    batches, hence the features, are the same for any number of workers."""
+    batches, hence the features, are the same for any number of workers. A corrupt or too large image raises
+    readers.CorruptSample naming its id and file; an empty or misnamed source a readers.DatasetError; a NaN or
+    infinite feature a readers.NonFiniteError (nothing is written)."""
     import torch
     import torch.nn.functional as F
     from torch.utils.data import DataLoader
@@ -549,44 +674,55 @@ def extract_image_features(model, path: str, image_size: int, device: torch.devi
     import datasets
     import utils
 
-    records = ImageRecords(path, datasets.squash_transform(image_size))
+    records = ImageRecords(path, datasets.squash_transform(image_size), max_pixels)
     if not len(records):
-        raise ValueError(f"{path}: no images")
-    loader = DataLoader(records, batch_size=batch_size, shuffle=False, num_workers=workers,
-                        pin_memory=device.type == "cuda")
+        raise readers.DatasetError(f"{path}: no images")
+    loader = DataLoader(_Items(records), batch_size=batch_size, shuffle=False, num_workers=workers,
+                        pin_memory=device.type == "cuda", collate_fn=_collate_or_error)
     ids, feats = [], []
-    for batch_ids, pixels in _progress(loader, "images", total=len(loader)):  # (B,), (B, 3, R, R)
+    for batch in _progress(loader, "images", total=len(loader)):
+        if isinstance(batch, Exception):
+            raise batch
+        batch_ids, pixels = batch  # (B,), (B, 3, R, R)
         with utils.autocast(precision, device):
             out = model.encode_image(pixels.to(device, non_blocking=True), head=head)
         feats.append(F.normalize(out.float(), dim=-1).cpu().numpy())
         ids.append(torch.as_tensor(batch_ids).numpy())
-    return np.concatenate(ids).astype(np.int64), np.concatenate(feats)
+    ids, feats = np.concatenate(ids).astype(np.int64), np.concatenate(feats)
+    readers.check_finite(feats, ids, "image features", path)
+    return ids, feats
 
 
 @_no_grad
 def extract_text_features(model, tokenizer, path: str, device: torch.device, batch_size: int = 64,
                           head: str = "z", precision: str = "fp32") -> tuple[np.ndarray, np.ndarray]:
-    """(ids (N,), L2-normalised features (N, D)) of every `{"text_id", "text"}` line of a jsonl."""
+    """(ids (N,), L2-normalised features (N, D)) of every `{"text_id", "text"}` line of a jsonl (ids by the readers'
+    id rule, unique; a text that is not valid Unicode a readers.CorruptSample naming file:line; a NaN or infinite
+    feature a readers.NonFiniteError)."""
     import torch.nn.functional as F
 
     import models
     import utils
 
-    ids, texts = [], []
-    for lineno, obj, line in iter_jsonl(path, "text"):
-        key = "text_id" if obj and "text_id" in obj else "query_id"
-        text_key = "text" if obj and "text" in obj else "query_text"
-        if not isinstance(obj, dict) or key not in obj or text_key not in obj:
-            raise ValueError(f"{path}:{lineno}: a text line needs text_id and text: {line}")
-        ids.append(obj[key])
-        texts.append(obj[text_key])
+    ids, texts = readers.UniqueIds(path, "text id"), []
+    with readers.open_lines(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                where = f"{path}:{lineno}"
+                text_id, text, _ = readers.parse_text_record(line, where, need_image_ids=False)
+                ids.add(text_id, lineno)
+                texts.extend(readers.check_captions([text], where))
+    if not texts:
+        raise readers.DatasetError(f"{path}: no texts")
     feats = []
     for i in _progress(range(0, len(texts), batch_size), "texts"):
         tokens = models.trim_padding(tokenizer(texts[i:i + batch_size])).to(device)  # (B, L')
         with utils.autocast(precision, device):
             out = model.encode_text(tokens, head=head)
         feats.append(F.normalize(out.float(), dim=-1).cpu().numpy())
-    return np.asarray(ids, dtype=np.int64), np.concatenate(feats)
+    ids, feats = np.fromiter(ids.lines, dtype=np.int64, count=len(ids)), np.concatenate(feats)
+    readers.check_finite(feats, ids, "text features", path)
+    return ids, feats
 
 
 def extract(args: argparse.Namespace) -> dict[str, str]:
@@ -603,7 +739,8 @@ def extract(args: argparse.Namespace) -> dict[str, str]:
     if args.image_data:
         t0 = time.perf_counter()
         ids, feats = extract_image_features(model, args.image_data, info["image_size"], device, args.img_batch_size,
-                                            workers=args.workers, precision=args.precision)
+                                            workers=args.workers, precision=args.precision,
+                                            max_pixels=args.max_image_pixels)
         paths["image"] = os.path.join(args.output_dir, f"{stem}.img_feat.npy")
         save_features(paths["image"], ids, feats, "image_id" if args.jsonl else None)
         log.info("%d image features (%.1f images/s, %s, %d workers) stored in %s", len(ids),
@@ -633,6 +770,10 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("-j", "--workers", type=int, default=default_workers(),
                    help="DataLoader processes decoding and transforming images (default min(4, cores)); 0: in the "
                         "main process. The features do not depend on it")
+    p.add_argument("--max-image-pixels", type=readers.max_pixels_arg, default=readers.DEFAULT_MAX_IMAGE_PIXELS,
+                   help="an image with more pixels (after a JPEG's draft reduction) stops extraction, as it is a bad "
+                        "sample in training; raise it for valid huge images")
+
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -660,11 +801,14 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("output", help="result JSON")
     p.add_argument("--tr", action="store_true", help="image->text files")
     p.add_argument("--gallery", default=None, help="ids of the gallery (ids .npy, features, LMDB or tsv) to check")
-    p.add_argument("--strict", action="store_true", help="exit code 1 when the submission is invalid")
+    p.add_argument("--strict", action="store_true",
+                   help="exit code 1 when the submission is invalid or any query has no ground-truth item (without "
+                        "it such queries are excluded from recall and counted as unlabelled_queries)")
 
     p = sub.add_parser("ir2tr", help="text->image annotations to image->text")
     p.add_argument("--input", required=True, help="{split}_texts.jsonl")
     p.add_argument("--output", default=None, help="default: {split}_texts.tr.jsonl")
+    p.add_argument("--strict", action="store_true", help="a text without any image is an error")
 
     p = sub.add_parser("run", help="extract + topk + score both directions for a dataset split")
     _model_flags(p)
@@ -672,6 +816,7 @@ def get_parser() -> argparse.ArgumentParser:
                                                      "or {split}_imgs.tsv")
     p.add_argument("--split", default="valid", help="valid or test")
     p.add_argument("--output-dir", required=True, help="features, predictions and scores go here")
+    p.add_argument("--strict", action="store_true", help="any query without a ground-truth item is an error")
     return parser
 
 
@@ -693,15 +838,23 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
         direction = "image_to_text" if tr else "text_to_image"
         pred = os.path.join(out, f"{args.split}_{'tr_' if tr else ''}predictions.jsonl")
         make_topk(paths["image"], paths["text"], pred, 10, tr)
-        gt = ir_to_tr(texts, os.path.join(out, f"{args.split}_texts.tr.jsonl")) if tr else texts
+        if tr:  # every gallery image is an image->text query; one without a text is unlabelled
+            try:
+                gt, _ = ir_to_tr(texts, os.path.join(out, f"{args.split}_texts.tr.jsonl"),
+                                 np.load(ids_path(paths["image"])).tolist())
+            except SubmissionError as exc:
+                raise SystemExit(f"{direction}: {exc}") from None
+        else:
+            gt = texts
         results[direction] = score(gt, pred, os.path.join(out, f"{args.split}_{direction}_score.json"), tr,
-                                   gallery=ids_path(paths["text" if tr else "image"]))
-    rows = ["| direction | R@1 | R@5 | R@10 | MR |", "|---|---|---|---|---|"]
+                                   gallery=ids_path(paths["text" if tr else "image"]), strict=args.strict)
+    rows = ["| direction | R@1 | R@5 | R@10 | MR | unlabelled queries |", "|---|---|---|---|---|---|"]
     for direction, res in results.items():
         if not res["success"]:
             raise SystemExit(f"{direction}: {res['errorMsg']}")
         s = res["scoreJson"]
-        rows.append(f"| {direction} | {s['r1']:.2f} | {s['r5']:.2f} | {s['r10']:.2f} | {s['mean_recall']:.2f} |")
+        rows.append(f"| {direction} | {s['r1']:.2f} | {s['r5']:.2f} | {s['r10']:.2f} | {s['mean_recall']:.2f} | "
+                    f"{s.get('unlabelled_queries', 0)} |")
     print("\n".join(rows))
     with open(os.path.join(out, f"{args.split}_retrieval.json"), "w", encoding="utf-8") as f:
         json.dump(results, f, indent=1)
@@ -719,6 +872,13 @@ def main(argv: list[str] | None = None) -> int:
 
         if utils.resolve_device(args.device).type != "cuda":
             raise SystemExit(f"{args.command}: --precision fp16 needs CUDA; use bf16 or fp32 on a CPU")
+    try:
+        return _command(args)
+    except (readers.DatasetError, readers.CorruptSample, readers.NonFiniteError, SubmissionError, OSError) as exc:
+        raise SystemExit(f"{args.command}: {exc}") from None  # a named error, not a traceback
+
+
+def _command(args: argparse.Namespace) -> int:
     if args.command == "extract":
         if not (args.image_data or args.text_data):
             raise SystemExit("extract: give --image-data and/or --text-data")
@@ -728,14 +888,17 @@ def main(argv: list[str] | None = None) -> int:
         log.info("top-%d predictions saved in %s (%s)", args.top_k, args.output,
                  ", ".join(f"{k} {v:.2f}" for k, v in timing.items()))
     elif args.command == "score":
-        result = score(args.ground_truth, args.predictions, args.output, args.tr, args.gallery)
+        result = score(args.ground_truth, args.predictions, args.output, args.tr, args.gallery, strict=args.strict)
         if result["success"]:
-            print("The evaluation finished successfully.")
+            unlabelled = result["scoreJson"].get("unlabelled_queries")
+            print("The evaluation finished successfully." +
+                  (f" {unlabelled} unlabelled queries (no ground-truth item) were excluded." if unlabelled else ""))
         else:
             print(f"The evaluation failed: {result['errorMsg']}")
             return 1 if args.strict else 0
     elif args.command == "ir2tr":
-        print(f"wrote {ir_to_tr(args.input, args.output)}")
+        path, unlabelled = ir_to_tr(args.input, args.output, strict=args.strict)
+        print(f"wrote {path}" + (f" ({unlabelled} texts without an image skipped)" if unlabelled else ""))
     elif args.command == "run":
         run(args)
     return 0

@@ -6,6 +6,15 @@ each synonym when labels.json lists several), L2-normalise each, average them, L
 
     python eval_zeroshot.py --resume CKPT [--pretrained W] [--datasets imagenet,cifar10] [--output-dir DIR]
 
+Every dataset asked for is evaluated: the table shows those that ran, then the ones that failed with the reason
+(missing data, a corrupt image, non-finite embeddings), and the exit status is non-zero when any failed. Without
+--datasets, one catalog entry per stored dataset is evaluated, the one of the model's language (a Chinese model
+evaluates `digits-zh`, not `digits` too). Class embeddings and similarities must be finite
+(`readers.check_finite`). Two classes whose names are equal after the normalisation the prompts see (lower case,
+runs of whitespace as one space) get identical prompts, so only one can be predicted: a warning naming them for the
+shipped lists (labels.json: ImageNet's "missile" 657/744 and "sunglasses"/"太阳镜" 836/837, kept as-is for
+comparability with published numbers), an error naming the lines for a dataset's own label_cn.txt / label.txt.
+
 Metric per dataset as SLIP/clip-rocket report it (reference/clip_rocket.md §8): mean per-class accuracy for
 aircraft, pets, caltech101 and flowers; ROC-AUC of sim[:,1]-sim[:,0] for hateful_memes; (top-1+top-5)/2
 for kinetics700_frames; top-1 otherwise (a catalog entry's "metric" key overrides); top-1/top-5 are reported
@@ -118,15 +127,22 @@ def dataset_metric(logits: torch.Tensor, labels: torch.Tensor, metric: str) -> f
 
 @torch.no_grad()
 def zeroshot_similarities(model, tokenizer, classnames: list, templates: list[str], loader: DataLoader,
-                          device: torch.device) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+                          device: torch.device,
+                          where: str = "zero-shot") -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """({head or zh_<w> blend: (N, C) cosine similarities}, (N,) labels) for each embedding head.
 
-    A model with the heads z and h (CL2L) also gets the blends zh_<w> = w*sim_z + (1-w)*sim_h, w = 0.1..0.9."""
+    A model with the heads z and h (CL2L) also gets the blends zh_<w> = w*sim_z + (1-w)*sim_h, w = 0.1..0.9.
+    A NaN or infinite class embedding or similarity is a readers.NonFiniteError naming `where`, the head and the
+    first class or image."""
     sims, labels = {}, None
     for head in getattr(model, "embedding_heads", ("z",)):
         classifier = zeroshot_classifier(model, tokenizer, classnames, templates, device, head)  # (C, D)
+        readers.check_finite(classifier.cpu().numpy(), classnames, f"class embeddings of head {head}", where,
+                             label="class")
         feats, labels = encode_images(model, loader, device, head)  # (N, D), (N,)
-        sims[head] = feats @ classifier.t()  # (N, C)
+        sims[head] = feats @ classifier.cpu().t()  # (N, C)
+        readers.check_finite(sims[head].numpy(), range(len(feats)), f"images' similarities of head {head}", where,
+                             label="image")
     if {"z", "h"} <= sims.keys():
         for w in [round(0.1 * i, 1) for i in range(1, 10)]:
             sims[f"zh_{w}"] = w * sims["z"] + (1 - w) * sims["h"]
@@ -174,7 +190,8 @@ def class_name_file(name: str, entry: dict, language: str, data_root: str | None
 
 def read_class_names(path: str) -> list[str]:
     """One class name per line (line i = class i), as Chinese-CLIP reads ELEVATER's label_cn.txt; trailing blank
-    lines are dropped, a blank line before the last name is an error."""
+    lines are dropped, a blank line before the last name is an error, and so is a name that repeats another after
+    the prompts' normalisation (`duplicate_classes`)."""
 
     with open(path, encoding="utf-8-sig") as f:
         names = [line.strip() for line in f]
@@ -184,7 +201,38 @@ def read_class_names(path: str) -> list[str]:
         raise readers.DatasetError(f"{path}: no class names (expected one per line)")
     if "" in names:
         raise readers.DatasetError(f"{path}:{names.index('') + 1}: blank line (expected one class name per line)")
+    duplicates = duplicate_classes(names)
+    if duplicates:
+        first, again = duplicates[0][:2]
+        raise readers.DatasetError(f"{path}:{again + 1}: class {again} {names[again]!r} repeats line {first + 1} "
+                                   f"(class {first}, {names[first]!r}) after lower-casing and whitespace "
+                                   "normalisation: both classes get the same prompts, so one could never be predicted")
     return names
+
+
+def prompt_key(name) -> tuple[str, ...]:
+    """What the prompts of a class (a name or a list of synonyms) see of it: each name lower-cased (both tokenizers
+    lower-case) with runs of whitespace as one space, as a sorted tuple of the distinct names."""
+    synonyms = [name] if isinstance(name, str) else list(name)
+    return tuple(sorted({" ".join(s.split()).lower() for s in synonyms}))
+
+
+def warn_duplicate_classes(name: str, classes: ClassNames) -> None:
+    """A warning per group of `duplicate_classes` of a shipped list (labels.json: ImageNet's "missile" 657/744 and
+    "sunglasses"/"太阳镜" 836/837), kept as-is for comparability with published numbers; a dataset's own class-name
+    file with duplicates never gets here (`read_class_names` refuses it)."""
+    for group in duplicate_classes(classes.names):
+        log.warning("%s (labels.json %r): classes %s share the name %r after the prompts' normalisation, so only "
+                    "the first can be predicted; kept as-is for comparability with published numbers", name,
+                    classes.source, "/".join(map(str, group)), classes.names[group[0]])
+
+
+def duplicate_classes(names: list) -> list[list[int]]:
+    """Groups (ascending class indices, 2 or more) of classes whose `prompt_key`s are equal, in order."""
+    groups: dict[tuple, list[int]] = {}
+    for i, name in enumerate(names):
+        groups.setdefault(prompt_key(name), []).append(i)
+    return [g for g in groups.values() if len(g) > 1]
 
 
 def class_names_and_templates(name: str, entry: dict, language: str, data_root: str | None = None,
@@ -232,10 +280,12 @@ def eval_transform(name: str, entry: dict, image_size: int):
 
 
 def evaluate_dataset(model, tokenizer, name: str, language: str, image_size: int, device: torch.device,
-                     data_root: str | None = None, batch_size: int = 256, workers: int = 0, reader=None) -> dict:
+                     data_root: str | None = None, batch_size: int = 256, workers: int = 0, reader=None,
+                     max_pixels: int = readers.DEFAULT_MAX_IMAGE_PIXELS) -> dict:
     """Zero-shot metrics of one catalog dataset: {"metric", "labels" (the labels.json key or class-name file the
     names came from), "num_images", "score_<head>" (the anchor metric), "acc1_<head>", "acc5_<head>"}.
-    `reader`: its test-split reader when the caller holds one (main.py's validation), else built here."""
+    `reader`: its test-split reader when the caller holds one (main.py's validation), else built here with
+    `max_pixels` (--max-image-pixels)."""
     import datasets
 
     entry = readers.catalog_entry(name)
@@ -243,15 +293,17 @@ def evaluate_dataset(model, tokenizer, name: str, language: str, image_size: int
     if classes.language != language:
         log.warning("%s: no %s class names, evaluating a %s model with the %s ones (%s)", name, language, language,
                     classes.language, classes.source)
+    warn_duplicate_classes(name, classes)
     metric = entry.get("metric", DATASET_METRICS.get(name, "top1"))
-    reader = reader if reader is not None else readers.build_reader(name, "test", data_root=data_root)
+    reader = reader if reader is not None else readers.build_reader(name, "test", data_root=data_root,
+                                                                    max_pixels=max_pixels)
     on_disk = getattr(reader, "classnames", None) or classes.names
     if len(on_disk) != len(classes.names):
         raise readers.DatasetError(f"dataset {name!r}: its test split has {len(on_disk)} classes but "
                                     f"{classes.source} lists {len(classes.names)} names")
     loader = DataLoader(datasets.ClassificationDataset(reader, eval_transform(name, entry, image_size)),
                         batch_size=batch_size, num_workers=workers)
-    sims, targets = zeroshot_similarities(model, tokenizer, classes.names, classes.templates, loader, device)
+    sims, targets = zeroshot_similarities(model, tokenizer, classes.names, classes.templates, loader, device, name)
     out: dict = {"metric": metric, "labels": classes.source, "num_images": len(targets)}
     for head, sim in sims.items():
         out[f"score_{head}"] = dataset_metric(sim, targets, metric)
@@ -262,18 +314,29 @@ def evaluate_dataset(model, tokenizer, name: str, language: str, image_size: int
 def default_datasets(language: str, data_root: str | None = None) -> list[str]:
     """Catalog datasets with class names and templates for a model of `language`: those of its language (the
     catalog's `language`, else that of the names found), and for a Chinese model every dataset with Chinese
-    names (labels.json `<key>-zh`, or label_cn.txt in its folder under `data_root`) and `<key>-zh` templates."""
+    names (labels.json `<key>-zh`, or label_cn.txt in its folder under `data_root`) and `<key>-zh` templates;
+    one entry per stored dataset (`storage_key`)."""
 
     labels, templates = readers.read_repo_json("labels.json"), readers.read_repo_json("templates.json")
-    names = []
-    for name, entry in readers.load_catalog().items():
+    catalog = readers.load_catalog()
+    chosen: dict[tuple, str] = {}  # stored data -> the one entry evaluated on it
+    for name, entry in catalog.items():
         try:
             classes = class_names_and_templates(name, entry, language, data_root, labels, templates)
         except readers.DatasetError:
             continue
         if entry.get("language", classes.language) == language or classes.language == language != "en":
-            names.append(name)
-    return names
+            # entries reading the same data (digits / digits-zh, imagenet / imagenet-cn): one evaluation, the entry
+            # whose catalog language is the model's
+            key = storage_key(entry)
+            if key not in chosen or entry.get("language") == language != catalog[chosen[key]].get("language"):
+                chosen[key] = name
+    return list(chosen.values())
+
+
+def storage_key(entry: dict) -> tuple:
+    """What identifies the stored data of a catalog entry: its format and paths."""
+    return tuple(entry.get(k) for k in ("format", "path", "root", "metadata", "kind"))
 
 
 def format_table(results: dict[str, dict]) -> str:
@@ -301,11 +364,27 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
     p.add_argument("-j", "--workers", type=int, default=0, help="DataLoader workers")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--max-image-pixels", type=readers.max_pixels_arg, default=readers.DEFAULT_MAX_IMAGE_PIXELS,
+                   help="an image with more pixels (after a JPEG's draft reduction) fails its dataset, as it is a bad "
+                        "sample in training; raise it for valid huge images")
     return p
 
 
+EVAL_ERRORS = (readers.DatasetError, readers.CorruptSample, readers.NonFiniteError, OSError)
+
+
+def _one_line(exc: BaseException) -> str:
+    """An error's message on one line: a DataLoader worker's copy carries the worker's traceback first, ending with
+    "module.Error: message", of which the message is kept."""
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    last = lines[-1] if lines else type(exc).__name__
+    return last.removeprefix(f"{type(exc).__module__}.{type(exc).__name__}: ")
+
+
 def main(argv: list[str] | None = None) -> dict:
-    """Evaluate and write `{output_dir}/zeroshot_<checkpoint stem>.json`; returns {dataset: metrics}."""
+    """Evaluate every dataset and write `{output_dir}/zeroshot_<checkpoint stem>.json` ({"results", "failures"});
+    returns {dataset: metrics}. Exits non-zero after the table when a dataset failed (with --datasets: any error;
+    without: an error other than missing data, which is skipped with a warning)."""
     import datasets
     import weights
 
@@ -320,26 +399,35 @@ def main(argv: list[str] | None = None) -> dict:
     explicit = args.datasets is not None
     names = args.datasets.split(",") if explicit else default_datasets(spec.base.language, args.data_root)
     results: dict[str, dict] = {}
+    failures: dict[str, str] = {}
     for name in names:
         try:
             results[name] = evaluate_dataset(model, tokenizer, name, spec.base.language, info["image_size"], device,
-                                             args.data_root, args.batch_size, args.workers)
-        except readers.DatasetError as exc:
-            if explicit:
-                raise SystemExit(f"eval_zeroshot: {exc}") from None
-            log.warning("skipping %s: %s", name, exc)
+                                             args.data_root, args.batch_size, args.workers,
+                                             max_pixels=args.max_image_pixels)
+        except EVAL_ERRORS as exc:
+            if not explicit and isinstance(exc, readers.DatasetError):
+                log.warning("skipping %s: %s", name, exc)
+            else:
+                failures[name] = f"{type(exc).__name__}: {_one_line(exc)}"
+                log.error("%s failed: %s", name, failures[name])
             continue
         log.info("%s: %s", name, " ".join(f"{k} {v:.2f}" for k, v in results[name].items()
                                           if isinstance(v, float)))
     print(format_table(results))
+    if failures:
+        print(f"\nfailed ({len(failures)} of {len(names)}):")
+        print("\n".join(f"- {name}: {reason}" for name, reason in failures.items()))
     source = args.resume or args.pretrained.split(",")[0]
     out_dir = args.output_dir or os.path.dirname(os.path.abspath(source))
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"zeroshot_{os.path.splitext(os.path.basename(source))[0]}.json")
     with open(path, "w", encoding="utf-8") as f:
         json.dump({"checkpoint": args.resume, "pretrained": args.pretrained, "model": spec.name,
-                   "results": results}, f, indent=1)
+                   "results": results, "failures": failures}, f, indent=1)
     log.info("results written to %s", path)
+    if failures:
+        raise SystemExit(f"eval_zeroshot: {len(failures)} of {len(names)} datasets failed: {', '.join(failures)}")
     return results
 
 

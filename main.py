@@ -35,7 +35,7 @@ log = logging.getLogger("clip_lab")
 # flags that may change between a run and its resume without making it another run
 RESUME_NEUTRAL_ARGS = {"resume", "workers", "print_freq", "device", "wandb", "wandb_project", "max_steps",
                        "eval_freq", "save_every_steps", "output_dir", "evaluate", "data_root", "table", "tags",
-                       "max_bad_samples"}
+                       "max_bad_samples", "max_image_pixels"}
 NO_VALIDATION = "none"  # --val-dataset none: train without per-epoch validation
 
 
@@ -65,6 +65,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     data.add_argument("--max-bad-samples", type=int, default=0,
                       help="corrupt samples per epoch to skip (replaced deterministically, logged) before stopping "
                            "with their ids; raise it for web-scale data")
+    data.add_argument("--max-image-pixels", type=readers.max_pixels_arg, default=readers.DEFAULT_MAX_IMAGE_PIXELS,
+                      help="an image with more pixels, after a JPEG's draft reduction, is a bad sample (counted under "
+                           "--max-bad-samples; validation stops); raise it for valid huge images")
 
     model = p.add_argument_group("model")
     model.add_argument("--model", default="CLIP_VITT16_CLIP",
@@ -346,7 +349,7 @@ def build_validation_reader(name: str | None, args: argparse.Namespace):
     if name is None:
         return None
     try:
-        return readers.build_reader(name, "test", data_root=args.data_root)
+        return readers.build_reader(name, "test", data_root=args.data_root, max_pixels=args.max_image_pixels)
     except readers.DatasetError as exc:
         raise readers.DatasetError(
             f"validation set {name!r} of --dataset {args.dataset!r} cannot be read: {exc}. Choose another with "
@@ -665,7 +668,7 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
     # the same initial weights on every rank (above), then each rank its own stream for dropout masks
     utils.seed_all(utils.rank_seed(args.seed, env.rank))
     tokenizer = datasets.build_tokenizer(spec.base.tokenizer, args.context_length or spec.base.context_length)
-    reader = readers.build_reader(args.dataset, "train", data_root=args.data_root)
+    reader = readers.build_reader(args.dataset, "train", data_root=args.data_root, max_pixels=args.max_image_pixels)
     val_name = validation_dataset_name(args)
     val_reader = build_validation_reader(val_name, args)  # a missing validation set fails now, not after an epoch
     dataset = build_train_dataset(spec, args, reader, image_size, tokenizer)

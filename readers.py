@@ -2,6 +2,11 @@
 
 A reader knows only stored bytes and captions: `read(i) -> (RGB PIL image, [captions])` (and `label(i)` for
 classification sets). Transforms, tokenizers, sample composition and the sampler live in datasets.py.
+The rules every path shares live here, one function each: `decode_image` (bytes -> RGB: draft, the
+--max-image-pixels limit, the mode rule of `to_rgb`), `check_captions` (text a tokenizer can encode), the id rule
+(`json_id`, `text_id`, `UniqueIds`: integers, never coerced, unique; `open_lines` skips a byte-order mark) and
+`check_finite` (no NaN or infinity where numbers enter evaluation). File handles are opened per process
+(`_per_process`, `PerProcessFile`), never used across a fork.
 This module never imports torch at import time, so the builders (build_lmdb.py) and the NumPy-only
 retrieval tools (`eval_retrieval.py score|topk`) start fast; torchvision is imported only by the two
 readers that need it.
@@ -16,13 +21,15 @@ import json
 import logging
 import os
 import pickle
+import struct
 import zipfile
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import lmdb
 import numpy as np
 import pybase64
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CATALOG_PATH = os.path.join(HERE, "dataset_catalog.json")
@@ -67,6 +74,238 @@ def load_labels_and_templates(name: str) -> tuple[list[str], list[str]]:
 
 
 
+# --------------------------------------------------------------------------- the one image decoder
+DEFAULT_MAX_IMAGE_PIXELS = 178_956_970  # PIL's decompression-bomb error threshold, 2 * Image.MAX_IMAGE_PIXELS
+BACKGROUND = (255, 255, 255)  # what transparent pixels are composited on
+CORRUPT_ERRORS = (OSError, ValueError, SyntaxError, EOFError, zipfile.BadZipFile, Image.DecompressionBombError)
+_OPEN_ERRORS = (SyntaxError, IndexError, TypeError, struct.error)  # a plugin saying "not my format" (Image.open's)
+
+
+class CorruptSample(Exception):
+    """A sample whose stored bytes (or caption) cannot be read or decoded; ImageTextDataset skips, replaces and
+    counts it. `reason` is optional so that a DataLoader worker's copy can be re-raised with one message."""
+
+    def __init__(self, sample_id: str, reason: str = "") -> None:
+        super().__init__(sample_id, reason)
+        self.sample_id, self.reason = sample_id, reason
+
+    def __str__(self) -> str:
+        return f"{self.sample_id}: {self.reason}" if self.reason else self.sample_id
+
+
+def _open_unchecked(data: bytes) -> Image.Image:
+    """`Image.open` on bytes (each registered format's `accept` on the first 16 bytes, then its factory; the common
+    plugins first, every plugin if none fits) without PIL's decompression-bomb check on the header size:
+    `decode_image` applies --max-image-pixels itself, after a JPEG draft had the chance to shrink the image.
+    Plugins that check sizes inside their own code (GIF frames, TIFF tiles, WebP) keep PIL's limit as well."""
+    fp, prefix = io.BytesIO(data), data[:16]
+    for load_plugins in (Image.preinit, Image.init):
+        load_plugins()
+        for fmt in list(Image.ID):
+            factory, accept = Image.OPEN[fmt]
+            if accept is not None:
+                fits = accept(prefix)
+                if not fits or isinstance(fits, str):  # a str is PIL's "looks like it, but unsupported" warning
+                    continue
+            fp.seek(0)
+            try:
+                return factory(fp, "")
+            except _OPEN_ERRORS:
+                continue
+    raise UnidentifiedImageError("cannot identify image file")
+
+
+def max_pixels_arg(text: str) -> int:
+    """argparse type of every --max-image-pixels flag (main.py, eval_zeroshot.py, eval_retrieval.py, build_lmdb.py):
+    a positive integer."""
+    value = int(text)
+    if value < 1:
+        raise ValueError(f"--max-image-pixels must be a positive number of pixels, got {text}")
+    return value
+
+
+def _draft_scale(size: tuple[int, int], draft: int | None, max_pixels: int) -> int:
+    """The JPEG DCT scale denominator (1, 2, 4 or 8) `decode_image` asks libjpeg for: the largest of
+    - PIL's draft choice for `draft` (the smallest image whose sides stay >= draft), and
+    - the smallest reduction whose pixel count is within `max_pixels` (8 when none is)."""
+    w, h = size
+    fit = min(w // draft, h // draft) if draft else 0
+    by_draft = next((s for s in (8, 4, 2) if fit >= s), 1)
+    by_limit = next((s for s in (1, 2, 4, 8) if -(-w // s) * -(-h // s) <= max_pixels), 8)
+    return max(by_draft, by_limit)
+
+
+def _mpx(pixels: int) -> str:
+    return f"{pixels / 1e6:.0f} Mpx" if pixels >= 10**6 else f"{pixels} px"
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB by the one rule every path shares (decoded now: errors surface here):
+    - an alpha band (RGBA, LA, PA, RGBa, La) or a `transparency` entry (a palette or L/RGB image with a tRNS
+      colour): composited on white `BACKGROUND`, out = (a * colour + (255 - a) * 255) / 255;
+    - 16-bit greyscale (I;16, I;16B, I;16L) and 32-bit integer (I) images: scaled from 0..65535 to 0..255 as
+      round(v / 257) (values outside 0..65535 clipped), never clipped to white by an 8-bit cast;
+    - every other mode (L, 1, P, CMYK, YCbCr, LAB, HSV, F, RGBX) by PIL's `convert("RGB")` (1-bit: 0/255;
+      CMYK: PIL's conversion without a colour profile; F: clipped to 0..255).
+    """
+    image.load()
+    if image.mode == "RGB" and "transparency" not in image.info:
+        return image
+    if image.mode.startswith("I;16") or image.mode == "I":
+        values = np.clip(np.asarray(image).astype(np.int64), 0, 65535)  # (H, W)
+        return Image.fromarray(((values + 128) // 257).astype(np.uint8)).convert("RGB")  # (H, W) uint8: L
+    if "transparency" in image.info or any(band in ("A", "a") for band in image.getbands()):
+        rgba = image.convert("RGBA")
+        out = Image.new("RGB", image.size, BACKGROUND)
+        out.paste(rgba, (0, 0), rgba)  # the alpha band as the paste mask
+        return out
+    return image.convert("RGB")
+
+
+def decode_image(data: bytes, where: str, draft: int | None = None,
+                 max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """Encoded image bytes -> RGB PIL image, decoded now: the one decoder of every path (training readers,
+    validation, zero-shot, `eval_retrieval.py extract`, build_lmdb.py).
+
+    1. identify the format without PIL's decompression-bomb check (`_open_unchecked`);
+    2. a JPEG is decoded by libjpeg's DCT scaling (PIL `Image.draft`) at 1/2, 1/4 or 1/8 size when `draft` allows
+       it (the smallest image whose sides stay >= draft: much less work on large photos) or when the full image
+       has more than `max_pixels` pixels (the largest reduction within the limit);
+    3. an image still above `max_pixels` (any other format, or a JPEG too large even at 1/8) is refused;
+    4. every mode is converted to RGB by `to_rgb`'s rule.
+    `where` names the sample in every error (e.g. "image 7 in valid_imgs.tsv"). Raises CorruptSample
+    "<where>: undecodable image (...)" or "<where>: 14000x13000 = 182 Mpx exceeds --max-image-pixels (default
+    179 Mpx)".
+    """
+    try:
+        image = _open_unchecked(data)
+        if image.format in ("JPEG", "MPO"):
+            scale = _draft_scale(image.size, draft, max_pixels)
+            if scale > 1:
+                image.draft(image.mode, (max(1, image.width // scale), max(1, image.height // scale)))
+        pixels = image.width * image.height
+        if pixels > max_pixels:
+            limit = "(default " + _mpx(max_pixels) + ")" if max_pixels == DEFAULT_MAX_IMAGE_PIXELS else \
+                f"{max_pixels} (default {DEFAULT_MAX_IMAGE_PIXELS})"
+            raise CorruptSample(where, f"{image.width}x{image.height} = {_mpx(pixels)} exceeds --max-image-pixels "
+                                       f"{limit}; raise it to decode such images")
+        return to_rgb(image)
+    except CORRUPT_ERRORS as exc:
+        raise CorruptSample(where, f"undecodable image ({exc!r})") from None
+
+
+def read_image(fetch: Callable[[], bytes], where: str, draft: int | None = None,
+               max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """`decode_image(fetch(), ...)`, where a failing fetch (a missing key, zip member or file, bad base64, an I/O
+    error) is a CorruptSample naming `where` as well."""
+    try:
+        data = fetch()
+    except (*CORRUPT_ERRORS, KeyError) as exc:
+        raise CorruptSample(where, repr(exc)) from None
+    return decode_image(data, where, draft, max_pixels)
+
+
+# --------------------------------------------------------------------------- captions, ids, finiteness
+def check_captions(captions: Sequence, where: str) -> list[str]:
+    """The captions of a sample, each a string a tokenizer can encode: valid Unicode text (no lone surrogate such
+    as a `"\\ud800"` escape in JSON, which the BERT tokenizer rejects with a TypeError). Raises CorruptSample
+    naming `where` and the caption's position otherwise (a bad sample in training, a file:line error in builders)."""
+    for k, text in enumerate(captions):
+        if not isinstance(text, str):
+            raise CorruptSample(where, f"caption {k} is a {type(text).__name__}, not text: {text!r:.60}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise CorruptSample(where, f"caption {k} is not valid Unicode text ({exc.reason} at character "
+                                       f"{exc.start}: {text!r:.60})") from None
+    return list(captions)
+
+
+INT64_RANGE = (-2**63, 2**63)
+
+
+def json_id(value, where: str, key: str) -> int:
+    """The id rule for JSON: an integer (not a bool, a float such as 1000.7 or 1000.0, or a string such as "1000":
+    never coerced) that fits in int64 (feature files store int64 ids). DatasetError naming `where` otherwise."""
+    if type(value) is not int or not INT64_RANGE[0] <= value < INT64_RANGE[1]:
+        raise DatasetError(f"{where}: {key} must be an integer (int64), got {value!r:.40}")
+    return value
+
+
+def json_ids(values: list, where: str, key: str) -> list:
+    """`json_id` of every value of a JSON list (`key` names one of them), checked in one pass when all are fine."""
+    if all(type(v) is int for v in values) and (not values or INT64_RANGE[0] <= min(values)
+                                                   and max(values) < INT64_RANGE[1]):
+        return values
+    return [json_id(v, where, key) for v in values]
+
+
+def text_id(field: bytes | str, where: str, key: str = "image id") -> int:
+    """The id rule for a text field (a tsv column, an LMDB key): an int64 integer written as `str(id)` writes it
+    (ASCII digits, an optional '-', no leading zero), nothing else: no spaces, '+', '_', leading zeros or '.' that
+    int() would accept or a float parser would round, so one id has one spelling (the LMDB key). DatasetError
+    otherwise."""
+    raw = field.encode("ascii", "replace") if isinstance(field, str) else bytes(field)
+    digits = raw[1:] if raw[:1] == b"-" else raw
+    if not (digits.isdigit() and len(digits) <= 19 and raw == str(int(raw)).encode()
+            and INT64_RANGE[0] <= int(raw) < INT64_RANGE[1]):
+        raise DatasetError(f"{where}: {key} {raw[:40]!r} is not an integer")
+    return int(raw)
+
+
+class UniqueIds:
+    """Ids seen so far in one file (id -> line); `add` raises a DatasetError naming both lines on a duplicate."""
+
+    def __init__(self, path: str, key: str) -> None:
+        self.path, self.key, self.lines = path, key, {}
+
+    def check(self, value: int, lineno: int) -> int:
+        """`value`, or a DatasetError when another line already holds it."""
+        first = self.lines.get(value, lineno)
+        if first != lineno:
+            raise DatasetError(f"{self.path}:{lineno}: duplicate {self.key} {value} (first on line {first})")
+        return value
+
+    def add(self, value: int, lineno: int) -> int:
+        """`check`, then record `value` as seen on `lineno`."""
+        self.lines[self.check(value, lineno)] = lineno
+        return value
+
+    def __contains__(self, value: int) -> bool:
+        return value in self.lines
+
+    def __len__(self) -> int:
+        return len(self.lines)
+
+
+def open_lines(path: str, binary: bool = False):
+    """`path` opened for reading line by line, past a UTF-8 byte-order mark at its start (Windows editors write
+    one): text mode decodes UTF-8 (the utf-8-sig codec); binary mode starts after the mark's three bytes."""
+    if binary:
+        f = open(path, "rb")
+        if f.read(3) != b"\xef\xbb\xbf":
+            f.seek(0)
+        return f
+    return open(path, encoding="utf-8-sig")
+
+
+class NonFiniteError(ValueError):
+    """NaN or infinite numbers where evaluation takes numbers in (weights, features, similarities)."""
+
+
+def check_finite(values: np.ndarray, ids: Sequence, what: str, where: str, label: str = "id") -> None:
+    """Raise NonFiniteError "<where>: N of M <what> are not finite (first: <label> <id>)" when any row of `values`
+    ((M, ...) array, row i named ids[i]) holds a NaN or an infinity. One reduction when all is well."""
+    values = np.asarray(values)
+    if values.size == 0 or np.isfinite(values.sum()):
+        return  # NaN and +-inf propagate through the sum (an overflow to inf just takes the exact path below)
+    bad = ~np.isfinite(values.reshape(len(values), -1)).all(axis=1)  # (M,)
+    if bad.any():
+        first = ids[int(np.argmax(bad))]
+        raise NonFiniteError(f"{where}: {int(bad.sum())} of {len(values)} {what} are not finite "
+                             f"(first: {f'{label} {first}' if label else first})")
+
+
 # --------------------------------------------------------------------------- readers
 class Reader(Protocol):
     """Storage layer: the image and captions of index i, nothing else."""
@@ -103,8 +342,8 @@ class DigitsReader:
         return len(self.labels)
 
     def read(self, index: int) -> tuple[Image.Image, list[str]]:
-        image = Image.fromarray(self.images[index], mode="L").convert("RGB")
-        return image, self.captions[int(self.labels[index])]
+        image = to_rgb(Image.fromarray(self.images[index]))  # (8, 8) uint8: L
+        return image, check_captions(self.captions[int(self.labels[index])], f"digits[{index}]")
 
     def label(self, index: int) -> int:
         return int(self.labels[index])
@@ -134,18 +373,6 @@ class SyntheticReader:
 
 # --------------------------------------------------------------------------- storage formats at scale
 LMDB_READ_OPTIONS = dict(readonly=True, create=False, lock=False, readahead=False, meminit=False, max_readers=2048)
-CORRUPT_ERRORS = (OSError, ValueError, SyntaxError, EOFError, zipfile.BadZipFile, Image.DecompressionBombError)
-
-
-class CorruptSample(Exception):
-    """A sample whose stored bytes cannot be read or decoded; ImageTextDataset skips, replaces and counts it."""
-
-    def __init__(self, sample_id: str, reason: str) -> None:
-        super().__init__(sample_id, reason)
-        self.sample_id, self.reason = sample_id, reason
-
-    def __str__(self) -> str:
-        return f"{self.sample_id}: {self.reason}"
 
 
 class UnsafePickleError(pickle.UnpicklingError):
@@ -209,17 +436,9 @@ def b64decode_image(value: bytes | str) -> bytes:
         return pybase64.b64decode(value.translate(_URLSAFE_TO_STANDARD))
 
 
-def decode_image(data: bytes, draft: int | None = None) -> Image.Image:
-    """Encoded image bytes -> RGB PIL image, decoded now (errors surface here, not in the transform).
-
-    With `draft`, a JPEG is decoded by libjpeg's DCT scaling at the smallest 1/2, 1/4 or 1/8 size whose
-    sides stay >= draft (PIL `Image.draft`): much less work on large photos, never below `draft`.
-    """
-    image = Image.open(io.BytesIO(data))
-    if draft and image.format == "JPEG":
-        image.draft("RGB", (draft, draft))
-    return image.convert("RGB")
-
+def _read_file(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
 
 
 def _per_process(obj, attr: str, opener):
@@ -237,6 +456,33 @@ class _LazyHandles:
 
     def __getstate__(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if not k.startswith("_h_")}
+
+
+class PerProcessFile(_LazyHandles):
+    """A file handle that a library keeps open and reads by seek + read (nltk's WordNet data files), opened again in
+    each process: a handle inherited through fork shares its file offset with the parent's and every other
+    worker's, so their seeks and reads interleave. `opener()` returns the real handle; a new process gets a fresh
+    one at the start of the file (the library seeks before it reads). Iteration and `with` pass through."""
+
+    def __init__(self, opener: Callable[[], object]) -> None:
+        self._opener = opener
+
+    def handle(self):
+        return _per_process(self, "_h_file", self._opener)
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self.handle(), name)
+
+    def __iter__(self):
+        return iter(self.handle())
+
+    def __enter__(self) -> PerProcessFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.handle().close()
 
 
 # ---- yfcc15m
@@ -261,18 +507,21 @@ def load_yfcc_metadata(path: str) -> list[tuple[int, str, str]]:
                 raise DatasetError(f"{path}: item {i} is not an (int, str, str) tuple: {row!r:.80}")
             rows.append(row)
         return rows
-    with open(path, encoding="utf-8") as f:
+    with open_lines(path) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 if path.endswith(".jsonl"):
                     rec = json.loads(line)
-                    rows.append((int(rec["image_id"]), rec.get("title") or "", rec.get("description") or ""))
+                    rows.append((json_id(rec["image_id"], f"{path}:{lineno}", "image_id"), rec.get("title") or "",
+                                 rec.get("description") or ""))
                 else:
                     image_id, title, desc = line.rstrip("\n").split("\t")
-                    rows.append((int(image_id), title, desc))
-            except (ValueError, KeyError, TypeError) as exc:
+                    rows.append((text_id(image_id, f"{path}:{lineno}"), title, desc))
+            except DatasetError:
+                raise
+            except (ValueError, KeyError, TypeError, RecursionError) as exc:
                 raise DatasetError(f"{path}:{lineno}: expected image id, title, description ({exc})") from None
     return rows
 
@@ -281,8 +530,10 @@ class YfccReader(_LazyHandles):
     """The `yfcc15m` format: zip shards of JPEGs plus (id, title, description) metadata.
     Captions are the non-empty ones of {title, description}, or [''] (clip-rocket's rule)."""
 
-    def __init__(self, metadata: str, root: str, name: str = "yfcc15m") -> None:
+    def __init__(self, metadata: str, root: str, name: str = "yfcc15m",
+                 max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> None:
         self.rows, self.root, self.name, self.draft = load_yfcc_metadata(metadata), root, name, None
+        self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -298,11 +549,9 @@ class YfccReader(_LazyHandles):
     def read(self, index: int) -> tuple[Image.Image, list[str]]:
         image_id, title, desc = self.rows[index]
         zpath, member = yfcc_zip_location(self.root, image_id)
-        try:
-            image = decode_image(self._zip(zpath).read(member), self.draft)
-        except (*CORRUPT_ERRORS, KeyError) as exc:
-            raise CorruptSample(f"{self.name}[{index}] (image {image_id}, {zpath}:{member})", repr(exc)) from None
-        return image, [c for c in (title, desc) if c] or [""]
+        where = f"{self.name}[{index}] (image {image_id}, {zpath}:{member})"
+        image = read_image(lambda: self._zip(zpath).read(member), where, self.draft, self.max_pixels)
+        return image, check_captions([c for c in (title, desc) if c] or [""], where)
 
 
 # ---- cc3m / cc12m
@@ -315,12 +564,12 @@ def load_caption_records(path: str) -> list[dict]:
     unpickled with only numpy's array-rebuilding globals admitted; or a .jsonl of the same dicts."""
     if path.endswith(".jsonl"):
         records = []
-        with open(path, encoding="utf-8") as f:
+        with open_lines(path) as f:
             for lineno, line in enumerate(f, 1):
                 if line.strip():
                     try:
                         records.append(json.loads(line))
-                    except ValueError as exc:
+                    except (ValueError, RecursionError) as exc:
                         raise DatasetError(f"{path}:{lineno}: malformed json ({exc})") from None
         return records
     with open(path, "rb") as f:
@@ -341,9 +590,11 @@ class CaptionRecordsReader(_LazyHandles):
     """The `cc3m` / `cc12m` formats: metadata records plus an image root; the image of a record is
     `root/str(image_id)` (cc3m) or `root/image_name` (cc12m)."""
 
-    def __init__(self, metadata: str, root: str, name: str, path_key: str) -> None:
+    def __init__(self, metadata: str, root: str, name: str, path_key: str,
+                 max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> None:
         self.records, self.root, self.name, self.path_key, self.draft = (load_caption_records(metadata), root, name,
                                                                          path_key, None)
+        self.max_pixels = max_pixels
         for i, rec in enumerate(self.records[:1000]):  # a cheap schema check at start
             if not isinstance(rec, dict) or path_key not in rec or not isinstance(rec.get("captions"), (list, tuple)):
                 raise DatasetError(f"{metadata}: record {i} lacks {path_key!r} or a 'captions' list: {rec!r:.80}")
@@ -354,12 +605,9 @@ class CaptionRecordsReader(_LazyHandles):
     def read(self, index: int) -> tuple[Image.Image, list[str]]:
         rec = self.records[index]
         path = os.path.join(self.root, str(rec[self.path_key]))
-        try:
-            with open(path, "rb") as f:
-                image = decode_image(f.read(), self.draft)
-        except CORRUPT_ERRORS as exc:
-            raise CorruptSample(f"{self.name}[{index}] ({path})", repr(exc)) from None
-        return image, [str(c) for c in rec["captions"]] or [""]
+        where = f"{self.name}[{index}] ({path})"
+        image = read_image(lambda: _read_file(path), where, self.draft, self.max_pixels)
+        return image, check_captions(list(rec["captions"]) or [""], where)
 
 
 # ---- merged mixtures
@@ -438,8 +686,8 @@ class LmdbReader(_LazyHandles):
     readahead=False, meminit=False) and never used across a fork. Each pair is one sample with captions [text].
     """
 
-    def __init__(self, folders: list[str], name: str = "lmdb") -> None:
-        self.folders, self.name, self.draft = list(folders), name, None
+    def __init__(self, folders: list[str], name: str = "lmdb", max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> None:
+        self.folders, self.name, self.draft, self.max_pixels = list(folders), name, None, max_pixels
         counts = []
         for folder in self.folders:
             for sub in ("imgs", "pairs"):
@@ -486,50 +734,81 @@ class LmdbReader(_LazyHandles):
 
     def image_ids(self, shard: int = 0) -> list[int]:
         """Every image id of a shard, in key order."""
-        return [int(k) for k in self._txn(shard, "imgs").cursor().iternext(values=False) if k != b"num_images"]
+        where = f"{self.folders[shard]}/imgs"
+        return [text_id(k, where, "key") for k in self._txn(shard, "imgs").cursor().iternext(values=False)
+                if k != b"num_images"]
 
     def read(self, index: int) -> tuple[Image.Image, list[str]]:
-        image_id, text_id, text = self.pair(index)
+        image_id, text_id_, text = self.pair(index)
         shard, _ = self.locate(index)
-        try:
-            image = decode_image(self.image_bytes(image_id, shard), self.draft)
-        except (*CORRUPT_ERRORS, KeyError) as exc:
-            raise CorruptSample(f"{self.name}[{index}] (image {image_id}, text {text_id}, "
-                                f"{self.folders[shard]}/imgs)", repr(exc)) from None
-        return image, [text]
+        where = f"{self.name}[{index}] (image {image_id}, text {text_id_}, {self.folders[shard]}/imgs)"
+        image = read_image(lambda: self.image_bytes(image_id, shard), where, self.draft, self.max_pixels)
+        return image, check_captions([text], where)
+
+
+class LmdbImages:
+    """The `imgs` LMDB of one split (str(image_id) -> base64 image, + `num_images`), by id, for
+    `eval_retrieval.py extract`: the ids are listed once (key order, as Chinese-CLIP walks them) and the environment
+    is opened per process (`open_lmdb`). A folder that is not such an LMDB (no data.mdb, the split folder above
+    it, its `pairs` sibling) is a DatasetError saying which folder to give."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        if not os.path.isfile(os.path.join(path, "data.mdb")):
+            hint = f"; give its images LMDB, {os.path.join(path, 'imgs')}" \
+                if os.path.isfile(os.path.join(path, "imgs", "data.mdb")) else ""
+            raise DatasetError(f"{path}: not an LMDB folder (no data.mdb){hint}")
+        txn = open_lmdb(path)[1]
+        if txn.get(b"num_images") is None:
+            pairs = txn.get(b"num_samples") is not None
+            raise DatasetError(f"{path}: not an images LMDB (no 'num_images' key)" + (
+                f"; it is a pairs LMDB (it has 'num_samples'): give the images LMDB beside it, "
+                f"{os.path.join(os.path.dirname(os.path.normpath(path)), 'imgs')}" if pairs else ""))
+        self.ids = [text_id(k, path, "key") for k in txn.cursor().iternext(keys=True, values=False)
+                    if k != b"num_images"]
+
+    def image_ids(self) -> list[int]:
+        return list(self.ids)
+
+    def image_bytes(self, image_id: int) -> bytes:
+        """The encoded image of `image_id` (base64-decoded)."""
+        value = open_lmdb(self.path)[1].get(str(image_id).encode("utf-8"))
+        if value is None:
+            raise KeyError(f"image id {image_id} not in {self.path}")
+        return b64decode_image(value)
 
 
 # ---- raw MUGE / Chinese-CLIP files
 def parse_imgs_tsv_line(line: bytes, where: str) -> tuple[int, bytes]:
-    """`image_id<TAB>base64` -> (int id, base64 bytes); DatasetError naming `where` (file:line) otherwise."""
+    """`image_id<TAB>base64` -> (int id, base64 bytes), the id by `text_id`'s rule; DatasetError naming `where`
+    (file:line) otherwise."""
     fields = line.rstrip(b"\r\n").split(b"\t")
     if len(fields) != 2:
         raise DatasetError(f"{where}: expected 'image_id<TAB>base64', got {len(fields)} field(s)")
-    try:
-        return int(fields[0]), fields[1]
-    except ValueError:
-        raise DatasetError(f"{where}: image id {fields[0][:40]!r} is not an integer") from None
+    return text_id(fields[0], where), fields[1]
 
 
-def parse_text_record(line: str, where: str) -> tuple[int, str, list[int]]:
+def parse_text_record(line: str, where: str, need_image_ids: bool = True) -> tuple[int, str, list[int]]:
     """A jsonl text line, Chinese-CLIP keys {text_id, text, image_ids} or MUGE's older {query_id, query_text,
-    item_ids} -> (text_id, text, image_ids); DatasetError naming `where` (file:line) otherwise."""
+    item_ids} -> (text_id, text, image_ids), ids by `json_id`'s rule; DatasetError naming `where` (file:line)
+    otherwise. need_image_ids=False (feature extraction) admits a line without image_ids (then [])."""
     try:
         rec = json.loads(line)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: deeply nested; ValueError: a 5000-digit integer
         raise DatasetError(f"{where}: malformed json ({exc})") from None
     if not isinstance(rec, dict):
         raise DatasetError(f"{where}: expected a json object, got {type(rec).__name__}")
     keys = ("text_id", "text", "image_ids") if "text_id" in rec else ("query_id", "query_text", "item_ids")
+    if not need_image_ids:
+        rec.setdefault(keys[2], [])
     missing = [k for k in keys if k not in rec]
     if missing:
         raise DatasetError(f"{where}: missing key(s) {missing} (expected text_id/text/image_ids or "
                            "query_id/query_text/item_ids)")
-    text_id, text, image_ids = (rec[k] for k in keys)
-    if type(text_id) is not int or not isinstance(text, str) or not isinstance(image_ids, list) \
-            or not all(type(i) is int for i in image_ids):
+    tid, text, image_ids = (rec[k] for k in keys)
+    if not isinstance(text, str) or not isinstance(image_ids, list):
         raise DatasetError(f"{where}: {keys[0]} must be an int, {keys[1]} a string and {keys[2]} a list of ints")
-    return text_id, text, image_ids
+    return json_id(tid, where, keys[0]), text, json_ids(image_ids, where, keys[2][:-1])
 
 
 def texts_jsonl_path(folder: str, split: str) -> str:
@@ -547,13 +826,12 @@ class TsvImages(_LazyHandles):
     def __init__(self, imgs_path: str) -> None:
         self.imgs_path = imgs_path
         self.offsets: dict[int, int] = {}  # image id -> byte offset of its line, in file order
-        with open(imgs_path, "rb") as f:
-            offset = 0
+        ids = UniqueIds(imgs_path, "image id")
+        with open_lines(imgs_path, binary=True) as f:
+            offset = f.tell()  # 3 after a byte-order mark
             for lineno, line in enumerate(f, 1):
                 image_id, _ = parse_imgs_tsv_line(line, f"{imgs_path}:{lineno}")
-                if image_id in self.offsets:
-                    raise DatasetError(f"{imgs_path}:{lineno}: duplicate image id {image_id}")
-                self.offsets[image_id] = offset
+                self.offsets[ids.add(image_id, lineno)] = offset
                 offset += len(line)
 
     def image_ids(self) -> list[int]:
@@ -571,36 +849,35 @@ class TsvReader(TsvImages):
     """The `tsv` format: `{split}_imgs.tsv` (id<TAB>base64) + `{split}_texts.jsonl` (or `_queries.jsonl`).
     Each (text, image) combination is one sample, in jsonl order (as Chinese-CLIP's LMDB builder)."""
 
-    def __init__(self, folder: str, split: str, name: str = "tsv") -> None:
-        self.name, self.draft = name, None
+    def __init__(self, folder: str, split: str, name: str = "tsv", max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> None:
+        self.name, self.draft, self.max_pixels = name, None, max_pixels
         imgs_path, self.texts_path = os.path.join(folder, f"{split}_imgs.tsv"), texts_jsonl_path(folder, split)
         for path in (imgs_path, self.texts_path):
             if not os.path.isfile(path):
                 raise DatasetError(f"dataset {name!r}: {path} not found")
         super().__init__(imgs_path)
         self.pairs: list[tuple[int, int, str]] = []  # (image_id, text_id, text)
-        with open(self.texts_path, encoding="utf-8") as f:
+        text_ids = UniqueIds(self.texts_path, "text id")
+        with open_lines(self.texts_path) as f:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue
-                text_id, text, image_ids = parse_text_record(line, f"{self.texts_path}:{lineno}")
+                tid, text, image_ids = parse_text_record(line, f"{self.texts_path}:{lineno}")
+                text_ids.add(tid, lineno)
                 for image_id in image_ids:
                     if image_id not in self.offsets:
-                        raise DatasetError(f"{self.texts_path}:{lineno}: image id {image_id} of text {text_id} is "
+                        raise DatasetError(f"{self.texts_path}:{lineno}: image id {image_id} of text {tid} is "
                                            f"not in {self.imgs_path}")
-                    self.pairs.append((image_id, text_id, text))
+                    self.pairs.append((image_id, tid, text))
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def read(self, index: int) -> tuple[Image.Image, list[str]]:
-        image_id, text_id, text = self.pairs[index]
-        try:
-            image = decode_image(self.image_bytes(image_id), self.draft)
-        except CORRUPT_ERRORS as exc:
-            raise CorruptSample(f"{self.name}[{index}] (image {image_id}, text {text_id}, {self.imgs_path})",
-                                repr(exc)) from None
-        return image, [text]
+        image_id, tid, text = self.pairs[index]
+        where = f"{self.name}[{index}] (image {image_id}, text {tid}, {self.imgs_path})"
+        image = read_image(lambda: self.image_bytes(image_id), where, self.draft, self.max_pixels)
+        return image, check_captions([text], where)
 
 
 # ---- downstream classification
@@ -608,7 +885,8 @@ class ImageFolderReader:
     """The `imagefolder` format: `root/<class>/<image>`; captions are the class name (labels.json if it has
     the dataset, else the folder name)."""
 
-    def __init__(self, root: str, classnames: list[str] | None = None, name: str = "imagefolder") -> None:
+    def __init__(self, root: str, classnames: list[str] | None = None, name: str = "imagefolder",
+                 max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> None:
         from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
         classes, class_to_idx = find_classes(root)
@@ -617,19 +895,16 @@ class ImageFolderReader:
         if len(self.classnames) != len(classes):
             raise DatasetError(f"dataset {name!r}: {root} has {len(classes)} class folders but labels.json "
                                f"lists {len(self.classnames)} names")
-        self.name, self.draft = name, None
+        self.name, self.draft, self.max_pixels = name, None, max_pixels
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def read(self, index: int) -> tuple[Image.Image, list[str]]:
         path, label = self.samples[index]
-        try:
-            with open(path, "rb") as f:
-                image = decode_image(f.read(), self.draft)
-        except CORRUPT_ERRORS as exc:
-            raise CorruptSample(f"{self.name}[{index}] ({path})", repr(exc)) from None
-        return image, [self.classnames[label]]
+        where = f"{self.name}[{index}] ({path})"
+        return read_image(lambda: _read_file(path), where, self.draft, self.max_pixels), \
+            check_captions([self.classnames[label]], where)
 
     def label(self, index: int) -> int:
         return self.samples[index][1]
@@ -640,7 +915,7 @@ class FilelistReader(ImageFolderReader):
     `{split}_labels.npy` (ints, or strings mapped through the entry's `label_order`)."""
 
     def __init__(self, root: str, split: str, classnames: list[str] | None, label_order: list[str] | None = None,
-                 name: str = "filelist") -> None:
+                 name: str = "filelist", max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> None:
         images = np.load(os.path.join(root, f"{split}_images.npy"), allow_pickle=False)
         labels = np.load(os.path.join(root, f"{split}_labels.npy"), allow_pickle=False)
         if label_order is not None:
@@ -649,7 +924,7 @@ class FilelistReader(ImageFolderReader):
         self.samples = [(os.path.join(root, str(p)), int(y)) for p, y in zip(images, labels)]
         n_classes = len(label_order) if label_order else int(labels.max()) + 1
         self.classnames = classnames or [str(i) for i in range(n_classes)]
-        self.name, self.draft = name, None
+        self.name, self.draft, self.max_pixels = name, None, max_pixels
 
 
 class TorchvisionReader:
@@ -677,8 +952,9 @@ class TorchvisionReader:
         return len(self.dataset)
 
     def read(self, index: int) -> tuple[Image.Image, list[str]]:
-        image, label = self.dataset[index]
-        return image.convert("RGB"), [self.classnames[label] if self.classnames else str(label)]
+        image, label = self.dataset[index]  # decoded by torchvision from raw arrays (CIFAR: RGB, MNIST: L)
+        return to_rgb(image), check_captions([self.classnames[label] if self.classnames else str(label)],
+                                             f"torchvision[{index}]")
 
     def label(self, index: int) -> int:
         return int(self.dataset[index][1])
@@ -727,11 +1003,13 @@ def _classnames(entry: dict, name: str) -> list[str] | None:
     return [n if isinstance(n, str) else n[0] for n in names] if names else None
 
 
-def build_reader(name: str, split: str, catalog: dict | None = None, data_root: str | None = None) -> Reader:
+def build_reader(name: str, split: str, catalog: dict | None = None, data_root: str | None = None,
+                 max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Reader:
     """The reader for catalog entry `name` and logical `split` (train/test), dispatched on its `format`.
 
     Catalog paths are relative to `data_root` (else $CLIP_LAB_DATA_ROOT); a missing file fails here with the
-    entry name, the path tried and how to fix it.
+    entry name, the path tried and how to fix it. `max_pixels` (--max-image-pixels) goes to every reader that
+    decodes stored images (`decode_image`).
     """
     catalog = catalog if catalog is not None else load_catalog()
     entry = catalog_entry(name, catalog)
@@ -742,27 +1020,28 @@ def build_reader(name: str, split: str, catalog: dict | None = None, data_root: 
         return SyntheticReader(entry.get("num_samples", 256) if split == "train" else entry.get("num_test", 64),
                                entry.get("image_size", 32), entry.get("language", "en"))
     if fmt == "merged":
-        return MergedReader([(part, build_reader(part, split, catalog, data_root)) for part in entry["datasets"]])
+        return MergedReader([(part, build_reader(part, split, catalog, data_root, max_pixels))
+                             for part in entry["datasets"]])
     on_disk = split_name(name, entry, split)
     if fmt == "lmdb":
         keys = entry["path"] if isinstance(entry["path"], list) else [entry["path"]]
         folders = [entry_path(name, {**entry, "path": p}, "path", data_root, on_disk, "dir") for p in keys]
-        return LmdbReader(folders, name)
+        return LmdbReader(folders, name, max_pixels)
     if fmt == "tsv":
-        return TsvReader(entry_path(name, entry, "path", data_root, on_disk, "dir"), on_disk, name)
+        return TsvReader(entry_path(name, entry, "path", data_root, on_disk, "dir"), on_disk, name, max_pixels)
     if fmt == "yfcc15m":
         return YfccReader(entry_path(name, entry, "metadata", data_root, on_disk, "file"),
-                          entry_path(name, entry, "root", data_root, on_disk, "dir"), name)
+                          entry_path(name, entry, "root", data_root, on_disk, "dir"), name, max_pixels)
     if fmt in ("cc3m", "cc12m"):
         return CaptionRecordsReader(entry_path(name, entry, "metadata", data_root, on_disk, "file"),
                                     entry_path(name, entry, "root", data_root, on_disk, "dir"), name,
-                                    "image_id" if fmt == "cc3m" else "image_name")
+                                    "image_id" if fmt == "cc3m" else "image_name", max_pixels)
     if fmt == "imagefolder":
         return ImageFolderReader(entry_path(name, {**entry, "path": os.path.join(entry["path"], on_disk)}, "path",
-                                            data_root, on_disk, "dir"), _classnames(entry, name), name)
+                                            data_root, on_disk, "dir"), _classnames(entry, name), name, max_pixels)
     if fmt == "filelist":
         return FilelistReader(entry_path(name, entry, "path", data_root, on_disk, "dir"), on_disk,
-                              _classnames(entry, name), entry.get("label_order"), name)
+                              _classnames(entry, name), entry.get("label_order"), name, max_pixels)
     if fmt == "torchvision":
         return TorchvisionReader(entry["kind"], entry_path(name, entry, "path", data_root, on_disk, "dir"), on_disk,
                                  name)

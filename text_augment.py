@@ -16,6 +16,11 @@ WordNet); the augmenter is picked by the text tower's language (`build_text_augm
 Randomness comes from Python's `random` module; `datasets.seeded()` seeds it per sample from
 (seed, epoch, index), so a resumed run sees the same captions. No operation returns an empty caption:
 an op that empties the text falls back to its input.
+
+Fork safety (DataLoader workers): WordNet's lemma index and jieba's dictionary are loaded once into memory and
+shared with forked workers, and nothing is read through a file handle opened before the fork: nltk reads WordNet
+synsets by seek + readline through handles it keeps open, so `wordnet_reader` gives each process its own
+(`readers.PerProcessFile`); jieba keeps no file open once initialised.
 """
 from __future__ import annotations
 
@@ -25,6 +30,8 @@ import logging
 import os
 import random
 import re
+
+import readers
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_NLTK_DATA = os.path.join(HERE, ".nltk_data")
@@ -72,14 +79,35 @@ def wordnet_available() -> bool:
         return False
 
 
+@functools.lru_cache(maxsize=1)
+def wordnet_reader():
+    """nltk's WordNet reader, built once (~10 s: the lemma index is parsed into memory, which forked DataLoader
+    workers then share) with every file it opens wrapped in `readers.PerProcessFile`. nltk keeps the data files
+    (`data.noun`, ...) open and reads a synset by seek + readline; a handle inherited through fork shares its file
+    offset with the parent's and the other workers', so concurrent lookups misread ("No WordNet synset found for
+    pos=a at offset=...", or a wrong synset). Each process reads through its own handle instead."""
+    _use_default_nltk_data()
+    import nltk
+    from nltk.corpus.reader import CorpusReader, WordNetCorpusReader
+    from nltk.corpus.util import LazyCorpusLoader
+
+    class ForkSafeWordNet(WordNetCorpusReader):
+        def open(self, file):  # CorpusReader.open: every file the reader reads goes through here
+            return readers.PerProcessFile(lambda: WordNetCorpusReader.open(self, file))
+
+    try:
+        root = nltk.data.find("corpora/wordnet")
+    except LookupError:
+        root = nltk.data.find("corpora/wordnet.zip/wordnet/")
+    # the multilingual data, as nltk.corpus.wordnet passes it (loaded only if asked, which we never do)
+    return ForkSafeWordNet(root, LazyCorpusLoader("omw-1.4", CorpusReader, r".*/wn-data-.*\.tab", encoding="utf8"))
+
+
 @functools.lru_cache(maxsize=65536)
 def wordnet_synonyms(word: str) -> tuple[str, ...]:
     """Sorted distinct WordNet lemma names of every synset of `word` ('_' -> ' '), without the word itself."""
-    _use_default_nltk_data()
-    from nltk.corpus import wordnet
-
     names = {lemma.name().replace("_", " ").replace("-", " ").lower()
-             for synset in wordnet.synsets(word) for lemma in synset.lemmas()}
+             for synset in wordnet_reader().synsets(word) for lemma in synset.lemmas()}
     names.discard(word.lower())
     return tuple(sorted(n for n in names if n.strip()))
 
@@ -205,10 +233,7 @@ class ChineseTextAugmenter(TextAugmenter):
 
     def __init__(self, **options) -> None:
         super().__init__(load_word_list(STOPWORDS_ZH), **options)
-        import jieba
-
-        jieba.setLogLevel(logging.WARNING)
-        self._jieba = jieba
+        self._jieba = jieba_tokenizer()
 
     def tokenize(self, text: str) -> list[str]:
         words = [w for w in self._jieba.lcut(text) if w.strip()]
@@ -219,6 +244,19 @@ class ChineseTextAugmenter(TextAugmenter):
 
     def synonyms(self, words: list[str]) -> list[str]:
         return words
+
+
+@functools.lru_cache(maxsize=1)
+def jieba_tokenizer():
+    """A jieba Tokenizer with its dictionary loaded now (from jieba's cache file, ~1 s), once per process tree:
+    forked workers share it in memory and open nothing (not the process-global `jieba.dt`, which loads lazily at
+    its first use, in each worker, and which other code may reconfigure)."""
+    import jieba
+
+    jieba.setLogLevel(logging.WARNING)
+    tokenizer = jieba.Tokenizer()
+    tokenizer.initialize()
+    return tokenizer
 
 
 def build_text_augmenter(language: str, **options) -> TextAugmenter:

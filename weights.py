@@ -27,7 +27,8 @@ Layouts (reference/chinese_clip.md §2.4-2.5):
 Every load is strict: a source that does not cover the towers it claims, or brings keys the model
 does not have, raises with the missing and unexpected keys listed (Chinese-CLIP loads strict=False and
 silently leaves layers random). Files are read with `torch.load(weights_only=True)`; a TorchScript
-archive is read by unpickling only its tensors (no TorchScript code is loaded or run).
+archive is read by unpickling only its tensors (no TorchScript code is loaded or run). A NaN or infinite
+weight is an error naming the tensor (`check_finite_weights`), never a plausible-looking evaluation.
 
 CLI: `python weights.py convert-openai IN.pt OUT.pt` (TorchScript -> plain OpenAI-layout state_dict),
 `python weights.py export CKPT --format openai|open_clip|hf|cnclip --out PATH [--head z|h] [--name NAME]` (our
@@ -580,6 +581,7 @@ def load_weights(model: nn.Module, sources: list[str] | str) -> dict[str, list[s
             raise WeightsError(f"{path}: weights do not fit {type(model).__name__} (towers {towers}). "
                                f"missing keys ({len(missing)}): {missing[:20]}; unexpected keys ({len(unexpected)}): "
                                f"{unexpected[:20]}; shape mismatches ({len(shapes)}): {shapes[:10]}")
+        check_finite_weights(sd, path)
         with torch.no_grad():
             for key, value in sd.items():
                 target[key].copy_(value.to(target[key].dtype))
@@ -665,7 +667,8 @@ def load_model_for_eval(resume: str | None = None, pretrained: str | None = None
     Returns (model, spec, info) with info = {"image_size", "context_length", "config", "checkpoint": {"epoch",
     "step", "commit"} of --resume}. Without --model and a model in the checkpoint's args (a `weights.py convert`
     output has none), the architecture is the one an export recorded next to the weights (`exported_model`), else
-    the one the checkpoint's or the (first) pretrained file's weights imply (`infer_model`).
+    the one the checkpoint's or the (first) pretrained file's weights imply (`infer_model`). A NaN or infinite
+    weight in either is a readers.NonFiniteError.
     """
     config: dict = {}
     ckpt = None
@@ -696,10 +699,23 @@ def load_model_for_eval(resume: str | None = None, pretrained: str | None = None
     return model, spec, info
 
 
+def check_finite_weights(state: dict[str, torch.Tensor], source: str) -> None:
+    """Raise readers.NonFiniteError "<source>: N of M weight tensors are not finite (first: <key>)" when a floating
+    tensor of `state` holds a NaN or an infinity: a checkpoint with one `inf` weight would otherwise give a plausible
+    retrieval table."""
+    keys = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point()]
+    bad = [k for k in keys if not bool(torch.isfinite(state[k]).all())]
+    if bad:
+        raise readers.NonFiniteError(f"{source}: {len(bad)} of {len(keys)} weight tensors are not finite "
+                                     f"(first: {bad[0]})")
+
+
 def load_weights_dict(model: nn.Module, state: dict, source: str, assign: bool = False) -> None:
-    """Strict load_state_dict of our own state_dict with missing/unexpected keys listed. assign=True makes the
-    tensors the model's parameters (a model built on the meta device, never initialised)."""
+    """Strict load_state_dict of our own state_dict with missing/unexpected keys listed; non-finite weights are an
+    error (`check_finite_weights`). assign=True makes the tensors the model's parameters (a model built on the meta
+    device, never initialised)."""
     state = {k.removeprefix("module."): v for k, v in state.items()}
+    check_finite_weights(state, source)
     result = model.load_state_dict(state, strict=False, assign=assign)
     if result.missing_keys or result.unexpected_keys:
         raise WeightsError(f"{source}: state_dict does not fit the model. missing keys ({len(result.missing_keys)}): "

@@ -38,3 +38,27 @@ def muge_sample_root(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("data_root")
     module.make_muge_sample(str(root / "muge-sample"))
     return str(root)
+
+
+def forked_lookups(lookup, items: list, workers: int = 2) -> list[list]:
+    """`[lookup(x) for x in items]` in `workers` processes forked now, started together; each returns its list (or
+    the repr of the exception it died of)."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    queue, barrier = ctx.Queue(), ctx.Barrier(workers)
+
+    def child(rank: int) -> None:
+        barrier.wait()
+        try:
+            queue.put((rank, [lookup(x) for x in items]))
+        except Exception as exc:  # noqa: BLE001 -- reported to the parent, which fails the test with it
+            queue.put((rank, repr(exc)))
+
+    procs = [ctx.Process(target=child, args=(r,)) for r in range(workers)]
+    for p in procs:
+        p.start()
+    results = dict(queue.get(timeout=300) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    return [results[r] for r in range(workers)]

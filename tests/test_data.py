@@ -525,9 +525,9 @@ def test_draft_decode_keeps_every_crop_at_full_resolution(photo):
     out = io.BytesIO()
     big.save(out, format="JPEG", quality=90)
     need = datasets.draft_size(224, 0.5)
-    drafted = readers.decode_image(out.getvalue(), need)
+    drafted = readers.decode_image(out.getvalue(), "photo", draft=need)
     assert drafted.size == (512, 384) and min(drafted.size) >= need  # DCT-scaled 1/2, not 1/4
-    assert readers.decode_image(out.getvalue()).size == (1024, 768)
+    assert readers.decode_image(out.getvalue(), "photo").size == (1024, 768)
     crop = T.RandomResizedCrop(224, scale=(0.5, 1.0))
     torch.manual_seed(0)
     square = Image.new("RGB", (need, need))
@@ -878,3 +878,307 @@ def test_normalize_uint8_equals_to_dtype_then_normalize():
     torch.testing.assert_close(fused, reference, atol=1e-5, rtol=1e-5)
     with pytest.raises(TypeError, match="uint8"):
         datasets.NormalizeUint8(datasets.OPENAI_MEAN, datasets.OPENAI_STD)(image.float())
+
+
+# --------------------------------------------------------------------------- one decoder, captions, ids
+def encoded(image: Image.Image, fmt: str = "PNG", **options) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format=fmt, **options)
+    return out.getvalue()
+
+
+def mode_images() -> dict[str, tuple[bytes, np.ndarray]]:
+    """One 40x30 image per stored mode -> (encoded bytes, the RGB pixels the documented rule gives, computed here
+    with NumPy: alpha composited on white, 16-bit scaled by 1/257, palette looked up, 1-bit as 0/255)."""
+    y, x = np.mgrid[0:30, 0:40]
+    rgb = np.stack([x * 6, y * 8, (x + y) * 3], axis=-1).astype(np.uint8)  # (30, 40, 3)
+    alpha = ((x * 255) // 39).astype(np.uint8)  # 0 (transparent, red underneath) .. 255
+    under = np.zeros_like(rgb)
+    under[..., 0] = 255  # what a dropped alpha band shows: red
+    grey = rgb[..., 1]
+
+    def on_white(colour: np.ndarray, a: np.ndarray) -> np.ndarray:
+        a = a[..., None].astype(np.float64)
+        return np.round((colour * a + 255.0 * (255 - a)) / 255).astype(np.uint8)
+
+    rgba = np.where(alpha[..., None] > 0, rgb, under)
+    palette = np.array([[0, 0, 0], [250, 20, 30], [20, 200, 40], [10, 30, 220]], dtype=np.uint8)
+    index = ((x // 10) % 4).astype(np.uint8)
+    p = Image.fromarray(index)
+    p.putpalette(palette.ravel().tolist())
+    p_transparent = p.copy()
+    p_transparent.info["transparency"] = 1  # index 1 transparent
+    bits = (x + y) % 3 == 0
+    sixteen = (x * 1600 + y * 60).astype(np.uint16)  # up to 64,140: an 8-bit cast would clip most of it to white
+    cmyk = Image.fromarray(np.stack([rgb[..., 0], rgb[..., 1], rgb[..., 2], grey // 2], axis=-1), mode="CMYK")
+    jpeg_rgb, jpeg_cmyk = encoded(Image.fromarray(rgb), "JPEG", quality=95), encoded(cmyk, "JPEG", quality=95)
+    return {
+        "RGB": (encoded(Image.fromarray(rgb)), rgb),
+        "RGB jpeg": (jpeg_rgb, np.asarray(Image.open(io.BytesIO(jpeg_rgb)))),  # libjpeg's decode is the reference
+        "L": (encoded(Image.fromarray(grey)), np.repeat(grey[..., None], 3, axis=-1)),
+        "CMYK jpeg": (jpeg_cmyk, np.asarray(Image.open(io.BytesIO(jpeg_cmyk)).convert("RGB"))),  # PIL's CMYK rule
+        "RGBA": (encoded(Image.fromarray(np.dstack([rgba, alpha]), mode="RGBA")), on_white(rgb, alpha)),
+        "LA": (encoded(Image.fromarray(np.dstack([grey, alpha]), mode="LA")),
+               on_white(np.repeat(grey[..., None], 3, axis=-1), alpha)),
+        "P": (encoded(p), palette[index]),
+        "P transparent": (encoded(p_transparent, transparency=1),
+                          np.where((index == 1)[..., None], np.uint8(255), palette[index])),
+        "1": (encoded(Image.fromarray(bits)), np.repeat(np.where(bits, 255, 0).astype(np.uint8)[..., None], 3, -1)),
+        "I;16": (encoded(Image.fromarray(sixteen)), np.repeat(((sixteen.astype(np.int64) + 128) // 257)
+                                                              .astype(np.uint8)[..., None], 3, axis=-1)),
+    }
+
+
+def test_every_mode_gives_the_same_rgb_and_tensor_on_every_path(tmp_path):
+    """One decoder: the train readers (tsv, and the LMDB build_lmdb.py writes), the validation and zero-shot readers
+    (an image folder through ClassificationDataset) and `eval_retrieval.py extract`'s ImageRecords (tsv and LMDB)
+    give the rule's RGB pixels for every stored mode, and the same tensors through both evaluation transforms."""
+    import eval_retrieval
+
+    images = mode_images()
+    modes = list(images)
+    ids = {mode: 700 + k for k, mode in enumerate(modes)}
+    write_raw_split(str(tmp_path), "train", {ids[m]: images[m][0] for m in modes},
+                    [{"text_id": ids[m], "text": f"图片{k}", "image_ids": [ids[m]]} for k, m in enumerate(modes)])
+    build_lmdb.main(["--data-dir", str(tmp_path), "--splits", "train"])
+    for k, mode in enumerate(modes):  # class folder k holds image k: folder order = mode order
+        os.makedirs(tmp_path / "folder" / f"c{k:02d}")
+        (tmp_path / "folder" / f"c{k:02d}" / ("a.jpg" if "jpeg" in mode else "a.png")).write_bytes(images[mode][0])
+    tsv, lmdb_reader = readers.TsvReader(str(tmp_path), "train"), readers.LmdbReader([str(tmp_path / "lmdb" / "train")])
+    folder = readers.ImageFolderReader(str(tmp_path / "folder"))
+    assert [folder.label(k) for k in range(len(folder))] == list(range(len(modes)))
+    for transform in (datasets.val_transform(24), datasets.squash_transform(24)):
+        extract_tsv = eval_retrieval.ImageRecords(str(tmp_path / "train_imgs.tsv"), transform)
+        extract_lmdb = eval_retrieval.ImageRecords(str(tmp_path / "lmdb" / "train" / "imgs"), transform)
+        zero_shot = datasets.ClassificationDataset(folder, transform)
+        for k, mode in enumerate(modes):
+            decoded = {"tsv reader": tsv.read(k)[0], "lmdb reader (build_lmdb)": lmdb_reader.read(k)[0],
+                       "image folder reader": folder.read(k)[0],
+                       "extract (tsv)": eval_retrieval.ImageRecords(str(tmp_path / "train_imgs.tsv"))[k][1]}
+            for path, image in decoded.items():
+                assert image.mode == "RGB", (mode, path, image.mode)
+                assert np.abs(np.asarray(image, dtype=int) - images[mode][1]).max() <= 1, (mode, path)
+            tensors = {"train reader + transform": transform(tsv.read(k)[0]),
+                       "build_lmdb -> LMDB -> reader + transform": transform(lmdb_reader.read(k)[0]),
+                       "zero-shot": zero_shot[k][0], "extract tsv": extract_tsv[k][1],
+                       "extract lmdb": extract_lmdb[k][1]}
+            assert extract_tsv[k][0] == extract_lmdb[k][0] == ids[mode]
+            reference = tensors.pop("train reader + transform")
+            for path, tensor in tensors.items():
+                assert torch.equal(tensor, reference), (mode, path)
+
+
+def flat_jpeg(width: int, height: int) -> bytes:
+    """A valid baseline greyscale JPEG of one flat grey (128), made in microseconds at any size: one 1-bit Huffman
+    code for "DC difference 0" and one for "end of block", so every 8x8 block is 2 zero bits and the entropy-coded
+    data is zero bytes (a 14000x13000 image is 711 KB)."""
+    import struct
+
+    def segment(marker: int, payload: bytes) -> bytes:
+        return struct.pack(">HH", marker, len(payload) + 2) + payload
+
+    one_code = b"\x01" + b"\x00" * 15 + b"\x00"  # one code of length 1, for symbol 0
+    blocks = -(-width // 8) * -(-height // 8)
+    return (b"\xff\xd8" + segment(0xFFDB, b"\x00" + b"\x01" * 64)
+            + segment(0xFFC0, struct.pack(">BHHB", 8, height, width, 1) + b"\x01\x11\x00")
+            + segment(0xFFC4, b"\x00" + one_code + b"\x10" + one_code)
+            + segment(0xFFDA, b"\x01\x01\x00\x00\x3f\x00") + bytes(-(-blocks * 2 // 8)) + b"\xff\xd9")
+
+
+def flat_png(width: int, height: int) -> bytes:
+    """A valid 8-bit greyscale PNG of one flat black (zlib level 1 over the zero rows: ~0.5 s for 182 Mpx)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    z, rows = zlib.compressobj(1), bytes((width + 1) * 1000)  # filter byte 0 + the pixels, 1000 rows at a time
+    idat = b"".join(z.compress(rows[:(width + 1) * min(1000, height - r)]) for r in range(0, height, 1000))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat + z.flush()) + chunk(b"IEND", b"")
+
+
+def test_large_jpeg_decodes_by_draft_and_a_large_png_is_refused_by_the_limit(tmp_path, photo):
+    """A valid 14000x13000 JPEG (182 Mpx, above PIL's decompression-bomb limit) decodes on every path: libjpeg's DCT
+    scaling shrinks it under --max-image-pixels (or to the training draft) before anything is allocated. A 182 Mpx
+    PNG cannot be shrunk while decoding: every path refuses it with the same message, a bad sample in training."""
+    import eval_retrieval
+
+    big_jpeg, big_png = flat_jpeg(14000, 13000), flat_png(14000, 13000)
+    assert Image.open(io.BytesIO(flat_jpeg(40, 24))).convert("L").getextrema() == (128, 128)
+    write_raw_split(str(tmp_path), "train", {1: big_jpeg, 2: big_png, 3: jpeg(photo, 3)},
+                    [{"text_id": k, "text": f"图{k}", "image_ids": [k]} for k in (1, 2, 3)])
+    message = "14000x13000 = 182 Mpx exceeds --max-image-pixels (default 179 Mpx)"
+    reader = readers.TsvReader(str(tmp_path), "train")
+    image = reader.read(0)[0]
+    assert image.size == (7000, 6500) and image.mode == "RGB"  # 1/2: the largest size within 179 Mpx
+    assert image.getpixel((3500, 3250)) == (128, 128, 128)
+    with pytest.raises(readers.CorruptSample, match=re.escape(f"tsv[1] (image 2, text 2, {tmp_path}/train_imgs.tsv): "
+                                                              f"{message}")):
+        reader.read(1)
+    reader.draft = datasets.draft_for(datasets.train_transform(224, 0.5))
+    assert reader.read(0)[0].size == (1750, 1625)  # the training draft goes further: 1/8, sides still >= 366
+    records = eval_retrieval.ImageRecords(str(tmp_path / "train_imgs.tsv"), datasets.squash_transform(16))
+    assert records[0][1].shape == (3, 16, 16)
+    with pytest.raises(readers.CorruptSample, match=re.escape(f"image 2 in {tmp_path}/train_imgs.tsv: {message}")):
+        records[1]
+    with pytest.raises(SystemExit, match=re.escape(f"train_imgs.tsv:2: {message}")):
+        build_lmdb.main(["--data-dir", str(tmp_path), "--splits", "train"])
+    [counts] = build_lmdb.main(["--data-dir", str(tmp_path), "--splits", "train", "--skip-bad"])
+    assert counts["images"] == 2 and counts["bad"] == 2  # the PNG line and the text naming it
+    # in training it is a bad sample: named, counted, replaced
+    dataset = datasets.ImageTextDataset(reader, datasets.squash_transform(16), lambda t: torch.zeros(1, 4),
+                                        max_bad_samples=1)
+    dataset.bad_samples.reset(0)
+    assert [dataset[i][0].shape for i in range(3)] == [(3, 16, 16)] * 3 and dataset.bad_samples.offenders() == [1]
+
+
+def test_max_image_pixels_flag_reaches_every_path(tmp_path, photo, capfd):
+    """--max-image-pixels is one limit for training (a bad sample: named, counted, replaced), build_lmdb.py,
+    `eval_retrieval.py extract` and eval_zeroshot.py: a 120x100 PNG (12,000 px) passes at 12000 and is refused
+    at 11999."""
+    import eval_retrieval
+
+    png = encoded(photo.resize((120, 100)))
+    root = tmp_path / "root" / "muge-sample" / "lmdb"
+    train = {i: png if i == 5 else jpeg(photo, i) for i in range(8)}
+    write_cnclip_lmdb(str(root / "train"), train, [(i, i, f"第{i}张照片") for i in range(8)])
+    summary = main.main(TINY_CN + ["--dataset", "muge-sample", "--data-root", str(tmp_path / "root"), "--max-steps",
+                                   "1", "--val-dataset", "none", "--max-bad-samples", "3", "--max-image-pixels",
+                                   "11999", "--output-dir", str(tmp_path / "exp")])
+    assert summary["step"] == 1
+    out = capfd.readouterr()
+    assert re.search(r"replaced: muge-sample\[5\] \(image 5, text 5, .*/imgs\): 120x100 = 12000 px exceeds "
+                     r"--max-image-pixels 11999 \(default 178956970\)", out.out + out.err)
+    write_raw_split(str(tmp_path / "raw"), "valid", {1: png}, [{"text_id": 1, "text": "图", "image_ids": [1]}])
+    with pytest.raises(SystemExit, match=r"valid_imgs.tsv:1: 120x100 = 12000 px exceeds --max-image-pixels 11999"):
+        build_lmdb.main(["--data-dir", str(tmp_path / "raw"), "--splits", "valid", "--max-image-pixels", "11999"])
+    build_lmdb.main(["--data-dir", str(tmp_path / "raw"), "--splits", "valid", "--max-image-pixels", "12000"])
+    records = eval_retrieval.ImageRecords(str(tmp_path / "raw" / "valid_imgs.tsv"), max_pixels=11999)
+    with pytest.raises(readers.CorruptSample, match="image 1 in .*valid_imgs.tsv: 120x100 = 12000 px exceeds"):
+        records[0]
+    assert eval_retrieval.ImageRecords(str(tmp_path / "raw" / "valid_imgs.tsv"), max_pixels=12000)[0][1].size == \
+        (120, 100)
+    assert readers.build_reader("muge-sample", "train", data_root=str(tmp_path / "root"),
+                                max_pixels=12000).read(5)[0].size == (120, 100)
+    import eval_zeroshot
+
+    for parser, argv in [(main.get_args_parser(), []), (eval_retrieval.get_parser(), ["extract", "--output-dir", "o"]),
+                         (eval_retrieval.get_parser(), ["run", "--data-dir", "d", "--output-dir", "o"]),
+                         (eval_zeroshot.get_parser(), []),
+                         (build_lmdb.get_args_parser(), ["--data-dir", "d", "--splits", "s"])]:
+        assert parser.parse_args(argv + ["--max-image-pixels", "5"]).max_image_pixels == 5
+        assert parser.parse_args(argv).max_image_pixels == readers.DEFAULT_MAX_IMAGE_PIXELS == 178956970
+
+
+def test_a_caption_that_cannot_be_tokenised_is_a_bad_sample_in_training_and_a_file_line_error_in_building(
+        tmp_path, photo):
+    """A lone surrogate escaped in valid JSON ("\\ud800") is not text the BERT tokenizer can encode (a TypeError that
+    --max-bad-samples did not catch): every reader checks captions the same way (readers.check_captions)."""
+    lines = ['{"text_id": 1, "text": "一只猫", "image_ids": [1]}',
+             '{"text_id": 2, "text": "\\ud800 坏", "image_ids": [2]}',
+             '{"text_id": 3, "text": "一杯咖啡", "image_ids": [3]}']
+    assert json.loads(lines[1])["text"] == "\ud800 坏"
+    write_raw_split(str(tmp_path), "train", {k: jpeg(photo, k) for k in (1, 2, 3)}, [])
+    (tmp_path / "train_texts.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(SystemExit, match=r"train_texts.jsonl:2: caption 0 is not valid Unicode text \(surrogates not "
+                                         r"allowed at character 0"):
+        build_lmdb.main(["--data-dir", str(tmp_path), "--splits", "train"])
+    [counts] = build_lmdb.main(["--data-dir", str(tmp_path), "--splits", "train", "--skip-bad"])
+    assert counts["texts"] == 2 and counts["bad"] == 1
+    # training through the tsv reader with the real Chinese BERT tokenizer: named, counted, replaced
+    reader = readers.TsvReader(str(tmp_path), "train")
+    with pytest.raises(readers.CorruptSample, match=r"tsv\[1\] \(image 2, text 2, .*\): caption 0 is not valid"):
+        reader.read(1)
+    dataset = datasets.ImageTextDataset(reader, datasets.squash_transform(16), datasets.build_tokenizer("bert", 52),
+                                        max_bad_samples=1)
+    dataset.bad_samples.reset(0)
+    assert all(dataset[i][1].shape == (52,) for i in range(3)) and dataset.bad_samples.offenders() == [1]
+    # the same in an LMDB's pickled pairs and in cc3m-style records
+    write_cnclip_lmdb(str(tmp_path / "l"), {1: jpeg(photo, 1)}, [(1, 5, "好\udfff")])
+    with pytest.raises(readers.CorruptSample, match=r"lmdb\[0\] .*caption 0 is not valid Unicode"):
+        readers.LmdbReader([str(tmp_path / "l")]).read(0)
+    os.makedirs(tmp_path / "img")
+    (tmp_path / "img" / "0.jpg").write_bytes(jpeg(photo, 0))
+    (tmp_path / "meta.jsonl").write_text('{"image_id": "0.jpg", "captions": ["ok", "\\udc80"]}\n')
+    with pytest.raises(readers.CorruptSample, match=r"cc3m\[0\] .*caption 1 is not valid Unicode"):
+        readers.CaptionRecordsReader(str(tmp_path / "meta.jsonl"), str(tmp_path / "img"), "cc3m", "image_id").read(0)
+
+
+@pytest.mark.parametrize("field", [b" 7", b"+7", b"1_000", b"07", b"7.0", b"\xef\xbb\xbf7", b"9" * 25])
+def test_tsv_image_ids_are_integers_as_str_writes_them(tmp_path, photo, field):
+    """`int()` accepts " 7", "+7", "1_000" and "07": one id would have several spellings (and LMDB keys), so the
+    readers and the builder refuse them, naming the line (a byte-order mark is accepted at the start of the file
+    only)."""
+    b64 = base64.b64encode(jpeg(photo, 1))
+    (tmp_path / "train_imgs.tsv").write_bytes(b"1\t" + b64 + b"\n" + field + b"\t" + b64 + b"\n")
+    (tmp_path / "train_texts.jsonl").write_text('{"text_id": 1, "text": "x", "image_ids": [1]}\n')
+    with pytest.raises(readers.DatasetError, match=r"train_imgs.tsv:2: image id .* is not an integer"):
+        readers.TsvReader(str(tmp_path), "train")
+    with pytest.raises(SystemExit, match=r"train_imgs.tsv:2: image id .* is not an integer"):
+        build_lmdb.main(["--data-dir", str(tmp_path), "--splits", "train"])
+
+
+def test_text_ids_are_unique_integers_and_a_byte_order_mark_is_accepted(tmp_path, photo):
+    """One id rule in the tsv reader and build_lmdb.py (and `extract` and the scorer, tests/test_eval.py): ids are
+    integers (1000.7 or "1000" is an error naming the line, never coerced), unique (a duplicate names both lines),
+    and a UTF-8 byte-order mark at the start of a file (Windows editors) is accepted."""
+    images = {1000: jpeg(photo, 0), 1001: jpeg(photo, 1)}
+    texts = [{"text_id": 1, "text": "猫", "image_ids": [1000]}, {"text_id": 2, "text": "狗", "image_ids": [1001]}]
+    write_raw_split(str(tmp_path), "train", images, texts)
+    for name in ("train_imgs.tsv", "train_texts.jsonl"):  # a byte-order mark before line 1 of both files
+        (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + (tmp_path / name).read_bytes())
+    reader = readers.TsvReader(str(tmp_path), "train")
+    assert reader.pairs == [(1000, 1, "猫"), (1001, 2, "狗")]
+    np.testing.assert_array_equal(np.asarray(reader.read(0)[0]), pixels(images[1000]))
+    [counts] = build_lmdb.main(["--data-dir", str(tmp_path), "--splits", "train"])
+    assert counts["images"] == 2 and counts["texts"] == 2
+    assert readers.LmdbReader([str(tmp_path / "lmdb" / "train")]).image_ids() == [1000, 1001]
+    for line3, message in [('{"text_id": 1, "text": "又一只猫", "image_ids": [1001]}',
+                            r"train_texts.jsonl:3: duplicate text id 1 \(first on line 1\)"),
+                           ('{"text_id": 1000.7, "text": "x", "image_ids": [1001]}',
+                            r"train_texts.jsonl:3: text_id must be an integer \(int64\), got 1000.7"),
+                           ('{"text_id": "1000", "text": "x", "image_ids": [1001]}',
+                            r"train_texts.jsonl:3: text_id must be an integer \(int64\), got '1000'"),
+                           ('{"text_id": 3, "text": "x", "image_ids": [1001.0]}',
+                            r"train_texts.jsonl:3: image_id must be an integer \(int64\), got 1001.0"),
+                           ('{"text_id": 3, "text": "x", "image_ids": [' + "9" * 30 + "]}",
+                            r"train_texts.jsonl:3: image_id must be an integer \(int64\), got 9999")]:
+        with open(tmp_path / "train_texts.jsonl", "a", encoding="utf-8") as f:
+            f.write(line3 + "\n")
+        with pytest.raises(readers.DatasetError, match=message):
+            readers.TsvReader(str(tmp_path), "train")
+        with pytest.raises(SystemExit, match=message):
+            build_lmdb.main(["--data-dir", str(tmp_path), "--splits", "train"])
+        lines = (tmp_path / "train_texts.jsonl").read_bytes().splitlines(keepends=True)
+        (tmp_path / "train_texts.jsonl").write_bytes(b"".join(lines[:2]))
+
+
+def test_reader_lookups_in_forked_workers_equal_a_single_process(tmp_path, photo):
+    """Every file-backed handle of a reader (the tsv file, yfcc zip shards, LMDB environments) is opened per process:
+    two workers forked after the parent read through each give exactly the parent's samples."""
+    from conftest import forked_lookups
+
+    n = 24
+    images = {100 + i: jpeg(photo, i, 16 + i) for i in range(n)}
+    write_raw_split(str(tmp_path), "train", images, [{"text_id": i, "text": f"图{i}", "image_ids": [100 + i]}
+                                                     for i in range(n)])
+    build_lmdb.main(["--data-dir", str(tmp_path), "--splits", "train"])
+    ids = [12345600 + i for i in range(n)]
+    for k, image_id in enumerate(ids):
+        zpath, member = readers.yfcc_zip_location(str(tmp_path / "yfcc"), image_id)
+        os.makedirs(os.path.dirname(zpath), exist_ok=True)
+        with zipfile.ZipFile(zpath, "a") as z:
+            z.writestr(member, jpeg(photo, k, 16 + k))
+    (tmp_path / "meta.tsv").write_text("".join(f"{i}\ttitle {i}\t\n" for i in ids))
+    for reader in (readers.TsvReader(str(tmp_path), "train"), readers.LmdbReader([str(tmp_path / "lmdb" / "train")]),
+                   readers.YfccReader(str(tmp_path / "meta.tsv"), str(tmp_path / "yfcc"))):
+        def sample(i, reader=reader):
+            image, captions = reader.read(i)
+            return image.tobytes(), image.size, captions
+
+        reader.read(n - 1)  # the parent's handles are open, at the end of the file
+        order = list(range(n)) * 8
+        reference = [sample(i) for i in order]
+        assert forked_lookups(sample, order) == [reference] * 2, type(reader).__name__

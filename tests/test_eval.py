@@ -1,10 +1,12 @@
 """Evaluation: the MUGE scorer (hand-computed recalls, the reference script's output, every invalid
 submission), top-k against a float64 brute force with ties, extract -> topk -> score end to end on the
 real muge-sample dataset, zero-shot metrics and eval_zeroshot.py on digits from a 2-step run."""
+import base64
 import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -79,8 +81,8 @@ def test_score_muge_keys_and_image_to_text(tmp_path):
     assert eval_retrieval.score(gt, pred2, str(tmp_path / "o2.json"))["success"]
 
     # image->text: ir2tr inverts the annotation (first-seen order), the --tr scorer uses image_id/text_ids
-    tr = eval_retrieval.ir_to_tr(write_jsonl(tmp_path / "valid_texts.jsonl", GT))
-    assert tr.endswith("valid_texts.tr.jsonl")
+    tr, unlabelled = eval_retrieval.ir_to_tr(write_jsonl(tmp_path / "valid_texts.jsonl", GT))
+    assert tr.endswith("valid_texts.tr.jsonl") and unlabelled == 0
     rows = [json.loads(line) for line in open(tr, encoding="utf-8")]
     assert rows == [{"image_id": 10, "text_ids": [1]}, {"image_id": 20, "text_ids": [2]},
                     {"image_id": 21, "text_ids": [2]}, {"image_id": 30, "text_ids": [3]},
@@ -489,3 +491,195 @@ def test_topk_breaks_ties_between_duplicate_float_vectors_by_gallery_order():
     # (NumPy's OpenBLAS rounds ~1 % of these duplicate pairs apart in `queries @ gallery.T`)
     got = eval_retrieval.topk_indices(queries, gallery, 60)
     assert np.array_equal(got, brute_force_topk(queries, gallery, 60))
+
+
+# --------------------------------------------------------------------------- unlabelled queries, malformed input
+def labelled_split(n_queries=12, unlabelled=(3, 7, 11)):
+    """12 text queries over a 50-image gallery, 3 of them unlabelled (`"image_ids": []`, as MUGE's test texts), and
+    perfect predictions (each labelled query's image first)."""
+    gt = [{"text_id": q, "text": f"q{q}", "image_ids": [] if q in unlabelled else [10 + q]} for q in range(n_queries)]
+    pred = [{"text_id": q, "image_ids": [10 + q] + [i for i in GALLERY if i != 10 + q][:9]} for q in range(n_queries)]
+    return gt, pred
+
+
+def test_unlabelled_queries_are_excluded_and_counted_by_one_rule(tmp_path):
+    """3 of 12 queries without ground truth: a perfect model scores 100 (not 75) with "unlabelled_queries": 3; a
+    split where no query has ground truth is an error saying so (not a success with 0.0); --strict makes any
+    unlabelled query an error. ir2tr and the tensor recall of main.py's validation apply the same rule."""
+    gt_rows, pred_rows = labelled_split()
+    gt, pred = write_jsonl(tmp_path / "gt.jsonl", gt_rows), write_jsonl(tmp_path / "pred.jsonl", pred_rows)
+    out = tmp_path / "out.json"
+    result = eval_retrieval.score(gt, pred, str(out))
+    assert result["success"] and result["scoreJson"] == {"score": 100.0, "mean_recall": 100.0, "r1": 100.0,
+                                                         "r5": 100.0, "r10": 100.0, "unlabelled_queries": 3}
+    assert json.loads(out.read_text()) == result
+    assert eval_retrieval.main(["score", gt, pred, str(out)]) == 0
+    assert eval_retrieval.main(["score", gt, pred, str(out), "--strict"]) == 1
+    assert "3 of 12 queries have no ground-truth item (first: id 3)" in json.loads(out.read_text())["errorMsg"]
+    none = write_jsonl(tmp_path / "none.jsonl", [{**g, "image_ids": []} for g in gt_rows])
+    assert eval_retrieval.main(["score", none, pred, str(out), "--strict"]) == 1
+    failed = json.loads(out.read_text())
+    assert not failed["success"] and "none of the 12 queries has a ground-truth item: nothing to score" in \
+        failed["errorMsg"]
+    # ir2tr: texts without an image are counted; none with one is an error, not an empty file
+    path, unlabelled = eval_retrieval.ir_to_tr(gt, str(tmp_path / "gt.tr.jsonl"))
+    assert unlabelled == 3 and len(open(path).readlines()) == 9
+    with pytest.raises(SystemExit, match="ir2tr: .*none of the 12 queries has a ground-truth item"):
+        eval_retrieval.main(["ir2tr", "--input", none, "--output", str(tmp_path / "none.tr.jsonl")])
+    assert not (tmp_path / "none.tr.jsonl").exists()
+    with pytest.raises(SystemExit, match="ir2tr: .*3 of 12 queries have no ground-truth item"):
+        eval_retrieval.main(["ir2tr", "--input", gt, "--strict"])
+    # the tensor recall of main.py's validation (pool_retrieval / caption_retrieval): the same rule
+    sim = torch.eye(4)  # (Q, G): query q is most similar to item q
+    positives = torch.eye(4, dtype=torch.bool)
+    positives[2, 2] = False  # query 2 has no ground truth
+    assert eval_retrieval.recall_at_k(sim, positives) == {"R@1": 100.0, "R@5": 100.0, "R@10": 100.0,
+                                                         "unlabelled_queries": 1.0}
+    with pytest.raises(eval_retrieval.UnlabelledQueries, match="1 of 4 queries have no ground-truth item"):
+        eval_retrieval.recall_at_k(sim, positives, strict=True)
+    with pytest.raises(eval_retrieval.UnlabelledQueries, match="none of the 4 queries"):
+        eval_retrieval.recall_at_k(sim, torch.zeros(4, 4, dtype=torch.bool))
+
+
+DEEP = "[" * 100_000 + "]" * 100_000  # nesting the json parser cannot follow (a RecursionError)
+LONG_INT = "9" * 5000  # beyond Python's 4300-digit int conversion limit (a ValueError, not a JSONDecodeError)
+
+
+@pytest.mark.parametrize("where", ["ground truth", "predictions", "gallery"])
+@pytest.mark.parametrize("value", ["deep", "long"])
+def test_scorer_writes_its_failure_json_for_deeply_nested_json_and_too_long_integers(tmp_path, where, value):
+    bad = {"deep": '{"text_id": 2, "image_ids": ' + DEEP + "}", "long": '{"text_id": ' + LONG_INT + ', "image_ids": '
+           '[20]}'}[value]
+    gt_rows, pred_rows = GT, PRED
+    if where == "ground truth":
+        gt_rows = GT[:1] + [bad] + GT[2:]
+    elif where == "predictions":
+        pred_rows = PRED[:1] + [bad] + PRED[2:]
+    gt, pred = write_jsonl(tmp_path / "gt.jsonl", gt_rows), write_jsonl(tmp_path / "pred.jsonl", pred_rows)
+    gallery = write_jsonl(tmp_path / "gallery.jsonl", [{"image_id": i, "feature": [1.0, 0.0]} for i in GALLERY[:3]]
+                          + [bad.replace("text_id", "image_id").replace("image_ids", "feature")]
+                          if where == "gallery" else [{"image_id": i, "feature": [1.0, 0.0]} for i in GALLERY])
+    out = tmp_path / "out.json"
+    assert eval_retrieval.main(["score", gt, pred, str(out), "--gallery", gallery, "--strict"]) == 1
+    result = json.loads(out.read_text())
+    assert result["success"] is False and result["errorMsg"]
+    assert {"ground truth": "gt.jsonl:2: cannot parse", "predictions": "line 2: Cannot parse",
+            "gallery": "--gallery"}[where] in result["errorMsg"]
+
+
+def test_scorer_reference_ids_follow_the_id_rule(tmp_path):
+    """Ground-truth ids are integers (a string item id would never match a prediction: a silent miss), a query id
+    appears once (the reference lets a later line overwrite an earlier one), and a byte-order mark is accepted."""
+    pred = write_jsonl(tmp_path / "pred.jsonl", PRED)
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + open(write_jsonl(tmp_path / "gt.jsonl", GT), "rb").read())
+    assert eval_retrieval.score(str(bom), pred, str(tmp_path / "o.json"))["scoreJson"]["mean_recall"] == \
+        pytest.approx(50)
+    for rows, message in [(GT[:2] + [{**GT[2], "image_ids": ["30"]}] + GT[3:],
+                           "gt.jsonl:3: each of image_ids must be an integer (int64), got '30'"),
+                          (GT + [{**GT[1], "image_ids": [11]}], "gt.jsonl:5: duplicate text_id 2 (first on line 2)"),
+                          (GT[:1] + [{**GT[1], "text_id": 2.0}] + GT[2:],
+                           "gt.jsonl:2: text_id must be an integer (int64), got 2.0")]:
+        result = eval_retrieval.score(write_jsonl(tmp_path / "gt.jsonl", rows), pred, str(tmp_path / "o.json"))
+        assert not result["success"] and message in result["errorMsg"], result["errorMsg"]
+
+
+# --------------------------------------------------------------------------- extract: named errors, the id rule
+def test_extract_names_a_corrupt_image_and_a_pairs_folder_without_a_traceback(tmp_path, muge_sample_root,
+                                                                               cnclip_tiny_checkpoint):
+    ckpt, _ = cnclip_tiny_checkpoint
+    lines = [f"{i}\t{base64.b64encode(encoded_jpeg(i)).decode()}" for i in range(4)]
+    lines[2] = "2\t" + base64.b64encode(b"<html>not an image</html>").decode()
+    (tmp_path / "imgs.tsv").write_text("\n".join(lines) + "\n")
+    for workers in ("0", "2"):
+        with pytest.raises(SystemExit) as raised:
+            eval_retrieval.main(["extract", "--resume", ckpt, "--image-data", str(tmp_path / "imgs.tsv"),
+                                 "--output-dir", str(tmp_path / "o"), "--device", "cpu", "-j", workers,
+                                 "--img-batch-size", "2"])
+        assert str(raised.value).startswith(f"extract: image 2 in {tmp_path}/imgs.tsv: undecodable image (")
+        assert "Traceback" not in str(raised.value)
+    assert not (tmp_path / "o" / "features.img_feat.npy").exists()  # nothing written
+    split = os.path.join(muge_sample_root, "muge-sample", "lmdb", "valid")
+    for folder, message in [(os.path.join(split, "pairs"), f"{split}/pairs: not an images LMDB (no 'num_images' key); "
+                                                           f"it is a pairs LMDB (it has 'num_samples'): give the "
+                                                           f"images LMDB beside it, {split}/imgs"),
+                            (split, f"{split}: not an LMDB folder (no data.mdb); give its images LMDB, {split}/imgs")]:
+        with pytest.raises(SystemExit) as raised:
+            eval_retrieval.main(["extract", "--resume", ckpt, "--image-data", folder, "--output-dir",
+                                 str(tmp_path / "o"), "--device", "cpu"])
+        assert str(raised.value) == f"extract: {message}"
+
+
+def encoded_jpeg(i: int) -> bytes:
+    from io import BytesIO
+
+    from PIL import Image
+
+    out = BytesIO()
+    Image.new("RGB", (20 + i, 16), (40 * i, 90, 200)).save(out, format="JPEG")
+    return out.getvalue()
+
+
+def test_extract_text_ids_follow_the_id_rule(tmp_path, cnclip_tiny_checkpoint):
+    """`extract` once cast every text id with np.asarray(..., int64): 1000.7 became 1000 and "1000" 1000, and a
+    duplicate id gave two rows that `run` then blamed on the predictions."""
+    ckpt, _ = cnclip_tiny_checkpoint
+    good = [{"text_id": 1000, "text": "一只猫"}, {"text_id": 1001, "text": "一杯咖啡", "image_ids": []}]
+
+    def extract(rows, prefix=b""):
+        path = tmp_path / "texts.jsonl"
+        path.write_bytes(prefix + open(write_jsonl(path, rows), "rb").read())
+        return eval_retrieval.main(["extract", "--resume", ckpt, "--text-data", str(path), "--output-dir",
+                                    str(tmp_path / "o"), "--device", "cpu"])
+
+    assert extract(good, b"\xef\xbb\xbf") == 0  # a byte-order mark before line 1
+    assert np.load(tmp_path / "o" / "features.txt_feat.ids.npy").tolist() == [1000, 1001]
+    for bad, message in [({"text_id": 1000.7, "text": "x"}, "texts.jsonl:3: text_id must be an integer (int64), got "
+                                                             "1000.7"),
+                         ({"text_id": "1002", "text": "x"}, "texts.jsonl:3: text_id must be an integer (int64), got "
+                                                            "'1002'"),
+                         ({"text_id": 1000, "text": "x"}, "texts.jsonl:3: duplicate text id 1000 (first on line 1)")]:
+        with pytest.raises(SystemExit) as raised:
+            extract(good + [bad])
+        assert message in str(raised.value)
+
+
+# --------------------------------------------------------------------------- non-finite numbers
+def test_non_finite_weights_and_features_stop_evaluation(tmp_path, muge_sample_root, cnclip_tiny_checkpoint):
+    """One `inf` weight once gave a plausible retrieval table, and NaN feature rows were ranked in gallery order
+    with `score --strict` reporting success: every place numbers enter evaluation checks them."""
+    ckpt, model = cnclip_tiny_checkpoint
+    state = torch.load(ckpt, weights_only=True)
+    state["model"]["visual.blocks.0.attn.qkv.weight"][3, 5] = float("inf")
+    torch.save(state, tmp_path / "inf.pt")
+    data = os.path.join(muge_sample_root, "muge-sample")
+    n_tensors = sum(v.is_floating_point() for v in model.state_dict().values())
+    with pytest.raises(SystemExit, match=re.escape(f"inf.pt: 1 of {n_tensors} weight tensors are not finite (first: "
+                                                   "visual.blocks.0.attn.qkv.weight)")):
+        eval_retrieval.main(["run", "--resume", str(tmp_path / "inf.pt"), "--data-dir", data, "--output-dir",
+                             str(tmp_path / "run"), "--device", "cpu"])
+    torch.save({"model": state["model"]}, tmp_path / "inf_weights.pt")  # what `weights.py convert` writes
+    with pytest.raises(SystemExit, match=re.escape(f"inf_weights.pt: 1 of {n_tensors} weight tensors are not finite")):
+        eval_retrieval.main(["extract", "--pretrained", str(tmp_path / "inf_weights.pt"),
+                             "--image-data", os.path.join(data, "valid_imgs.tsv"),
+                             "--output-dir", str(tmp_path / "o"), "--device", "cpu"])
+    # feature files read by topk
+    rng = np.random.RandomState(0)
+    img, txt = rng.randn(50, 8).astype(np.float32), rng.randn(4, 8).astype(np.float32)
+    img[[13, 40]] = np.nan
+    eval_retrieval.save_features(str(tmp_path / "img.npy"), np.array(GALLERY, dtype=np.int64), img, "image_id")
+    eval_retrieval.save_features(str(tmp_path / "txt.npy"), np.array([1, 2, 3, 4], dtype=np.int64), txt)
+    for feats in ("img.npy", "img.jsonl"):
+        with pytest.raises(SystemExit, match=re.escape(f"topk: {tmp_path / feats}: 2 of 50 features are not finite "
+                                                       "(first: id 23)")):
+            eval_retrieval.main(["topk", "--image-feats", str(tmp_path / feats), "--text-feats",
+                                 str(tmp_path / "txt.npy"), "--output", str(tmp_path / "pred.jsonl")])
+    assert not (tmp_path / "pred.jsonl").exists()
+    # features a model computes, checked before they are written
+    broken = models.build_model(models.parse_model_name("CNCLIP_VITT16_CLIP"), image_size=32, embed_dim=32,
+                                text_model="BERT-tiny-chinese").eval()
+    with torch.no_grad():
+        broken.image_projection.weight[0, 0] = float("nan")
+    imgs = os.path.join(data, "lmdb", "valid", "imgs")
+    with pytest.raises(readers.NonFiniteError, match=f"{imgs}: .* of .* image features are not finite \\(first: id "):
+        eval_retrieval.extract_image_features(broken, imgs, 32, torch.device("cpu"), 16)

@@ -6,6 +6,7 @@ import subprocess
 
 import pytest
 import torch
+from conftest import forked_lookups
 from PIL import Image
 
 import datasets
@@ -148,3 +149,51 @@ def test_multiview_sample_layout_and_seeding():
     assert view.shape == (3, 32, 32) and tokens.shape == (77,)
     none = datasets.MultiViewDataset(reader, datasets.train_transform(32), tokenizer)
     assert none[(1, 1)][2].shape == (0, 3, 32, 32)
+
+
+# --------------------------------------------------------------------------- fork safety (DataLoader workers)
+def vocabulary(n: int) -> list[str]:
+    """n distinct English words (from the class names of labels.json), most of them in WordNet."""
+    import json
+
+    labels = json.load(open(os.path.join(REPO, "labels.json"), encoding="utf-8"))
+    words = {w.lower() for key in ("imagenet", "cifar100", "food101", "sun397", "cars", "aircraft", "dtd")
+             for name in labels.get(key, []) for n in ([name] if isinstance(name, str) else name)
+             for w in n.replace("-", " ").split() if w.isalpha() and len(w) > 2}
+    return sorted(words)[:n]
+
+
+def test_wordnet_and_jieba_lookups_in_forked_workers_equal_a_single_process():
+    """nltk reads WordNet synsets by seek + readline through data-file handles it opened in the parent: after a
+    fork the workers shared one file offset, misread entries (2-17 of 800 lookups each) and crashed a BARLIP run.
+    Two workers forked after the parent used WordNet (and jieba) now get exactly what one process gets."""
+    require_wordnet()
+    import warnings
+
+    words = vocabulary(800)
+    assert len(words) == 800
+    assert text_augment.wordnet_synonyms("photo")  # the parent uses WordNet: its data files are open
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # nltk warns on a misread offset; the comparison below fails on it
+        in_workers = forked_lookups(text_augment.wordnet_synonyms, words)
+    reference = [text_augment.wordnet_synonyms(w) for w in words]  # single process, after the workers
+    assert sum(bool(s) for s in reference) > 500  # words with synonyms: each is several synset reads
+    for result in in_workers:
+        assert result == reference
+    zh = text_augment.build_text_augmenter("zh")
+    captions = [c * k for c in ZH_CAPTIONS for k in range(1, 60)]
+    assert zh.tokenize(captions[0])  # the parent uses jieba
+    in_workers = forked_lookups(zh.tokenize, captions)
+    assert in_workers == [[zh.tokenize(c) for c in captions]] * 2
+
+
+def test_barlip_with_text_augment_trains_an_epoch_with_two_workers(tmp_path):
+    """The run that crashed with "'NoneType' object has no attribute 'lemmas'" in a DataLoader worker: one epoch of
+    the 256 synthetic samples (4 batches of 64) with the default 2 workers."""
+    require_wordnet()
+    summary = main.main(["--model", "CL2L_VITT16_BARLIP", "--dataset", "synthetic", "--image-size", "32",
+                         "--transformer-layers", "1", "--text-width", "64", "--text-heads", "2", "--batch-size", "64",
+                         "--epochs", "1", "--workers", "2", "--text-augment", "--separate-proj", "--cl2l-hidden-dim",
+                         "32", "--barlip-hidden-dim", "32", "--barlip-proj-dim", "16", "--val-dataset", "none",
+                         "--output-dir", str(tmp_path)])
+    assert summary["epoch"] == 1 and summary["step"] == 4

@@ -6,6 +6,7 @@ folders laid out as ELEVATER_all.zip ships them, with Chinese-CLIP's squash tran
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -249,7 +250,10 @@ def test_chinese_model_uses_label_cn_txt_of_the_dataset_folder(tmp_path):
     # the default zh datasets: those with Chinese names (a label_cn.txt under this data root) and zh templates
     assert "eurosat" in eval_zeroshot.default_datasets("zh", str(tmp_path))
     assert "eurosat" not in eval_zeroshot.default_datasets("zh", str(tmp_path / "elsewhere"))
-    assert {"imagenet", "digits", "digits-zh"} <= set(eval_zeroshot.default_datasets("zh"))
+    # one evaluation per stored dataset, in the model's language: digits-zh (not digits too), imagenet-cn
+    zh = eval_zeroshot.default_datasets("zh")
+    assert {"imagenet-cn", "digits-zh"} <= set(zh) and not {"imagenet", "digits"} & set(zh)
+    assert {"imagenet", "digits"} <= set(eval_zeroshot.default_datasets("en"))
     assert "cifar10" not in eval_zeroshot.default_datasets("zh")  # English names only: not a default for zh
 
 
@@ -392,3 +396,89 @@ def test_elevater_folder_with_a_tiny_cnclip_model(tmp_path, monkeypatch):
     assert not torch.allclose(got[0][0]["z"], cropped["z"], atol=1e-3)  # the 48x32 images: squash != crop
     assert out["num_images"] == 14 and out["metric"] == "top1"
     assert out["acc1_z"] == pytest.approx(eval_zeroshot.topk_accuracy(squashed["z"], targets)["acc1"])
+
+
+# --------------------------------------------------------------------------- what eval_zeroshot.py says it did
+def tiny_clip_checkpoint(tmp_path) -> str:
+    import models
+
+    torch.manual_seed(0)
+    model = models.build_model(models.parse_model_name("CLIP_VITT16_CLIP"), image_size=32, embed_dim=16,
+                               text_layers=1)
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"model": model.state_dict(), "args": {"model": "CLIP_VITT16_CLIP", "image_size": 32, "embed_dim": 16,
+                                                      "transformer_layers": 1}}, path)
+    return str(path)
+
+
+def test_every_dataset_is_evaluated_and_the_failures_are_listed(tmp_path, capsys):
+    """--datasets cifar10,hateful_memes,eurosat: cifar10 is not on disk, one hateful_memes image is corrupt, eurosat
+    runs. The table shows eurosat, the failures are listed with their reasons, the JSON keeps both, and the exit
+    status is non-zero (it once stopped at cifar10 and discarded everything else)."""
+    make_folder(tmp_path / "downstream" / "eurosat" / "val", [[20 + c] for c in range(10)])
+    hateful_memes_folder(tmp_path)
+    (tmp_path / "downstream" / "hateful_memes" / "dev" / "c01" / "i12.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    ckpt = tiny_clip_checkpoint(tmp_path)
+    with pytest.raises(SystemExit, match="eval_zeroshot: 2 of 3 datasets failed: cifar10, hateful_memes"):
+        eval_zeroshot.main(["--resume", ckpt, "--datasets", "cifar10,hateful_memes,eurosat", "--data-root",
+                            str(tmp_path), "--output-dir", str(tmp_path / "zs")])
+    out = capsys.readouterr().out
+    table, failed = out.split("failed (2 of 3):")
+    assert "| eurosat | top1 |" in table and "cifar10 |" not in table and "hateful_memes |" not in table
+    assert re.search(r"- cifar10: DatasetError: dataset 'cifar10' .* not found", failed)
+    assert re.search(r"- hateful_memes: CorruptSample: hateful_memes\[2\] \(.*c01/i12.png\): undecodable image", failed)
+    written = json.loads((tmp_path / "zs" / "zeroshot_checkpoint.json").read_text())
+    assert list(written["results"]) == ["eurosat"] and written["results"]["eurosat"]["num_images"] == 10
+    assert sorted(written["failures"]) == ["cifar10", "hateful_memes"]
+
+
+def test_duplicate_class_names_warn_for_shipped_lists_and_fail_for_a_datasets_own_file(tmp_path, caplog):
+    """Two classes with one name after the normalisation the prompts see (lower case, whitespace) get identical
+    prompts: one can never be predicted. labels.json's ImageNet lists (kept as published) warn, naming the classes;
+    a dataset's own label_cn.txt with a repeated line is an error naming the lines."""
+    names = EUROSAT_ZH[:2] + [" 森林 "] + EUROSAT_ZH[3:]  # line 3 repeats line 2
+    path, model = eurosat_folder(tmp_path, names)
+    with pytest.raises(readers.DatasetError, match=r"label_cn.txt:3: class 2 '森林' repeats line 2 \(class 1"):
+        eval_zeroshot.evaluate_dataset(model, SpyTokenizer(), "eurosat", "zh", 8, torch.device("cpu"), str(tmp_path))
+    assert eval_zeroshot.duplicate_classes(LABELS["imagenet"]) == [[657, 744], [836, 837]]
+    assert eval_zeroshot.duplicate_classes(LABELS["imagenet-zh"]) == [[836, 837]]
+    assert eval_zeroshot.duplicate_classes(["Cat", ["dog", "puppy"], "cat ", ["puppy", "Dog"], "cow"]) == \
+        [[0, 2], [1, 3]]
+    # ImageNet's shipped names (what evaluate_dataset warns with before it evaluates)
+    with caplog.at_level("WARNING", logger="clip_lab"):
+        eval_zeroshot.warn_duplicate_classes("imagenet", eval_zeroshot.class_names_and_templates(
+            "imagenet", CATALOG["imagenet"], "en"))
+        eval_zeroshot.warn_duplicate_classes("imagenet-cn", eval_zeroshot.class_names_and_templates(
+            "imagenet-cn", CATALOG["imagenet-cn"], "zh"))
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 3
+    assert "imagenet (labels.json 'imagenet'): classes 657/744 share the name 'missile'" in warnings[0]
+    assert "classes 836/837 share the name 'sunglasses'" in warnings[1] and "kept as-is" in warnings[1]
+    assert "imagenet-cn (labels.json 'imagenet-zh'): classes 836/837 share the name '太阳镜'" in warnings[2]
+
+
+def test_non_finite_class_embeddings_and_similarities_stop_zero_shot(tmp_path):
+    """readers.NonFiniteError (a ValueError) naming the dataset, the head and the first class or image."""
+    _, model = eurosat_folder(tmp_path)
+
+    class NanText(TableModel):
+        def encode_text(self, tokens, head="z"):
+            out = super().encode_text(tokens, head)
+            return out * float("nan") if int(tokens[0, 0]) == 4 else out  # the 4th class
+
+    class NanImages(TableModel):
+        def encode_image(self, images, head="z"):
+            out = super().encode_image(images, head)
+            out[1] = float("inf")
+            return out
+
+    def run(model):
+        return eval_zeroshot.evaluate_dataset(model, SpyTokenizer(), "eurosat", "en", 8, torch.device("cpu"),
+                                              str(tmp_path))
+
+    with pytest.raises(ValueError, match=r"eurosat: 1 of 10 class embeddings of head z are not finite "
+                                                     r"\(first: class highway or road\)"):
+        run(NanText(model.image_table))
+    with pytest.raises(ValueError, match=r"eurosat: 1 of 10 images' similarities of head z are not finite "
+                                                     r"\(first: image 1\)"):
+        run(NanImages(model.image_table))
