@@ -95,6 +95,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     obj.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing of the contrastive CE")
     obj.add_argument("--loss-avg-or-sum", default="avg", choices=["avg", "sum"],
                      help="average or sum the image->text and text->image terms (sum = 2x loss scale)")
+    obj.add_argument("--siglip-chunked", action="store_true",
+                     help="SIGLIP: pass the text blocks around the ring of ranks (B_local x B_local logits at a time) "
+                          "instead of gathering all texts; same loss and gradients, far less memory at large batch")
     add_recipe_args(p)
 
     optim = p.add_argument_group("optim")
@@ -226,6 +229,7 @@ def num_augs(spec: models.ModelSpec, args: argparse.Namespace) -> int:
 # model that ignores them, they fail at parse time: an ablation row must never be silently the baseline.
 _MULTI_VIEW = (lambda spec, args: spec.objective.num_views > 0, "the multi-view CL2L-base models")
 FAMILY_FLAGS = {
+    ("siglip_chunked",): (lambda spec, args: spec.objective.loss == "siglip", "SIGLIP"),
     ("barlip_proj_dim", "barlip_hidden_dim", "barlip_lamb", "barlip_scale_loss"):
         (lambda spec, args: spec.objective.model == "BARLIP", "BARLIP"),
     ("siamlip_proj_dim", "siamlip_hidden_dim", "siamlip_no_last_bn"):
@@ -395,6 +399,9 @@ def build_criterion(spec: models.ModelSpec, args: argparse.Namespace, env: utils
     if spec.objective.loss == "swalipv1":
         return losses.SwALIPV1Loss(**common, epsilon=args.target_epsilon, sk_iters=args.sk_iters,
                                    weight=args.swalip_weight)
+    if spec.objective.loss == "siglip" and args.siglip_chunked:
+        return losses.ChunkedSigLipLoss(utils.ring_shift_with_grad if env.distributed else losses.identity_gather,
+                                        env.world_size)
     if spec.objective.loss == "siglip":
         return losses.SigLipLoss(gather, env.rank)
     raise ValueError(f"objective {spec.objective.name}: loss {spec.objective.loss!r} is not implemented")
