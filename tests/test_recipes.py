@@ -363,6 +363,11 @@ def test_every_combination_the_paper_uses_is_registered_and_nonsense_fails():
     ("--model CLIP_VITT16_CLIP --num-augs 2", "--num-augs needs a multi-view"),
     ("--model CL2L_VITT16_CL2L --num-augs 3 --byol-augment", "--byol-augment defines exactly 2"),
     ("--model CL2L_VITT16_CL2L --blur-prob 1.5", "--blur-prob must be in"),
+    ("--model CLIP_R50_CLIP --patch-dropout 0.5", "--patch-dropout drops ViT patch tokens; backbone R50 of "
+                                                   "CLIP_R50_CLIP has none (ViT backbones: VITT16, "),
+    ("--model CL2L_RN50_CL2L --patch-dropout 0.1", "backbone RN50 of CL2L_RN50_CL2L has none"),
+    ("--model CLIP_VITT16_CLIP --patch-dropout 1", "--patch-dropout must be in [0, 1), got 1.0"),
+    ("--model CLIP_VITT16_CLIP --patch-dropout -0.1", "--patch-dropout must be in [0, 1), got -0.1"),
 ])
 def test_nonsense_flags_fail_at_parse_time(flags, message, capsys):
     with pytest.raises(SystemExit):
@@ -434,7 +439,7 @@ EXTRA_FLAGS = {  # each name once; the option paths ride along
     "CL2L_VITT16_SIAMLIP": ["--momentum", "--momentum-tau-schedule", "cosine", "--separate-proj-child"],
     "CL2L_VITT16_BARLIP": ["--separate-proj-child", "--clip-proj-type", "mlp", "--clip-hidden-dim", "32"],
     "CLIP_VITT16_SWALIPV1": ["--swalip-learn-temperature", "--swalip-no-shared-proto"],
-    "CL2L_VITT16_SWALIP": ["--num-augs", "3"],
+    "CL2L_VITT16_SWALIP": ["--num-augs", "3", "--patch-dropout", "0.5"],  # patch dropout on strong views too
     "CNCLIP_VITT16_SIGLIP": ["--siglip-chunked"],
     "CL2L_VITT16_CL2L": ["--byol-augment", "--randaugment", "--caption-sampling", "multi", "--clean-before-augment"],
 }

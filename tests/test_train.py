@@ -183,12 +183,17 @@ def test_two_process_chunked_siglip_with_exact_accumulation_equals_one_process(t
 
 # --------------------------------------------------------------------------- resume
 @pytest.mark.slow
-@pytest.mark.parametrize("model,dataset", [("CLIP_VITT16_CLIP", "synthetic"), ("CNCLIP_VITT16_CLIP", "synthetic-zh")])
-def test_resume_after_process_exit_is_identical(tmp_path, model, dataset):
+@pytest.mark.parametrize("model,dataset,extra", [("CLIP_VITT16_CLIP", "synthetic", []),
+                                                 ("CNCLIP_VITT16_CLIP", "synthetic-zh", []),
+                                                 ("CLIP_VITT16_CLIP", "synthetic", ["--patch-dropout", "0.5",
+                                                                                    "--image-size", "64"])],
+                         ids=["clip", "cnclip", "clip-patch-dropout"])
+def test_resume_after_process_exit_is_identical(tmp_path, model, dataset, extra):
     """8 steps straight == 4 steps, process exit, automatic resume from the folder, 4 more steps.
 
-    The CNCLIP tower has dropout, so this also checks that the RNG state is restored exactly."""
-    base = flag(flag(TINY_RUN, "--model", model), "--dataset", dataset) + ["--output-dir", str(tmp_path)]
+    The CNCLIP tower has dropout and --patch-dropout draws a patch mask per image from the same per-rank torch
+    stream, so this also checks that the RNG state is restored exactly."""
+    base = flag(flag(TINY_RUN, "--model", model), "--dataset", dataset) + ["--output-dir", str(tmp_path)] + extra
     run_subprocess(base + ["--name", "straight", "--max-steps", "8"])
     run_subprocess(base + ["--name", "resumed", "--max-steps", "4"])
     half = load(tmp_path / "resumed" / "checkpoint.pt")
