@@ -246,6 +246,12 @@ def swalipv1_loss(p_image: torch.Tensor, p_text: torch.Tensor, p_image_all: torc
     return (soft_cross_entropy(scale * p_image, codes_t) + soft_cross_entropy(scale * p_text, codes_i)) / 2
 
 
+def sigmoid_logits(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
+                   logit_bias: torch.Tensor) -> torch.Tensor:
+    """SigLIP logits x_bc = t * i_b . x_c + bias in fp32: image (B, D), text (C, D) -> (B, C)."""
+    return logit_scale * image.float() @ text.float().t() + logit_bias
+
+
 def sigmoid_loss(image: torch.Tensor, text_all: torch.Tensor, logit_scale: torch.Tensor,
                  logit_bias: torch.Tensor, offset: int = 0) -> dict[str, torch.Tensor]:
     """SigLIP pairwise sigmoid loss (Zhai et al., 2023, "Sigmoid Loss for Language Image Pre-Training", ICCV).
@@ -256,7 +262,7 @@ def sigmoid_loss(image: torch.Tensor, text_all: torch.Tensor, logit_scale: torch
     Shapes: image (B, D), text_all (N, D), L2-normalised; logit_scale t and logit_bias scalars.
     """
     labels = torch.arange(image.shape[0], device=image.device) + offset  # (B,)
-    logits = logit_scale * image.float() @ text_all.float().t() + logit_bias  # (B, N)
+    logits = sigmoid_logits(image, text_all, logit_scale, logit_bias)  # (B, N)
     signs = -torch.ones_like(logits)
     signs[torch.arange(image.shape[0], device=image.device), labels] = 1.0
     loss = -F.logsigmoid(signs * logits).sum() / image.shape[0]
@@ -264,30 +270,29 @@ def sigmoid_loss(image: torch.Tensor, text_all: torch.Tensor, logit_scale: torch
             "logit_bias": logit_bias.detach()}
 
 
-def sigmoid_block_loss(image: torch.Tensor, text_block: torch.Tensor, logit_scale: torch.Tensor,
-                       logit_bias: torch.Tensor, positives: bool) -> torch.Tensor:
-    """Summed SigLIP terms of B images against one block of C texts, without the B x N sign matrix.
+def sigmoid_block_loss(logits: torch.Tensor, positives: bool) -> torch.Tensor:
+    """Summed SigLIP terms of one (B, C) block of `sigmoid_logits`, without a sign matrix.
 
-    With x_bc = t * i_b . x_c + bias and -log sigmoid(-x) = softplus(x):
+    With -log sigmoid(-x) = softplus(x) and -log sigmoid(x) = softplus(x) - x:
         L_block = sum_{b,c} softplus(x_bc) - [positives] sum_b x_bb
-    (-log sigmoid(x) = softplus(x) - x turns the negative term of a diagonal pair into its positive term), so
-    the block whose rows and columns are the same samples (positives=True, B = C) has its pairs on the diagonal.
-    Shapes: image (B, D), text_block (C, D), L2-normalised; scalars t, bias. Returns a 0-d fp32 sum.
+    i.e. every pair a negative, except the diagonal of the block whose rows and columns are the same samples
+    (positives=True, B = C). Returns a 0-d sum (fp32 for fp32 logits).
     """
-    logits = logit_scale * image.float() @ text_block.float().t() + logit_bias  # (B, C)
     loss = F.softplus(logits).sum()
     return loss - torch.diagonal(logits).sum() if positives else loss
 
 
 def _scored_block(image: torch.Tensor, text_block: torch.Tensor, logit_scale: torch.Tensor,
                   logit_bias: torch.Tensor, positives: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """`sigmoid_block_loss` and, without gradient, each row's largest negative logit (B,) for the accuracy."""
-    loss = sigmoid_block_loss(image, text_block, logit_scale, logit_bias, positives)
+    """`sigmoid_block_loss` of image (B, D) vs text_block (C, D) and, without gradient, each row's largest negative
+    logit (B,) for the accuracy."""
+    logits = sigmoid_logits(image, text_block, logit_scale, logit_bias)  # (B, C)
     with torch.no_grad():
-        logits = logit_scale * image.float() @ text_block.float().t() + logit_bias  # (B, C)
-        if positives:
-            logits.fill_diagonal_(-torch.inf)
-        return loss, logits.amax(dim=1)
+        negatives = logits.detach()
+        if positives:  # a copy: the logits themselves are saved for the backward
+            negatives = negatives.diagonal_scatter(torch.full_like(negatives.diagonal(), -torch.inf))
+        best_negative = negatives.amax(dim=1)  # (B,)
+    return sigmoid_block_loss(logits, positives), best_negative
 
 
 def chunked_sigmoid_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
