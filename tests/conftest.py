@@ -25,7 +25,7 @@ def loss_and_grads(module, outputs: dict, rank: int = 0, world: int = 1) -> tupl
     local = {k: (v[rank * b:(rank + 1) * b] if v.ndim else v).clone().requires_grad_() for k, v in outputs.items()}
     out = module(local)
     out["loss"].backward()
-    return float(out["loss"]), {k: v.grad / world for k, v in local.items() if v.grad is not None}
+    return out["loss"].detach().item(), {k: v.grad / world for k, v in local.items() if v.grad is not None}
 
 
 def _gloo_rank(rank: int, world: int, init_file: str, result_prefix: str, fn) -> None:
