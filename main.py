@@ -85,7 +85,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="activation checkpointing in both towers: less memory, ~30%% more compute")
     model.add_argument("--patch-dropout", type=float, default=0.0,
                        help="FLIP: drop this fraction of the image patch tokens at random in training (class token "
-                            "kept; none at evaluation); ViT backbones only; 0.5 is ~1.7x faster for ViT-B/16")
+                            "kept; none at evaluation); ViT backbones only; 0.5 halves the image tower's work")
     model.add_argument("--pretrained", default=None,
                        help="initialise from released weights, comma-separated for several sources: OpenAI CLIP "
                             "(.pt TorchScript or state_dict), Chinese-CLIP .pt, a Chinese RoBERTa "
