@@ -1068,7 +1068,7 @@ def _siglip_loss_memory(args: argparse.Namespace) -> list[dict]:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
         # a fixed mmap threshold: blocks >= 128 KiB go back to the OS when freed, so RSS follows the live tensors
-        # (glibc's dynamic threshold keeps the ring's freed 16 MB blocks in the heap: 212 MB instead of 60 there)
+        # (glibc's dynamic threshold keeps the ring's freed 16 MB blocks in the heap: 216 MB instead of 60 at 4 ranks)
         env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world),
                    OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="131072")
         cfg = json.dumps({"global_batch": N, "dim": args.siglip_dim, "chunked": chunked})
