@@ -113,6 +113,11 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="torch.compile both models (after the FLOP count; the warm-up steps absorb compilation)")
     p.add_argument("--no-memory", action="store_true",
                    help="skip the memory measurements (one fresh subprocess per configuration)")
+    p.add_argument("--no-accum", action="store_true",
+                   help="skip the exact-accumulation measurement (k micro-batches vs 1, fresh subprocesses)")
+    p.add_argument("--patch-dropout", type=float, default=0.0,
+                   help="lever: also time our step with FLIP patch dropout P (same weights, interleaved) and report "
+                        "the speed-up over P = 0 (ViT backbones)")
     p.add_argument("--matmul-size", type=int, default=None,
                    help="n of the n x n matmul timed for the peak (default 2048 on CPU, 8192 on CUDA)")
     p.add_argument("--matmul-seconds", type=float, default=1.0, help="how long to repeat that matmul (best time)")
@@ -172,6 +177,19 @@ def _open_clip_peer(ours: torch.nn.Module, image_size: int) -> tuple[torch.nn.Mo
     return peer, ""
 
 
+def _build_ours(spec, args: argparse.Namespace, patch_dropout: float = 0.0) -> torch.nn.Module:
+    """Our model at the bench's dimensions (and --vision-layers depth)."""
+    import models
+
+    model = models.build_model(spec, image_size=args.image_size, embed_dim=args.embed_dim,
+                               text_width=args.text_width, text_heads=args.text_heads,
+                               text_layers=args.transformer_layers, context_length=args.context_length,
+                               patch_dropout=patch_dropout)
+    if args.vision_layers:
+        _truncate_vit(model, args.vision_layers)
+    return model
+
+
 def _train_setup(args: argparse.Namespace, device: torch.device, with_peer: bool) -> dict:
     """Both models, their AdamW optimizers and losses, and one batch of random images + real captions."""
     from open_clip.loss import ClipLoss as OpenClipLoss
@@ -183,11 +201,7 @@ def _train_setup(args: argparse.Namespace, device: torch.device, with_peer: bool
 
     spec = models.parse_model_name(args.model)
     torch.manual_seed(args.seed)
-    ours = models.build_model(spec, image_size=args.image_size, embed_dim=args.embed_dim,
-                              text_width=args.text_width, text_heads=args.text_heads,
-                              text_layers=args.transformer_layers, context_length=args.context_length)
-    if args.vision_layers:
-        _truncate_vit(ours, args.vision_layers)
+    ours = _build_ours(spec, args)
     peer, why = _open_clip_peer(ours, args.image_size) if with_peer else (None, "--no-peer")
     tokenizer = datasets.build_tokenizer(spec.base.tokenizer, args.context_length or spec.base.context_length)
     captions = [TRAIN_CAPTIONS[i % len(TRAIN_CAPTIONS)] for i in range(args.batch_size)]
@@ -208,6 +222,17 @@ def _train_setup(args: argparse.Namespace, device: torch.device, with_peer: bool
         setup["peer_loss"] = OpenClipLoss()
         setup["opt_peer"] = torch.optim.AdamW(trainer.param_groups(setup["peer"], 0.2), **opt)
     return setup
+
+
+def _patch_dropout_setup(s: dict, args: argparse.Namespace, device: torch.device) -> dict:
+    """`s` with our model rebuilt with --patch-dropout (the same weights, its own AdamW): the FLIP lever."""
+    import main as trainer
+
+    model = _build_ours(s["spec"], args, args.patch_dropout)
+    model.load_state_dict(s["ours"].state_dict())
+    model.to(device).train()
+    opt = torch.optim.AdamW(trainer.param_groups(model, 0.2), lr=5e-4, betas=(0.9, 0.98), eps=1e-6)
+    return {**s, "ours": model, "opt_ours": opt, "peer": None}
 
 
 def _compile_models(s: dict) -> None:
@@ -317,6 +342,25 @@ def _rss_bytes(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+def _reset_cpu_peak() -> Callable[[], int]:
+    """Give freed heap back to the OS (malloc_trim) and reset the peak-RSS high-water mark through
+    /proc/self/clear_refs (Linux >= 4.0); returns the reader of the peak since then, in bytes (getrusage's
+    ru_maxrss, the peak since the process started, where clear_refs is not writable)."""
+    import ctypes
+    import resource
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+        return lambda: _rss_bytes("VmHWM")
+    except OSError:
+        return lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _memory_child(config: str) -> None:
     """Run in a fresh process: one warm-up step, then the activation memory of one forward + loss + backward.
 
@@ -326,9 +370,7 @@ def _memory_child(config: str) -> None:
     CPU: peak RSS (VmHWM, reset through /proc/self/clear_refs, else getrusage ru_maxrss) minus baseline
     RSS after malloc_trim; CUDA: max_memory_allocated minus memory_allocated. Prints one JSON line.
     """
-    import ctypes
     import gc
-    import resource
 
     cfg = json.loads(config)
     torch.set_num_threads(cfg["threads"])
@@ -352,16 +394,7 @@ def _memory_child(config: str) -> None:
         _sync(device)
         peak = torch.cuda.max_memory_allocated(device)
     else:
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except OSError:
-            pass
-        try:
-            with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
-                f.write("5")  # reset the peak-RSS high-water mark (Linux >= 4.0)
-            read_peak = lambda: _rss_bytes("VmHWM")  # noqa: E731
-        except OSError:
-            read_peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # noqa: E731
+        read_peak = _reset_cpu_peak()
         base = _rss_bytes("VmRSS")
         step()
         peak = read_peak()
@@ -429,13 +462,6 @@ def _interleaved_times(fns: dict[str, Callable[[], None]], steps: int, device: t
     return times
 
 
-def _median_interleaved(fns: dict[str, Callable[[], None]], steps: int, device: torch.device) -> dict[str, float]:
-    """Median wall time of each function over `steps` interleaved rounds."""
-    import statistics
-
-    return {name: statistics.median(t) for name, t in _interleaved_times(fns, steps, device).items()}
-
-
 def _paired_ratio(times: dict[str, list], num: str, den: str) -> float:
     """Median over rounds of time[num] / time[den] measured back to back: a slow spell of the machine hits
     both sides of a pair, where a ratio of medians would take it as a difference."""
@@ -464,24 +490,32 @@ def bench_train(args: argparse.Namespace) -> dict:
     s = _train_setup(args, device, with_peer=not args.no_peer)
     B, k = args.batch_size, args.update_freq
     impls = {"ours": lambda: _ours_step(s, device)}
+    step_models = {"ours": s["ours"]}
+    pd_name = f"ours_patch_dropout_{args.patch_dropout:g}"
+    if args.patch_dropout:
+        s_pd = _patch_dropout_setup(s, args, device)
+        impls[pd_name], step_models[pd_name] = (lambda: _ours_step(s_pd, device)), s_pd["ours"]
     if s["peer"] is not None:
-        impls["open_clip"] = lambda: _peer_step(s, device)
+        impls["open_clip"], step_models["open_clip"] = (lambda: _peer_step(s, device)), s["peer"]
     count = lambda m: sum(p.numel() for p in m.parameters()) / 1e6  # noqa: E731
     flops = {name: _train_flops(fn) / B for name, fn in impls.items()}
     if args.compile:
         _compile_models(s)
+        if args.patch_dropout:
+            s_pd["ours"].compile()
     for _ in range(args.warmup):
         for fn in impls.values():
             fn()
-    step_s = _median_interleaved(impls, args.steps, device)
+    step_times = _interleaved_times(impls, args.steps, device)
+    step_s = {name: statistics.median(t) for name, t in step_times.items()}
 
     # exact accumulation, k micro-batches vs 1, same total batch: the training step as a run pays it (with the
     # AdamW step, what open_clip's batch_time covers) and forward_backward alone (fb_), each implementation in
     # its own fresh process (`_accum_child`)
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the children need the memory this process's allocator keeps cached
-    accum_times = _run_child("_accum_child", args, device, "ours", k)
-    if s["peer"] is not None:
+    accum_times = {} if args.no_accum else _run_child("_accum_child", args, device, "ours", k)
+    if s["peer"] is not None and not args.no_accum:
         accum_times.update({f"open_clip_{name}": t for name, t in
                             _run_child("_accum_child", args, device, "open_clip", k).items()})
     accum_s = {name: statistics.median(t) for name, t in accum_times.items()}
@@ -509,7 +543,7 @@ def bench_train(args: argparse.Namespace) -> dict:
         "peak_matmul_gflops": peak / 1e9, "peak_matmul_dtype": str(peak_dtype).replace("torch.", ""),
     }
     for name in impls:
-        model = s["ours"] if name == "ours" else s["peer"]
+        model = step_models[name]
         sps = B / step_s[name]
         row = {"impl": name, "params_M": count(model), "step_s": step_s[name], "samples_per_s": sps,
                "train_GFLOP_per_sample": flops[name] / 1e9, "achieved_GFLOP_s": sps * flops[name] / 1e9,
@@ -520,6 +554,20 @@ def bench_train(args: argparse.Namespace) -> dict:
         result.update({f"{key}_{name}": v for key, v in row.items() if key != "impl"})
     if "open_clip" in impls:
         result["throughput_ratio"] = step_s["open_clip"] / step_s["ours"]
+    if args.patch_dropout:  # paired per round, as the accumulation ratios
+        result.update(patch_dropout=args.patch_dropout,
+                      patch_dropout_speedup=_paired_ratio(step_times, "ours", pd_name))
+    print(f"train: {args.model} batch {B} at {args.image_size}px {args.precision} on {device} "
+          f"({torch.get_num_threads()} threads, load {load_before[0]:.2f} -> {load_after[0]:.2f}); "
+          f"matmul peak {peak / 1e9:.1f} GFLOP/s ({result['peak_matmul_dtype']})")
+    print(markdown_table(rows))
+    if args.patch_dropout:
+        print(f"patch dropout {args.patch_dropout:g}: step {result['patch_dropout_speedup']:.3f}x faster "
+              "(median of per-round ratios; the issue expects >= 1.6x at 0.5 for VITB16 at 224 px)")
+    if "throughput_ratio" in result:
+        print(f"ours / open_clip throughput: {result['throughput_ratio']:.3f} (target >= 1.0 on CPU)")
+    if args.no_accum:
+        return result
     result.update({"accum_k": k, "train_step_s_k1": accum_s["k1"], f"train_step_s_k{k}": accum_s[f"k{k}"],
                    "accum_time_per_sample_ratio": _paired_ratio(accum_times, f"k{k}", "k1"),
                    "forward_backward_s_k1": accum_s["fb_k1"], f"forward_backward_s_k{k}": accum_s[f"fb_k{k}"],
@@ -532,10 +580,6 @@ def bench_train(args: argparse.Namespace) -> dict:
     if mem:
         result.update({"act_mem_MB_k1": mem["ours"]["act_mb"], f"act_mem_MB_k{k}": mem[f"ours_k{k}"]["act_mb"],
                        "accum_act_mem_ratio": mem[f"ours_k{k}"]["act_mb"] / max(mem["ours"]["act_mb"], 1e-9)})
-    print(f"train: {args.model} batch {B} at {args.image_size}px {args.precision} on {device} "
-          f"({torch.get_num_threads()} threads, load {load_before[0]:.2f} -> {load_after[0]:.2f}); "
-          f"matmul peak {peak / 1e9:.1f} GFLOP/s ({result['peak_matmul_dtype']})")
-    print(markdown_table(rows))
     # engine.forward_backward does 2k-1 forwards + k backwards (backward ~ 2 forwards): its compute floor
     result["accum_compute_floor"] = (4 * k - 1) / (3 * k)
     accum = {"k": k, "step_s_k1": accum_s["k1"], f"step_s_k{k}": accum_s[f"k{k}"],
@@ -548,8 +592,6 @@ def bench_train(args: argparse.Namespace) -> dict:
         accum.update({"act_MB_k1": result["act_mem_MB_k1"], f"act_MB_k{k}": result[f"act_mem_MB_k{k}"],
                       "mem_ratio (<=0.4)": result["accum_act_mem_ratio"]})
     print(markdown_table([accum]))
-    if "throughput_ratio" in result:
-        print(f"ours / open_clip throughput: {result['throughput_ratio']:.3f} (target >= 1.0 on CPU)")
     return result
 
 
@@ -958,6 +1000,92 @@ def _add_objectives_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--augment-samples", type=int, default=64, help="samples timed through the CL2L data pipeline")
     p.add_argument("--source-size", type=int, default=256, help="side of the synthetic source images (PIL)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--siglip-global-batch", type=int, default=8192,
+                   help="global batch N of the SigLIP loss-memory measurement, gathered vs --siglip-chunked (0: skip)")
+    p.add_argument("--siglip-ranks", type=int, default=4, help="gloo ranks (CPU processes) sharing that batch")
+    p.add_argument("--siglip-dim", type=int, default=512, help="embedding width of that measurement")
+
+
+def _siglip_loss_rank(config: str) -> None:
+    """One gloo rank (RANK, WORLD_SIZE, MASTER_ADDR/PORT from the environment): the memory of one SigLIP loss
+    forward + backward on random unit features of B = N / world rows, gathered (`SigLipLoss` with
+    all_gather_with_grad) or chunked (`ChunkedSigLipLoss` with ring_shift_with_grad), after one warm-up call
+    (gloo buffers, lazy imports). Prints {"base_mb", "peak_mb", "loss_mb" = peak - base, "loss"} (peak RSS)."""
+    import gc
+
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    import losses
+    import utils
+
+    cfg = json.loads(config)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    g = torch.Generator().manual_seed(rank)
+    B, D = cfg["global_batch"] // world, cfg["dim"]
+    outputs = {"image_embed": F.normalize(torch.randn(B, D, generator=g), dim=-1).requires_grad_(),
+               "text_embed": F.normalize(torch.randn(B, D, generator=g), dim=-1).requires_grad_(),
+               "logit_scale": torch.tensor(10.0, requires_grad=True),
+               "logit_bias": torch.tensor(-10.0, requires_grad=True)}
+    criterion = (losses.ChunkedSigLipLoss(utils.ring_shift_with_grad, world) if cfg["chunked"]
+                 else losses.SigLipLoss(utils.all_gather_with_grad, rank))
+
+    def step() -> float:
+        loss = criterion(outputs)["loss"]
+        loss.backward()
+        return float(loss.detach())
+
+    step()
+    for t in outputs.values():
+        t.grad = None
+    gc.collect()
+    dist.barrier()
+    read_peak = _reset_cpu_peak()
+    base = _rss_bytes("VmRSS")
+    loss = step()
+    peak = read_peak()
+    dist.barrier()
+    dist.destroy_process_group()
+    print(json.dumps({"base_mb": base / 2**20, "peak_mb": peak / 2**20, "loss_mb": (peak - base) / 2**20,
+                      "loss": loss}))
+
+
+def _siglip_loss_memory(args: argparse.Namespace) -> list[dict]:
+    """`_siglip_loss_rank` on --siglip-ranks fresh processes, gathered then chunked; one row per form with the
+    largest per-rank loss memory, and the (B, N) vs (B, B) fp32 logit matrix one rank holds."""
+    import os
+    import socket
+    import subprocess
+
+    world, N = args.siglip_ranks, args.siglip_global_batch
+    if N % world:
+        raise SystemExit(f"--siglip-global-batch {N} is not divisible by --siglip-ranks {world}")
+    here, rows = os.path.dirname(os.path.abspath(__file__)), []
+    for chunked in (False, True):
+        with socket.socket() as sock:  # a free port for this process group
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        # a fixed mmap threshold: blocks >= 128 KiB go back to the OS when freed, so RSS follows the live tensors
+        # (glibc's dynamic threshold keeps the ring's freed 16 MB blocks in the heap: 216 MB instead of 60 at 4 ranks)
+        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world),
+                   OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="131072")
+        cfg = json.dumps({"global_batch": N, "dim": args.siglip_dim, "chunked": chunked})
+        procs = [subprocess.Popen([sys.executable, "-c", "import sys, bench; bench._siglip_loss_rank(sys.argv[1])",
+                                   cfg], cwd=here, env={**env, "RANK": str(r)}, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for r in range(world)]
+        outs = [p.communicate() for p in procs]
+        if any(p.returncode for p in procs):
+            raise RuntimeError(f"SigLIP loss memory (chunked={chunked}) failed:\n"
+                               + "\n".join(err[-2000:] for _, err in outs))
+        ranks = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+        B = N // world
+        rows.append({"form": "chunked (ring)" if chunked else "gathered", "global_batch": N, "ranks": world,
+                     "local_batch": B, "logits_MB": B * (B if chunked else N) * 4 / 2**20,
+                     "loss_mem_MB": max(r["loss_mb"] for r in ranks), "peak_MB": max(r["peak_mb"] for r in ranks),
+                     "mean_loss": sum(r["loss"] for r in ranks) / world})
+    return rows
 
 
 def _objective_flags(name: str, args: argparse.Namespace) -> list[str]:
@@ -1011,16 +1139,16 @@ def _objective_child(config: str) -> None:
     if device.type == "cuda":
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
+        read_peak = lambda: torch.cuda.max_memory_allocated(device)  # noqa: E731
     else:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
-            f.write("5")
+        read_peak = _reset_cpu_peak()
         base = _rss_bytes("VmRSS")
     times = []
     for i in range(cfg["steps"]):
         t0 = time.perf_counter()
         step(i + 1)
         times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _rss_bytes("VmHWM")
+    peak = read_peak()
     print(json.dumps({"step_s": statistics.median(times), "peak_mb": peak / 2**20, "base_mb": base / 2**20}))
 
 
@@ -1076,6 +1204,7 @@ def bench_objectives(args: argparse.Namespace) -> dict:
               "peak_vs_clip": r["peak_mb"] / ref["peak_mb"]} for r in rows]
     aug = _augment_rate(args)
     cl2l = next((r for r in table if r["model"].endswith("_CL2L")), None)
+    siglip = _siglip_loss_memory(args) if args.siglip_global_batch else []
     load_after = os.getloadavg()[0]
     print(f"backbone {args.backbone}, batch {args.batch_size}, {args.image_size} px, device {device}, "
           f"load average {load_before:.1f} -> {load_after:.1f}")
@@ -1086,9 +1215,14 @@ def bench_objectives(args: argparse.Namespace) -> dict:
         print(f"\nCL2L pipeline: {aug['samples_per_s_per_worker']:.1f} samples/s per worker "
               f"({aug['image_only_samples_per_s']:.1f} without text augmentation); the CL2L step consumes "
               f"{cl2l['samples_per_s']:.1f} samples/s: 2 workers supply {feed:.2f}x what it needs")
+    ratio = siglip[1]["loss_mem_MB"] / max(siglip[0]["loss_mem_MB"], 1e-9) if siglip else None
+    if siglip:
+        print(f"\nSigLIP loss forward + backward, peak RSS per rank over the warm baseline ({args.siglip_ranks} gloo "
+              f"CPU ranks, {args.siglip_dim}-d features): chunked / gathered = {ratio:.3f}")
+        print(markdown_table(siglip))
     return {"device": str(device), "batch_size": args.batch_size, "image_size": args.image_size,
             "backbone": args.backbone, "load_average": [load_before, load_after], "rows": table, **aug,
-            "two_worker_feed_ratio": feed}
+            "two_worker_feed_ratio": feed, "siglip_loss_memory": siglip, "siglip_chunked_memory_ratio": ratio}
 
 
 # --------------------------------------------------------------------------- launch (issue 5)

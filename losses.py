@@ -2,7 +2,8 @@
 
 The pure functions never call torch.distributed; they take the local features and the gathered
 ("all") features. The module wrappers receive a `gather` callable (utils.all_gather_with_grad in
-training, the identity in one process), so every formula is testable in a single CPU process.
+training, the identity in one process), so every formula is testable in a single CPU process. The chunked
+SigLIP loss receives a `shift` callable instead (utils.ring_shift_with_grad: the previous rank's block).
 """
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 Gather = Callable[[torch.Tensor], torch.Tensor]
+Shift = Callable[[torch.Tensor], torch.Tensor]
 
 
 def contrastive_loss(image_local: torch.Tensor, text_local: torch.Tensor, image_all: torch.Tensor,
@@ -243,6 +246,12 @@ def swalipv1_loss(p_image: torch.Tensor, p_text: torch.Tensor, p_image_all: torc
     return (soft_cross_entropy(scale * p_image, codes_t) + soft_cross_entropy(scale * p_text, codes_i)) / 2
 
 
+def sigmoid_logits(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
+                   logit_bias: torch.Tensor) -> torch.Tensor:
+    """SigLIP logits x_bc = t * i_b . x_c + bias in fp32: image (B, D), text (C, D) -> (B, C)."""
+    return logit_scale * image.float() @ text.float().t() + logit_bias
+
+
 def sigmoid_loss(image: torch.Tensor, text_all: torch.Tensor, logit_scale: torch.Tensor,
                  logit_bias: torch.Tensor, offset: int = 0) -> dict[str, torch.Tensor]:
     """SigLIP pairwise sigmoid loss (Zhai et al., 2023, "Sigmoid Loss for Language Image Pre-Training", ICCV).
@@ -253,12 +262,65 @@ def sigmoid_loss(image: torch.Tensor, text_all: torch.Tensor, logit_scale: torch
     Shapes: image (B, D), text_all (N, D), L2-normalised; logit_scale t and logit_bias scalars.
     """
     labels = torch.arange(image.shape[0], device=image.device) + offset  # (B,)
-    logits = logit_scale * image.float() @ text_all.float().t() + logit_bias  # (B, N)
+    logits = sigmoid_logits(image, text_all, logit_scale, logit_bias)  # (B, N)
     signs = -torch.ones_like(logits)
     signs[torch.arange(image.shape[0], device=image.device), labels] = 1.0
     loss = -F.logsigmoid(signs * logits).sum() / image.shape[0]
     return {"loss": loss, "siglip_loss": loss, "clip_acc": _accuracy(logits, labels),
             "logit_bias": logit_bias.detach()}
+
+
+def sigmoid_block_loss(logits: torch.Tensor, positives: bool) -> torch.Tensor:
+    """Summed SigLIP terms of one (B, C) block of `sigmoid_logits`, without a sign matrix.
+
+    With -log sigmoid(-x) = softplus(x) and -log sigmoid(x) = softplus(x) - x:
+        L_block = sum_{b,c} softplus(x_bc) - [positives] sum_b x_bb
+    i.e. every pair a negative, except the diagonal of the block whose rows and columns are the same samples
+    (positives=True, B = C). Returns a 0-d sum (fp32 for fp32 logits).
+    """
+    loss = F.softplus(logits).sum()
+    return loss - torch.diagonal(logits).sum() if positives else loss
+
+
+def _scored_block(image: torch.Tensor, text_block: torch.Tensor, logit_scale: torch.Tensor,
+                  logit_bias: torch.Tensor, positives: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sigmoid_block_loss` of image (B, D) vs text_block (C, D) and, without gradient, each row's largest negative
+    logit (B,) for the accuracy."""
+    logits = sigmoid_logits(image, text_block, logit_scale, logit_bias)  # (B, C)
+    with torch.no_grad():
+        negatives = logits.detach()
+        if positives:  # a copy: the logits themselves are saved for the backward
+            negatives = negatives.diagonal_scatter(torch.full_like(negatives.diagonal(), -torch.inf))
+        best_negative = negatives.amax(dim=1)  # (B,)
+    return sigmoid_block_loss(logits, positives), best_negative
+
+
+def chunked_sigmoid_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
+                         logit_bias: torch.Tensor, shift: Shift, num_blocks: int) -> dict[str, torch.Tensor]:
+    """`sigmoid_loss` of B local images against all N = num_blocks * B texts, one (B, B) block at a time.
+
+    The chunked exchange of Zhai et al., 2023 ("Sigmoid Loss for Language Image Pre-Training", ICCV, §3.3;
+    big_vision's siglip ring): the own block holds the positives, then `shift` hands over the next rank's text
+    block num_blocks - 1 times (each rank passes its current block around the ring), and
+        L = 1/B sum_{k < num_blocks} L_block(image, text_k, positives = (k == 0)),
+    the same value as `sigmoid_loss(image, gather(text), ..., offset=rank*B)` (up to summation order). Each block
+    is recomputed in the backward pass (torch.utils.checkpoint), so the loss holds one (B, B) logit block at a
+    time instead of (B, N): memory O(B^2 + N*D). `shift` must carry gradients back to the block's owner.
+    Shapes: image/text (B, D) L2-normalised; logit_scale t and logit_bias scalars.
+    Returns {"loss", "siglip_loss", "clip_acc" (image->text top-1 over all N texts, percent), "logit_bias"}.
+    """
+    block, total, best_negative = text, None, None
+    for k in range(num_blocks):
+        if k > 0:
+            block = shift(block)  # (B, D): the text block of rank (rank - k) mod num_blocks
+        part, row_max = checkpoint(_scored_block, image, block, logit_scale, logit_bias, k == 0, use_reentrant=False)
+        total = part if total is None else total + part
+        best_negative = row_max if best_negative is None else torch.maximum(best_negative, row_max)
+    loss = total / image.shape[0]
+    with torch.no_grad():
+        positive = logit_scale * (image.float() * text.float()).sum(dim=1) + logit_bias  # (B,)
+        acc = (positive > best_negative).float().mean() * 100
+    return {"loss": loss, "siglip_loss": loss, "clip_acc": acc, "logit_bias": logit_bias.detach()}
 
 
 class CL2LLoss(nn.Module):
@@ -353,3 +415,17 @@ class SigLipLoss(nn.Module):
         image, text = outputs["image_embed"], outputs["text_embed"]
         return sigmoid_loss(image, self.gather(text), outputs["logit_scale"], outputs["logit_bias"],
                             offset=self.rank * image.shape[0])
+
+
+class ChunkedSigLipLoss(nn.Module):
+    """`chunked_sigmoid_loss`: the texts travel around the ring of `world_size` ranks through `shift`
+    (utils.ring_shift_with_grad in training; with world_size 1 only the own block is scored). outputs: image_embed,
+    text_embed (B, D), logit_scale, logit_bias. Same loss and gradients as `SigLipLoss`, O(B^2) logit memory."""
+
+    def __init__(self, shift: Shift = identity_gather, world_size: int = 1) -> None:
+        super().__init__()
+        self.shift, self.world_size = shift, world_size
+
+    def forward(self, outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return chunked_sigmoid_loss(outputs["image_embed"], outputs["text_embed"], outputs["logit_scale"],
+                                    outputs["logit_bias"], self.shift, self.world_size)

@@ -85,6 +85,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="token context; default 77 (CLIP BPE) or 52 (Chinese BERT)")
     model.add_argument("--checkpoint-grad", action="store_true",
                        help="activation checkpointing in both towers: less memory, ~30%% more compute")
+    model.add_argument("--patch-dropout", type=float, default=0.0,
+                       help="FLIP: drop this fraction of the image patch tokens at random in training (class token "
+                            "kept; none at evaluation); ViT backbones only; 0.5 halves the image tower's work")
     model.add_argument("--pretrained", default=None,
                        help="initialise from released weights, comma-separated for several sources: OpenAI CLIP "
                             "(.pt TorchScript or state_dict), Chinese-CLIP .pt, a Chinese RoBERTa "
@@ -97,6 +100,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     obj.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing of the contrastive CE")
     obj.add_argument("--loss-avg-or-sum", default="avg", choices=["avg", "sum"],
                      help="average or sum the image->text and text->image terms (sum = 2x loss scale)")
+    obj.add_argument("--siglip-chunked", action="store_true",
+                     help="SIGLIP: pass the text blocks around the ring of ranks (B_local x B_local logits at a time) "
+                          "instead of gathering all texts; same loss and gradients, far less memory at large batch")
     add_recipe_args(p)
 
     optim = p.add_argument_group("optim")
@@ -228,6 +234,7 @@ def num_augs(spec: models.ModelSpec, args: argparse.Namespace) -> int:
 # model that ignores them, they fail at parse time: an ablation row must never be silently the baseline.
 _MULTI_VIEW = (lambda spec, args: spec.objective.num_views > 0, "the multi-view CL2L-base models")
 FAMILY_FLAGS = {
+    ("siglip_chunked",): (lambda spec, args: spec.objective.loss == "siglip", "SIGLIP"),
     ("barlip_proj_dim", "barlip_hidden_dim", "barlip_lamb", "barlip_scale_loss"):
         (lambda spec, args: spec.objective.model == "BARLIP", "BARLIP"),
     ("siamlip_proj_dim", "siamlip_hidden_dim", "siamlip_no_last_bn"):
@@ -271,6 +278,12 @@ def recipe_errors(spec: models.ModelSpec, args: argparse.Namespace) -> list[str]
         errors.append("--byol-augment defines exactly 2 strong views: use --num-augs 2 with a CL2L-base model")
     if args.num_augs is not None and args.num_augs < 0:
         errors.append("--num-augs must be >= 0")
+    if args.patch_dropout and not spec.backbone.vit:
+        vits = ", ".join(name for name, backbone in models.BACKBONES.items() if backbone.vit)
+        errors.append(f"--patch-dropout drops ViT patch tokens; backbone {spec.backbone.name} of {args.model} has none "
+                      f"(ViT backbones: {vits})")
+    if not 0.0 <= args.patch_dropout < 1.0:
+        errors.append(f"--patch-dropout must be in [0, 1), got {args.patch_dropout}")
     probs = ("text_dropout_prob", "text_drop_path_prob", "blur_prob", "solarize_prob", "grayscale_prob",
              "remove_stopwords_prob", "no_text_augment_prob", "synonym_replacement_prob", "random_swap_prob",
              "random_deletion_prob", "label_smoothing", "momentum_tau", "multicrop_max_scale")
@@ -362,7 +375,7 @@ def model_kwargs(args: argparse.Namespace) -> dict:
     return dict(image_size=args.image_size, embed_dim=args.embed_dim, text_model=args.text_model,
                 text_width=args.text_width, text_heads=args.text_heads, text_layers=args.transformer_layers,
                 context_length=args.context_length, checkpoint_grad=args.checkpoint_grad,
-                recipe=models.RecipeOptions(
+                patch_dropout=args.patch_dropout, recipe=models.RecipeOptions(
                     clip_proj_type=args.clip_proj_type, clip_hidden_dim=args.clip_hidden_dim,
                     separate_proj=args.separate_proj, cl2l_img_proj_type=args.cl2l_img_proj_type,
                     cl2l_txt_proj_type=args.cl2l_txt_proj_type, cl2l_hidden_dim=args.cl2l_hidden_dim,
@@ -397,6 +410,9 @@ def build_criterion(spec: models.ModelSpec, args: argparse.Namespace, env: utils
     if spec.objective.loss == "swalipv1":
         return losses.SwALIPV1Loss(**common, epsilon=args.target_epsilon, sk_iters=args.sk_iters,
                                    weight=args.swalip_weight)
+    if spec.objective.loss == "siglip" and args.siglip_chunked:
+        return losses.ChunkedSigLipLoss(utils.ring_shift_with_grad if env.distributed else losses.identity_gather,
+                                        env.world_size)
     if spec.objective.loss == "siglip":
         return losses.SigLipLoss(gather, env.rank)
     raise ValueError(f"objective {spec.objective.name}: loss {spec.objective.loss!r} is not implemented")

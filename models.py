@@ -127,26 +127,33 @@ class BackboneSpec:
     embed_dim: int
     text: TextPreset
     projected: bool = False  # the tower ends in its own projection to embed_dim (OpenAI's attention pool)
+    vit: bool = False  # a timm ViT: build(image_size, patch_dropout=p) drops patch tokens (FLIP)
 
 
 BACKBONES: dict[str, BackboneSpec] = {}
 
 
 def register_backbone(name: str, *, width: int, image_size: int, embed_dim: int, text: TextPreset,
-                      projected: bool = False):
-    """Decorator registering a vision-tower factory `fn(image_size) -> nn.Module` under `name`."""
+                      projected: bool = False, vit: bool = False):
+    """Decorator registering a vision-tower factory `fn(image_size) -> nn.Module` under `name`; a ViT (`vit=True`)
+    factory also takes `patch_dropout`."""
 
     def wrap(fn: Callable[[int], nn.Module]) -> Callable[[int], nn.Module]:
-        BACKBONES[name] = BackboneSpec(name, fn, width, image_size, embed_dim, text, projected)
+        BACKBONES[name] = BackboneSpec(name, fn, width, image_size, embed_dim, text, projected, vit)
         return fn
 
     return wrap
 
 
-def _timm_vit(timm_name: str, image_size: int, **overrides) -> nn.Module:
-    """A timm ViT without classifier (CLS-token features), attention routed through SDPA/xformers."""
+def _timm_vit(timm_name: str, image_size: int, patch_dropout: float = 0.0, **overrides) -> nn.Module:
+    """A timm ViT without classifier (CLS-token features), attention routed through SDPA/xformers.
+
+    patch_dropout p (FLIP, Li et al., 2023, "Scaling Language-Image Pre-training via Masking", CVPR): in training
+    mode timm's `PatchDropout` keeps the class token and a random max(1, int(N * (1 - p))) of the N patch tokens
+    per image (after the position embedding, before the blocks), drawn from the global torch RNG; in eval mode
+    it is the identity. timm: layers/patch_dropout.py, VisionTransformer(patch_drop_rate=...)."""
     model = timm.create_model(timm_name, pretrained=False, num_classes=0, img_size=image_size,
-                              global_pool="token", **overrides)
+                              global_pool="token", patch_drop_rate=patch_dropout, **overrides)
     for block in model.blocks:
         block.attn = TimmAttention(block.attn)
     return model
@@ -157,49 +164,49 @@ _CLIP_VIT = dict(pre_norm=True, act_layer="quick_gelu", norm_layer=nn.LayerNorm)
 TEXT_B = TextPreset(512, 8, 12, "RoBERTa-wwm-ext-base-chinese")
 
 
-@register_backbone("VITT16", width=192, image_size=224, embed_dim=256,
+@register_backbone("VITT16", width=192, image_size=224, embed_dim=256, vit=True,
                    text=TextPreset(192, 3, 4, "BERT-tiny-chinese"))
-def vit_tiny16(image_size: int) -> nn.Module:
-    return _timm_vit("vit_tiny_patch16_224", image_size, **_CLIP_VIT)
+def vit_tiny16(image_size: int, patch_dropout: float = 0.0) -> nn.Module:
+    return _timm_vit("vit_tiny_patch16_224", image_size, patch_dropout, **_CLIP_VIT)
 
 
-@register_backbone("VITS16", width=384, image_size=224, embed_dim=256, text=TEXT_B)
-def vit_small16(image_size: int) -> nn.Module:
-    return _timm_vit("vit_small_patch16_224", image_size, **_CLIP_VIT)
+@register_backbone("VITS16", width=384, image_size=224, embed_dim=256, vit=True, text=TEXT_B)
+def vit_small16(image_size: int, patch_dropout: float = 0.0) -> nn.Module:
+    return _timm_vit("vit_small_patch16_224", image_size, patch_dropout, **_CLIP_VIT)
 
 
-@register_backbone("VITS16MOCO", width=384, image_size=224, embed_dim=256, text=TEXT_B)
-def vit_small16_moco(image_size: int) -> nn.Module:
+@register_backbone("VITS16MOCO", width=384, image_size=224, embed_dim=256, vit=True, text=TEXT_B)
+def vit_small16_moco(image_size: int, patch_dropout: float = 0.0) -> nn.Module:
     """MoCo-v3 ViT-S/16: 12 heads of width 32 instead of 6 of width 64."""
-    return _timm_vit("vit_small_patch16_224", image_size, num_heads=12, **_CLIP_VIT)
+    return _timm_vit("vit_small_patch16_224", image_size, patch_dropout, num_heads=12, **_CLIP_VIT)
 
 
-@register_backbone("VITB16", width=768, image_size=224, embed_dim=512, text=TEXT_B)
-def vit_base16(image_size: int) -> nn.Module:
-    return _timm_vit("vit_base_patch16_clip_quickgelu_224", image_size)
+@register_backbone("VITB16", width=768, image_size=224, embed_dim=512, vit=True, text=TEXT_B)
+def vit_base16(image_size: int, patch_dropout: float = 0.0) -> nn.Module:
+    return _timm_vit("vit_base_patch16_clip_quickgelu_224", image_size, patch_dropout)
 
 
-@register_backbone("VITB32", width=768, image_size=224, embed_dim=512, text=TEXT_B)
-def vit_base32(image_size: int) -> nn.Module:
-    return _timm_vit("vit_base_patch32_clip_quickgelu_224", image_size)
+@register_backbone("VITB32", width=768, image_size=224, embed_dim=512, vit=True, text=TEXT_B)
+def vit_base32(image_size: int, patch_dropout: float = 0.0) -> nn.Module:
+    return _timm_vit("vit_base_patch32_clip_quickgelu_224", image_size, patch_dropout)
 
 
-@register_backbone("VITL14", width=1024, image_size=224, embed_dim=768,
+@register_backbone("VITL14", width=1024, image_size=224, embed_dim=768, vit=True,
                    text=TextPreset(768, 12, 12, "RoBERTa-wwm-ext-base-chinese"))
-def vit_large14(image_size: int) -> nn.Module:
-    return _timm_vit("vit_large_patch14_clip_quickgelu_224", image_size)
+def vit_large14(image_size: int, patch_dropout: float = 0.0) -> nn.Module:
+    return _timm_vit("vit_large_patch14_clip_quickgelu_224", image_size, patch_dropout)
 
 
-@register_backbone("VITL14336", width=1024, image_size=336, embed_dim=768,
+@register_backbone("VITL14336", width=1024, image_size=336, embed_dim=768, vit=True,
                    text=TextPreset(768, 12, 12, "RoBERTa-wwm-ext-base-chinese"))
-def vit_large14_336(image_size: int) -> nn.Module:
-    return _timm_vit("vit_large_patch14_clip_quickgelu_336", image_size)
+def vit_large14_336(image_size: int, patch_dropout: float = 0.0) -> nn.Module:
+    return _timm_vit("vit_large_patch14_clip_quickgelu_336", image_size, patch_dropout)
 
 
-@register_backbone("VITH14", width=1280, image_size=224, embed_dim=1024,
+@register_backbone("VITH14", width=1280, image_size=224, embed_dim=1024, vit=True,
                    text=TextPreset(1024, 16, 24, "RoBERTa-wwm-ext-large-chinese"))
-def vit_huge14(image_size: int) -> nn.Module:
-    return _timm_vit("vit_huge_patch14_clip_quickgelu_224", image_size)
+def vit_huge14(image_size: int, patch_dropout: float = 0.0) -> nn.Module:
+    return _timm_vit("vit_huge_patch14_clip_quickgelu_224", image_size, patch_dropout)
 
 
 @register_backbone("R50", width=2048, image_size=224, embed_dim=1024,
@@ -898,13 +905,20 @@ def build_text_tower(spec: ModelSpec, text_model: str | None, width: int | None,
 def build_model(spec: ModelSpec, *, image_size: int | None = None, embed_dim: int | None = None,
                 text_model: str | None = None, text_width: int | None = None, text_heads: int | None = None,
                 text_layers: int | None = None, context_length: int | None = None,
-                checkpoint_grad: bool = False, recipe: RecipeOptions | None = None) -> nn.Module:
+                checkpoint_grad: bool = False, recipe: RecipeOptions | None = None,
+                patch_dropout: float = 0.0) -> nn.Module:
     """Instantiate the dual encoder named by `spec`; `None` means the registered preset.
 
     `recipe` carries the options of the CL2L family / SWALIPV1 / SigLIP (defaults when None); the class
-    is the objective's registered model class."""
+    is the objective's registered model class. `patch_dropout` p in [0, 1): FLIP's random patch-token
+    dropping in training mode (ViT backbones only, see `_timm_vit`); a ModelNameError otherwise."""
     recipe = recipe or RecipeOptions()
-    visual = spec.backbone.build(image_size or spec.backbone.image_size)
+    size = image_size or spec.backbone.image_size
+    if patch_dropout and not spec.backbone.vit:
+        raise ModelNameError(f"patch dropout needs a ViT backbone; {spec.backbone.name} has no patch tokens")
+    if not 0.0 <= patch_dropout < 1.0:
+        raise ValueError(f"patch_dropout must be in [0, 1), got {patch_dropout}")
+    visual = spec.backbone.build(size, patch_dropout=patch_dropout) if spec.backbone.vit else spec.backbone.build(size)
     text = build_text_tower(spec, text_model, text_width, text_heads, text_layers,
                             context_length or spec.base.context_length)
     if isinstance(text, CLIPTextTransformer) and (recipe.text_dropout_prob or recipe.text_drop_path_prob):

@@ -3,7 +3,7 @@
 What belongs here and nothing else:
 - the device and autocast rules (`resolve_device`, `autocast`);
 - distributed set-up and queries (`init_distributed`, `get_rank`, `get_world_size`,
-  `all_gather_with_grad`, `all_reduce_mean`, `all_ranks_true`);
+  `all_gather_with_grad`, `ring_shift_with_grad`, `all_reduce_mean`, `all_ranks_true`);
 - checkpoint I/O (`save_atomic`, `load_checkpoint`, RNG state capture/restore);
 - meters (`SmoothedValue`) and the git commit lookup.
 Model, loss, data and training code live in their own files.
@@ -136,6 +136,39 @@ class _ContiguousGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         return grad.contiguous()
+
+
+def _ring_exchange(tensor: torch.Tensor, step: int) -> torch.Tensor:
+    """Send `tensor` to rank (rank + step) mod world and return the one received from (rank - step) mod world."""
+    rank, world = get_rank(), get_world_size()
+    received = torch.empty_like(tensor)
+    ops = [dist.P2POp(dist.isend, tensor.contiguous(), (rank + step) % world),
+           dist.P2POp(dist.irecv, received, (rank - step) % world)]
+    for request in dist.batch_isend_irecv(ops):
+        request.wait()
+    return received
+
+
+class _RingShift(torch.autograd.Function):
+    """Forward: the previous rank's tensor; backward: the gradient goes back to that rank (the next rank's
+    gradient arrives here), so a block's gradient reaches its owner however far it travelled."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        return _ring_exchange(tensor, 1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return _ring_exchange(grad, -1)
+
+
+def ring_shift_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Pass `tensor` (B, ...) one step around the ring of ranks: rank r returns rank r-1's tensor (same shape on
+    every rank), keeping gradients (losses.chunked_sigmoid_loss). Point-to-point sends, so every rank must call it
+    the same number of times. The identity in one process."""
+    if get_world_size() == 1:
+        return tensor
+    return _RingShift.apply(tensor)
 
 
 def _collective_device() -> torch.device:

@@ -18,6 +18,36 @@ TINY_RUN = ["--model", "CLIP_VITT16_CLIP", "--dataset", "synthetic", "--image-si
             "--epochs", "1", "--workers", "0", "--transformer-layers", "1", "--print-freq", "1", "--lr", "1e-3"]
 
 
+def loss_and_grads(module, outputs: dict, rank: int = 0, world: int = 1) -> tuple[float, dict]:
+    """Loss and input gradients of loss `module` on rank `rank`'s slice of `outputs` (per-sample tensors split
+    into `world` equal row blocks, scalars shared); gradients divided by world (DDP's mean)."""
+    b = outputs["image_embed"].shape[0] // world
+    local = {k: (v[rank * b:(rank + 1) * b] if v.ndim else v).clone().requires_grad_() for k, v in outputs.items()}
+    out = module(local)
+    out["loss"].backward()
+    return out["loss"].detach().item(), {k: v.grad / world for k, v in local.items() if v.grad is not None}
+
+
+def _gloo_rank(rank: int, world: int, init_file: str, result_prefix: str, fn) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.save(fn(rank, world), f"{result_prefix}{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def run_gloo_ranks(fn, world: int, tmp_path) -> list:
+    """`fn(rank, world)` in `world` spawned processes joined by a real gloo process group; returns their results
+    (tensors, numbers, dicts and lists of them) in rank order. `fn` must be a module-level function."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_gloo_rank, args=(world, str(tmp_path / "gloo_init"), str(tmp_path / "gloo_rank"), fn), nprocs=world,
+             join=True)
+    return [torch.load(tmp_path / f"gloo_rank{r}.pt", weights_only=True) for r in range(world)]
+
+
 @pytest.fixture
 def tiny_run_args(tmp_path):
     """Flags of a tiny run writing into a temporary experiments root."""

@@ -6,6 +6,7 @@ Speed itself is measured by `python bench.py <command>` (results in BENCHMARKS.m
 import json
 import math
 
+import pytest
 import torch
 
 import bench
@@ -18,8 +19,9 @@ TINY_TRAIN = ["train", "--model", "CLIP_VITT16_CLIP", "--image-size", "32", "--b
 
 def test_bench_train_reports_every_field(tmp_path):
     out = tmp_path / "train.json"
-    result = bench.main(["--json", str(out)] + TINY_TRAIN)
-    for key in ("step_s_ours", "samples_per_s_ours", "train_GFLOP_per_sample_ours", "achieved_GFLOP_s_ours",
+    result = bench.main(["--json", str(out)] + TINY_TRAIN + ["--patch-dropout", "0.5"])
+    for key in ("step_s_ours", "step_s_ours_patch_dropout_0.5", "patch_dropout_speedup",
+                "samples_per_s_ours", "train_GFLOP_per_sample_ours", "achieved_GFLOP_s_ours",
                 "MFU_ours", "params_M_ours", "step_s_open_clip", "samples_per_s_open_clip",
                 "train_GFLOP_per_sample_open_clip", "MFU_open_clip", "throughput_ratio", "peak_matmul_gflops",
                 "train_step_s_k1", "train_step_s_k2", "accum_time_per_sample_ratio", "forward_backward_s_k1",
@@ -59,6 +61,16 @@ def test_open_clip_accumulation_peer_gives_the_full_batch_gradient():
         # the logit scale's graph is kept in every backward of the peer scheme: k times its gradient
         expected = p.grad * 2 if p is s["peer"].logit_scale else p.grad
         torch.testing.assert_close(g, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()) + 1e-8)
+
+
+@pytest.mark.slow
+def test_bench_siglip_loss_memory_runs_both_forms_on_gloo_ranks():
+    """The SigLIP part of `bench.py objectives` at toy size: 2 gloo ranks per form, the same loss either way."""
+    rows = bench._siglip_loss_memory(bench.argparse.Namespace(siglip_ranks=2, siglip_global_batch=64, siglip_dim=8))
+    assert [r["form"] for r in rows] == ["gathered", "chunked (ring)"]
+    assert [r["logits_MB"] for r in rows] == [32 * 64 * 4 / 2**20, 32 * 32 * 4 / 2**20]
+    assert all(r["peak_MB"] > 0 and r["loss_mem_MB"] >= 0 for r in rows)
+    assert math.isclose(rows[0]["mean_loss"], rows[1]["mean_loss"], rel_tol=1e-5)
 
 
 def test_bench_retrieval_reports_processes_compute_and_extraction(tmp_path):

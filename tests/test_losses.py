@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import loss_and_grads, run_gloo_ranks
 
 import losses
 
@@ -120,3 +121,105 @@ def test_uniform_logits_give_log_n():
     emb = F.normalize(torch.ones(7, 4, dtype=torch.float64), dim=-1)
     out = losses.contrastive_loss(emb, emb, emb, emb, torch.tensor(30.0), label_smoothing=0.3)
     assert out["loss"].item() == pytest.approx(math.log(7), rel=1e-6)  # the loss computes in fp32
+
+
+# --------------------------------------------------------------------------- SigLIP, chunked (ring) form
+def naive_sigmoid_rows(image, text_all, scale, bias, offset):
+    """Float64 loop: 1/B sum_b sum_n -log sigmoid(z_bn (scale i_b.t_n + bias)), z = +1 only at n = offset + b."""
+    total = 0.0
+    for b in range(image.shape[0]):
+        for n in range(text_all.shape[0]):
+            z = 1.0 if n == offset + b else -1.0
+            total += math.log1p(math.exp(-z * (float(scale) * float(image[b] @ text_all[n]) + float(bias))))
+    return total / image.shape[0]
+
+
+def fake_ring(blocks, rank):
+    """The shift of rank `rank` in one process: the k-th call returns block (rank - k) mod W, as the ring does."""
+    calls = iter(range(1, len(blocks)))
+    return lambda _block: blocks[(rank - next(calls)) % len(blocks)]
+
+
+def test_chunked_sigmoid_loss_equals_naive_reference_and_gathered_form_with_gradients():
+    """4 simulated ranks of B = 3 in one process: each rank's ring loss equals the float64 loop over its rows
+    against all 12 texts and the gathered `sigmoid_loss`; the ranks' mean has the gathered form's gradients for
+    images, texts, scale and bias."""
+    W, B = 4, 3
+    image0, text0 = unit(W * B, 8, 11), unit(W * B, 8, 12)
+    scale0, bias0 = torch.tensor(10.0, dtype=torch.float64), torch.tensor(-5.0, dtype=torch.float64)
+
+    def run(chunked):
+        image, text, scale, bias = (t.clone().requires_grad_() for t in (image0, text0, scale0, bias0))
+        outs = []
+        for r in range(W):
+            rows = slice(r * B, (r + 1) * B)
+            if chunked:
+                blocks = [text[i * B:(i + 1) * B] for i in range(W)]
+                outs.append(losses.chunked_sigmoid_loss(image[rows], text[rows], scale, bias, fake_ring(blocks, r), W))
+            else:
+                outs.append(losses.sigmoid_loss(image[rows], text, scale, bias, offset=r * B))
+        (sum(o["loss"] for o in outs) / W).backward()  # DDP's mean over ranks
+        return outs, [t.grad for t in (image, text, scale, bias)]
+
+    chunked, grads_chunked = run(chunked=True)
+    gathered, grads_gathered = run(chunked=False)
+    for r in range(W):
+        expected = naive_sigmoid_rows(image0[r * B:(r + 1) * B], text0, scale0, bias0, r * B)
+        assert chunked[r]["loss"].item() == pytest.approx(expected, rel=1e-6)  # the loss computes in fp32
+        assert gathered[r]["loss"].item() == pytest.approx(expected, rel=1e-6)
+        assert float(chunked[r]["clip_acc"]) == float(gathered[r]["clip_acc"])
+        assert set(chunked[r]) == set(gathered[r])
+    for got, want in zip(grads_chunked, grads_gathered, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_sigmoid_loss_counts_every_block_in_the_accuracy():
+    """The top-1 image->text accuracy looks at all N texts: a distractor in another rank's block is found."""
+    text = torch.eye(4, dtype=torch.float64)
+    image = text.clone()
+    blocks = [text[:2], text[2:]]
+    out = losses.chunked_sigmoid_loss(image[:2], text[:2], torch.tensor(10.0), torch.tensor(0.0),
+                                      fake_ring(blocks, 0), 2)
+    assert float(out["clip_acc"]) == 100.0
+    image = image.clone()
+    image[0] = text[3]  # image 0 now matches a text of the other block best
+    out = losses.chunked_sigmoid_loss(image[:2], text[:2], torch.tensor(10.0), torch.tensor(0.0),
+                                      fake_ring(blocks, 0), 2)
+    assert float(out["clip_acc"]) == 50.0
+
+
+def _siglip_forms_at_rank(rank, world):
+    """Rank `rank`'s loss and input gradients of the gathered and the ring SigLIP losses on one fixed batch."""
+    import utils
+
+    outputs = siglip_outputs(4 * world)
+    gathered = losses.SigLipLoss(utils.all_gather_with_grad, rank)
+    ring = losses.ChunkedSigLipLoss(utils.ring_shift_with_grad, world)
+    return {"gathered": loss_and_grads(gathered, outputs, rank, world),
+            "chunked": loss_and_grads(ring, outputs, rank, world)}
+
+
+def siglip_outputs(n, d=6):
+    g = torch.Generator().manual_seed(0)
+    return {"image_embed": F.normalize(torch.randn(n, d, generator=g), dim=-1),
+            "text_embed": F.normalize(torch.randn(n, d, generator=g), dim=-1),
+            "logit_scale": torch.tensor(10.0), "logit_bias": torch.tensor(-3.0)}
+
+
+@pytest.mark.slow
+def test_chunked_siglip_at_four_gloo_ranks_equals_the_gathered_form_and_one_process(tmp_path):
+    """4 real gloo ranks: the ring (utils.ring_shift_with_grad, point-to-point) gives every rank the loss and the
+    gradients (images, texts, scale, bias) of the gathered form (all_gather_with_grad), and together those of one
+    process holding the whole batch; the texts' gradients travelled back around the ring to their owners."""
+    world = 4
+    ranks = run_gloo_ranks(_siglip_forms_at_rank, world, tmp_path)
+    loss, grads = loss_and_grads(losses.SigLipLoss(), siglip_outputs(4 * world))
+    for r in range(world):
+        assert ranks[r]["chunked"][0] == pytest.approx(ranks[r]["gathered"][0], rel=1e-6)
+        for key, grad in ranks[r]["gathered"][1].items():
+            torch.testing.assert_close(ranks[r]["chunked"][1][key], grad, rtol=1e-5, atol=1e-7)
+    assert sum(ranks[r]["chunked"][0] for r in range(world)) / world == pytest.approx(loss, rel=1e-6)
+    for key, grad in grads.items():
+        got = [ranks[r]["chunked"][1][key] for r in range(world)]
+        got = torch.cat(got) if grad.ndim else sum(got)  # rows per rank; scalars: DDP sums the per-rank means
+        torch.testing.assert_close(got, grad, rtol=1e-5, atol=1e-7)

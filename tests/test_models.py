@@ -311,3 +311,63 @@ def test_host_side_padding_trim_is_exact_for_both_text_towers(name, monkeypatch)
     torch.testing.assert_close(ours, full_context, atol=1e-5, rtol=1e-5)
     # (..., L) layouts too: CL2L's (B, 1+A, L) token tensors
     assert models.trim_padding(tokens[:, None].repeat(1, 3, 1)).shape == (3, 3, trimmed.shape[1])
+
+
+# --------------------------------------------------------------------------- FLIP patch dropout
+def patch_drop_io(model, images):
+    """(input, output) of the image tower's patch-dropout step (tokens after the position embedding)."""
+    seen = []
+    handle = model.visual.patch_drop.register_forward_hook(lambda m, args, out: seen.append((args[0], out)))
+    try:
+        model.encode_image(images)
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+@pytest.mark.parametrize("name", ["CLIP_VITT16_CLIP", "CNCLIP_VITT16_CLIP"])
+def test_patch_dropout_keeps_the_class_token_and_drops_the_right_number_of_patches(name):
+    """64 px / 16 = 16 patch tokens; p = 0.5 keeps the class token and 8 distinct patches of each image's own,
+    in training only; p = 0.3 keeps int(16 * 0.7) = 11."""
+    torch.manual_seed(0)
+    images = torch.randn(4, 3, 64, 64)
+    for p, kept in ((0.5, 8), (0.3, 11)):
+        model = build_tiny(name, image_size=64, patch_dropout=p).train()
+        tokens, out = patch_drop_io(model, images)
+        assert tokens.shape[1] == 1 + 16 and out.shape == (4, 1 + kept, tokens.shape[2])
+        assert torch.equal(out[:, 0], tokens[:, 0])  # the class token, first and unchanged
+        picks = []
+        for b in range(4):  # every kept token is one of this image's patch tokens, none twice
+            match = (out[b, 1:, None, :] == tokens[b, None, 1:, :]).all(-1)  # (kept, 16)
+            assert (match.sum(1) == 1).all() and (match.sum(0) <= 1).all()
+            picks.append(match.float().argmax(1).sort().values)
+        assert any(not torch.equal(picks[0], other) for other in picks[1:])  # a mask per image, not per batch
+        model.eval()
+        tokens, out = patch_drop_io(model, images)
+        assert torch.equal(out, tokens)
+
+
+def test_patch_dropout_leaves_evaluation_and_the_weights_unchanged():
+    torch.manual_seed(0)
+    plain = build_tiny("CLIP_VITT16_CLIP").eval()
+    torch.manual_seed(0)
+    dropped = build_tiny("CLIP_VITT16_CLIP", patch_dropout=0.75).eval()
+    assert plain.state_dict().keys() == dropped.state_dict().keys()  # loads either way: no new parameters
+    for key, value in plain.state_dict().items():
+        assert torch.equal(value, dropped.state_dict()[key]), key
+    images = torch.randn(3, 3, 32, 32)
+    tokens = tokenizer_of("CLIP_VITT16_CLIP")(CAPTIONS["CLIP"] + ["a digit"])
+    with torch.no_grad():
+        a, b = plain(images, tokens), dropped(images, tokens)
+    assert torch.equal(a["image_embed"], b["image_embed"]) and torch.equal(a["text_embed"], b["text_embed"])
+    dropped.train()
+    with torch.no_grad():
+        assert not torch.allclose(dropped(images, tokens)["image_embed"], a["image_embed"])
+
+
+def test_patch_dropout_needs_a_vit_backbone():
+    with pytest.raises(models.ModelNameError, match="patch dropout needs a ViT backbone; R50 has no patch tokens"):
+        build_tiny("CLIP_R50_CLIP", patch_dropout=0.5)
+    with pytest.raises(ValueError, match=r"patch_dropout must be in \[0, 1\), got 1.0"):
+        build_tiny("CLIP_VITT16_CLIP", patch_dropout=1.0)
+    assert main.model_kwargs(main.parse_args(["--patch-dropout", "0.25"]))["patch_dropout"] == 0.25

@@ -8,6 +8,7 @@ import shlex
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import loss_and_grads, run_gloo_ranks
 from torch.utils.data import DataLoader
 
 import datasets
@@ -331,10 +332,11 @@ def test_a_flag_the_model_would_ignore_fails_at_parse_time(capsys):
                ("CL2L_VITT16_CL2L", "--swalip-weight", "0.5"): "--swalip-weight: used only by SWALIP and SWALIPV1",
                ("CL2L_VITT16_SWALIP", "--swalip-num-proto", "10"): "used only by SWALIPV1",
                ("CL2L_VITT16_SIAMLIP", "--momentum-tau", "0.9"): "used only by BYOLIP and SIAMLIP --momentum",
-               ("CLIP_VITT16_CLIP", "--blur-prob", "0.1"): "used only by the multi-view CL2L-base models"}
+               ("CLIP_VITT16_CLIP", "--blur-prob", "0.1"): "used only by the multi-view CL2L-base models",
+               ("CLIP_VITT16_CLIP", "--siglip-chunked", None): "--siglip-chunked: used only by SIGLIP"}
     for (model, flag, value), message in refused.items():
         with pytest.raises(SystemExit):
-            main.parse_args(["--model", model, flag, value])
+            main.parse_args(["--model", model, flag] + ([value] if value else []))
         err = capsys.readouterr().err
         assert message in err and f"{model} would ignore it" in err, err
     for argv in (["--model", "CL2L_VITT16_BARLIP", "--barlip-lamb", "0.01"],  # where they apply they parse
@@ -342,6 +344,7 @@ def test_a_flag_the_model_would_ignore_fails_at_parse_time(capsys):
                  ["--model", "CLIP_VITT16_SWALIPV1", "--swalip-num-proto", "10"],
                  ["--model", "CL2L_VITT16_SIAMLIP", "--momentum", "--momentum-tau", "0.9"],
                  ["--model", "CL2L_VITT16_CL2L", "--blur-prob", "0.1"],
+                 ["--model", "CNCLIP_VITT16_SIGLIP", "--siglip-chunked"],
                  ["--model", "CLIP_VITT16_CLIP", "--blur-prob", "0.5"]):  # the default value is not a change
         main.parse_args(argv)
 
@@ -363,6 +366,11 @@ def test_every_combination_the_paper_uses_is_registered_and_nonsense_fails():
     ("--model CLIP_VITT16_CLIP --num-augs 2", "--num-augs needs a multi-view"),
     ("--model CL2L_VITT16_CL2L --num-augs 3 --byol-augment", "--byol-augment defines exactly 2"),
     ("--model CL2L_VITT16_CL2L --blur-prob 1.5", "--blur-prob must be in"),
+    ("--model CLIP_R50_CLIP --patch-dropout 0.5", "--patch-dropout drops ViT patch tokens; backbone R50 of "
+                                                   "CLIP_R50_CLIP has none (ViT backbones: VITT16, "),
+    ("--model CL2L_RN50_CL2L --patch-dropout 0.1", "backbone RN50 of CL2L_RN50_CL2L has none"),
+    ("--model CLIP_VITT16_CLIP --patch-dropout 1", "--patch-dropout must be in [0, 1), got 1.0"),
+    ("--model CLIP_VITT16_CLIP --patch-dropout -0.1", "--patch-dropout must be in [0, 1), got -0.1"),
 ])
 def test_nonsense_flags_fail_at_parse_time(flags, message, capsys):
     with pytest.raises(SystemExit):
@@ -434,7 +442,8 @@ EXTRA_FLAGS = {  # each name once; the option paths ride along
     "CL2L_VITT16_SIAMLIP": ["--momentum", "--momentum-tau-schedule", "cosine", "--separate-proj-child"],
     "CL2L_VITT16_BARLIP": ["--separate-proj-child", "--clip-proj-type", "mlp", "--clip-hidden-dim", "32"],
     "CLIP_VITT16_SWALIPV1": ["--swalip-learn-temperature", "--swalip-no-shared-proto"],
-    "CL2L_VITT16_SWALIP": ["--num-augs", "3"],
+    "CL2L_VITT16_SWALIP": ["--num-augs", "3", "--patch-dropout", "0.5"],  # patch dropout on strong views too
+    "CNCLIP_VITT16_SIGLIP": ["--siglip-chunked"],
     "CL2L_VITT16_CL2L": ["--byol-augment", "--randaugment", "--caption-sampling", "multi", "--clean-before-augment"],
 }
 
@@ -449,6 +458,8 @@ def test_every_objective_trains_two_steps(name, extra):
     tokenizer = datasets.build_tokenizer(spec.base.tokenizer, spec.base.context_length)
     dataset = main.build_train_dataset(spec, args, readers.build_reader("synthetic", "train"), 32, tokenizer)
     criterion = main.build_criterion(spec, args, main.utils.DistEnv())
+    if "--siglip-chunked" in extra:
+        assert isinstance(criterion, losses.ChunkedSigLipLoss)
     optimizer = torch.optim.AdamW(main.param_groups(model, args.wd), lr=args.lr)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     loader = DataLoader(dataset, batch_size=8, sampler=datasets.ResumableSampler(len(dataset), 8))
@@ -506,39 +517,23 @@ def _fixed_outputs(n=8, a=2, d=6, p=5, k=4):
             "swalip_logit_scale": torch.tensor(10.0), "logit_bias": torch.tensor(-3.0)}
 
 
-def _loss_and_grads(module, outputs, rank=0, world=1):
-    """Loss and input gradients of `module` on this rank's slice; gradients divided by world (DDP's mean)."""
-    b = outputs["image_embed"].shape[0] // world
-    local = {k: (v[rank * b:(rank + 1) * b] if v.ndim else v).clone().requires_grad_() for k, v in outputs.items()}
-    out = module(local)
-    out["loss"].backward()
-    return float(out["loss"]), {k: v.grad / world for k, v in local.items() if v.grad is not None}
-
-
-def _gloo_worker(rank, world, init_file, result_prefix):
-    import torch.distributed as dist
-
+def _all_families_at_rank(rank, world):
     import utils
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     results = {}
     for name, module in _loss_modules().items():
         module.gather, module.rank = utils.all_gather_with_grad, rank
-        results[name] = _loss_and_grads(module, _fixed_outputs(), rank, world)
-    torch.save(results, f"{result_prefix}{rank}.pt")
-    dist.destroy_process_group()
+        results[name] = loss_and_grads(module, _fixed_outputs(), rank, world)
+    return results
 
 
 @pytest.mark.slow
 def test_two_gloo_ranks_equal_one_process(tmp_path):
     """Every recipe loss under 2 real gloo ranks (all_gather_with_grad): the mean of the rank losses and the
     DDP-averaged gradients equal one process holding the whole batch."""
-    import torch.multiprocessing as mp
-
-    mp.spawn(_gloo_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "rank")), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    ranks = run_gloo_ranks(_all_families_at_rank, 2, tmp_path)
     for name, module in _loss_modules().items():
-        loss, grads = _loss_and_grads(module, _fixed_outputs())
+        loss, grads = loss_and_grads(module, _fixed_outputs())
         assert (ranks[0][name][0] + ranks[1][name][0]) / 2 == pytest.approx(loss, rel=1e-5), name
         for key, grad in grads.items():
             if grad.ndim:  # per-sample inputs: rank r holds rows r*b..(r+1)*b

@@ -166,14 +166,35 @@ def test_two_process_gloo_with_exact_accumulation_equals_one_process(tmp_path):
     assert_same_tensors(ddp["model"], single["model"], atol=2e-5)
 
 
+@pytest.mark.slow
+def test_two_process_chunked_siglip_with_exact_accumulation_equals_one_process(tmp_path):
+    """--siglip-chunked under DDP: the ring's point-to-point sends and their backward (the text blocks' gradients
+    going home) run inside DDP's synchronised backward, twice per step with exact accumulation; 2 ranks x 2
+    micro-batches x 4 give the parameters of one process x 16 with the gathered loss after two steps."""
+    base = flag(flag(TINY_RUN, "--model", "CLIP_VITT16_SIGLIP"), "--lr", "1e-3") + \
+        ["--output-dir", str(tmp_path), "--max-steps", "2", "--warmup-epochs", "0", "--eps", EPS, "--device", "cpu"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    run_subprocess(flag(base, "--batch-size", "4") + ["--update-freq", "2", "--siglip-chunked", "--name", "ring"],
+                   launcher=torchrun)
+    main.main(flag(base, "--batch-size", "16") + ["--name", "single"])
+    ring, single = load(tmp_path / "ring" / "checkpoint.pt"), load(tmp_path / "single" / "checkpoint.pt")
+    assert ring["step"] == single["step"] == 2
+    assert_same_tensors(ring["model"], single["model"], atol=2e-5)
+
+
 # --------------------------------------------------------------------------- resume
 @pytest.mark.slow
-@pytest.mark.parametrize("model,dataset", [("CLIP_VITT16_CLIP", "synthetic"), ("CNCLIP_VITT16_CLIP", "synthetic-zh")])
-def test_resume_after_process_exit_is_identical(tmp_path, model, dataset):
+@pytest.mark.parametrize("model,dataset,extra", [("CLIP_VITT16_CLIP", "synthetic", []),
+                                                 ("CNCLIP_VITT16_CLIP", "synthetic-zh", []),
+                                                 ("CLIP_VITT16_CLIP", "synthetic", ["--patch-dropout", "0.5",
+                                                                                    "--image-size", "64"])],
+                         ids=["clip", "cnclip", "clip-patch-dropout"])
+def test_resume_after_process_exit_is_identical(tmp_path, model, dataset, extra):
     """8 steps straight == 4 steps, process exit, automatic resume from the folder, 4 more steps.
 
-    The CNCLIP tower has dropout, so this also checks that the RNG state is restored exactly."""
-    base = flag(flag(TINY_RUN, "--model", model), "--dataset", dataset) + ["--output-dir", str(tmp_path)]
+    The CNCLIP tower has dropout and --patch-dropout draws a patch mask per image from the same per-rank torch
+    stream, so this also checks that the RNG state is restored exactly."""
+    base = flag(flag(TINY_RUN, "--model", model), "--dataset", dataset) + ["--output-dir", str(tmp_path)] + extra
     run_subprocess(base + ["--name", "straight", "--max-steps", "8"])
     run_subprocess(base + ["--name", "resumed", "--max-steps", "4"])
     half = load(tmp_path / "resumed" / "checkpoint.pt")
