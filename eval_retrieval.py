@@ -544,7 +544,6 @@ def extract_image_features(model, path: str, image_size: int, device: torch.devi
     batches, hence the features, are the same for any number of workers."""
     import torch
     import torch.nn.functional as F
-    from torch.utils.data import DataLoader
 
     import datasets
     import utils
@@ -552,8 +551,7 @@ def extract_image_features(model, path: str, image_size: int, device: torch.devi
     records = ImageRecords(path, datasets.squash_transform(image_size))
     if not len(records):
         raise ValueError(f"{path}: no images")
-    loader = DataLoader(records, batch_size=batch_size, shuffle=False, num_workers=workers,
-                        pin_memory=device.type == "cuda")
+    loader = datasets.eval_loader(records, batch_size, workers, pin_memory=device.type == "cuda")
     ids, feats = [], []
     for batch_ids, pixels in _progress(loader, "images", total=len(loader)):  # (B,), (B, 3, R, R)
         with utils.autocast(precision, device):
