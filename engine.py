@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
+import experiment
 import models
 import utils
 
@@ -131,7 +132,7 @@ class NonFiniteLoss(RuntimeError):
     """A step whose loss is not finite on some rank; args[0] holds what to dump."""
 
 
-class NonFiniteStop(SystemExit):
+class NonFiniteStop(experiment.RunStopped):
     """The run stops after more than --max-nonfinite non-finite losses (the message names the dump)."""
 
 

@@ -7,8 +7,9 @@ once finished, and says how its last run ended in `summary.json`'s `status`:
 - `stopped`: it stopped early and can resume (`--max-steps`, preemption or timeout, a non-finite loss, Ctrl-C);
 - `failed`: an error ended it (the summary's `reason` says which);
 - `evaluated`: `--evaluate` measured a model without training it.
-main.py drives the lifecycle; launch.py (sweeps skip finished experiments, refuse folders in use) and report.py
-(status, flags) read the same rules from here. Imports no torch, so the launcher and the report stay light.
+main.py drives the lifecycle (and engine.py raises `RunStopped`); launch.py (sweeps skip finished experiments,
+refuse folders in use) and report.py (status, flags) read the same rules from here. Imports no torch, so the
+launcher and the report stay light.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import os
 import re
 import socket
 import tempfile
+import threading
 import time
 
 log = logging.getLogger("clip_lab")
@@ -34,6 +36,10 @@ STATUSES = (FINISHED, STOPPED, FAILED, EVALUATED)
 RESUME_NEUTRAL_ARGS = frozenset({
     "name", "resume", "workers", "print_freq", "device", "wandb", "wandb_project", "max_steps", "eval_freq",
     "save_every_steps", "output_dir", "evaluate", "data_root", "table", "tags", "max_bad_samples"})
+WANDB_ID_FILE = "wandb_id.txt"
+# set by run_with_submitit.Trainer.checkpoint() when Slurm preempts the job or its time runs out: submitit then exits
+# the process (SystemExit) and requeues the job, and the run's summary says `stopped`, not `failed`
+PREEMPTED = threading.Event()
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _UMASK = os.umask(0o022)  # read the process umask (os.umask only reads by setting) and put it back
 os.umask(_UMASK)
@@ -156,6 +162,34 @@ def remove_stale_temporaries(exp_dir: str) -> list[str]:
     return removed
 
 
+# --------------------------------------------------------------------------- how a run ended
+class RunStopped(SystemExit):
+    """Ends a run that can simply resume (its summary says `stopped`), e.g. engine.NonFiniteStop."""
+
+
+def end_status(exc: BaseException) -> tuple[str, str]:
+    """(status, reason) of a run that an exception ended: `stopped` when it can simply resume (preemption or
+    timeout, a RunStopped such as too many non-finite losses, Ctrl-C), else `failed`."""
+    if PREEMPTED.is_set():
+        return STOPPED, "preempted or timed out (the job is requeued)"
+    if isinstance(exc, RunStopped):
+        return STOPPED, str(exc)
+    if isinstance(exc, KeyboardInterrupt):
+        return STOPPED, "interrupted (KeyboardInterrupt)"
+    detail = exc.code if isinstance(exc, SystemExit) else exc
+    return FAILED, f"{type(exc).__name__}: {detail}"
+
+
+def completed_status(step: int, total_steps: int, evaluate_only: bool, max_steps: int | None) -> tuple[str, str | None]:
+    """(status, reason) of a run that returned normally: `finished` at the schedule's end; `evaluated` for
+    --evaluate of an untrained model; else `stopped` (by --max-steps, or --evaluate of a partial run)."""
+    if step >= total_steps:
+        return FINISHED, None
+    if evaluate_only:
+        return (EVALUATED, None) if step == 0 else (STOPPED, f"evaluated at step {step} of {total_steps} (--evaluate)")
+    return STOPPED, f"--max-steps {max_steps} reached at step {step} of {total_steps}"
+
+
 # --------------------------------------------------------------------------- ownership
 class FolderInUse(SystemExit):
     """Another live process holds the experiment folder's lock."""
@@ -176,10 +210,9 @@ class FolderLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.read(fd, 4096).decode("utf-8", "replace").split()
+            message = _holder(self.exp_dir, fd)
             os.close(fd)
-            pid, host, since = (holder + ["?", "?", "?"])[:3]
-            raise FolderInUse(f"{self.exp_dir} is in use by pid {pid} on {host} since {since}") from None
+            raise FolderInUse(message) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()} {socket.gethostname()} {time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n".encode())
         self.fd = fd
@@ -198,15 +231,28 @@ class FolderLock:
         self.release()
 
 
+def _holder(exp_dir: str, fd: int) -> str:
+    """`<folder> is in use by pid N on HOST since T`, from the lock file open at `fd`."""
+    pid, host, since = (os.pread(fd, 4096, 0).decode("utf-8", "replace").split() + ["?", "?", "?"])[:3]
+    return f"{exp_dir} is in use by pid {pid} on {host} since {since}"
+
+
 def in_use(exp_dir: str) -> str | None:
-    """FolderInUse's message when a live process holds `exp_dir`, else None (the lock is taken and released)."""
-    if not os.path.exists(os.path.join(exp_dir, LOCK_FILE)):
+    """FolderInUse's message when a live process holds `exp_dir`, else None. Writes nothing (a finished folder is
+    left as it is): the lock is tried on a read-only descriptor and released at once."""
+    try:
+        fd = os.open(os.path.join(exp_dir, LOCK_FILE), os.O_RDONLY)
+    except FileNotFoundError:
         return None
     try:
-        with FolderLock(exp_dir):
-            return None
-    except FolderInUse as exc:
-        return str(exc)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _holder(exp_dir, fd)
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
 
 
 # --------------------------------------------------------------------------- the record
@@ -232,6 +278,25 @@ def record_provenance(exp_dir: str, commit: str, command: str) -> None:
         path = os.path.join(exp_dir, name)
         if not os.path.exists(path):
             write_text_atomic(path, text + "\n")
+
+
+def wandb_run_id(exp_dir: str, from_checkpoint: str | None = None) -> str:
+    """The experiment's wandb run id, generated once (wandb's `generate_id()`) and kept in `<exp_dir>/wandb_id.txt`
+    (main.py also stores it in every checkpoint): a resume or requeue continues the same wandb run, and two
+    experiments never share one, whatever their names (`a:b` and `a-b`, or one name under two output roots).
+    `from_checkpoint`: the id the folder's own checkpoint holds, used when the file is gone."""
+    path = os.path.join(exp_dir, WANDB_ID_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            run_id = f.read().strip()
+    except FileNotFoundError:
+        run_id = ""
+    if not run_id:
+        from wandb.sdk.lib.runid import generate_id  # wandb's own run-id generator (8 base-36 characters)
+
+        run_id = from_checkpoint or generate_id()
+        write_text_atomic(path, run_id + "\n")
+    return run_id
 
 
 def read_commit(exp_dir: str) -> str | None:

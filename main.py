@@ -12,7 +12,6 @@ import math
 import os
 import shlex
 import sys
-import threading
 import time
 
 import numpy as np
@@ -533,28 +532,6 @@ def setup_logging(exp_dir: str | None, main_process: bool) -> None:
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
 
 
-WANDB_ID_FILE = "wandb_id.txt"
-
-
-def wandb_run_id(exp_dir: str, from_checkpoint: str | None = None) -> str:
-    """The experiment's wandb run id, generated once (wandb's `generate_id()`) and kept in
-    `<exp_dir>/wandb_id.txt` (and in every checkpoint): a resume or requeue continues the same wandb run, and two
-    experiments never share one, whatever their names (`a:b` and `a-b`, or one name under two output roots).
-    `from_checkpoint`: the id the folder's own checkpoint holds, used when the file is gone."""
-    path = os.path.join(exp_dir, WANDB_ID_FILE)
-    try:
-        with open(path, encoding="utf-8") as f:
-            run_id = f.read().strip()
-    except FileNotFoundError:
-        run_id = ""
-    if not run_id:
-        from wandb.sdk.lib.runid import generate_id  # wandb's own run-id generator (8 base-36 characters)
-
-        run_id = from_checkpoint or generate_id()
-        experiment.write_text_atomic(path, run_id + "\n")
-    return run_id
-
-
 def init_wandb(args: argparse.Namespace, exp_dir: str, commit: str, run_id: str):
     """The wandb run `run_id` (resumed when it exists), named after the experiment; offline without an API key."""
     import wandb
@@ -685,24 +662,6 @@ def restore(path: str, model, optimizer, scaler, state: engine.RunState, args, e
 
 
 # --------------------------------------------------------------------------- lifecycle
-# set by run_with_submitit.Trainer.checkpoint() when Slurm preempts the job or its time runs out: submitit then
-# exits the process (SystemExit) and requeues the job, and the run's summary says `stopped`, not `failed`
-PREEMPTED = threading.Event()
-
-
-def end_status(exc: BaseException) -> tuple[str, str]:
-    """(status, reason) of a run that an exception ended: `stopped` when it can simply resume (preemption or
-    timeout, too many non-finite losses, Ctrl-C), else `failed`."""
-    if PREEMPTED.is_set():
-        return experiment.STOPPED, "preempted or timed out (the job is requeued)"
-    if isinstance(exc, engine.NonFiniteStop):
-        return experiment.STOPPED, str(exc)
-    if isinstance(exc, KeyboardInterrupt):
-        return experiment.STOPPED, "interrupted (KeyboardInterrupt)"
-    detail = exc.code if isinstance(exc, SystemExit) else exc
-    return experiment.FAILED, f"{type(exc).__name__}: {detail}"
-
-
 def run_summary(args, state: engine.RunState, total_steps: int, val_name: str | None, commit: str, status: str,
                 reason: str | None, train_time_s: float) -> dict:
     """summary.json: how the run ended (`status`, `reason`), its progress and the metrics of the last validation
@@ -711,17 +670,6 @@ def run_summary(args, state: engine.RunState, total_steps: int, val_name: str | 
             "val_dataset": val_name, "epoch": state.epoch, "step": state.step, "total_steps": total_steps,
             "best_metric": state.best_metric if math.isfinite(state.best_metric) else None,
             "metrics_step": state.metrics_step, "train_time_s": train_time_s, "commit": commit, **state.metrics}
-
-
-def completed_status(args, state: engine.RunState, total_steps: int) -> tuple[str, str | None]:
-    """(status, reason) of a run that returned normally: `finished` at the schedule's end; `evaluated` for
-    --evaluate of an untrained model; else `stopped` (by --max-steps, or --evaluate of a partial run)."""
-    if state.step >= total_steps:
-        return experiment.FINISHED, None
-    if args.evaluate:
-        return (experiment.EVALUATED, None) if state.step == 0 else \
-            (experiment.STOPPED, f"evaluated at step {state.step} of {total_steps} (--evaluate)")
-    return experiment.STOPPED, f"--max-steps {args.max_steps} reached at step {state.step} of {total_steps}"
 
 
 def run_epochs(args, state: engine.RunState, total_steps: int, val_name: str | None, dataset, loader,
@@ -868,7 +816,7 @@ def train(args: argparse.Namespace, env: utils.DistEnv, exp_dir: str) -> dict:
     criterion = build_criterion(spec, args, env)
     if main_process:  # everything opened: from here on the folder is this run's record
         write_run_record(exp_dir, args, commit)
-    wandb_id = wandb_run_id(exp_dir, stored_wandb_id) if args.wandb and main_process else stored_wandb_id
+    wandb_id = experiment.wandb_run_id(exp_dir, stored_wandb_id) if args.wandb and main_process else stored_wandb_id
     wandb_run = init_wandb(args, exp_dir, commit, wandb_id) if args.wandb and main_process else None
     run_log = engine.RunLog(os.path.join(exp_dir, "log.txt") if main_process else None, wandb_run)
 
@@ -921,7 +869,7 @@ def train(args: argparse.Namespace, env: utils.DistEnv, exp_dir: str) -> dict:
         else:
             run_epochs(args, state, total_steps, val_name, dataset, loader, train_epoch, save, validate, run_log)
     except BaseException as exc:
-        status, reason = end_status(exc)
+        status, reason = experiment.end_status(exc)
         if main_process:
             try:
                 end(status, reason)
@@ -930,7 +878,7 @@ def train(args: argparse.Namespace, env: utils.DistEnv, exp_dir: str) -> dict:
         if wandb_run is not None:
             wandb_run.finish(exit_code=1)
         raise
-    summary = end(*completed_status(args, state, total_steps))
+    summary = end(*experiment.completed_status(state.step, total_steps, args.evaluate, args.max_steps))
     if wandb_run is not None:
         wandb_run.finish()
     return summary

@@ -353,17 +353,22 @@ def _curves_figure(plt, name: str, rows: list[dict], labels: list[str], metric: 
 
     key = metric.split("/", 1)[1]
     fig, ax = plt.subplots(figsize=(7, 4.2))
+    last = max([s for r in rows for e in r["runs"] for s, _ in e["val_curves"].get(key, [])] or [1])
     for i, (r, label) in enumerate(zip(rows, labels)):
         runs = [e["val_curves"].get(key, []) for e in r["runs"] if e["status"] in DONE]
         steps, mean, std = band(runs)
         if not steps:
             continue
+        dodge = (i - (len(rows) - 1) / 2) * 0.008 * last  # rows validated at the same steps stay apart
+        steps = [x + dodge for x in steps]
         color = f"C{i % 10}"
         n = sum(bool(c) for c in runs)
-        ax.plot(steps, mean, marker="o", markersize=3, color=color, label=f"{label} (n={n})")
-        if n > 1:
+        ax.plot(steps, mean, marker="o", markersize=4, color=color, label=f"{label} (n={n})")
+        if n > 1:  # the band, and error bars so that a single validation shows its spread too
             ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
                             color=color, alpha=0.2, linewidth=0)
+            ax.errorbar(steps, mean, yerr=std, fmt="none", ecolor=color, capsize=3, linewidth=1)
+    ax.set_xlim(left=0, right=last * 1.06)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(xlabel="optimizer step", ylabel=f"{metric}{unit_of(metric)}",
            title=f"{name}: {metric}{unit_of(metric)} during training\n(mean ± std over seeds)")

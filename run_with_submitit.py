@@ -117,8 +117,8 @@ class Trainer(submitit.helpers.Checkpointable):
 
     def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
         """Called by submitit on rank 0 in the USR2 handler: requeue the same flags (resume is resolved later). The
-        run's summary then says `stopped` (main.PREEMPTED), not `failed`, when submitit exits the process."""
-        main.PREEMPTED.set()
+        run's summary then says `stopped` (experiment.PREEMPTED), not `failed`, when submitit exits the process."""
+        experiment.PREEMPTED.set()
         log.warning("preempted or timed out: requeueing %s", " ".join(self.argv[:4]))
         return submitit.helpers.DelayedSubmission(Trainer(self.argv))
 

@@ -126,21 +126,17 @@ def test_run_sh_sweep_skips_finished_runs_and_ledgers_each_start(tmp_path):
     line is written when it starts, so a run that fails does not take the lines of those before it along."""
     repo = make_repo(str(tmp_path / "repo"))
     root = tmp_path / "exps"
-    line = SMALL + ["--output-dir", str(root), "--name", "SW", "--max-steps", "4", "--seed", "0,1"]
-    out = run_sh(repo, "main.py", *line[:-1], "0")  # only seed 0 first
+    line = SMALL + ["--output-dir", str(root), "--name", "SW", "--max-steps", "4", "--epochs", "1,2"]
+    out = run_sh(repo, "main.py", *line)  # epochs 1: finished at step 4 of 4; epochs 2: stopped at 4 of 8
     assert out.returncode == 0, out.stderr[-3000:]
-    os.rename(root / "SW", root / "SW_seed0")  # as the sweep names it (same flags, same commit)
-    done = summary_of(root / "SW_seed0")
-    ckpt_mtime = (root / "SW_seed0" / "checkpoint.pt").stat().st_mtime_ns
+    assert [summary_of(root / n)["status"] for n in ("SW_epochs1", "SW_epochs2")] == ["finished", "stopped"]
+    done = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in (root / "SW_epochs1").iterdir() if p.is_file()}
     out = run_sh(repo, "main.py", *line)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "skipping 1 finished experiment(s): SW_seed0" in out.stdout
-    assert "launching 1 of 2: SW_seed1" in out.stdout
-    assert summary_of(root / "SW_seed0") == done and \
-        (root / "SW_seed0" / "checkpoint.pt").stat().st_mtime_ns == ckpt_mtime
-    assert summary_of(root / "SW_seed1")["status"] == "finished"
-    out = run_sh(repo, "main.py", *line)
-    assert out.returncode == 0 and "skipping 2 finished experiment(s)" in out.stdout
+    assert "skipping 1 finished experiment(s): SW_epochs1" in out.stdout
+    assert "launching 1 of 2: SW_epochs2" in out.stdout
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in (root / "SW_epochs1").iterdir() if p.is_file()} == done
+    assert [e["name"] for e in launch.read_ledger(str(root))] == ["SW_epochs1", "SW_epochs2", "SW_epochs2"]
 
     # a sweep whose second run fails: the first run's ledger line stays, the failing one is there too
     out = run_sh(repo, "main.py", *(SMALL + ["--output-dir", str(root), "--name", "BAD", "--max-steps", "1",
@@ -318,8 +314,9 @@ def test_dry_run_script_is_the_one_submitit_writes(tmp_path):
 
 # --------------------------------------------------------------------------- the lab's loop on real Slurm
 def sweep_line(root: str) -> list[str]:
-    return ["--model", "CLIP_VITT16_CLIP", "--dataset", "digits", "--image-size", "32", "--transformer-layers", "1",
-            "--batch-size", "256", "--epochs", "1", "--workers", "0", "--print-freq", "1", "--save-every-steps", "1",
+    return ["--model", "CLIP_VITT16_CLIP", "--dataset", "digits", "--image-size", "16", "--transformer-layers", "1",
+            "--text-width", "64", "--text-heads", "1", "--embed-dim", "64",  # 8.7 M parameters, 2 x 2 steps
+            "--batch-size", "512", "--epochs", "2", "--workers", "0", "--print-freq", "1", "--save-every-steps", "2",
             "--ngpus", "0", "--cpus-per-task", "1", "--timeout", "10", "--output-dir", root, "--name", "LS",
             "--table", "ls", "--label-smoothing", "0,0.1", "--seed", "0,1"]
 
@@ -344,9 +341,13 @@ def test_lab_loop_sweep_requeue_rerun_and_report_on_slurm(tmp_path):
     array = jobs[names[0]].split("_")[0]
     submitted = open(glob.glob(os.path.join(root, "submitit", array, f"{array}_submission.sh"))[0]).read()
     assert submitted.rstrip("\n") == dry_script
-    sacct = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobID,JobName", "-j", array], capture_output=True,
-                           text=True).stdout
-    assert {row.split("|")[0]: row.split("|")[1] for row in sacct.split()} == {jobs[n]: n for n in names}
+
+    def job_names() -> dict[str, str]:
+        out = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobID,JobName", "-j", array], capture_output=True,
+                             text=True).stdout
+        return dict(row.split("|", 1) for row in out.splitlines() if "|" in row)
+
+    wait_for(lambda: job_names() == {jobs[n]: n for n in names}, 60, "each array task named after its experiment")
 
     victim = os.path.join(root, names[3])
     job, _ = job_of(victim)
@@ -379,6 +380,6 @@ def test_lab_loop_sweep_requeue_rerun_and_report_on_slurm(tmp_path):
     assert rows[0].startswith("| LS_label-smoothing0 (baseline) |")
     assert sorted(os.listdir(tmp_path / "plots")) == ["ls_curves.png", "ls_final.png"]
     listing = report.main(["--root", root, "--list"])
-    assert all(f"| {n} | finished | 5/5 |" in listing for n in names)
+    assert all(f"| {n} | finished | 4/4 |" in listing for n in names)
     diff = report.main(["--root", root, "--diff", names[0], names[3]])
     assert "--label-smoothing: 0.0 -> 0.1" in diff and "--seed: 0 -> 1" in diff

@@ -546,13 +546,15 @@ def test_wandb_run_id_is_unique_per_experiment_and_kept_on_resume(tiny_run_args,
     for root, name in ((one, "wb"), (two, "wb"), (one, "a:b"), (one, "a-b")):
         main.main(flag(TINY_RUN, "--output-dir", str(root)) + ["--name", name, "--max-steps", "1", "--wandb",
                                                                "--eval-freq", "0"])
+    runs = {(str(root), name): offline_runs(root / name) for root, name in ((one, "wb"), (two, "wb"), (one, "a:b"),
+                                                                           (one, "a-b"))}
+    assert len({run_id for (run_id, _), in runs.values()}) == 4  # four experiments, four wandb runs
     ids = {}
-    for root, name in ((one, "wb"), (two, "wb"), (one, "a:b"), (one, "a-b")):
-        (run_id, display), = offline_runs(root / name)
-        assert display == name and (root / name / "wandb_id.txt").read_text().strip() == run_id
-        assert load(root / name / "checkpoint.pt")["wandb_id"] == run_id
-        ids[(str(root), name)] = run_id
-    assert len(set(ids.values())) == 4
+    for (root, name), ((run_id, display),) in runs.items():
+        assert display == name
+        assert open(os.path.join(root, name, "wandb_id.txt"), encoding="utf-8").read().strip() == run_id
+        assert load(os.path.join(root, name, "checkpoint.pt"))["wandb_id"] == run_id
+        ids[(root, name)] = run_id
     main.main(flag(TINY_RUN, "--output-dir", str(one)) + ["--name", "wb", "--max-steps", "2", "--wandb",
                                                           "--eval-freq", "0"])
     assert offline_runs(one / "wb") == [(ids[(str(one), "wb")], "wb")] * 2  # the resume continued the run
