@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms as T
 from torchvision.transforms import v2
 
@@ -356,6 +356,15 @@ class ClassificationDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         image, _ = self.reader.read(index)
         return self.transform(image), self.reader.label(index)
+
+
+def eval_loader(dataset: Dataset, batch_size: int, workers: int = 0, pin_memory: bool = False,
+                collate_fn=None) -> DataLoader:
+    """The DataLoader of an evaluation pass: the dataset in order, and its own generator, so that evaluating
+    never draws from the global torch RNG (a DataLoader iterator takes its base seed from it), which also
+    drives the training run's dropout: `--eval-freq` must not change the trained weights."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=pin_memory,
+                      collate_fn=collate_fn, generator=torch.Generator())
 
 
 # --------------------------------------------------------------------------- sampler

@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
+import experiment
 import models
 import utils
 
@@ -39,6 +40,8 @@ class RunState:
     step_in_epoch: int = 0  # optimizer steps done in the current epoch
     best_metric: float = -math.inf
     nonfinite: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)  # of the last validation that ran
+    metrics_step: int | None = None  # the step `metrics` were measured at
 
 
 @dataclass(frozen=True)
@@ -96,15 +99,18 @@ class EpochMeters:
         self.window_steps += 1
 
     def close_window(self) -> tuple[dict[str, float], int, float, float]:
-        """(window means, steps, elapsed s, data time s) of the window, and a new window starts."""
-        window = {key: m.window_avg() for key, m in self.meters.items()}
+        """(window means over the global batch, steps, elapsed s, data time s) of the window, and a new window
+        starts. A collective (every rank calls it): each rank's means are averaged over ranks in one all-reduce,
+        so the logged loss is that of the global batch whatever the number of ranks (the ranks' micro-batches
+        have the same size)."""
+        window = utils.all_reduce_means({key: m.window_avg() for key, m in self.meters.items()})
         out = (window, self.window_steps, time.perf_counter() - self.window_start, self.data_time)
         self.window_steps, self.window_start, self.data_time = 0, time.perf_counter(), 0.0
         return out
 
     def epoch_means(self) -> dict[str, float]:
         """Epoch means averaged over ranks (a collective: every rank calls it)."""
-        return {key: utils.all_reduce_mean(m.global_avg) for key, m in self.meters.items()}
+        return utils.all_reduce_means({key: m.global_avg for key, m in self.meters.items()})
 
 
 class RunLog:
@@ -124,6 +130,10 @@ class RunLog:
 
 class NonFiniteLoss(RuntimeError):
     """A step whose loss is not finite on some rank; args[0] holds what to dump."""
+
+
+class NonFiniteStop(experiment.RunStopped):
+    """The run stops after more than --max-nonfinite non-finite losses (the message names the dump)."""
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -344,7 +354,7 @@ def _guarded_step(model, criterion, micro, optimizer, scaler, state: RunState, c
         state.nonfinite += 1
         if state.nonfinite > cfg.max_nonfinite:
             path = dump_nonfinite(cfg.dump_dir, state.step, exc.args[0])
-            raise SystemExit(f"non-finite loss at step {state.step} (epoch {state.epoch}); batch, features "
+            raise NonFiniteStop(f"non-finite loss at step {state.step} (epoch {state.epoch}); batch, features "
                              f"and loss parts saved to {path}. Lower --lr, use --precision fp32/bf16, or "
                              f"allow skips with --max-nonfinite N.") from None
         log.warning("non-finite loss at step %d skipped (%d/%d)", state.step, state.nonfinite, cfg.max_nonfinite)

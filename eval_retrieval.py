@@ -669,7 +669,6 @@ def extract_image_features(model, path: str, image_size: int, device: torch.devi
     infinite feature a readers.NonFiniteError (nothing is written)."""
     import torch
     import torch.nn.functional as F
-    from torch.utils.data import DataLoader
 
     import datasets
     import utils
@@ -677,8 +676,8 @@ def extract_image_features(model, path: str, image_size: int, device: torch.devi
     records = ImageRecords(path, datasets.squash_transform(image_size), max_pixels)
     if not len(records):
         raise readers.DatasetError(f"{path}: no images")
-    loader = DataLoader(_Items(records), batch_size=batch_size, shuffle=False, num_workers=workers,
-                        pin_memory=device.type == "cuda", collate_fn=_collate_or_error)
+    loader = datasets.eval_loader(_Items(records), batch_size, workers, pin_memory=device.type == "cuda",
+                                  collate_fn=_collate_or_error)
     ids, feats = [], []
     for batch in _progress(loader, "images", total=len(loader)):
         if isinstance(batch, Exception):

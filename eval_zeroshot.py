@@ -301,8 +301,8 @@ def evaluate_dataset(model, tokenizer, name: str, language: str, image_size: int
     if len(on_disk) != len(classes.names):
         raise readers.DatasetError(f"dataset {name!r}: its test split has {len(on_disk)} classes but "
                                     f"{classes.source} lists {len(classes.names)} names")
-    loader = DataLoader(datasets.ClassificationDataset(reader, eval_transform(name, entry, image_size)),
-                        batch_size=batch_size, num_workers=workers)
+    loader = datasets.eval_loader(datasets.ClassificationDataset(reader, eval_transform(name, entry, image_size)),
+                                  batch_size, workers)
     sims, targets = zeroshot_similarities(model, tokenizer, classes.names, classes.templates, loader, device, name)
     out: dict = {"metric": metric, "labels": classes.source, "num_images": len(targets)}
     for head, sim in sims.items():

@@ -5,13 +5,17 @@
 1. expands sweep syntax: a comma list in a flag value (`--seed 0,10,50 --epochs 25,32`) becomes one experiment per
    combination, named `<name>_seed0_epochs25` ... (flags in NO_SWEEP keep their commas);
 2. names each experiment `--name` (default `<model>_<short commit>`) + the sweep suffix, in `<output-dir>/<name>/`;
-3. refuses an experiment folder made from another commit; the same commit and flags resume it;
+3. refuses an experiment folder made from another commit, with other flags, in use by a live process or with a
+   job still queued or running; the same commit and flags resume it; finished experiments are skipped (said);
 4. exports the commit with `git archive` into `<experiment>/code/` (ALLOW_DIRTY: the working-tree diff is applied
-   and kept as `dirty.diff`), writes `commit.txt` and `command.txt`, and runs the script from that snapshot with
-   CLIP_LAB_COMMIT exported (run_with_submitit.py: one job, or one Slurm job array for a sweep);
-5. appends one line per experiment to `<output-dir>/ledger.jsonl` (name, commit, command, job ids, time, table).
+   and kept as `dirty.diff`), records `commit.txt` and `command.txt` (experiment.record_provenance), and runs the
+   script from that snapshot with CLIP_LAB_COMMIT exported (run_with_submitit.py: one job, or one Slurm job array
+   for a sweep);
+5. appends one line per experiment to `<output-dir>/ledger.jsonl` (name, commit, command, job ids, time, table) as
+   it is submitted (Slurm) or started (main.py), one atomic append each.
 No argument is ever passed through a shell: values with spaces, quotes and commas (outside sweeps) stay intact.
-This module imports no torch, so report.py can use `expand_sweep`, `read_repro` and `job_states`.
+This module imports no torch (experiment.py neither), so report.py can use `expand_sweep`, `read_repro`, `job_states`
+and `read_ledger`.
 """
 from __future__ import annotations
 
@@ -31,6 +35,8 @@ import sys
 import tarfile
 import tempfile
 import time
+
+import experiment
 
 log = logging.getLogger("clip_lab.launch")
 
@@ -174,14 +180,10 @@ def export_snapshot(repo: str, commit: str, dest: str, diff: bytes | None) -> No
         subprocess.run(["git", "apply", "--whitespace=nowarn", "dirty.diff"], cwd=dest, check=True)
 
 
-def _write_text(path: str, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-
-
 # --------------------------------------------------------------------------- the launch
 def run(repo: str, commit: str, dirty: bool, script: str, argv: list[str], cwd: str) -> list[dict]:
-    """Plan, check, snapshot and launch every experiment of one run.sh command; returns the ledger entries."""
+    """Plan, check, snapshot and launch every experiment of one run.sh command that has not finished yet; returns
+    the ledger entries of those launched."""
     dry_run = "--dry-run" in argv
     argv = [a for a in argv if a != "--dry-run"]
     diff = subprocess.run(["git", "-C", repo, "diff", "HEAD", "--binary"], capture_output=True,
@@ -194,19 +196,11 @@ def run(repo: str, commit: str, dirty: bool, script: str, argv: list[str], cwd: 
         sys.path.insert(0, staging)  # parse with the snapshot's parser, not the working tree's
         rws = importlib.import_module("run_with_submitit")
         main = importlib.import_module("main")
-        model = flag_value(argv, "--model") or rws.get_args_parser().get_default("model")
-        base = flag_value(argv, "--name") or f"{model}_{commit[:8]}"
-        exps = []
-        for sub_argv, suffix in expand_sweep(argv):
-            exp_argv = set_flag(set_flag(sub_argv, "--name", base + suffix), "--output-dir", root)
-            if script == "main.py":
-                args = main.parse_args(exp_argv)
-            else:
-                args = rws.prepare(exp_argv)["args"]
-            exp_dir = main.experiment_dir(args)
-            exps.append({"name": base + suffix, "exp_dir": exp_dir, "argv": exp_argv, "args": args,
-                         "command": shlex.join(["bash", "run.sh", script, *exp_argv])})
+        exps = plan(argv, script, commit, root, rws, main)
         check_experiments(exps, commit_id, root)
+        exps = skip_finished(exps)
+        if not exps:
+            return []
         if dry_run:
             log.info("dry run: %d experiment(s) from commit %s, nothing written or submitted", len(exps), commit_id)
             if script == "main.py":
@@ -220,52 +214,84 @@ def run(repo: str, commit: str, dirty: bool, script: str, argv: list[str], cwd: 
             code = os.path.join(e["exp_dir"], "code")
             if not os.path.exists(code):
                 shutil.copytree(staging, code, symlinks=True)
-            _write_text(os.path.join(e["exp_dir"], "commit.txt"), commit_id + "\n")
-            if not os.path.exists(os.path.join(e["exp_dir"], "command.txt")):
-                _write_text(os.path.join(e["exp_dir"], "command.txt"), e["command"] + "\n")
+            experiment.record_provenance(e["exp_dir"], commit_id, e["command"])
         os.environ["CLIP_LAB_COMMIT"] = commit_id
-        job_ids: list[str | None] = []
         if script == "main.py":
-            for e in exps:
-                code = os.path.join(e["exp_dir"], "code")
-                rc = subprocess.run([sys.executable, "main.py", *e["argv"]], cwd=code).returncode
-                if rc:
-                    raise SystemExit(f"main.py failed (exit {rc}) for {e['exp_dir']}")
-                job_ids.append(None)
-        else:
-            os.chdir(os.path.join(exps[0]["exp_dir"], "code"))  # the job's cwd: `python -m submitit...` imports here
-            try:
-                job_ids = [j["job_id"] for j in rws.launch([e["argv"] for e in exps])]
-            finally:
-                os.chdir(cwd)
+            return [start_main(e, root, commit_id, diff) for e in exps]
+        os.chdir(os.path.join(exps[0]["exp_dir"], "code"))  # the job's cwd: `python -m submitit...` imports here
+        try:
+            jobs = rws.launch([e["argv"] for e in exps])
+        finally:
+            os.chdir(cwd)
+        by_dir = {j["exp_dir"]: j["job_id"] for j in jobs}
+        return [append_ledger(root, ledger_entry(e, commit_id, script, [by_dir[e["exp_dir"]]], diff))
+                for e in exps if e["exp_dir"] in by_dir]
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    entries = []
-    with open(os.path.join(root, "ledger.jsonl"), "a", encoding="utf-8") as f:
-        for e, jid in zip(exps, job_ids):
-            entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "name": e["name"], "exp_dir": e["exp_dir"],
-                     "commit": commit_id, "script": script, "command": e["command"], "job_ids": [jid] if jid else [],
-                     "table": getattr(e["args"], "table", None), "tags": getattr(e["args"], "tags", []),
-                     "dirty": bool(diff)}
-            f.write(json.dumps(entry) + "\n")
-            entries.append(entry)
-    return entries
+
+
+def plan(argv: list[str], script: str, commit: str, root: str, rws, main) -> list[dict]:
+    """One {name, exp_dir, argv, args, command} per sweep combination, parsed by the snapshot's parser."""
+    model = flag_value(argv, "--model") or rws.get_args_parser().get_default("model")
+    base = flag_value(argv, "--name") or f"{model}_{commit[:8]}"
+    exps = []
+    for sub_argv, suffix in expand_sweep(argv):
+        exp_argv = set_flag(set_flag(sub_argv, "--name", base + suffix), "--output-dir", root)
+        args = main.parse_args(exp_argv) if script == "main.py" else rws.prepare(exp_argv)["args"]
+        exps.append({"name": base + suffix, "exp_dir": main.experiment_dir(args), "argv": exp_argv, "args": args,
+                     "command": shlex.join(["bash", "run.sh", script, *exp_argv])})
+    return exps
+
+
+def skip_finished(exps: list[dict]) -> list[dict]:
+    """The experiments that have not finished; the finished ones are named and left untouched."""
+    done = [e for e in exps if experiment.finished_summary(e["exp_dir"]) is not None]
+    todo = [e for e in exps if e not in done]
+    if done:
+        log.info("skipping %d finished experiment(s): %s", len(done), ", ".join(e["name"] for e in done))
+        log.info("launching %d of %d: %s", len(todo), len(exps), ", ".join(e["name"] for e in todo) or "none")
+    return todo
+
+
+def start_main(e: dict, root: str, commit_id: str, diff: bytes | None) -> dict:
+    """Run main.py from the experiment's snapshot (its ledger line first); a failure ends the sweep."""
+    entry = append_ledger(root, ledger_entry(e, commit_id, "main.py", [], diff))
+    rc = subprocess.run([sys.executable, "main.py", *e["argv"]], cwd=os.path.join(e["exp_dir"], "code")).returncode
+    if rc:
+        raise SystemExit(f"main.py failed (exit {rc}) for {e['exp_dir']}")
+    return entry
+
+
+def ledger_entry(e: dict, commit_id: str, script: str, job_ids: list[str], diff: bytes | None) -> dict:
+    return {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "name": e["name"], "exp_dir": e["exp_dir"],
+            "commit": commit_id, "script": script, "command": e["command"], "job_ids": job_ids,
+            "table": getattr(e["args"], "table", None), "tags": getattr(e["args"], "tags", []), "dirty": bool(diff)}
+
+
+def append_ledger(root: str, entry: dict) -> dict:
+    """Append `entry` to <root>/ledger.jsonl as one line in one write(2) on an O_APPEND descriptor: launchers
+    running at once never interleave, and a later failure never loses the lines written before it."""
+    os.makedirs(root, exist_ok=True)
+    fd = os.open(os.path.join(root, "ledger.jsonl"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (json.dumps(entry) + "\n").encode("utf-8"))
+    finally:
+        os.close(fd)
+    return entry
 
 
 def check_experiments(exps: list[dict], commit_id: str, root: str) -> None:
-    """Refuse an experiment folder from another commit, with other flags, or with a job still queued/running."""
+    """Refuse an experiment folder from another commit, with other flags, in use by a live process, or with a job
+    still queued or running."""
     import main  # the snapshot's (on sys.path)
 
     ledger = read_ledger(root)
     for e in exps:
-        path = os.path.join(e["exp_dir"], "commit.txt")
-        if os.path.exists(path):
-            with open(path, encoding="utf-8") as f:
-                old = f.readline().strip()
-            if old != commit_id:
-                raise SystemExit(f"experiment {e['name']!r} ({e['exp_dir']}) was launched from commit {old}; this "
-                                 f"tree is at {commit_id}. One commit -> one experiment: use another --name.")
-        main.check_folder_owner(e["exp_dir"], e["args"])
+        old = experiment.read_commit(e["exp_dir"])
+        if old is not None and old != commit_id:
+            raise SystemExit(f"experiment {e['name']!r} ({e['exp_dir']}) was launched from commit {old}; this "
+                             f"tree is at {commit_id}. One commit -> one experiment: use another --name.")
+        main.check_folder_free(e["exp_dir"], e["args"])
         ids = [j for entry in ledger if entry.get("exp_dir") == e["exp_dir"] for j in entry.get("job_ids", [])]
         live = {j: s for j, s in job_states(ids[-1:]).items() if s in LIVE_STATES}
         if live:
@@ -274,12 +300,10 @@ def check_experiments(exps: list[dict], commit_id: str, root: str) -> None:
 
 
 def read_ledger(root: str) -> list[dict]:
-    """Entries of <root>/ledger.jsonl (empty when there is none)."""
+    """Entries of <root>/ledger.jsonl (empty when there is none); a torn or blank line is skipped with a warning
+    naming the file and line."""
     path = os.path.join(root, "ledger.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return experiment.read_jsonl(path, "ledger line") if os.path.exists(path) else []
 
 
 def cli(argv: list[str] | None = None) -> None:

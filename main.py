@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -23,6 +24,7 @@ import datasets
 import engine
 import eval_retrieval
 import eval_zeroshot
+import experiment
 import losses
 import models
 import readers
@@ -32,10 +34,6 @@ import weights
 
 log = logging.getLogger("clip_lab")
 
-# flags that may change between a run and its resume without making it another run
-RESUME_NEUTRAL_ARGS = {"resume", "workers", "print_freq", "device", "wandb", "wandb_project", "max_steps",
-                       "eval_freq", "save_every_steps", "output_dir", "evaluate", "data_root", "table", "tags",
-                       "max_bad_samples", "max_image_pixels"}
 NO_VALIDATION = "none"  # --val-dataset none: train without per-epoch validation
 
 
@@ -124,10 +122,14 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     system = p.add_argument_group("system")
     system.add_argument("--output-dir", default="experiments", help="root folder of experiment folders")
-    system.add_argument("--name", default=None, help="experiment name (folder and wandb id); default <model>_<dataset>")
+    system.add_argument("--name", default=None,
+                        help="experiment name: one folder name inside --output-dir (wandb display name); "
+                             "default <model>_<dataset>")
     system.add_argument("--seed", type=int, default=0, help="seed of data order, augmentation and init")
     system.add_argument("--workers", type=int, default=2, help="DataLoader worker processes per rank")
-    system.add_argument("--eval-freq", type=int, default=1, help="evaluate and keep checkpoint_best every N epochs")
+    system.add_argument("--eval-freq", type=int, default=1,
+                        help="evaluate and keep checkpoint_best every N epochs and at a --max-steps stop; 0: only at "
+                             "the end of the schedule")
     system.add_argument("--evaluate", action="store_true", help="only evaluate the (resumed/pretrained) model")
     system.add_argument("--resume", default=None,
                         help="start from this checkpoint when the experiment folder has none (its own wins)")
@@ -307,6 +309,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(str(exc))
     if args.update_freq < 1 or args.batch_size < 1:
         parser.error("--update-freq and --batch-size must be >= 1")
+    if args.eval_freq < 0:
+        parser.error("--eval-freq must be >= 0 (0: evaluate only at the end of the schedule)")
+    bad_path = (experiment.name_error(args.name) if args.name is not None else None) or \
+        experiment.control_character_error("--output-dir", args.output_dir)
+    if bad_path:  # one line, no usage: the value would leave --output-dir or reach an sbatch script
+        raise SystemExit(bad_path)
     for key in ("dataset", "val_dataset"):  # a typo fails here, before an experiment folder is written
         try:
             if getattr(args, key) not in (None, NO_VALIDATION):
@@ -480,34 +488,45 @@ def args_dict(args: argparse.Namespace) -> dict:
 
 
 def config_of(args: argparse.Namespace) -> dict:
-    """The flags that define a run (everything but RESUME_NEUTRAL_ARGS), JSON-clean."""
-    return {k: v for k, v in args_dict(args).items() if k not in RESUME_NEUTRAL_ARGS}
+    """The flags that define a run (everything but experiment.RESUME_NEUTRAL_ARGS), JSON-clean."""
+    return {k: v for k, v in args_dict(args).items() if k not in experiment.RESUME_NEUTRAL_ARGS}
+
+
+def flags_diff(old: dict, args: argparse.Namespace) -> dict[str, tuple]:
+    """The flags that make `old` (an args.json or a checkpoint's `args`) another run than `args`."""
+    return experiment.flags_diff(old, args_dict(args), args_dict(get_args_parser().parse_args([])))
 
 
 def check_folder_owner(exp_dir: str, args: argparse.Namespace) -> None:
     """Refuse to reuse a folder written by a run with different flags (the same flags resume)."""
-    path = os.path.join(exp_dir, "args.json")
-    if not os.path.exists(path):
-        return
-    with open(path, encoding="utf-8") as f:
-        old = {k: v for k, v in json.load(f).items() if k not in RESUME_NEUTRAL_ARGS}
-    new = config_of(args)
-    diff = {k: (old.get(k), new.get(k)) for k in set(old) | set(new) if old.get(k) != new.get(k)}
+    old = experiment.read_json(os.path.join(exp_dir, "args.json"))
+    diff = flags_diff(old, args) if old is not None else {}
     if diff:
-        raise SystemExit(f"{exp_dir} belongs to another run (flags differ: "
-                         + ", ".join(f"--{k.replace('_', '-')} {a!r} -> {b!r}" for k, (a, b) in sorted(diff.items()))
-                         + "). Use another --name or --output-dir.")
+        raise SystemExit(f"{exp_dir} belongs to another run (flags differ: {experiment.describe_diff(diff)}). "
+                         "Use another --name or --output-dir.")
 
 
-def write_run_files(exp_dir: str, args: argparse.Namespace, commit: str) -> None:
-    os.makedirs(exp_dir, exist_ok=True)
-    with open(os.path.join(exp_dir, "args.json"), "w", encoding="utf-8") as f:
-        json.dump(args_dict(args), f, indent=1)
-    if not os.path.exists(os.path.join(exp_dir, "command.txt")):  # the command that created it (run.sh's, if so)
-        with open(os.path.join(exp_dir, "command.txt"), "w", encoding="utf-8") as f:
-            f.write(shlex.join([sys.executable] + sys.argv) + "\n")
-    with open(os.path.join(exp_dir, "commit.txt"), "w", encoding="utf-8") as f:
-        f.write(commit + "\n")
+def check_folder_free(exp_dir: str, args: argparse.Namespace) -> None:
+    """What a launcher checks before it submits a run to `exp_dir`: no live process holds it, and it is not
+    another run's (`check_folder_owner`)."""
+    holder = experiment.in_use(exp_dir)
+    if holder:
+        raise SystemExit(holder)
+    check_folder_owner(exp_dir, args)
+
+
+def resume_source(exp_dir: str, args: argparse.Namespace) -> str | None:
+    """The checkpoint a run starts from: the folder's own checkpoint.pt when there is one (a restarted or requeued
+    job never goes back in time to a stale --resume), else --resume, else None (a fresh start)."""
+    latest = os.path.join(exp_dir, "checkpoint.pt")
+    return latest if os.path.exists(latest) else args.resume
+
+
+def write_run_record(exp_dir: str, args: argparse.Namespace, commit: str) -> None:
+    """args.json (atomically) and the provenance files, once the model, weights and data have opened: a start
+    that fails before never claims the folder for its flags."""
+    experiment.write_json_atomic(os.path.join(exp_dir, "args.json"), args_dict(args))
+    experiment.record_provenance(exp_dir, commit, shlex.join([sys.executable] + sys.argv))
 
 
 def freeze_vision(model: nn.Module) -> None:
@@ -532,19 +551,17 @@ def setup_logging(exp_dir: str | None, main_process: bool) -> None:
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
 
 
-def init_wandb(args: argparse.Namespace, exp_dir: str, commit: str):
-    """wandb run whose id is the experiment id (a resume continues it); offline without an API key."""
+def init_wandb(args: argparse.Namespace, exp_dir: str, commit: str, run_id: str):
+    """The wandb run `run_id` (resumed when it exists), named after the experiment; offline without an API key."""
     import wandb
 
     mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
-    run_id = os.path.basename(os.path.normpath(exp_dir))
-    for ch in "/\\#?%:":
-        run_id = run_id.replace(ch, "-")
     config = args_dict(args)
     config.update(commit=commit, slurm_job_id=os.environ.get("SLURM_JOB_ID"), world_size=utils.get_world_size())
     tags = list(dict.fromkeys([args.model, args.dataset, *getattr(args, "tags", [])]))
-    run = wandb.init(project=args.wandb_project, id=run_id, name=run_id, resume="allow", dir=exp_dir, mode=mode,
-                     group=getattr(args, "table", None), config=config, tags=tags)
+    run = wandb.init(project=args.wandb_project, id=run_id, name=os.path.basename(os.path.normpath(exp_dir)),
+                     resume="allow", dir=exp_dir, mode=mode, group=getattr(args, "table", None), config=config,
+                     tags=tags)
     run.define_metric("global_step")
     run.define_metric("*", step_metric="global_step")
     return run
@@ -602,9 +619,10 @@ def retrieval_metrics(model, tokenizer, reader, image_size: int, device) -> dict
 
 
 def selection_score(metrics: dict[str, float]) -> float:
-    """The number checkpoint_best.pt maximises: the zero-shot anchor metric of head z (top-1 for most sets,
-    mean per class for pets...), else the mean retrieval recall, else -inf (no validation)."""
-    return metrics.get("score_z", metrics.get("acc1_z", metrics.get("mean_recall", -math.inf)))
+    """The number checkpoint_best.pt maximises: `experiment.headline_metric` (the zero-shot anchor metric of head
+    z, else top-1, else the mean retrieval recall), -inf without one (no validation)."""
+    headline = experiment.headline_metric(metrics)
+    return headline[1] if headline is not None else -math.inf
 
 
 def ctx_image_size(args: argparse.Namespace, spec: models.ModelSpec) -> int:
@@ -614,13 +632,15 @@ def ctx_image_size(args: argparse.Namespace, spec: models.ModelSpec) -> int:
 
 # --------------------------------------------------------------------------- checkpoint
 def checkpoint_payload(model, optimizer, scaler, state: engine.RunState, args, commit: str,
-                       rng_states: list[dict]) -> dict:
-    """What checkpoint.pt holds; `rng` is the list of every rank's RNG states (`utils.gather_rng_states`)."""
+                       rng_states: list[dict], total_steps: int, wandb_id: str | None = None) -> dict:
+    """What checkpoint.pt holds; `rng` is the list of every rank's RNG states (`utils.gather_rng_states`),
+    `metrics` those of the last validation (measured at `metrics_step`), `total_steps` the schedule's end."""
     return {"model": engine.unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict(),
             "epoch": state.epoch, "step": state.step, "step_in_epoch": state.step_in_epoch,
-            "best_metric": state.best_metric, "nonfinite": state.nonfinite,
-            "rng": rng_states, "args": config_of(args), "commit": commit}
+            "total_steps": total_steps, "best_metric": state.best_metric, "nonfinite": state.nonfinite,
+            "metrics": dict(state.metrics), "metrics_step": state.metrics_step,
+            "rng": rng_states, "args": config_of(args), "commit": commit, "wandb_id": wandb_id}
 
 
 def restore_rng(saved: list[dict] | dict, rank: int, world_size: int, seed: int, step: int) -> None:
@@ -637,39 +657,132 @@ def restore_rng(saved: list[dict] | dict, rank: int, world_size: int, seed: int,
     utils.seed_all(utils.rank_seed(seed, rank, step))
 
 
-def restore(path: str, model, optimizer, scaler, state: engine.RunState, args, env: utils.DistEnv) -> None:
-    """Training state from checkpoint `path` (weights strictly, optimizer, scaler, progress, this rank's RNG)."""
+def restore(path: str, model, optimizer, scaler, state: engine.RunState, args, env: utils.DistEnv) -> str | None:
+    """Training state from checkpoint `path` (weights strictly, optimizer, scaler, progress, last validation,
+    this rank's RNG); returns the wandb run id it holds (None before ids were stored). A checkpoint written under
+    other flags (its `args`, compared as args.json is) is refused: it would not be the same run."""
     ckpt = utils.load_checkpoint(path)
     missing = [k for k in ("model", "optimizer", "epoch", "step", "step_in_epoch", "rng") if k not in ckpt]
     if missing:
         raise RuntimeError(f"checkpoint {path!r} lacks the keys {missing}: not a CLIP Lab training checkpoint "
                            "(use --pretrained for bare weights)")
+    diff = flags_diff(ckpt["args"], args) if isinstance(ckpt.get("args"), dict) else {}
+    if diff:
+        raise SystemExit(f"checkpoint {path} was written by a run with other flags ({experiment.describe_diff(diff)}):"
+                         " resuming it would not continue that run; start from its weights with --pretrained instead")
     weights.load_weights_dict(engine.unwrap(model), ckpt["model"], path)
     optimizer.load_state_dict(ckpt["optimizer"])
     scaler.load_state_dict(ckpt["scaler"])
     state.epoch, state.step, state.step_in_epoch = ckpt["epoch"], ckpt["step"], ckpt["step_in_epoch"]
     state.best_metric, state.nonfinite = ckpt["best_metric"], ckpt["nonfinite"]
+    state.metrics, state.metrics_step = dict(ckpt.get("metrics", {})), ckpt.get("metrics_step")
     restore_rng(ckpt["rng"], env.rank, env.world_size, args.seed, state.step)
+    return ckpt.get("wandb_id")
+
+
+# --------------------------------------------------------------------------- lifecycle
+def run_summary(args, state: engine.RunState, total_steps: int, val_name: str | None, commit: str, status: str,
+                reason: str | None, train_time_s: float) -> dict:
+    """summary.json: how the run ended (`status`, `reason`), its progress and the metrics of the last validation
+    that actually ran (`metrics_step`: the step they were measured at)."""
+    return {"status": status, "reason": reason, "model": args.model, "dataset": args.dataset,
+            "val_dataset": val_name, "epoch": state.epoch, "step": state.step, "total_steps": total_steps,
+            "best_metric": state.best_metric if math.isfinite(state.best_metric) else None,
+            "metrics_step": state.metrics_step, "train_time_s": train_time_s, "commit": commit, **state.metrics}
+
+
+def run_epochs(args, state: engine.RunState, total_steps: int, val_name: str | None, dataset, loader,
+               train_epoch, save, validate, run_log: engine.RunLog) -> None:
+    """Epochs from `state` until the schedule's end or --max-steps. `train_epoch(batches, meters)` runs
+    engine.train_one_epoch, `save(is_best)` writes the checkpoint(s), `validate()` evaluates (True: best so far).
+
+    Validation runs every --eval-freq epochs, at the last epoch and at a --max-steps stop (with --eval-freq 0:
+    only at the last epoch), before the checkpoint is written, so the checkpoint holds its metrics."""
+    sampler = loader.sampler
+    while state.epoch < args.epochs and not (args.max_steps and state.step >= args.max_steps):
+        sampler.set_epoch(state.epoch, state.step_in_epoch * args.update_freq)
+        dataset.bad_samples.reset(state.epoch)
+        batches, meters = iter(loader), engine.EpochMeters()
+        try:
+            while (pause := train_epoch(batches, meters)) is engine.Pause.CHECKPOINT_DUE:
+                save(is_best=False)
+        except datasets.TooManyBadSamples as exc:
+            raise SystemExit(f"stopping: {exc}") from None
+        train_stats = meters.epoch_means()
+        if dataset.bad_samples.count:
+            log.warning("epoch %d: %d corrupt sample(s) replaced: %s", state.epoch, dataset.bad_samples.count,
+                        dataset.bad_samples.offenders())
+        stop = bool(args.max_steps and state.step >= args.max_steps)
+        if pause is engine.Pause.EPOCH_END:
+            state.epoch, state.step_in_epoch = state.epoch + 1, 0
+        evaluated = val_name is not None and (
+            state.epoch == args.epochs or (args.eval_freq > 0 and (stop or (
+                pause is engine.Pause.EPOCH_END and state.epoch % args.eval_freq == 0))))
+        is_best = validate() if evaluated else False
+        tests = {f"test_{k}": v for k, v in state.metrics.items()} if evaluated else {}
+        if pause is engine.Pause.EPOCH_END:
+            run_log.write({"type": "epoch", "epoch": state.epoch, "global_step": state.step,
+                           **{f"train_{k}": v for k, v in train_stats.items()}, **tests})
+        elif tests:  # a --max-steps stop mid-epoch
+            run_log.write({"type": "eval", "epoch": state.epoch, "global_step": state.step, **tests})
+        save(is_best)
+    if state.step >= total_steps and val_name is not None and state.metrics_step != state.step:
+        save(validate())  # resumed at the schedule's end from a checkpoint whose validation never ran
+
+
+@contextlib.contextmanager
+def owned_folder(exp_dir: str, args: argparse.Namespace, env: utils.DistEnv):
+    """Rank 0 holds the folder's lock for the block (taken before anything is written there) and checks that the
+    folder is this run's; every rank learns whether that worked, so a refused start ends all ranks at once."""
+    lock, refusal = None, None
+    if env.rank == 0:
+        try:
+            lock = experiment.FolderLock(exp_dir).acquire()
+            check_folder_owner(exp_dir, args)
+        except SystemExit as exc:
+            refusal = exc
+    if not utils.all_ranks_true(refusal is None):
+        if lock is not None:
+            lock.release()
+        raise refusal or SystemExit(f"{exp_dir}: rank 0 refused to start (see its message)")
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 # --------------------------------------------------------------------------- main
 def main(args: argparse.Namespace | list[str] | None = None) -> dict:
-    """Train (or evaluate) as the flags say; returns the summary dict also written to summary.json."""
+    """Train (or evaluate) as the flags say; returns the summary dict also written to summary.json. A finished
+    experiment is left as it is: its summary is returned and `already finished: <folder> (<metric>)` printed."""
     args = parse_args(args) if not isinstance(args, argparse.Namespace) else args
     if args.list_models is not None:
         print("\n".join(models.list_models(args.list_models)))
         return {}
-    env = utils.init_distributed(args.device)
-    spec = models.parse_model_name(args.model)
     exp_dir = experiment_dir(args)
+    done = experiment.finished_summary(exp_dir)
+    if done is not None:  # checked by every rank, before any process group or lock: nothing is touched
+        if (utils.detect_launch_env() or (0,))[0] == 0:
+            print(f"already finished: {exp_dir} ({experiment.describe_result(done)})", flush=True)
+        return done
+    env = utils.init_distributed(args.device)
+    try:
+        with owned_folder(exp_dir, args, env):
+            return train(args, env, exp_dir)
+    finally:
+        if env.distributed and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def train(args: argparse.Namespace, env: utils.DistEnv, exp_dir: str) -> dict:
+    """The run itself, on a folder this process owns: set-up, resume, the epochs, validation, checkpoints and
+    summary.json (also when an exception ends the run once the folder holds its args.json)."""
+    spec = models.parse_model_name(args.model)
     main_process = env.rank == 0
     commit = utils.git_commit()
-    # the folder's own latest checkpoint wins over --resume: a restarted job must never go back in time
-    latest = os.path.join(exp_dir, "checkpoint.pt")
-    resume_path = latest if os.path.exists(latest) else args.resume
     if main_process:
-        check_folder_owner(exp_dir, args)
-        write_run_files(exp_dir, args, commit)
+        experiment.remove_stale_temporaries(exp_dir)
     setup_logging(exp_dir, main_process)
     utils.seed_all(args.seed)
 
@@ -707,9 +820,12 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
     optimizer = torch.optim.AdamW(param_groups(model, args.wd), lr=args.lr, betas=tuple(args.betas), eps=args.eps)
     scaler = torch.amp.GradScaler(env.device.type, enabled=args.precision == "fp16")
     state = engine.RunState()
+    resume_path, stored_wandb_id = resume_source(exp_dir, args), None
     if resume_path:
-        restore(resume_path, model, optimizer, scaler, state, args, env)
+        stored_wandb_id = restore(resume_path, model, optimizer, scaler, state, args, env)
         log.info("resumed from %s at epoch %d, step %d", resume_path, state.epoch, state.step)
+        if resume_path != os.path.join(exp_dir, "checkpoint.pt"):
+            stored_wandb_id = None  # another experiment's wandb run
     if env.distributed and env.device.type == "cuda":  # projector BN over the global batch (parameters kept)
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if args.compile:  # in place: state_dict keys, hooks and checkpoints stay those of the eager module
@@ -717,17 +833,31 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
     ddp_model = DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None) \
         if env.distributed else model
     criterion = build_criterion(spec, args, env)
-
-    wandb_run = init_wandb(args, exp_dir, commit) if args.wandb and main_process else None
+    if main_process:  # everything opened: from here on the folder is this run's record
+        write_run_record(exp_dir, args, commit)
+    wandb_id = experiment.wandb_run_id(exp_dir, stored_wandb_id) if args.wandb and main_process else stored_wandb_id
+    wandb_run = init_wandb(args, exp_dir, commit, wandb_id) if args.wandb and main_process else None
     run_log = engine.RunLog(os.path.join(exp_dir, "log.txt") if main_process else None, wandb_run)
 
     def save(is_best: bool) -> None:  # called on every rank: the RNG states are gathered
         rng_states = utils.gather_rng_states()
         if main_process:
-            payload = checkpoint_payload(model, optimizer, scaler, state, args, commit, rng_states)
+            payload = checkpoint_payload(model, optimizer, scaler, state, args, commit, rng_states, total_steps,
+                                         wandb_id)
             utils.save_atomic(payload, os.path.join(exp_dir, "checkpoint.pt"))
             if is_best:
                 utils.save_atomic(payload, os.path.join(exp_dir, "checkpoint_best.pt"))
+
+    def validate() -> bool:
+        """Rank 0 evaluates (state.metrics, best score); True when this is the best checkpoint so far."""
+        state.metrics = evaluate(model, spec, tokenizer, args, env.device, val_name, val_reader) \
+            if main_process else {}
+        state.metrics_step = state.step
+        score = selection_score(state.metrics)
+        is_best, state.best_metric = score > state.best_metric, max(state.best_metric, score)
+        log.info("epoch %d step %d eval on %s: %s", state.epoch, state.step, val_name,
+                 " ".join(f"{k} {v:.2f}" for k, v in state.metrics.items()))
+        return is_best
 
     loop = engine.LoopConfig(
         step=engine.StepConfig.from_args(args, env.device), update_freq=args.update_freq, batch_size=args.batch_size,
@@ -738,56 +868,38 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
              args.model, sum(p.numel() for p in model.parameters()) / 1e6, steps_per_epoch, loop.global_batch,
              env.world_size, env.device, val_name or "nothing (--val-dataset none)")
 
-    def validate() -> dict[str, float]:
-        if not main_process or val_name is None:
-            return {}
-        return evaluate(model, spec, tokenizer, args, env.device, val_name, val_reader)
+    def train_epoch(batches, meters: engine.EpochMeters) -> engine.Pause:
+        return engine.train_one_epoch(ddp_model, criterion, batches, optimizer, scaler, lr_schedule, state, loop,
+                                      meters, run_log)
 
-    metrics: dict[str, float] = {}
+    def end(status: str, reason: str | None) -> dict:
+        summary = run_summary(args, state, total_steps, val_name, commit, status, reason, time.time() - t0)
+        if main_process:
+            experiment.write_json_atomic(os.path.join(exp_dir, "summary.json"), summary)
+            log.info("summary: %s", json.dumps(summary))
+        if wandb_run is not None:
+            wandb_run.summary.update({"status": status, "reason": reason})
+        return summary
+
     t0 = time.time()
-    if args.evaluate:
-        metrics = validate()
-    while not args.evaluate and state.epoch < args.epochs and not (args.max_steps and state.step >= args.max_steps):
-        sampler.set_epoch(state.epoch, state.step_in_epoch * args.update_freq)
-        dataset.bad_samples.reset(state.epoch)
-        batches, meters = iter(loader), engine.EpochMeters()
-        try:
-            while (pause := engine.train_one_epoch(ddp_model, criterion, batches, optimizer, scaler, lr_schedule,
-                                                   state, loop, meters, run_log)) is engine.Pause.CHECKPOINT_DUE:
-                save(is_best=False)
-        except datasets.TooManyBadSamples as exc:
-            raise SystemExit(f"stopping: {exc}") from None
-        train_stats = meters.epoch_means()
-        if dataset.bad_samples.count:
-            log.warning("epoch %d: %d corrupt sample(s) replaced: %s", state.epoch, dataset.bad_samples.count,
-                        dataset.bad_samples.offenders())
-        if pause is engine.Pause.MAX_STEPS:  # stopped by --max-steps mid-epoch
-            save(is_best=False)
-            break
-        state.epoch, state.step_in_epoch = state.epoch + 1, 0
-        is_best = False
-        if val_name is not None and (state.epoch % args.eval_freq == 0 or state.epoch == args.epochs):
-            metrics = validate()
-            score = selection_score(metrics)
-            is_best = score > state.best_metric
-            state.best_metric = max(state.best_metric, score)
-            log.info("epoch %d eval on %s: %s", state.epoch, val_name,
-                     " ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
-        run_log.write({"type": "epoch", "epoch": state.epoch, "global_step": state.step,
-                       **{f"train_{k}": v for k, v in train_stats.items()},
-                       **{f"test_{k}": v for k, v in metrics.items()}})
-        save(is_best)
-    summary = {"model": args.model, "dataset": args.dataset, "val_dataset": val_name, "epoch": state.epoch,
-               "step": state.step, "best_metric": state.best_metric if math.isfinite(state.best_metric) else None,
-               "train_time_s": time.time() - t0, "commit": commit, **metrics}
-    if main_process:
-        with open(os.path.join(exp_dir, "summary.json"), "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=1)
-        log.info("summary: %s", json.dumps(summary))
+    try:
+        if args.evaluate:
+            validate()
+        else:
+            run_epochs(args, state, total_steps, val_name, dataset, loader, train_epoch, save, validate, run_log)
+    except BaseException as exc:
+        status, reason = experiment.end_status(exc)
+        if main_process:
+            try:
+                end(status, reason)
+            except Exception as write_error:  # e.g. the disk that failed the checkpoint: keep the first error
+                log.error("could not write %s/summary.json: %s", exp_dir, write_error)
+        if wandb_run is not None:
+            wandb_run.finish(exit_code=1)
+        raise
+    summary = end(*experiment.completed_status(state.step, total_steps, args.evaluate, args.max_steps))
     if wandb_run is not None:
         wandb_run.finish()
-    if env.distributed:
-        torch.distributed.destroy_process_group()
     return summary
 
 

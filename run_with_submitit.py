@@ -14,11 +14,13 @@ import argparse
 import json
 import logging
 import os
+import subprocess
 import sys
 import time
 
 import submitit
 
+import experiment
 import main
 
 log = logging.getLogger("clip_lab.launch")
@@ -64,10 +66,19 @@ def get_args_parser() -> argparse.ArgumentParser:
 LAUNCHER_KEYS = frozenset(a.dest for a in launcher_parser()._actions)
 
 
+# launcher flags whose values reach the sbatch script (or, --job-dir, file names)
+SCRIPT_FLAGS = ("comment", "partition", "constraint", "account", "qos", "job_dir")
+
+
 def split_argv(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    """(launcher flags, main.py argv) from one command line; main flags are validated by main.parse_args."""
+    """(launcher flags, main.py argv) from one command line; main flags are validated by main.parse_args.
+    A control character in a value that reaches the sbatch script fails here, naming the flag."""
     get_args_parser().parse_args(argv)  # unknown flags and bad values fail here, with the full usage
     launcher, rest = launcher_parser().parse_known_args(argv)
+    for dest in SCRIPT_FLAGS:
+        error = experiment.control_character_error("--" + dest.replace("_", "-"), getattr(launcher, dest))
+        if error:
+            raise SystemExit(error)
     return launcher, rest
 
 
@@ -89,13 +100,10 @@ class Trainer(submitit.helpers.Checkpointable):
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         args = main.parse_args(self.argv)
         exp_dir = main.experiment_dir(args)
-        latest = os.path.join(exp_dir, "checkpoint.pt")
-        if os.path.exists(latest) and args.resume:  # a requeue continues from the latest, not from --resume
-            args.resume = None
         if env.global_rank == 0:
             os.makedirs(exp_dir, exist_ok=True)
             record_event(exp_dir, "start", job_id=env.job_id, tasks=env.num_tasks, nodes=env.num_nodes,
-                         resume_from=latest if os.path.exists(latest) else args.resume)
+                         resume_from=main.resume_source(exp_dir, args))
         import torch.distributed as dist
 
         try:
@@ -108,7 +116,9 @@ class Trainer(submitit.helpers.Checkpointable):
         return summary
 
     def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
-        """Called by submitit on rank 0 in the USR2 handler: requeue the same flags (resume is resolved later)."""
+        """Called by submitit on rank 0 in the USR2 handler: requeue the same flags (resume is resolved later). The
+        run's summary then says `stopped` (experiment.PREEMPTED), not `failed`, when submitit exits the process."""
+        experiment.PREEMPTED.set()
         log.warning("preempted or timed out: requeueing %s", " ".join(self.argv[:4]))
         return submitit.helpers.DelayedSubmission(Trainer(self.argv))
 
@@ -140,31 +150,59 @@ def executor_parameters(la: argparse.Namespace, name: str) -> dict:
     return params
 
 
-def make_executor(la: argparse.Namespace, folder: str, name: str) -> submitit.AutoExecutor:
-    cluster = la.cluster or (None if submitit.AutoExecutor.which() == "slurm" else "local")
-    executor = submitit.AutoExecutor(folder=folder, cluster=cluster, slurm_max_num_timeout=MAX_NUM_TIMEOUT)
-    params = executor_parameters(la, name)
-    if executor.cluster != "slurm":
-        params = {k: v for k, v in params.items() if not k.startswith("slurm_")}
-    executor.update_parameters(**params)
+def cluster_of(la: argparse.Namespace) -> str:
+    """--cluster, else slurm where sbatch exists, else local."""
+    return la.cluster or ("slurm" if submitit.AutoExecutor.which() == "slurm" else "local")
+
+
+def make_executor(la: argparse.Namespace, folder: str, name: str) -> submitit.Executor:
+    """The executor of `cluster_of(la)`: on Slurm `slurm_executor` (the one --dry-run prints the script of)."""
+    if cluster_of(la) == "slurm":
+        return slurm_executor(la, folder, name)
+    executor = submitit.AutoExecutor(folder=folder, cluster=cluster_of(la))
+    executor.update_parameters(**{k: v for k, v in executor_parameters(la, name).items() if not k.startswith("slurm_")})
     return executor
 
 
-def sbatch_text(la: argparse.Namespace, folder: str, name: str, python: str = sys.executable,
-                array_size: int | None = None) -> str:
-    """The sbatch script Slurm would get for these flags, made without submitting (for --dry-run and the golden
-    test); the same translation as submitit's AutoExecutor -> SlurmExecutor."""
-    from submitit.slurm import slurm
+class ScriptWriter(submitit.SlurmExecutor):
+    """submitit's Slurm executor on a machine without Slurm, used only to write sbatch scripts (--dry-run)."""
 
-    rename = submitit.SlurmExecutor._equivalence_dict()
-    params = {}
-    for key, value in executor_parameters(la, name).items():
-        key = key.removeprefix("slurm_") if key.startswith("slurm_") else rename[key]
-        params[key] = slurm._convert_mem(value) if key == "mem" else value
-    command = f"{python} -u -m submitit.core._submit {folder}"
-    if array_size and array_size > 1:
-        params["map_count"] = array_size
-    return slurm._make_sbatch_string(command=command, folder=folder, **params)
+    @classmethod
+    def affinity(cls) -> int:
+        return 1
+
+
+def slurm_executor(la: argparse.Namespace, folder: str, name: str, executor_class=submitit.SlurmExecutor,
+                   python: str | None = None) -> submitit.SlurmExecutor:
+    """A SlurmExecutor with the launcher flags, translated as submitit's AutoExecutor does (generic keywords through
+    `_convert_parameters`, `slurm_*` ones unprefixed); `python`: the job's interpreter (default this one)."""
+    executor = executor_class(folder, max_num_timeout=MAX_NUM_TIMEOUT, python=python)
+    params = executor_parameters(la, name)
+    converted = executor._convert_parameters({k: v for k, v in params.items() if not k.startswith("slurm_")})
+    converted.update({k.removeprefix("slurm_"): v for k, v in params.items() if k.startswith("slurm_")})
+    executor.update_parameters(**converted)
+    return executor
+
+
+def sbatch_text(la: argparse.Namespace, folder: str, name: str, python: str | None = None,
+                array_size: int | None = None) -> str:
+    """The sbatch script a submission of these flags writes, made without submitting (for --dry-run and the golden
+    test) by submitit's own code: the executor of a real submission, its command and its script text."""
+    executor = slurm_executor(la, folder, name, ScriptWriter, python)
+    if array_size and array_size > 1:  # as SlurmExecutor._internal_process_submissions does for a job array
+        executor.parameters["map_count"] = array_size
+    return executor._make_submission_file_text(executor._submitit_command_str, uid="")
+
+
+def name_array_tasks(jobs: list, names: list[str]) -> None:
+    """Give each task of a job array its experiment's name (`scontrol update`; the array's script names only the
+    first), so `squeue`/`sacct` show what runs. A failure only warns: the jobs run anyway."""
+    for job, name in zip(jobs[1:], names[1:]):
+        try:
+            subprocess.run(["scontrol", "update", f"JobId={job.job_id}", f"JobName={name}"], check=True,
+                           capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError) as exc:
+            log.warning("could not name job %s %r: %s", job.job_id, name, getattr(exc, "stderr", None) or exc)
 
 
 def prepare(argv: list[str]) -> dict:
@@ -181,20 +219,25 @@ def prepare(argv: list[str]) -> dict:
 def launch(argvs: list[list[str]], dry_run: bool = False) -> list[dict]:
     """Submit one job per command line (several = one Slurm job array); returns [{name, exp_dir, job_id, ...}].
 
-    Launcher flags must be the same for all lines of an array. Raises SystemExit with Slurm's message when the
-    submission fails, and when an experiment folder belongs to a run with other flags.
+    Launcher flags must be the same for all lines of an array. Each job (each task of an array) is named after its
+    experiment. Finished experiments are skipped (logged). Raises SystemExit with Slurm's message when the
+    submission fails, and when an experiment folder belongs to a run with other flags or is in use.
     """
     exps = [prepare(argv) for argv in argvs]
     la = exps[0]["launcher"]
     if any(vars(e["launcher"]) != vars(la) for e in exps):
         raise SystemExit("a job array needs the same launcher flags on every line (sweep only main.py flags)")
     for e in exps:
-        main.check_folder_owner(e["exp_dir"], e["args"])
+        main.check_folder_free(e["exp_dir"], e["args"])
+    for e in [e for e in exps if experiment.finished_summary(e["exp_dir"]) is not None]:
+        log.info("already finished, not submitted: %s", e["exp_dir"])
+        exps.remove(e)
+    if not exps:
+        return []
     root = os.path.dirname(exps[0]["exp_dir"])
     default_dir = os.path.join(exps[0]["exp_dir"] if len(exps) == 1 else root, "submitit", "%j")
     folder = os.path.abspath(la.job_dir or default_dir)
-    prefix = os.path.commonprefix([e["name"] for e in exps]).rstrip("_-")
-    name = exps[0]["name"] if len(exps) == 1 else prefix or "sweep"
+    name = exps[0]["name"]  # a job array's script names its first task; name_array_tasks renames the others
     if dry_run:
         for e in exps:
             log.info("experiment %s\n  folder: %s\n  main.py %s", e["name"], e["exp_dir"], " ".join(e["argv"]))
@@ -210,16 +253,19 @@ def launch(argvs: list[list[str]], dry_run: bool = False) -> list[dict]:
                 jobs = [executor.submit(Trainer(e["argv"])) for e in exps]
     except Exception as exc:  # submitit wraps sbatch's stderr in FailedJobError / CalledProcessError
         raise SystemExit(f"submission failed: {exc}") from exc
+    cluster = cluster_of(la)
+    if cluster == "slurm" and len(jobs) > 1:
+        name_array_tasks(jobs, [e["name"] for e in exps])
     out = []
     for e, job in zip(exps, jobs):
         os.makedirs(e["exp_dir"], exist_ok=True)
-        info = {"name": e["name"], "exp_dir": e["exp_dir"], "job_id": str(job.job_id), "cluster": executor.cluster,
+        info = {"name": e["name"], "exp_dir": e["exp_dir"], "job_id": str(job.job_id), "cluster": cluster,
                 "submitit_folder": str(job.paths.folder), "stdout": str(job.paths.stdout),
                 "stderr": str(job.paths.stderr), "time": time.time()}
         with open(os.path.join(e["exp_dir"], "jobs.jsonl"), "a", encoding="utf-8") as f:
             f.write(json.dumps(info) + "\n")
         log.info("submitted job %s (%s)\n  experiment: %s\n  stdout: %s\n  stderr: %s", info["job_id"],
-                 executor.cluster, e["exp_dir"], info["stdout"], info["stderr"])
+                 cluster, e["exp_dir"], info["stdout"], info["stderr"])
         out.append({**info, "job": job})
     return out
 

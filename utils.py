@@ -3,7 +3,7 @@
 What belongs here and nothing else:
 - the device and autocast rules (`resolve_device`, `autocast`);
 - distributed set-up and queries (`init_distributed`, `get_rank`, `get_world_size`,
-  `all_gather_with_grad`, `ring_shift_with_grad`, `all_reduce_mean`, `all_ranks_true`);
+  `all_gather_with_grad`, `ring_shift_with_grad`, `all_reduce_means`, `all_ranks_true`);
 - checkpoint I/O (`save_atomic`, `load_checkpoint`, RNG state capture/restore);
 - meters (`SmoothedValue`) and the git commit lookup.
 Model, loss, data and training code live in their own files.
@@ -16,12 +16,13 @@ import logging
 import os
 import random
 import subprocess
-import tempfile
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+import experiment
 
 log = logging.getLogger("clip_lab")
 
@@ -176,13 +177,15 @@ def _collective_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
-def all_reduce_mean(value: float) -> float:
-    """Average a Python number over ranks (for logging)."""
+def all_reduce_means(values: dict[str, float]) -> dict[str, float]:
+    """Each value averaged over ranks, in one all-reduce (every rank passes the same keys)."""
     if get_world_size() == 1:
-        return float(value)
-    t = torch.tensor([float(value)], dtype=torch.float64, device=_collective_device())
+        return {k: float(v) for k, v in values.items()}
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=_collective_device())
     dist.all_reduce(t)
-    return float(t.item()) / get_world_size()
+    reduced = dict(zip(keys, (t / get_world_size()).tolist()))
+    return {k: reduced[k] for k in values}  # the caller's order
 
 
 def all_ranks_true(flag: bool) -> bool:
@@ -196,16 +199,11 @@ def all_ranks_true(flag: bool) -> bool:
 
 # --------------------------------------------------------------------------- checkpoint I/O
 def save_atomic(obj: dict, path: str) -> None:
-    """torch.save to a temporary file in the same folder, then os.replace: never a half file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".pt", dir=folder)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """torch.save through `experiment.atomic_file` (temporary file + `os.replace`, never a half file; a full disk
+    raises "No space left on device while writing <path>"), through a Python file object so that torch's write
+    error keeps the file's errno."""
+    with experiment.atomic_file(path) as f:
+        torch.save(obj, f)
 
 
 def load_checkpoint(path: str) -> dict:

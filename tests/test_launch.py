@@ -305,21 +305,23 @@ def test_report_tables_plots_and_wandb_offline(tmp_path):
     assert "1/2 (missing)" in lines[1] and f"{accs[2]:.2f} ({accs[2] - mean0:+.2f})" in lines[1]
     assert "0/2 (missing)" in lines[2] and "missing" in lines[2].split("|")[3]
     csv_text = report.main(["--root", str(root), "--exps", str(repro), "--format", "csv"])
-    assert csv_text.splitlines()[0].startswith("table,experiment,done,runs,status")
+    assert csv_text.splitlines()[0].startswith("table,experiment,baseline,done,runs,status")
     assert "\\begin{tabular}" in report.main(["--root", str(root), "--exps", str(repro), "--format", "latex"])
-    for png in ("ls_curves.png", "ls_bar.png"):
+    for png in ("ls_curves.png", "ls_final.png"):
         with open(tmp_path / "plots" / png, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     # (without the repro file the table comes from args.json's "table")
     assert "| LS_label-smoothing0.1 |" in report.main(["--root", str(root), "--exps", str(tmp_path / "none")])
 
-    # wandb offline: id = experiment name, group = table, tags, full config + commit, global_step axis
+    # wandb offline: the experiment's stored id, name = experiment name, group = table, tags, full config + commit,
+    # global_step axis
     exp = root / "LS_label-smoothing0.0_seed0"
+    run_id = (exp / "wandb_id.txt").read_text().strip()
     files = sorted(glob.glob(str(exp / "wandb" / "offline-run-*" / "run-*.wandb")))
-    assert len(files) == 1
+    assert len(files) == 1 and files[0].endswith(f"-{run_id}/run-{run_id}.wandb")
     recs = read_wandb_offline(files[0])
     run = next(r.run for r in recs if r.WhichOneof("record_type") == "run")
-    assert run.run_id == exp.name and run.display_name == exp.name and run.run_group == "ls"
+    assert run.run_id == run_id and run.display_name == exp.name and run.run_group == "ls"
     assert {"CLIP_VITT16_CLIP", "synthetic", "x y"} <= set(run.tags)
     config = {c.key: json.loads(c.value_json) for c in run.config.update}
     assert config["commit"] == json.loads((exp / "summary.json").read_text())["commit"]
@@ -420,11 +422,12 @@ def test_slurm_requeued_job_resumes_to_the_same_parameters(slurm_runs):
     assert a["step"] == b["step"] == 12
     for key, value in a["model"].items():
         assert torch.allclose(value.float(), b["model"][key].float(), atol=1e-6), key
-    # the requeued attempt logged to the same wandb run id, continuing the global_step axis
-    files = sorted(glob.glob(os.path.join(b_dir, "wandb", "offline-run-*", "run-B.wandb")))
+    # the requeued attempt logged to the same wandb run id (the one stored in the folder), continuing global_step
+    run_id = open(os.path.join(b_dir, "wandb_id.txt"), encoding="utf-8").read().strip()
+    files = sorted(glob.glob(os.path.join(b_dir, "wandb", "offline-run-*", f"run-{run_id}.wandb")))
     assert len(files) == 2
     second = read_wandb_offline(files[1])
-    assert next(r.run for r in second if r.WhichOneof("record_type") == "run").run_id == "B"
+    assert next(r.run for r in second if r.WhichOneof("record_type") == "run").run_id == run_id
     steps = [h["global_step"] for h in wandb_history(second) if "global_step" in h]
     assert steps[0] > 1 and steps[-1] == 12
 

@@ -149,8 +149,8 @@ def test_two_process_gloo_equals_one_process_double_batch(tmp_path):
     ddp, single = load(tmp_path / "ddp" / "checkpoint.pt"), load(tmp_path / "single" / "checkpoint.pt")
     assert_grads_close(ddp, single)
     assert_same_tensors(ddp["model"], single["model"], atol=1e-5)
-    log_lines = [json.loads(line) for line in open(tmp_path / "ddp" / "log.txt", encoding="utf-8")]
-    assert log_lines[-1]["global_step"] == 1 and log_lines[-1]["samples_per_s"] > 0
+    train = [r for r in log_records(tmp_path / "ddp" / "log.txt") if r["type"] == "train"]
+    assert train[-1]["global_step"] == 1 and train[-1]["samples_per_s"] > 0
 
 
 def test_two_process_gloo_with_exact_accumulation_equals_one_process(tmp_path):
@@ -182,6 +182,38 @@ def test_two_process_chunked_siglip_with_exact_accumulation_equals_one_process(t
     assert_same_tensors(ring["model"], single["model"], atol=2e-5)
 
 
+def log_records(path) -> list[dict]:
+    return [json.loads(line) for line in open(path, encoding="utf-8")]
+
+
+def test_logged_loss_is_the_global_batch_value_on_any_number_of_ranks(tmp_path):
+    """The loss (and its parts) in log.txt is the global batch's: 1 process x 8 and 2 gloo ranks x 4 log the same
+    numbers (today rank 0's half: 2.1395 vs 2.2474 for the same weights and data)."""
+    base = TINY_RUN + ["--output-dir", str(tmp_path), "--max-steps", "2", "--warmup-epochs", "0", "--eps", EPS,
+                       "--device", "cpu", "--eval-freq", "0"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    run_subprocess(flag(base, "--batch-size", "4") + ["--name", "ddp"], launcher=torchrun)
+    main.main(flag(base, "--batch-size", "8") + ["--name", "single"])
+    ddp, single = ([r for r in log_records(tmp_path / n / "log.txt") if r["type"] == "train"]
+                   for n in ("ddp", "single"))
+    assert [r["global_step"] for r in ddp] == [r["global_step"] for r in single] == [1, 2]
+    for a, b in zip(ddp, single):
+        for key in ("loss", "clip_loss", "clip_acc"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5), (a["global_step"], key)
+
+
+def test_eval_freq_does_not_change_the_trained_weights(tmp_path):
+    """Validation must not draw from the training run's RNG: the Chinese tower's dropout masks (BERT-tiny) are the
+    same whether the digits zero-shot validation runs after every epoch or every second one."""
+    base = flag(TINY_CN, "--batch-size", "64") + ["--epochs", "2", "--output-dir", str(tmp_path), "--val-dataset",
+                                                  "digits"]
+    main.main(base + ["--name", "every", "--eval-freq", "1"])
+    main.main(base + ["--name", "second", "--eval-freq", "2"])
+    every, second = load(tmp_path / "every" / "checkpoint.pt"), load(tmp_path / "second" / "checkpoint.pt")
+    assert every["step"] == second["step"] == 8
+    assert_same_tensors(every["model"], second["model"], atol=0)
+
+
 # --------------------------------------------------------------------------- resume
 @pytest.mark.slow
 @pytest.mark.parametrize("model,dataset,extra", [("CLIP_VITT16_CLIP", "synthetic", []),
@@ -205,7 +237,7 @@ def test_resume_after_process_exit_is_identical(tmp_path, model, dataset, extra)
     assert_same_tensors(resumed["model"], straight["model"], atol=1e-6)
     for a, b in zip(grads_of(resumed), grads_of(straight)):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
-    steps = [json.loads(line)["global_step"] for line in open(tmp_path / "resumed" / "log.txt", encoding="utf-8")]
+    steps = [r["global_step"] for r in log_records(tmp_path / "resumed" / "log.txt") if r["type"] == "train"]
     assert steps == list(range(1, 9))  # the resumed run continued the log where it stopped
 
 
@@ -513,12 +545,40 @@ def test_a_set_without_class_names_gets_retrieval_metrics_only(muge_sample_root,
 
 
 # --------------------------------------------------------------------------- wandb
-def test_wandb_offline_run_lives_in_the_experiment_folder(tiny_run_args, tmp_path, monkeypatch):
+def offline_runs(exp) -> list[tuple[str, str]]:
+    """(run id, display name) of every offline wandb run in an experiment folder, oldest first."""
+    from test_launch import read_wandb_offline
+
+    out = []
+    for folder in sorted(glob.glob(str(exp / "wandb" / "offline-run-*"))):
+        records = read_wandb_offline(glob.glob(os.path.join(folder, "run-*.wandb"))[0])
+        run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
+        assert folder.endswith("-" + run.run_id)
+        out.append((run.run_id, run.display_name))
+    return out
+
+
+def test_wandb_run_id_is_unique_per_experiment_and_kept_on_resume(tiny_run_args, tmp_path, monkeypatch):
+    """Real wandb, offline. The id is generated once per experiment and stored in the folder (and checkpoint):
+    the same name under two output roots, or `a:b` vs `a-b`, are two wandb runs (today they merged into one, the
+    id being the folder's basename); a resume continues the run; the display name is the experiment name."""
     monkeypatch.setenv("WANDB_MODE", "offline")
-    main.main(tiny_run_args + ["--name", "wb", "--max-steps", "2", "--wandb"])
-    runs = glob.glob(str(tmp_path / "experiments" / "wb" / "wandb" / "offline-run-*"))
-    assert len(runs) == 1 and runs[0].endswith("-wb")  # wandb run id = experiment name
-    assert glob.glob(os.path.join(runs[0], "run-wb.wandb"))
+    one, two = tmp_path / "root1", tmp_path / "root2"
+    for root, name in ((one, "wb"), (two, "wb"), (one, "a:b"), (one, "a-b")):
+        main.main(flag(TINY_RUN, "--output-dir", str(root)) + ["--name", name, "--max-steps", "1", "--wandb",
+                                                               "--eval-freq", "0"])
+    runs = {(str(root), name): offline_runs(root / name) for root, name in ((one, "wb"), (two, "wb"), (one, "a:b"),
+                                                                           (one, "a-b"))}
+    assert len({run_id for (run_id, _), in runs.values()}) == 4  # four experiments, four wandb runs
+    ids = {}
+    for (root, name), ((run_id, display),) in runs.items():
+        assert display == name
+        assert open(os.path.join(root, name, "wandb_id.txt"), encoding="utf-8").read().strip() == run_id
+        assert load(os.path.join(root, name, "checkpoint.pt"))["wandb_id"] == run_id
+        ids[(root, name)] = run_id
+    main.main(flag(TINY_RUN, "--output-dir", str(one)) + ["--name", "wb", "--max-steps", "2", "--wandb",
+                                                          "--eval-freq", "0"])
+    assert offline_runs(one / "wb") == [(ids[(str(one), "wb")], "wb")] * 2  # the resume continued the run
 
 
 # --------------------------------------------------------------------------- the embedded default learns
