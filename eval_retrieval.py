@@ -3,7 +3,7 @@
 A query is a hit at K when any of its ground-truth items is among its K most similar gallery items;
 R@K is the percent of queries that hit, and the mean recall (MR) averages R@1/5/10.
 
-Command line (file formats identical to Chinese-CLIP's, reference/chinese_clip.md §6):
+Command line (file formats of OFA-Sys/Chinese-CLIP cn_clip/eval/*.py, commit 31863c7):
 
     python eval_retrieval.py extract --resume CKPT|--pretrained W --image-data DIR_OR_TSV --text-data X.jsonl \
         --output-dir OUT [--jsonl] [--precision fp32|bf16|fp16] [-j WORKERS]
@@ -742,4 +742,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

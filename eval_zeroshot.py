@@ -6,10 +6,10 @@ each synonym when labels.json lists several), L2-normalise each, average them, L
 
     python eval_zeroshot.py --resume CKPT [--pretrained W] [--datasets imagenet,cifar10] [--output-dir DIR]
 
-Metric per dataset as SLIP/clip-rocket report it (reference/clip_rocket.md §8): mean per-class accuracy for
-aircraft, pets, caltech101 and flowers; ROC-AUC of sim[:,1]-sim[:,0] for hateful_memes; (top-1+top-5)/2
-for kinetics700_frames; top-1 otherwise (a catalog entry's "metric" key overrides); top-1/top-5 are reported
-for every dataset too (Chinese-CLIP's ELEVATER table is top-1).
+Metric per dataset as SLIP/clip-rocket report it (facebookresearch/clip-rocket eval_zeroshot.py, commit ebd9e58):
+mean per-class accuracy for aircraft, pets, caltech101 and flowers; ROC-AUC of sim[:,1]-sim[:,0] for
+hateful_memes; (top-1+top-5)/2 for kinetics700_frames; top-1 otherwise (a catalog entry's "metric" key
+overrides); top-1/top-5 are reported for every dataset too (Chinese-CLIP's ELEVATER table is top-1).
 
 Class names and templates, for a model of language L (the first that exists):
   zh: labels.json `<key>-zh` with templates.json `<key>-zh`;
