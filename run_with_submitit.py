@@ -61,9 +61,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     return argparse.ArgumentParser("CLIP Lab submitit launcher", parents=[main.get_args_parser(), launcher_parser()])
 
 
-LAUNCHER_KEYS = frozenset(a.dest for a in launcher_parser()._actions)
-
-
 def split_argv(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """(launcher flags, main.py argv) from one command line; main flags are validated by main.parse_args."""
     get_args_parser().parse_args(argv)  # unknown flags and bad values fail here, with the full usage
