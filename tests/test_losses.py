@@ -1,4 +1,4 @@
-"""losses.contrastive_loss / ClipLoss against a naive float64 loop reference, plus invariants."""
+"""losses.contrastive_loss / CLIPLoss against a naive float64 loop reference, plus invariants."""
 import math
 
 import pytest
@@ -85,15 +85,15 @@ def test_local_loss_layout_halves_average_to_full_loss_and_gradient():
 
 
 def test_clip_loss_module_uses_gather_and_rank_offset():
-    """ClipLoss(rank=1) with a gather that prepends another rank's rows equals the second half of the layout."""
+    """CLIPLoss(rank=1) with a gather that prepends another rank's rows equals the second half of the layout."""
     B = 4
     img, txt = unit(2 * B, 8, 7).float(), unit(2 * B, 8, 8).float()
-    other_rank = iter([img[:B], txt[:B]])  # ClipLoss gathers the image features, then the text features
+    other_rank = iter([img[:B], txt[:B]])  # CLIPLoss gathers the image features, then the text features
 
     def gather(t):  # rank 1 holds rows B..2B; the other rank holds rows 0..B
         return torch.cat([next(other_rank), t])
 
-    crit = losses.ClipLoss(gather, rank=1, label_smoothing=0.0)
+    crit = losses.CLIPLoss(gather, rank=1, label_smoothing=0.0)
     out = crit({"image_embed": img[B:], "text_embed": txt[B:], "logit_scale": torch.tensor(20.0)})
     ref = losses.contrastive_loss(img[B:], txt[B:], img, txt, torch.tensor(20.0), offset=B)
     assert out["loss"].item() == pytest.approx(ref["loss"].item(), rel=1e-6)

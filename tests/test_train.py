@@ -18,6 +18,7 @@ import losses
 import main
 import models
 import readers
+import registry
 import utils
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -113,13 +114,13 @@ def test_exact_accumulation_adds_sparse_embedding_grads_into_a_dense_grad():
     incoming = []  # layout of each gradient the embedding's backward produces, before accumulation
     embedding.weight.register_hook(lambda g: incoming.append(g.layout))
     step = engine.StepConfig.from_args(ns, torch.device("cpu"))
-    engine.forward_backward(model, losses.ClipLoss(), list(zip(images.chunk(4), tokens.chunk(4))), step, scaler)
+    engine.forward_backward(model, losses.CLIPLoss(), list(zip(images.chunk(4), tokens.chunk(4))), step, scaler)
     assert incoming == [torch.sparse_coo] * 4 and embedding.weight.grad.layout == torch.strided
     assert not embedding.sparse
     accumulated = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
     incoming.clear()
-    engine.forward_backward(model, losses.ClipLoss(), [(images, tokens)], step, scaler)
+    engine.forward_backward(model, losses.CLIPLoss(), [(images, tokens)], step, scaler)
     assert incoming == [torch.strided]  # k = 1: the plain dense path
     for name, p in model.named_parameters():
         torch.testing.assert_close(accumulated[name], p.grad, rtol=1e-4, atol=1e-5 * float(p.grad.abs().max()),
@@ -290,8 +291,8 @@ def test_pretrained_weights_are_loaded(tiny_run_args, tmp_path):
 
 
 # --------------------------------------------------------------------------- non-finite loss
-class NaNAt(losses.ClipLoss):
-    """ClipLoss whose loss is NaN on the given forward calls (1-based)."""
+class NaNAt(losses.CLIPLoss):
+    """CLIPLoss whose loss is NaN on the given forward calls (1-based)."""
 
     def __init__(self, calls: set[int]) -> None:
         super().__init__()
@@ -525,13 +526,13 @@ def test_mixed_precision_trains_with_fp32_logits(tiny_run_args, tmp_path, precis
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
     assert ("scale" in ckpt["scaler"]) == (precision == "fp16")
     args = main.parse_args(tiny_run_args + ["--precision", precision])
-    model = models.build_model(models.parse_model_name(args.model), **{**main.model_kwargs(args), "image_size": 32})
+    model = models.build_from_config(registry.config_from_flags(vars(args)))
     images, tokens = torch.randn(4, 3, 32, 32), torch.randint(1, 400, (4, 77))
     tokens[:, 5] = 49407
     with utils.autocast(args.precision, torch.device("cpu")):
         out = model(images, tokens)
         assert model.encode_text(tokens).dtype == (torch.bfloat16 if precision == "bf16" else torch.float16)
-        loss = losses.ClipLoss()(out)
+        loss = losses.CLIPLoss()(out)
     assert out["image_embed"].dtype == out["text_embed"].dtype == loss["loss"].dtype == torch.float32
 
 
