@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import inspect
 import logging
 import math
 from collections.abc import Callable, Mapping
@@ -758,11 +759,13 @@ def build_model(spec: ModelSpec, *, image_size: int | None = None, embed_dim: in
 
 
 def build_from_config(config: Mapping, checkpoint_grad: bool = False) -> nn.Module:
-    """The model a description `{"name", "kwargs"}` (`model_config`, as checkpoints store it) names."""
-    try:
-        return build_model(parse_model_name(config["name"]), checkpoint_grad=checkpoint_grad, **config["kwargs"])
-    except TypeError as exc:  # a keyword this version's build_model does not take
-        raise ModelNameError(f"model description {dict(config)!r} does not fit build_model: {exc}") from None
+    """The model a description `{"name", "kwargs"}` (`model_config`, as checkpoints store it) names; a keyword
+    this version's build_model does not take is a ModelNameError naming it."""
+    described = set(inspect.signature(build_model).parameters) - {"spec", "checkpoint_grad"}
+    unknown = sorted(set(config["kwargs"]) - described)
+    if unknown:
+        raise ModelNameError(f"model description of {config['name']}: build_model takes no {unknown}")
+    return build_model(parse_model_name(config["name"]), checkpoint_grad=checkpoint_grad, **config["kwargs"])
 
 
 @functools.cache

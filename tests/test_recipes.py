@@ -219,6 +219,23 @@ def tiny_model(name, **recipe):
                               text_heads=2, recipe=opts)
 
 
+def test_build_model_constructs_what_the_recipe_says():
+    """Projections and the strong-text regularisers are constructor arguments (no patching after the build): the
+    classes hold what the recipe and the backbone say, and `model.opts` is the recipe."""
+    model = tiny_model("CL2L_VITT16_CL2L", text_dropout_prob=0.1, text_drop_path_prob=0.2, clip_proj_type="mlp",
+                       clip_hidden_dim=24)
+    assert all(b.strong_dropout.p == 0.1 and b.strong_drop_path.drop_prob == 0.2 for b in model.text.resblocks)
+    assert isinstance(model.image_projection, torch.nn.Sequential) and model.image_projection[0].out_features == 24
+    assert model.opts.clip_proj_type == "mlp" and model.opts.text_dropout_prob == 0.1
+    plain = tiny_model("CL2L_VITT16_CL2L")
+    assert all(isinstance(b.strong_drop_path, torch.nn.Identity) and b.strong_dropout.p == 0 for b in
+               plain.text.resblocks)
+    with torch.device("meta"):  # OpenAI RN50's attention pool is its own image projection
+        rn50 = models.build_model(models.parse_model_name("CLIP_RN50_SIGLIP"), recipe={"clip_proj_type": "mlp"})
+    assert isinstance(rn50.image_projection, torch.nn.Identity) and isinstance(rn50.text_projection,
+                                                                                torch.nn.Sequential)
+
+
 def test_byolip_target_moves_by_the_ema_rule():
     model = tiny_model("CL2L_VITT16_BYOLIP", separate_proj=True, momentum_tau=0.9)
     assert model.target is not None and not any(p.requires_grad for p in model.target.parameters())
