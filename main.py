@@ -260,9 +260,25 @@ def recipe_errors(spec: registry.ModelSpec, args: argparse.Namespace) -> list[st
     return errors
 
 
+def dataset_defaults(parser: argparse.ArgumentParser, argv: list[str] | None) -> dict:
+    """The flag defaults the --dataset's catalog entry sets ("defaults": the digits demo trains in-process with 0
+    workers and validates at the end), for `parser.set_defaults` before the real parse (flags given still win;
+    timm's train.py applies its --config file the same way). Unknown names fail, naming the entry."""
+    known, _ = parser.parse_known_args(argv)
+    try:
+        defaults = readers.catalog_entry(known.dataset).get("defaults", {})
+    except readers.DatasetError:  # reported with the other checks of parse_args
+        return {}
+    unknown = sorted(set(defaults) - {a.dest for a in parser._actions})
+    if unknown:
+        parser.error(f"dataset_catalog.json entry {known.dataset!r}: 'defaults' names no flag: {unknown}")
+    return defaults
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse and validate flags; the model name is checked here, so a typo fails before any work."""
     parser = argparse.ArgumentParser("CLIP Lab", parents=[get_args_parser()])
+    parser.set_defaults(**dataset_defaults(parser, argv))
     args = parser.parse_args(argv)
     if args.list_models is not None:
         return args

@@ -501,6 +501,23 @@ def test_wandb_offline_run_lives_in_the_experiment_folder(tiny_run_args, tmp_pat
     assert glob.glob(os.path.join(runs[0], "run-wb.wandb"))
 
 
+def test_a_catalog_entry_sets_flag_defaults_that_given_flags_override(monkeypatch, capsys):
+    """`python main.py` trains the digits demo in-process (0 workers: on 2 cores workers take the compute threads'
+    cores) and validates at the end: the entry's "defaults"; flags on the command line win, other sets keep the
+    parser's defaults, and a default naming no flag fails at parse time naming the entry."""
+    demo = main.parse_args([])
+    assert (demo.dataset, demo.workers, demo.eval_freq) == ("digits", 0, 25)
+    assert vars(main.parse_args(["--workers", "2", "--eval-freq", "1"])) == {**vars(demo), "workers": 2, "eval_freq": 1}
+    synthetic = main.parse_args(["--dataset", "synthetic"])
+    assert (synthetic.workers, synthetic.eval_freq) == (2, 1)
+    catalog = readers.load_catalog()
+    catalog["digits"] = {**catalog["digits"], "defaults": {"eval_frequency": 5}}
+    monkeypatch.setattr(readers, "load_catalog", lambda path=None: catalog)
+    with pytest.raises(SystemExit):
+        main.parse_args([])
+    assert "entry 'digits': 'defaults' names no flag: ['eval_frequency']" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------- the embedded default learns
 # Short schedule: 5 epochs of batch 32 (225 steps, 30-45 s on 2 cores), lr 5e-4. Measured acc1_z after it:
 # CLIP on digits 71% and 85% (seeds 1, 2); the Chinese tower learns more slowly (39% and 53%), so its bar is
