@@ -8,9 +8,22 @@ process (open_clip for training, the Chinese-CLIP pipeline for data and retrieva
 from __future__ import annotations
 
 import argparse
+import base64
+import ctypes
+import gc
+import importlib.util
+import io
 import json
+import math
+import os
+import pickle
 import platform
+import resource
+import shutil
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -211,7 +224,7 @@ def _train_setup(args: argparse.Namespace, device: torch.device, with_peer: bool
     ns = argparse.Namespace(accum_mode="exact", precision=args.precision, compile=args.compile)
     setup = {
         "spec": spec, "ns": ns, "batch": (images.to(device), tokens.to(device)), "host_tokens": tokens,
-        "ours": ours.to(device).train(), "criterion": losses.ClipLoss(),
+        "ours": ours.to(device).train(), "criterion": losses.CLIPLoss(),
         "scaler": torch.amp.GradScaler(device.type, enabled=False), "peer_reason": why, "peer": None,
     }
     # the same optimizer for both: AdamW, open_clip's defaults for ViT CLIP, no decay on gains/biases/embeddings
@@ -277,8 +290,6 @@ def _peer_step(s: dict, device: torch.device, optimizer_step: bool = True, keep_
 
 def _peer_optimizer_step(s: dict) -> None:
     """open_clip's end of a step: AdamW, then the logit scale clamped to [0, ln 100]."""
-    import math
-
     s["opt_peer"].step()
     with torch.no_grad():
         s["peer"].logit_scale.clamp_(0, math.log(100))
@@ -318,8 +329,6 @@ def _train_flops(step: Callable[[], None]) -> float:
 
 def matmul_peak_flops(device: torch.device, dtype: torch.dtype, n: int, seconds: float = 1.0) -> float:
     """Measured dense matmul peak: best FLOP/s of an n x n x n `torch.mm` (2 n^3 FLOPs) on this machine."""
-    import math
-
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     torch.mm(a, b)
@@ -346,9 +355,6 @@ def _reset_cpu_peak() -> Callable[[], int]:
     """Give freed heap back to the OS (malloc_trim) and reset the peak-RSS high-water mark through
     /proc/self/clear_refs (Linux >= 4.0); returns the reader of the peak since then, in bytes (getrusage's
     ru_maxrss, the peak since the process started, where clear_refs is not writable)."""
-    import ctypes
-    import resource
-
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except OSError:
@@ -370,8 +376,6 @@ def _memory_child(config: str) -> None:
     CPU: peak RSS (VmHWM, reset through /proc/self/clear_refs, else getrusage ru_maxrss) minus baseline
     RSS after malloc_trim; CUDA: max_memory_allocated minus memory_allocated. Prints one JSON line.
     """
-    import gc
-
     cfg = json.loads(config)
     torch.set_num_threads(cfg["threads"])
     args = argparse.Namespace(**cfg["args"])
@@ -404,9 +408,6 @@ def _memory_child(config: str) -> None:
 def _run_child(entry: str, args: argparse.Namespace, device: torch.device, impl: str, k: int) -> dict:
     """bench.<entry>(config) in a fresh interpreter (one implementation, nothing else run before it there);
     returns the JSON line it prints last."""
-    import os
-    import subprocess
-
     cfg = {"args": {key: v for key, v in vars(args).items() if key not in ("func", "json")}, "impl": impl,
            "k": k, "device": str(device), "threads": torch.get_num_threads()}
     here = os.path.dirname(os.path.abspath(__file__))
@@ -465,8 +466,6 @@ def _interleaved_times(fns: dict[str, Callable[[], None]], steps: int, device: t
 def _paired_ratio(times: dict[str, list], num: str, den: str) -> float:
     """Median over rounds of time[num] / time[den] measured back to back: a slow spell of the machine hits
     both sides of a pair, where a ratio of medians would take it as a difference."""
-    import statistics
-
     return statistics.median(a / b for a, b in zip(times[num], times[den], strict=True))
 
 
@@ -478,9 +477,6 @@ def bench_train(args: argparse.Namespace) -> dict:
     MFU against a matmul peak measured in the same run, and the cost of exact gradient accumulation
     (engine.forward_backward with k micro-batches vs one batch) in time per sample and activation memory.
     """
-    import os
-    import statistics
-
     if args.batch_size % args.update_freq:
         raise SystemExit(f"--batch-size {args.batch_size} is not divisible by --update-freq {args.update_freq}")
     device = utils.resolve_device(args.device)
@@ -609,8 +605,6 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 def _bench_photos(n: int, seed: int = 0) -> list[bytes]:
     """n distinct 1024x768 JPEGs (quality 90): 2x2 mosaics of random crops of real photographs at native
     resolution (scikit-image and scikit-learn samples), so the entropy is that of real photos."""
-    import io as _io
-
     import numpy as np
     from PIL import Image
     from skimage import data as skdata
@@ -631,7 +625,7 @@ def _bench_photos(n: int, seed: int = 0) -> list[bytes]:
             if rng.rand() < 0.5:
                 tile = tile.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             canvas.paste(tile.resize((512, 384), Image.Resampling.BICUBIC) if tile.size != (512, 384) else tile, (x, y))
-        buf = _io.BytesIO()
+        buf = io.BytesIO()
         canvas.save(buf, format="JPEG", quality=90)
         out.append(buf.getvalue())
     return out
@@ -649,17 +643,16 @@ def _cnclip_train_transform(image_size: int, min_scale: float):
 
 
 class _CnClipStyleReader(torch.utils.data.Dataset):
-    """What Chinese-CLIP's LMDBDataset does per sample (reference/chinese_clip.md §4.3): environments opened in
-    __init__, pairs unpickled, `imgs` value decoded utf-8 + urlsafe base64, PIL open (full decode), transform."""
+    """What Chinese-CLIP's LMDBDataset does per sample (OFA-Sys/Chinese-CLIP cn_clip/training/data.py, commit
+    31863c7): environments opened in __init__, pairs unpickled, `imgs` value decoded utf-8 + urlsafe base64, PIL
+    open (full decode), transform."""
 
     def __init__(self, lmdb_dir: str, transform) -> None:
-        import os as _os
-
         import lmdb
 
         opts = dict(readonly=True, create=False, lock=False, readahead=False, meminit=False)
-        self.env_pairs = lmdb.open(_os.path.join(lmdb_dir, "pairs"), **opts)
-        self.env_imgs = lmdb.open(_os.path.join(lmdb_dir, "imgs"), **opts)
+        self.env_pairs = lmdb.open(os.path.join(lmdb_dir, "pairs"), **opts)
+        self.env_imgs = lmdb.open(os.path.join(lmdb_dir, "imgs"), **opts)
         self.txn_pairs, self.txn_imgs = self.env_pairs.begin(buffers=True), self.env_imgs.begin(buffers=True)
         self.n = int(self.txn_pairs.get(b"num_samples").tobytes().decode("utf-8"))
         self.transform = transform
@@ -672,15 +665,11 @@ class _CnClipStyleReader(torch.utils.data.Dataset):
         return self.n
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        import base64
-        import io as _io
-        import pickle
-
         from PIL import Image
 
         image_id, _, _ = pickle.loads(self.txn_pairs.get(str(index % self.n).encode("utf-8")).tobytes())
         b64 = self.txn_imgs.get(str(image_id).encode("utf-8")).tobytes().decode("utf-8", errors="ignore")
-        image = Image.open(_io.BytesIO(base64.urlsafe_b64decode(b64)))
+        image = Image.open(io.BytesIO(base64.urlsafe_b64decode(b64)))
         return self.transform(image.convert("RGB"))
 
 
@@ -729,11 +718,6 @@ class _InMemoryImages(torch.utils.data.Dataset):
 def bench_data(args: argparse.Namespace) -> dict:
     """images/s of decode + training transform at 224: our LMDB reader (full-size and pre-resized JPEGs, 0/1/2
     workers), the raw in-memory bound, and a Chinese-CLIP-style reader, interleaved over --rounds."""
-    import base64
-    import os
-    import statistics
-    import tempfile
-
     import build_lmdb
     import datasets
 
@@ -814,8 +798,6 @@ _CUDA_SHIM = ("import runpy, sys, torch; torch.Tensor.cuda = lambda self, *a, **
 
 def _timed_process(cmd: list[str]) -> float:
     """Wall seconds of a whole child process (imports included); raises with its output on failure."""
-    import subprocess
-
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -828,10 +810,6 @@ def bench_retrieval(args: argparse.Namespace) -> dict:
     """MUGE-validation-scale text->image top-10 + scoring: ours (eval_retrieval.py topk/score, .npy features)
     vs Chinese-CLIP's make_topk_predictions.py + evaluation.py (jsonl features), as whole processes; plus
     the bare matmul+top-k floor and VITB16 extract throughput (the extract tool on an LMDB, and the model alone)."""
-    import importlib.util
-    import os
-    import tempfile
-
     import numpy as np
 
     import eval_retrieval
@@ -938,10 +916,6 @@ def _extract_throughput(args: argparse.Namespace) -> tuple[list[dict], dict[str,
       features back on the CPU (worker start-up included, as in a real run);
     - model only: `encode_image` on random pixels already on the device (the data path's ceiling).
     Returns (table rows, {"extract_tool_images_per_s[_bf16]", "extract_model_only_images_per_s[_bf16]"})."""
-    import base64
-    import os
-    import tempfile
-
     import build_lmdb
     import eval_retrieval
     import models
@@ -1008,8 +982,8 @@ def _add_objectives_args(p: argparse.ArgumentParser) -> None:
 
 def _siglip_loss_rank(config: str) -> None:
     """One gloo rank (RANK, WORLD_SIZE, MASTER_ADDR/PORT from the environment): the memory of one SigLIP loss
-    forward + backward on random unit features of B = N / world rows, gathered (`SigLipLoss` with
-    all_gather_with_grad) or chunked (`ChunkedSigLipLoss` with ring_shift_with_grad), after one warm-up call
+    forward + backward on random unit features of B = N / world rows, gathered (`SIGLIPLoss` with
+    all_gather_with_grad) or chunked (`ChunkedSIGLIPLoss` with ring_shift_with_grad), after one warm-up call
     (gloo buffers, lazy imports). Prints {"base_mb", "peak_mb", "loss_mb" = peak - base, "loss"} (peak RSS)."""
     import gc
 
@@ -1029,8 +1003,8 @@ def _siglip_loss_rank(config: str) -> None:
                "text_embed": F.normalize(torch.randn(B, D, generator=g), dim=-1).requires_grad_(),
                "logit_scale": torch.tensor(10.0, requires_grad=True),
                "logit_bias": torch.tensor(-10.0, requires_grad=True)}
-    criterion = (losses.ChunkedSigLipLoss(utils.ring_shift_with_grad, world) if cfg["chunked"]
-                 else losses.SigLipLoss(utils.all_gather_with_grad, rank))
+    criterion = (losses.ChunkedSIGLIPLoss(utils.ring_shift_with_grad, world) if cfg["chunked"]
+                 else losses.SIGLIPLoss(utils.all_gather_with_grad, rank))
 
     def step() -> float:
         loss = criterion(outputs)["loss"]
@@ -1102,25 +1076,24 @@ def _objective_child(config: str) -> None:
     """Fresh process: build one objective, 1 warm-up + `steps` timed optimizer steps on random inputs of the
     dataset's layout; prints {"step_s": median, "peak_mb", "base_mb"} (CUDA: max_memory_allocated; CPU: peak
     RSS via VmHWM reset by /proc/self/clear_refs, base = RSS after the warm-up step)."""
-    import statistics
-
     import engine
     import main as trainer
     import models
+    import registry
 
     cfg = json.loads(config)
     torch.set_num_threads(cfg["threads"])
     device = torch.device(cfg["device"])
     args = trainer.parse_args(cfg["flags"])
     spec = models.parse_model_name(args.model)
-    model = models.build_model(spec, **trainer.model_kwargs(args)).to(device)
-    criterion = trainer.build_criterion(spec, args, trainer.utils.DistEnv(device=device))
+    model = models.build_from_config(registry.config_from_flags(vars(args)), args.checkpoint_grad).to(device)
+    criterion = trainer.build_criterion(spec, args, utils.DistEnv(device=device))
     optimizer = torch.optim.AdamW(trainer.param_groups(model, args.wd), lr=1e-4)
     scaler = torch.amp.GradScaler(device.type, enabled=False)
     B, S, A = args.batch_size, args.image_size, trainer.num_augs(spec, args)
-    tokens = torch.randint(1, 4000, (B, 1 + A, 77) if spec.objective.num_views else (B, 77))
+    tokens = torch.randint(1, 4000, (B, 1 + A, 77) if spec.objective.num_augs else (B, 77))
     tokens[..., 20] = 49407
-    batch = (torch.randn(B, 3, S, S), tokens) + ((torch.randn(B, A, 3, S, S),) if spec.objective.num_views else ())
+    batch = (torch.randn(B, 3, S, S), tokens) + ((torch.randn(B, A, 3, S, S),) if spec.objective.num_augs else ())
     batch = tuple(t.to(device) for t in batch)
 
     step_config = engine.StepConfig.from_args(args, device)
@@ -1182,9 +1155,6 @@ def _augment_rate(args: argparse.Namespace) -> dict:
 def bench_objectives(args: argparse.Namespace) -> dict:
     """Step time and peak memory of every objective relative to CLIP at one backbone and batch, and the
     CL2L augmentation pipeline's samples/s per worker against the CL2L step's appetite."""
-    import os
-    import subprocess
-
     device = utils.resolve_device(args.device)
     names = args.models or [m.format(bb=args.backbone) for m in OBJECTIVE_MODELS]
     here = os.path.dirname(os.path.abspath(__file__))
@@ -1235,8 +1205,6 @@ def _add_launch_args(p: argparse.ArgumentParser) -> None:
 
 
 def _train_steps(path: str) -> list[int]:
-    import os
-
     if not os.path.exists(path):
         return []
     with open(path, encoding="utf-8") as f:
@@ -1256,10 +1224,6 @@ def _wait(predicate, timeout: float = 600.0, poll: float = 0.05):
 @subcommand("launch", _add_launch_args)
 def bench_launch(args: argparse.Namespace) -> dict:
     """Submit-to-first-step latency and the requeue gap (interrupt -> next optimizer step) on the local Slurm."""
-    import os
-    import shutil
-    import subprocess
-
     import run_with_submitit as rws
 
     shutil.rmtree(args.root, ignore_errors=True)

@@ -1,9 +1,9 @@
 """Build Chinese-CLIP LMDBs from MUGE-style raw files:
 `python build_lmdb.py --data-dir DIR --splits train,valid,test [--lmdb-dir OUT] [--resize N] [--skip-bad]`.
 
-Input (reference/chinese_clip.md §4.1): `DIR/{split}_imgs.tsv` (`image_id<TAB>base64 JPEG`) and
-`DIR/{split}_texts.jsonl` (`{"text_id", "text", "image_ids"}`, or MUGE's older `{split}_queries.jsonl` with
-`{"query_id", "query_text", "item_ids"}`).
+Input (OFA-Sys/Chinese-CLIP README, dataset preparation, commit 31863c7): `DIR/{split}_imgs.tsv`
+(`image_id<TAB>base64 JPEG`) and `DIR/{split}_texts.jsonl` (`{"text_id", "text", "image_ids"}`, or MUGE's older
+`{split}_queries.jsonl` with `{"query_id", "query_text", "item_ids"}`).
 
 Output, `OUT/{split}/imgs` and `OUT/{split}/pairs`, in the layout Chinese-CLIP's own reader expects:
 - imgs: `str(image_id).encode()` -> base64 text (the original, or a re-encoded JPEG with --resize), and

@@ -157,9 +157,9 @@ def strong_view_transform(image_size: int, max_scale: float = 1.0, min_scale: fl
 def strong_view_transforms(num_augs: int, image_size: int, max_scale: float = 1.0, blur_prob: float = 0.5,
                            solarize_prob: float = 0.0, grayscale_prob: float = 0.2, byol_augment: bool = False,
                            randaugment: str | None = None) -> list[T.Compose]:
-    """The A strong-view pipelines. byol_augment (A = 2): BYOL's asymmetric pair, jitter (0.4, 0.4, 0.2, 0.1),
-    blur p (1.0, 0.1), solarize p (0.0, 0.2), grayscale 0.2 (Grill et al., 2020); otherwise A copies of
-    `strong_view_transform` with the given probabilities (each view sampled independently)."""
+    """The num_augs strong-view pipelines. byol_augment (num_augs = 2): BYOL's asymmetric pair, jitter
+    (0.4, 0.4, 0.2, 0.1), blur p (1.0, 0.1), solarize p (0.0, 0.2), grayscale 0.2 (Grill et al., 2020); otherwise
+    num_augs copies of `strong_view_transform` with the given probabilities (each view sampled independently)."""
     if byol_augment:
         if num_augs != 2:
             raise ValueError(f"--byol-augment defines exactly 2 strong views, got --num-augs {num_augs}")
@@ -186,8 +186,8 @@ class BpeTokenizer:
 
 
 class BertTokenizer:
-    """Chinese-CLIP tokenisation: lower-case, BERT wordpiece on the 21,128-token Chinese vocab,
-    [CLS] ids[:L-2] [SEP], [PAD]=0 on the right (reference/chinese_clip.md §3)."""
+    """Chinese-CLIP tokenisation: lower-case, BERT wordpiece on the 21,128-token Chinese vocab, [CLS] ids[:L-2]
+    [SEP], [PAD]=0 on the right (OFA-Sys/Chinese-CLIP cn_clip/clip/utils.py `tokenize`, commit 31863c7)."""
 
     def __init__(self, context_length: int = 52, vocab_file: str = CHINESE_VOCAB) -> None:
         from transformers import BertTokenizer as HFBertTokenizer  # the fast (Rust) tokenizer in transformers 5
@@ -273,17 +273,18 @@ def pick_captions(captions: Sequence[str], mode: str, n: int = 1) -> list[str]:
 
 
 class ImageTextDataset(Dataset):
-    """(image view, tokens) pairs from a reader. Keys are (index, seed) pairs from ResumableSampler
-    (a bare int index means seed = index).
+    """(image view (3,H,W), tokens (L,)) pairs from a reader, the caption through `text_augmenter.weak` when one
+    is given (a one-view model with --text-augment). Keys are (index, seed) pairs from ResumableSampler (a bare
+    int index means seed = index).
 
     A corrupt sample (the reader raises CorruptSample) is counted in `bad_samples` and replaced by a sample
     drawn with random.Random(seed): the same replacement whatever the workers, ranks or resume point.
     """
 
     def __init__(self, reader: Reader, transform, tokenizer, caption_sampling: str = "single",
-                 max_bad_samples: int = 0) -> None:
+                 max_bad_samples: int = 0, text_augmenter=None) -> None:
         self.reader, self.transform, self.tokenizer = reader, transform, tokenizer
-        self.caption_sampling = caption_sampling
+        self.caption_sampling, self.text_augmenter = caption_sampling, text_augmenter
         self.bad_samples = BadSampleCounter(max_bad_samples)
 
     def __len__(self) -> int:
@@ -305,41 +306,37 @@ class ImageTextDataset(Dataset):
         image, captions = self.read_sample(index, seed)
         with seeded(seed):
             caption = pick_captions(captions, self.caption_sampling)[0]
+            if self.text_augmenter is not None:
+                caption = self.text_augmenter.weak(caption)
             view = self.transform(image)  # (3, H, W)
         return view, self.tokenizer(caption)[0]  # (L,)
 
 
 class MultiViewDataset(ImageTextDataset):
-    """CLIP🚀 samples: (weak view (3,H,W), tokens (1+A, L), strong views (A,3,H',W')).
+    """CLIP🚀 samples: (weak view (3,H,W), tokens (1+A, L), strong views (A,3,H',W')) with A = num_augs =
+    len(strong_transforms).
 
     Token row 0 is the weak text (`text_augmenter.weak`), rows 1..A the strong texts (`.strong`); with
     caption_sampling 'multi' every text view draws its own caption. All of it (captions, crops, text
     ops) runs under `seeded(seed)`, so a sample is the same whatever the workers, ranks or resume point.
-    pair_layout=True (a CLIP-layout model with --text-augment, A = 0) returns (weak view, weak tokens (L,)).
     """
 
     def __init__(self, reader: Reader, transform, tokenizer, caption_sampling: str = "single",
-                 max_bad_samples: int = 0, strong_transforms: Sequence = (), text_augmenter=None,
-                 pair_layout: bool = False) -> None:
-        super().__init__(reader, transform, tokenizer, caption_sampling, max_bad_samples)
-        self.strong_transforms, self.text_augmenter = list(strong_transforms), text_augmenter
-        self.pair_layout = pair_layout
-        if pair_layout and self.strong_transforms:
-            raise ValueError("pair_layout returns one view: it takes no strong transforms")
+                 max_bad_samples: int = 0, strong_transforms: Sequence = (), text_augmenter=None) -> None:
+        super().__init__(reader, transform, tokenizer, caption_sampling, max_bad_samples, text_augmenter)
+        self.strong_transforms = list(strong_transforms)
 
-    def __getitem__(self, key) -> tuple[torch.Tensor, ...]:
+    def __getitem__(self, key) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         index, seed = key if isinstance(key, tuple) else (key, key)
         image, captions = self.read_sample(index, seed)
-        A = len(self.strong_transforms)
+        num_augs = len(self.strong_transforms)
         with seeded(seed):
-            texts = pick_captions(captions, self.caption_sampling, 1 + A)
+            texts = pick_captions(captions, self.caption_sampling, 1 + num_augs)
             if self.text_augmenter is not None:
                 texts = [self.text_augmenter.weak(texts[0])] + [self.text_augmenter.strong(t) for t in texts[1:]]
             view = self.transform(image)  # (3, H, W)
             strong = [t(image) for t in self.strong_transforms]  # A x (3, H', W')
         tokens = self.tokenizer(texts)  # (1+A, L)
-        if self.pair_layout:
-            return view, tokens[0]
         strong_views = torch.stack(strong) if strong else view.new_zeros((0, *view.shape))  # (A, 3, H', W')
         return view, tokens, strong_views
 

@@ -6,7 +6,7 @@ ground-truth item (MUGE's test texts, `"image_ids": []`) is unlabelled: excluded
 (`labelled_queries`, the one rule of the scorer, `ir2tr`, `run` and main.py's validation); a split with no
 labelled query is an error, and `--strict` makes any unlabelled query one.
 
-Command line (file formats identical to Chinese-CLIP's, reference/chinese_clip.md §6):
+Command line (file formats of OFA-Sys/Chinese-CLIP cn_clip/eval/*.py, commit 31863c7):
 
     python eval_retrieval.py extract --resume CKPT|--pretrained W --image-data DIR_OR_TSV --text-data X.jsonl \
         --output-dir OUT [--jsonl] [--precision fp32|bf16|fp16] [-j WORKERS] [--max-image-pixels N]
@@ -904,4 +904,4 @@ def _command(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

@@ -15,10 +15,10 @@ runs of whitespace as one space) get identical prompts, so only one can be predi
 shipped lists (labels.json: ImageNet's "missile" 657/744 and "sunglasses"/"太阳镜" 836/837, kept as-is for
 comparability with published numbers), an error naming the lines for a dataset's own label_cn.txt / label.txt.
 
-Metric per dataset as SLIP/clip-rocket report it (reference/clip_rocket.md §8): mean per-class accuracy for
-aircraft, pets, caltech101 and flowers; ROC-AUC of sim[:,1]-sim[:,0] for hateful_memes; (top-1+top-5)/2
-for kinetics700_frames; top-1 otherwise (a catalog entry's "metric" key overrides); top-1/top-5 are reported
-for every dataset too (Chinese-CLIP's ELEVATER table is top-1).
+Metric per dataset as SLIP/clip-rocket report it (facebookresearch/clip-rocket eval_zeroshot.py, commit ebd9e58):
+mean per-class accuracy for aircraft, pets, caltech101 and flowers; ROC-AUC of sim[:,1]-sim[:,0] for
+hateful_memes; (top-1+top-5)/2 for kinetics700_frames; top-1 otherwise (a catalog entry's "metric" key
+overrides); top-1/top-5 are reported for every dataset too (Chinese-CLIP's ELEVATER table is top-1).
 
 Class names and templates, for a model of language L (the first that exists):
   zh: labels.json `<key>-zh` with templates.json `<key>-zh`;

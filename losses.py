@@ -52,7 +52,7 @@ def identity_gather(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-class ClipLoss(nn.Module):
+class CLIPLoss(nn.Module):
     """`contrastive_loss` over features gathered across ranks with gradients.
 
     outputs: {"image_embed" (B,D), "text_embed" (B,D), "logit_scale" ()}. N ranks x B samples give the
@@ -342,7 +342,7 @@ class CL2LLoss(nn.Module):
                          avg_or_sum=self.avg_or_sum)
 
 
-class BarLIPLoss(CL2LLoss):
+class BARLIPLoss(CL2LLoss):
     """CL2L loss + `barlip_loss` on v_image, v_text (B,P), v_image_strong, v_text_strong (B,A,P)."""
 
     def __init__(self, gather: Gather = identity_gather, rank: int = 0, label_smoothing: float = 0.0,
@@ -358,7 +358,7 @@ class BarLIPLoss(CL2LLoss):
         return {**out, "loss": out["loss"] + extra, "barlip_loss": extra}
 
 
-class SiamLIPLoss(CL2LLoss):
+class SIAMLIPLoss(CL2LLoss):
     """CL2L loss + `siamlip_loss`; targets are `v_*_momentum` (BYOLIP) when present, else the online `v_*`."""
 
     def forward(self, outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -370,7 +370,7 @@ class SiamLIPLoss(CL2LLoss):
         return {**out, "loss": out["loss"] + extra, "siamlip_loss": extra}
 
 
-class SwALIPLoss(CL2LLoss):
+class SWALIPLoss(CL2LLoss):
     """CL2L loss + weight * `swalip_loss` on the strong MLP-projector embeddings."""
 
     def __init__(self, gather: Gather = identity_gather, rank: int = 0, label_smoothing: float = 0.0,
@@ -386,7 +386,7 @@ class SwALIPLoss(CL2LLoss):
         return {**out, "loss": out["loss"] + self.weight * extra, "swalip_loss": extra}
 
 
-class SwALIPV1Loss(ClipLoss):
+class SWALIPV1Loss(CLIPLoss):
     """CLIP loss + weight * `swalipv1_loss` on p_image, p_text (B, K) with scale swalip_logit_scale."""
 
     def __init__(self, gather: Gather = identity_gather, rank: int = 0, label_smoothing: float = 0.0,
@@ -403,7 +403,7 @@ class SwALIPV1Loss(ClipLoss):
                 "swalip_logit_scale": outputs["swalip_logit_scale"].detach()}
 
 
-class SigLipLoss(nn.Module):
+class SIGLIPLoss(nn.Module):
     """`sigmoid_loss` with the texts gathered over ranks (with gradient). outputs: image_embed, text_embed
     (B, D), logit_scale, logit_bias."""
 
@@ -417,10 +417,10 @@ class SigLipLoss(nn.Module):
                             offset=self.rank * image.shape[0])
 
 
-class ChunkedSigLipLoss(nn.Module):
+class ChunkedSIGLIPLoss(nn.Module):
     """`chunked_sigmoid_loss`: the texts travel around the ring of `world_size` ranks through `shift`
     (utils.ring_shift_with_grad in training; with world_size 1 only the own block is scored). outputs: image_embed,
-    text_embed (B, D), logit_scale, logit_bias. Same loss and gradients as `SigLipLoss`, O(B^2) logit memory."""
+    text_embed (B, D), logit_scale, logit_bias. Same loss and gradients as `SIGLIPLoss`, O(B^2) logit memory."""
 
     def __init__(self, shift: Shift = identity_gather, world_size: int = 1) -> None:
         super().__init__()

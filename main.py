@@ -1,6 +1,8 @@
 """Train a vision-language dual encoder: `python main.py [flags]` (no flags: the tiny digits demo).
 
 `get_args_parser()` is shared with run_with_submitit.py; `main(argv)` is callable from tests.
+Parsing needs only the torch-free registry.py and readers.py: torch, timm, transformers and the modules built on
+them are imported inside the functions that run after it, so `--help` and `--list-models` answer at once.
 """
 from __future__ import annotations
 
@@ -13,24 +15,19 @@ import os
 import shlex
 import sys
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn as nn
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
 
-import datasets
-import engine
-import eval_retrieval
-import eval_zeroshot
 import experiment
-import losses
-import models
 import readers
-import text_augment
-import utils
-import weights
+import registry
+
+if TYPE_CHECKING:  # annotations only; imported where they run, after parsing
+    import torch.nn as nn
+
+    import engine
+    import utils
 
 log = logging.getLogger("clip_lab")
 
@@ -98,9 +95,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     obj.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing of the contrastive CE")
     obj.add_argument("--loss-avg-or-sum", default="avg", choices=["avg", "sum"],
                      help="average or sum the image->text and text->image terms (sum = 2x loss scale)")
-    obj.add_argument("--siglip-chunked", action="store_true",
-                     help="SIGLIP: pass the text blocks around the ring of ranks (B_local x B_local logits at a time) "
-                          "instead of gathering all texts; same loss and gradients, far less memory at large batch")
+    obj.add_argument("--clip-proj-type", default="linear", choices=["linear", "mlp"],
+                     help="projector of the weak global pair (head z)")
+    obj.add_argument("--clip-hidden-dim", type=int, default=4096, help="hidden width when --clip-proj-type mlp")
     add_recipe_args(p)
 
     optim = p.add_argument_group("optim")
@@ -154,16 +151,15 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def add_recipe_args(p: argparse.ArgumentParser) -> None:
-    """Flags of CLIP🚀 (CL2L), the non-contrastive objectives, SigLIP and the image/text augmentations
-    (reference/clip_rocket.md §2.1; defaults as clip-rocket's)."""
+    """Flags of CLIP🚀 (CL2L), the non-contrastive objectives and the image/text augmentations (defaults as
+    clip-rocket's, facebookresearch/clip-rocket main.py). The groups `objective:*` and `augment:image` belong to
+    the bases/objectives that declare them in registry.py; set on any other model they fail at parse time, and
+    every model option is a registry.RecipeOptions field of the same name."""
     g = p.add_argument_group("objective:cl2l")
     g.add_argument("--num-augs", type=int, default=None,
                    help="strong image views (= strong texts) per sample for the CL2L base (default 2); 0 = CLIP loss")
     g.add_argument("--separate-proj", action="store_true",
                    help="strong views get their own MLP projectors (head h) and temperature (init 1/0.1); paper: on")
-    g.add_argument("--clip-proj-type", default="linear", choices=["linear", "mlp"],
-                   help="projector of the weak global pair (head z)")
-    g.add_argument("--clip-hidden-dim", type=int, default=4096, help="hidden width when --clip-proj-type mlp")
     g.add_argument("--cl2l-img-proj-type", default="mlp", choices=["linear", "mlp"],
                    help="image projector of the strong views with --separate-proj")
     g.add_argument("--cl2l-txt-proj-type", default="mlp", choices=["linear", "mlp"],
@@ -177,11 +173,6 @@ def add_recipe_args(p: argparse.ArgumentParser) -> None:
                    help="dropout on every text block's input, strong texts only (paper: 0.2 CC3M, 0.05-0.1 CC12M)")
     g.add_argument("--text-drop-path-prob", type=float, default=0.0,
                    help="drop-path on the text blocks' residual branches, strong texts only")
-    g.add_argument("--momentum", action="store_true",
-                   help="SIAMLIP with a BYOL momentum target network (= the BYOLIP objective)")
-    g.add_argument("--momentum-tau", type=float, default=0.99, help="EMA coefficient of the target network")
-    g.add_argument("--momentum-tau-schedule", default="constant", choices=["constant", "cosine"],
-                   help="constant tau (reference) or BYOL's cosine increase of tau to 1 over training")
     g = p.add_argument_group("objective:barlip")
     g.add_argument("--barlip-proj-dim", type=int, default=8192, help="BarLIP projector output width")
     g.add_argument("--barlip-hidden-dim", type=int, default=3000, help="BarLIP projector hidden width")
@@ -191,7 +182,21 @@ def add_recipe_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--siamlip-proj-dim", type=int, default=128, help="SiamLIP/BYOLIP projector output width")
     g.add_argument("--siamlip-hidden-dim", type=int, default=2048, help="SiamLIP projector/predictor hidden width")
     g.add_argument("--siamlip-no-last-bn", action="store_true", help="no BN (affine=False) after the projector")
+    g.add_argument("--momentum", action="store_true",
+                   help="SIAMLIP with a BYOL momentum target network (= the BYOLIP objective)")
+    g = p.add_argument_group("objective:byolip")
+    g.add_argument("--momentum-tau", type=float, default=0.99, help="EMA coefficient of the target network")
+    g.add_argument("--momentum-tau-schedule", default="constant", choices=["constant", "cosine"],
+                   help="constant tau (reference) or BYOL's cosine increase of tau to 1 over training")
+    g = p.add_argument_group("objective:siglip")
+    g.add_argument("--siglip-chunked", action="store_true",
+                   help="SIGLIP: pass the text blocks around the ring of ranks (B_local x B_local logits at a time) "
+                        "instead of gathering all texts; same loss and gradients, far less memory at large batch")
     g = p.add_argument_group("objective:swalip")
+    g.add_argument("--sk-iters", type=int, default=3, help="Sinkhorn-Knopp iterations")
+    g.add_argument("--target-epsilon", type=float, default=0.05, help="Sinkhorn-Knopp entropy epsilon")
+    g.add_argument("--swalip-weight", type=float, default=0.2, help="weight of the swapped-prediction loss")
+    g = p.add_argument_group("objective:swalipv1")
     g.add_argument("--swalip-proj-dim", type=int, default=128, help="SWALIPV1 projector output width")
     g.add_argument("--swalip-hidden-dim", type=int, default=2048, help="SWALIPV1 projector hidden width")
     g.add_argument("--swalip-num-proto", type=int, default=3000, help="SWALIPV1 learned prototypes")
@@ -200,9 +205,6 @@ def add_recipe_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--swalip-no-shared-proto", action="store_true", help="SWALIPV1: one prototype set per modality")
     g.add_argument("--swalip-freeze-proto-iters", type=int, default=100,
                    help="SWALIPV1: optimizer steps during which the prototypes do not move")
-    g.add_argument("--sk-iters", type=int, default=3, help="Sinkhorn-Knopp iterations")
-    g.add_argument("--target-epsilon", type=float, default=0.05, help="Sinkhorn-Knopp entropy epsilon")
-    g.add_argument("--swalip-weight", type=float, default=0.2, help="weight of the swapped-prediction loss")
     g = p.add_argument_group("augment:image")
     g.add_argument("--multicrop-resize", type=int, default=None,
                    help="strong-view resolution (default: --image-size; ViT backbones need the same size)")
@@ -227,53 +229,35 @@ def add_recipe_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--random-deletion-prob", type=float, default=0.2, help="EDA weight of deleting words (p=0.1)")
 
 
-def num_augs(spec: models.ModelSpec, args: argparse.Namespace) -> int:
+def num_augs(spec: registry.ModelSpec, args: argparse.Namespace) -> int:
     """Strong views per sample: --num-augs, else the objective's registered default (0 for CLIP layouts)."""
-    return spec.objective.num_views if args.num_augs is None else args.num_augs
+    return spec.objective.num_augs if args.num_augs is None else args.num_augs
 
 
-# Flags of one objective family -> (does the parsed model use them?, who does). Set to a non-default value on a
-# model that ignores them, they fail at parse time: an ablation row must never be silently the baseline.
-_MULTI_VIEW = (lambda spec, args: spec.objective.num_views > 0, "the multi-view CL2L-base models")
-FAMILY_FLAGS = {
-    ("siglip_chunked",): (lambda spec, args: spec.objective.loss == "siglip", "SIGLIP"),
-    ("barlip_proj_dim", "barlip_hidden_dim", "barlip_lamb", "barlip_scale_loss"):
-        (lambda spec, args: spec.objective.model == "BARLIP", "BARLIP"),
-    ("siamlip_proj_dim", "siamlip_hidden_dim", "siamlip_no_last_bn"):
-        (lambda spec, args: spec.objective.model in ("SIAMLIP", "BYOLIP"), "SIAMLIP and BYOLIP"),
-    ("momentum_tau", "momentum_tau_schedule"):
-        (lambda spec, args: spec.objective.model == "BYOLIP" or (spec.objective.model == "SIAMLIP" and args.momentum),
-         "BYOLIP and SIAMLIP --momentum"),
-    ("swalip_weight", "target_epsilon", "sk_iters"):
-        (lambda spec, args: spec.objective.name in ("SWALIP", "SWALIPV1"), "SWALIP and SWALIPV1"),
-    ("swalip_proj_dim", "swalip_hidden_dim", "swalip_num_proto", "swalip_temperature", "swalip_learn_temperature",
-     "swalip_no_shared_proto", "swalip_freeze_proto_iters"):
-        (lambda spec, args: spec.objective.name == "SWALIPV1", "SWALIPV1"),
-    ("cl2l_img_proj_type", "cl2l_txt_proj_type", "cl2l_hidden_dim", "separate_proj", "detach_proj",
-     "separate_proj_child", "text_dropout_prob", "text_drop_path_prob", "blur_prob", "solarize_prob",
-     "grayscale_prob", "byol_augment", "randaugment", "multicrop_resize", "multicrop_max_scale"): _MULTI_VIEW,
-}
+def flag_groups(parser: argparse.ArgumentParser) -> dict[str, list[str]]:
+    """{argument group title: its flags' dest names}, in parser order (argparse keeps the groups in
+    `_action_groups`, the list its own help formatter walks)."""
+    return {group.title: [a.dest for a in group._group_actions] for group in parser._action_groups}
 
 
-def ignored_flag_errors(spec: models.ModelSpec, args: argparse.Namespace) -> list[str]:
-    """`FAMILY_FLAGS` set away from their defaults on a model that would not read them."""
-    defaults, errors = get_args_parser().parse_args([]), []
-    for flags, (applies, users) in FAMILY_FLAGS.items():
-        changed = [f for f in flags if getattr(args, f) != getattr(defaults, f)]
-        if changed and not applies(spec, args):
+def ignored_flag_errors(spec: registry.ModelSpec, args: argparse.Namespace) -> list[str]:
+    """Flags of a family group (`objective:*`, `augment:image`; registry.py says who reads each) set away from
+    their defaults on a model that would not read them: an ablation row must never be silently the baseline."""
+    parser = get_args_parser()
+    defaults, errors = parser.parse_args([]), []
+    read, owned = registry.flag_groups_read(spec, vars(args)), registry.family_flag_groups()
+    for group, dests in flag_groups(parser).items():
+        changed = [d for d in dests if getattr(args, d) != getattr(defaults, d)]
+        if changed and group in owned and group not in read:
             it = "it" if len(changed) == 1 else "them"
-            errors.append(f"{', '.join('--' + f.replace('_', '-') for f in changed)}: used only by {users}; "
-                          f"{args.model} would ignore {it}")
+            errors.append(f"{', '.join('--' + d.replace('_', '-') for d in changed)}: used only by "
+                          f"{registry.flag_group_readers(group)}; {args.model} would ignore {it}")
     return errors
 
 
-def recipe_errors(spec: models.ModelSpec, args: argparse.Namespace) -> list[str]:
+def recipe_errors(spec: registry.ModelSpec, args: argparse.Namespace) -> list[str]:
     """Flag combinations that make no sense for the parsed model (checked at parse time)."""
     errors, name = ignored_flag_errors(spec, args), spec.objective.name
-    if spec.objective.num_views == 0 and args.num_augs:
-        errors.append(f"--num-augs needs a multi-view (CL2L-base) objective; {args.model} trains on one view")
-    if args.momentum and spec.objective.model not in ("SIAMLIP", "BYOLIP"):
-        errors.append(f"--momentum is the BYOL target of SIAMLIP/BYOLIP, not of {name}")
     if name == "SWALIP" and num_augs(spec, args) < 2:
         errors.append("SWALIP swaps predictions between strong views: --num-augs must be >= 2")
     if args.byol_augment and num_augs(spec, args) != 2:
@@ -281,7 +265,7 @@ def recipe_errors(spec: models.ModelSpec, args: argparse.Namespace) -> list[str]
     if args.num_augs is not None and args.num_augs < 0:
         errors.append("--num-augs must be >= 0")
     if args.patch_dropout and not spec.backbone.vit:
-        vits = ", ".join(name for name, backbone in models.BACKBONES.items() if backbone.vit)
+        vits = ", ".join(name for name, backbone in registry.BACKBONES.items() if backbone.vit)
         errors.append(f"--patch-dropout drops ViT patch tokens; backbone {spec.backbone.name} of {args.model} has none "
                       f"(ViT backbones: {vits})")
     if not 0.0 <= args.patch_dropout < 1.0:
@@ -294,18 +278,34 @@ def recipe_errors(spec: models.ModelSpec, args: argparse.Namespace) -> list[str]
     return errors
 
 
+def dataset_defaults(parser: argparse.ArgumentParser, argv: list[str] | None) -> dict:
+    """The flag defaults the --dataset's catalog entry sets ("defaults": the digits demo trains in-process with 0
+    workers and validates at the end), for `parser.set_defaults` before the real parse (flags given still win;
+    timm's train.py applies its --config file the same way). Unknown names fail, naming the entry."""
+    known, _ = parser.parse_known_args(argv)
+    try:
+        defaults = readers.catalog_entry(known.dataset).get("defaults", {})
+    except readers.DatasetError:  # reported with the other checks of parse_args
+        return {}
+    unknown = sorted(set(defaults) - {a.dest for a in parser._actions})
+    if unknown:
+        parser.error(f"dataset_catalog.json entry {known.dataset!r}: 'defaults' names no flag: {unknown}")
+    return defaults
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse and validate flags; the model name is checked here, so a typo fails before any work."""
     parser = argparse.ArgumentParser("CLIP Lab", parents=[get_args_parser()])
+    parser.set_defaults(**dataset_defaults(parser, argv))
     args = parser.parse_args(argv)
     if args.list_models is not None:
         return args
     try:
-        spec = models.parse_model_name(args.model)
-        if args.text_model is not None and args.text_model not in models.text_model_choices(spec.base):
-            raise models.ModelNameError(f"--text-model {args.text_model!r} does not fit {args.model}; "
-                                        f"choose from {models.text_model_choices(spec.base)}")
-    except models.ModelNameError as exc:
+        spec = registry.parse_model_name(args.model)
+        if args.text_model is not None and args.text_model not in registry.text_model_choices(spec.base):
+            raise registry.ModelNameError(f"--text-model {args.text_model!r} does not fit {args.model}; "
+                                          f"choose from {registry.text_model_choices(spec.base)}")
+    except registry.ModelNameError as exc:
         parser.error(str(exc))
     if args.update_freq < 1 or args.batch_size < 1:
         parser.error("--update-freq and --batch-size must be >= 1")
@@ -378,83 +378,68 @@ def build_validation_reader(name: str | None, args: argparse.Namespace):
 
 
 # --------------------------------------------------------------------------- set-up
-def model_kwargs(args: argparse.Namespace) -> dict:
-    """The one place where flags become model constructor arguments."""
-    return dict(image_size=args.image_size, embed_dim=args.embed_dim, text_model=args.text_model,
-                text_width=args.text_width, text_heads=args.text_heads, text_layers=args.transformer_layers,
-                context_length=args.context_length, checkpoint_grad=args.checkpoint_grad,
-                patch_dropout=args.patch_dropout, recipe=models.RecipeOptions(
-                    clip_proj_type=args.clip_proj_type, clip_hidden_dim=args.clip_hidden_dim,
-                    separate_proj=args.separate_proj, cl2l_img_proj_type=args.cl2l_img_proj_type,
-                    cl2l_txt_proj_type=args.cl2l_txt_proj_type, cl2l_hidden_dim=args.cl2l_hidden_dim,
-                    detach_proj=args.detach_proj, separate_proj_child=args.separate_proj_child,
-                    text_dropout_prob=args.text_dropout_prob, text_drop_path_prob=args.text_drop_path_prob,
-                    barlip_proj_dim=args.barlip_proj_dim, barlip_hidden_dim=args.barlip_hidden_dim,
-                    siamlip_proj_dim=args.siamlip_proj_dim, siamlip_hidden_dim=args.siamlip_hidden_dim,
-                    siamlip_no_last_bn=args.siamlip_no_last_bn, momentum=args.momentum,
-                    momentum_tau=args.momentum_tau, momentum_tau_schedule=args.momentum_tau_schedule,
-                    swalip_proj_dim=args.swalip_proj_dim, swalip_hidden_dim=args.swalip_hidden_dim,
-                    swalip_num_proto=args.swalip_num_proto, swalip_temperature=args.swalip_temperature,
-                    swalip_learn_temperature=args.swalip_learn_temperature,
-                    swalip_no_shared_proto=args.swalip_no_shared_proto,
-                    swalip_freeze_proto_iters=args.swalip_freeze_proto_iters))
-
-
-def build_criterion(spec: models.ModelSpec, args: argparse.Namespace, env: utils.DistEnv) -> nn.Module:
+def build_criterion(spec: registry.ModelSpec, args: argparse.Namespace, env: utils.DistEnv) -> nn.Module:
     """The loss module registered for the model's objective."""
+    import losses
+    import utils
+
     gather = utils.all_gather_with_grad if env.distributed else losses.identity_gather
     if spec.objective.loss == "clip":
-        return losses.ClipLoss(gather, env.rank, args.label_smoothing, args.loss_avg_or_sum)
+        return losses.CLIPLoss(gather, env.rank, args.label_smoothing, args.loss_avg_or_sum)
     common = dict(gather=gather, rank=env.rank, label_smoothing=args.label_smoothing, avg_or_sum=args.loss_avg_or_sum)
     if spec.objective.loss == "cl2l":
         return losses.CL2LLoss(**common)
     if spec.objective.loss == "barlip":
-        return losses.BarLIPLoss(**common, lamb=args.barlip_lamb, scale=args.barlip_scale_loss)
+        return losses.BARLIPLoss(**common, lamb=args.barlip_lamb, scale=args.barlip_scale_loss)
     if spec.objective.loss == "siamlip":
-        return losses.SiamLIPLoss(**common)
+        return losses.SIAMLIPLoss(**common)
     if spec.objective.loss == "swalip":
-        return losses.SwALIPLoss(**common, epsilon=args.target_epsilon, sk_iters=args.sk_iters,
+        return losses.SWALIPLoss(**common, epsilon=args.target_epsilon, sk_iters=args.sk_iters,
                                  weight=args.swalip_weight)
     if spec.objective.loss == "swalipv1":
-        return losses.SwALIPV1Loss(**common, epsilon=args.target_epsilon, sk_iters=args.sk_iters,
+        return losses.SWALIPV1Loss(**common, epsilon=args.target_epsilon, sk_iters=args.sk_iters,
                                    weight=args.swalip_weight)
     if spec.objective.loss == "siglip" and args.siglip_chunked:
-        return losses.ChunkedSigLipLoss(utils.ring_shift_with_grad if env.distributed else losses.identity_gather,
+        return losses.ChunkedSIGLIPLoss(utils.ring_shift_with_grad if env.distributed else losses.identity_gather,
                                         env.world_size)
     if spec.objective.loss == "siglip":
-        return losses.SigLipLoss(gather, env.rank)
+        return losses.SIGLIPLoss(gather, env.rank)
     raise ValueError(f"objective {spec.objective.name}: loss {spec.objective.loss!r} is not implemented")
 
 
-def build_train_dataset(spec: models.ModelSpec, args: argparse.Namespace, reader, image_size: int, tokenizer):
-    """The training dataset: ImageTextDataset for one-view models without --text-augment; otherwise a
-    MultiViewDataset with the weak view, num_augs strong views and the text augmenter of the base's language
-    (a one-view model with --text-augment gets the weak text in the (view, tokens) layout)."""
+def build_train_dataset(spec: registry.ModelSpec, args: argparse.Namespace, reader, image_size: int, tokenizer):
+    """The training dataset: ImageTextDataset (weak view, weak text) for one-view models, its weak text through
+    the text augmenter with --text-augment; MultiViewDataset (weak view, 1 + num_augs texts, num_augs strong views)
+    with the text augmenter of the base's language for the multi-view models."""
+    import datasets
+    import text_augment
+
     weak = datasets.autoaugment_transform(image_size) if getattr(args, "use_augment", False) \
         else datasets.train_transform(image_size, args.weak_min_scale)
-    views = num_augs(spec, args)
-    multi_view = spec.objective.num_views > 0
-    if not multi_view and not args.text_augment:
-        return datasets.ImageTextDataset(reader, weak, tokenizer, caption_sampling=args.caption_sampling,
-                                         max_bad_samples=args.max_bad_samples)
+    multi_view = spec.objective.num_augs > 0
     if multi_view and args.multicrop_resize not in (None, image_size) and spec.backbone.name.startswith("VIT"):
         raise SystemExit(f"--multicrop-resize {args.multicrop_resize} != image size {image_size}: the ViT backbone "
                          f"{spec.backbone.name} takes one input size (R50 takes any)")
-    if args.text_augment and args.synonym_replacement_prob > 0 and spec.base.language == "en":
-        if not text_augment.wordnet_available():
-            raise SystemExit(text_augment.WORDNET_FIX)
-        text_augment.wordnet_synonyms("photo")  # load WordNet (~10 s) once here, so forked workers share it
-    augmenter = text_augment.build_text_augmenter(
-        spec.base.language, remove_stopwords_prob=args.remove_stopwords_prob, text_augment=args.text_augment,
-        synonym_replacement_prob=args.synonym_replacement_prob, random_swap_prob=args.random_swap_prob,
-        random_deletion_prob=args.random_deletion_prob, no_text_augment_prob=args.no_text_augment_prob,
-        clean_before_augment=args.clean_before_augment)
+    augmenter = None
+    if multi_view or args.text_augment:
+        if args.text_augment and args.synonym_replacement_prob > 0 and spec.base.language == "en":
+            if not text_augment.wordnet_available():
+                raise SystemExit(text_augment.WORDNET_FIX)
+            text_augment.wordnet_synonyms("photo")  # load WordNet (~10 s) once here, so forked workers share it
+        augmenter = text_augment.build_text_augmenter(
+            spec.base.language, remove_stopwords_prob=args.remove_stopwords_prob, text_augment=args.text_augment,
+            synonym_replacement_prob=args.synonym_replacement_prob, random_swap_prob=args.random_swap_prob,
+            random_deletion_prob=args.random_deletion_prob, no_text_augment_prob=args.no_text_augment_prob,
+            clean_before_augment=args.clean_before_augment)
+    if not multi_view:
+        return datasets.ImageTextDataset(reader, weak, tokenizer, caption_sampling=args.caption_sampling,
+                                         max_bad_samples=args.max_bad_samples, text_augmenter=augmenter)
     strong = datasets.strong_view_transforms(
-        views, args.multicrop_resize or image_size, args.multicrop_max_scale, args.blur_prob, args.solarize_prob,
-        args.grayscale_prob, args.byol_augment, args.randaugment) if multi_view else []
+        num_augs(spec, args), args.multicrop_resize or image_size, args.multicrop_max_scale, args.blur_prob,
+        args.solarize_prob, args.grayscale_prob, args.byol_augment, args.randaugment)
     return datasets.MultiViewDataset(reader, weak, tokenizer, caption_sampling=args.caption_sampling,
                                      max_bad_samples=args.max_bad_samples, strong_transforms=strong,
-                                     text_augmenter=augmenter, pair_layout=not multi_view)
+                                     text_augmenter=augmenter)
 
 
 NO_DECAY_KEYS = ("logit_scale", "token_embedding", "positional_embedding", "pos_embed", "cls_token",
@@ -531,6 +516,8 @@ def write_run_record(exp_dir: str, args: argparse.Namespace, commit: str) -> Non
 
 def freeze_vision(model: nn.Module) -> None:
     """No gradients for the image tower and its projection; its BatchNorms stay in eval mode."""
+    import torch.nn as nn
+
     for module in (model.visual, model.image_projection):
         module.requires_grad_(False)
 
@@ -555,6 +542,8 @@ def init_wandb(args: argparse.Namespace, exp_dir: str, commit: str, run_id: str)
     """The wandb run `run_id` (resumed when it exists), named after the experiment; offline without an API key."""
     import wandb
 
+    import utils
+
     mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
     config = args_dict(args)
     config.update(commit=commit, slurm_job_id=os.environ.get("SLURM_JOB_ID"), world_size=utils.get_world_size())
@@ -573,31 +562,36 @@ def init_wandb(args: argparse.Namespace, exp_dir: str, commit: str, run_id: str)
 CLASS_NAME_CAPTION_FORMATS = ("imagefolder", "filelist", "torchvision")
 
 
-def evaluate(model, spec: models.ModelSpec, tokenizer, args, device, name: str, reader) -> dict[str, float]:
+def evaluate(model, spec: registry.ModelSpec, tokenizer, args, device, name: str, reader) -> dict[str, float]:
     """Validation on the test split of catalog dataset `name` (`reader`: its test-split reader): zero-shot
     metrics exactly as eval_zeroshot.py computes them (when it has class names), then image<->text recall over
     the split (unless its captions are bare class names)."""
+    import engine
+
     model = engine.unwrap(model)
     was_training = model.training
     model.eval()
     try:
         metrics = zero_shot_metrics(model, spec, tokenizer, args, device, name, reader)
         if readers.catalog_entry(name)["format"] not in CLASS_NAME_CAPTION_FORMATS:
-            metrics.update(retrieval_metrics(model, tokenizer, reader, ctx_image_size(args, spec), device))
+            metrics.update(retrieval_metrics(model, tokenizer, reader, registry.image_size_for(vars(args), spec),
+                                             device))
     finally:
         model.train(was_training)
     return metrics
 
 
-def zero_shot_metrics(model, spec: models.ModelSpec, tokenizer, args, device, name: str,
+def zero_shot_metrics(model, spec: registry.ModelSpec, tokenizer, args, device, name: str,
                       reader) -> dict[str, float]:
     """eval_zeroshot.evaluate_dataset's float metrics (score_<head> = the dataset's anchor metric, acc1_<head>,
     acc5_<head>) on `reader` (the test split opened at start) with the prompts of the model's language; {} for a
     dataset without class names (MUGE...)."""
+    import eval_zeroshot
+
     try:
-        result = eval_zeroshot.evaluate_dataset(model, tokenizer, name, spec.base.language, ctx_image_size(args, spec),
-                                                device, args.data_root, batch_size=256, workers=args.workers,
-                                                reader=reader)
+        result = eval_zeroshot.evaluate_dataset(model, tokenizer, name, spec.base.language,
+                                                registry.image_size_for(vars(args), spec), device, args.data_root,
+                                                batch_size=256, workers=args.workers, reader=reader)
     except readers.DatasetError as exc:  # no class names/templates (or names that do not fit the split): the
         # run goes on with the other metrics, so the epoch's checkpoint is still written
         log.warning("no zero-shot metrics on %s: %s", name, exc)
@@ -607,6 +601,11 @@ def zero_shot_metrics(model, spec: models.ModelSpec, tokenizer, args, device, na
 
 def retrieval_metrics(model, tokenizer, reader, image_size: int, device) -> dict[str, float]:
     """Image<->text recall over every distinct image and text of the split (the pool for pair datasets)."""
+    import torch
+
+    import datasets
+    import eval_retrieval
+
     pairs = eval_retrieval.reader_pairs(reader)
     if pairs is not None:  # MUGE-style pairs: recall over every distinct image and text of the split, with
         # Chinese-CLIP's squash transform, so that it equals `eval_retrieval.py run` on the same checkpoint
@@ -625,18 +624,17 @@ def selection_score(metrics: dict[str, float]) -> float:
     return headline[1] if headline is not None else -math.inf
 
 
-def ctx_image_size(args: argparse.Namespace, spec: models.ModelSpec) -> int:
-    """--image-size, else the dataset's catalog image_size, else the backbone preset."""
-    return args.image_size or readers.catalog_entry(args.dataset).get("image_size") or spec.backbone.image_size
-
-
 # --------------------------------------------------------------------------- checkpoint
 def checkpoint_payload(model, optimizer, scaler, state: engine.RunState, args, commit: str,
-                       rng_states: list[dict], total_steps: int, wandb_id: str | None = None) -> dict:
+                       rng_states: list[dict], total_steps: int, model_config: dict,
+                       wandb_id: str | None = None) -> dict:
     """What checkpoint.pt holds; `rng` is the list of every rank's RNG states (`utils.gather_rng_states`),
-    `metrics` those of the last validation (measured at `metrics_step`), `total_steps` the schedule's end."""
-    return {"model": engine.unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict(),
+    `metrics` those of the last validation (measured at `metrics_step`), `total_steps` the schedule's end,
+    `model_config` the model's description (`registry.model_config`: build_model name + kwargs)."""
+    import engine
+
+    return {"model": engine.unwrap(model).state_dict(), "model_config": model_config,
+            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
             "epoch": state.epoch, "step": state.step, "step_in_epoch": state.step_in_epoch,
             "total_steps": total_steps, "best_metric": state.best_metric, "nonfinite": state.nonfinite,
             "metrics": dict(state.metrics), "metrics_step": state.metrics_step,
@@ -647,6 +645,8 @@ def restore_rng(saved: list[dict] | dict, rank: int, world_size: int, seed: int,
     """This rank's RNG states from a checkpoint: its own entry when the checkpoint has one per rank of this
     world size (an exact resume); otherwise (another world size, or an older single-state checkpoint) a fresh
     per-rank stream seeded by (seed, rank, step), with a warning that dropout masks will not repeat exactly."""
+    import utils
+
     states = saved if isinstance(saved, list) else [saved]
     if len(states) == world_size:
         utils.restore_rng_state(states[rank])
@@ -661,6 +661,10 @@ def restore(path: str, model, optimizer, scaler, state: engine.RunState, args, e
     """Training state from checkpoint `path` (weights strictly, optimizer, scaler, progress, last validation,
     this rank's RNG); returns the wandb run id it holds (None before ids were stored). A checkpoint written under
     other flags (its `args`, compared as args.json is) is refused: it would not be the same run."""
+    import engine
+    import utils
+    import weights
+
     ckpt = utils.load_checkpoint(path)
     missing = [k for k in ("model", "optimizer", "epoch", "step", "step_in_epoch", "rng") if k not in ckpt]
     if missing:
@@ -698,6 +702,9 @@ def run_epochs(args, state: engine.RunState, total_steps: int, val_name: str | N
 
     Validation runs every --eval-freq epochs, at the last epoch and at a --max-steps stop (with --eval-freq 0:
     only at the last epoch), before the checkpoint is written, so the checkpoint holds its metrics."""
+    import datasets
+    import engine
+
     sampler = loader.sampler
     while state.epoch < args.epochs and not (args.max_steps and state.step >= args.max_steps):
         sampler.set_epoch(state.epoch, state.step_in_epoch * args.update_freq)
@@ -734,6 +741,8 @@ def run_epochs(args, state: engine.RunState, total_steps: int, val_name: str | N
 def owned_folder(exp_dir: str, args: argparse.Namespace, env: utils.DistEnv):
     """Rank 0 holds the folder's lock for the block (taken before anything is written there) and checks that the
     folder is this run's; every rank learns whether that worked, so a refused start ends all ranks at once."""
+    import utils
+
     lock, refusal = None, None
     if env.rank == 0:
         try:
@@ -758,8 +767,12 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
     experiment is left as it is: its summary is returned and `already finished: <folder> (<metric>)` printed."""
     args = parse_args(args) if not isinstance(args, argparse.Namespace) else args
     if args.list_models is not None:
-        print("\n".join(models.list_models(args.list_models)))
+        print("\n".join(registry.list_models(args.list_models)))
         return {}
+    import torch
+
+    import utils
+
     exp_dir = experiment_dir(args)
     done = experiment.finished_summary(exp_dir)
     if done is not None:  # checked by every rank, before any process group or lock: nothing is touched
@@ -778,7 +791,18 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
 def train(args: argparse.Namespace, env: utils.DistEnv, exp_dir: str) -> dict:
     """The run itself, on a folder this process owns: set-up, resume, the epochs, validation, checkpoints and
     summary.json (also when an exception ends the run once the folder holds its args.json)."""
-    spec = models.parse_model_name(args.model)
+    import torch
+    import torch.nn as nn
+    from torch.nn.parallel import DistributedDataParallel
+    from torch.utils.data import DataLoader
+
+    import datasets
+    import engine
+    import models
+    import utils
+    import weights
+
+    spec = registry.parse_model_name(args.model)
     main_process = env.rank == 0
     commit = utils.git_commit()
     if main_process:
@@ -786,9 +810,10 @@ def train(args: argparse.Namespace, env: utils.DistEnv, exp_dir: str) -> dict:
     setup_logging(exp_dir, main_process)
     utils.seed_all(args.seed)
 
-    image_size = ctx_image_size(args, spec)
-    kwargs = {**model_kwargs(args), "image_size": image_size}
-    model = models.build_model(spec, **kwargs).to(env.device)
+    model_config = registry.config_from_flags(vars(args))  # the model's description, stored in every checkpoint
+    image_size = model_config["kwargs"]["image_size"]
+    model = models.build_from_config(model_config, checkpoint_grad=args.checkpoint_grad,
+                                     patch_dropout=args.patch_dropout).to(env.device)
     if args.pretrained:
         weights.load_weights(model, args.pretrained)
         model.after_weights_loaded()
@@ -796,7 +821,7 @@ def train(args: argparse.Namespace, env: utils.DistEnv, exp_dir: str) -> dict:
         freeze_vision(model)
     # the same initial weights on every rank (above), then each rank its own stream for dropout masks
     utils.seed_all(utils.rank_seed(args.seed, env.rank))
-    tokenizer = datasets.build_tokenizer(spec.base.tokenizer, args.context_length or spec.base.context_length)
+    tokenizer = datasets.build_tokenizer(spec.base.tokenizer, model_config["kwargs"]["context_length"])
     reader = readers.build_reader(args.dataset, "train", data_root=args.data_root, max_pixels=args.max_image_pixels)
     val_name = validation_dataset_name(args)
     val_reader = build_validation_reader(val_name, args)  # a missing validation set fails now, not after an epoch
@@ -843,7 +868,7 @@ def train(args: argparse.Namespace, env: utils.DistEnv, exp_dir: str) -> dict:
         rng_states = utils.gather_rng_states()
         if main_process:
             payload = checkpoint_payload(model, optimizer, scaler, state, args, commit, rng_states, total_steps,
-                                         wandb_id)
+                                         model_config, wandb_id)
             utils.save_atomic(payload, os.path.join(exp_dir, "checkpoint.pt"))
             if is_best:
                 utils.save_atomic(payload, os.path.join(exp_dir, "checkpoint_best.pt"))

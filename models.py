@@ -1,27 +1,41 @@
-"""Dual encoders and their registries.
+"""Dual encoders: vision and text towers, projectors, the model classes of every objective, `build_model`.
 
-A model name is `<BASE>_<BACKBONE>_<NAME>`: BASE picks the model class and text family (CLIP with the
-OpenAI text transformer and BPE tokens, CNCLIP with a Chinese BERT and wordpiece tokens), BACKBONE a
-timm vision tower, NAME the objective. The three parts are registered with decorators and a name is
-parsed by matching registered keys (never `split('_')`), so `list_models()` is the exact set of
-valid names and a typo fails at parse time with a close-match suggestion.
+What a `<BASE>_<BACKBONE>_<NAME>` name means (bases, backbones, objectives, presets, recipe options) is data in
+registry.py, importable without torch; this module registers the constructor of each backbone
+(`backbone_builder`) and each model class (`register_model_class`) under the registry's names, and
+`build_model` hands every setting to the constructors (open_clip's `_build_vision_tower`/`_build_text_tower`
+pattern, mlfoundations/open_clip src/open_clip/model.py), so a model read from its class is the model that runs.
+`list_models`, `parse_model_name`, `ModelSpec`, `ModelNameError` and `RecipeOptions` are the registry's, re-exported.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
-import fnmatch
+import functools
+import inspect
 import logging
 import math
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
 
 import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from registry import (  # noqa: F401 - list_models, model_config and text_model_choices are re-exported
+    BACKBONES,
+    BERT_CONFIGS,
+    OBJECTIVES,
+    ModelNameError,
+    ModelSpec,
+    RecipeOptions,
+    list_models,
+    model_config,
+    parse_model_name,
+    resolve_build_kwargs,
+    text_model_choices,
+)
 
 # --------------------------------------------------------------------------- attention
 try:  # xformers is an optional CUDA acceleration; CPU always uses PyTorch SDPA
@@ -108,38 +122,15 @@ class TimmAttention(nn.Module):
 
 
 # --------------------------------------------------------------------------- vision backbones
-@dataclass(frozen=True)
-class TextPreset:
-    """Default text tower of a backbone: the CLIP transformer size and the Chinese BERT name."""
-
-    width: int
-    heads: int
-    layers: int
-    bert: str
+BACKBONE_BUILDERS: dict[str, Callable[[int], nn.Module]] = {}
 
 
-@dataclass(frozen=True)
-class BackboneSpec:
-    name: str
-    build: Callable[[int], nn.Module]  # image_size -> module returning (B, width) features
-    width: int
-    image_size: int
-    embed_dim: int
-    text: TextPreset
-    projected: bool = False  # the tower ends in its own projection to embed_dim (OpenAI's attention pool)
-    vit: bool = False  # a timm ViT: build(image_size, patch_dropout=p) drops patch tokens (FLIP)
-
-
-BACKBONES: dict[str, BackboneSpec] = {}
-
-
-def register_backbone(name: str, *, width: int, image_size: int, embed_dim: int, text: TextPreset,
-                      projected: bool = False, vit: bool = False):
-    """Decorator registering a vision-tower factory `fn(image_size) -> nn.Module` under `name`; a ViT (`vit=True`)
-    factory also takes `patch_dropout`."""
+def backbone_builder(name: str):
+    """Decorator registering the constructor `fn(image_size) -> nn.Module` ((B,3,H,W) -> (B, width) features) of
+    the registry's backbone `name`; a ViT's (`registry.BackboneSpec.vit`) also takes `patch_dropout`."""
 
     def wrap(fn: Callable[[int], nn.Module]) -> Callable[[int], nn.Module]:
-        BACKBONES[name] = BackboneSpec(name, fn, width, image_size, embed_dim, text, projected, vit)
+        BACKBONE_BUILDERS[name] = fn
         return fn
 
     return wrap
@@ -161,63 +152,56 @@ def _timm_vit(timm_name: str, image_size: int, patch_dropout: float = 0.0, **ove
 
 # OpenAI-CLIP style ViT for the small sizes: ln_pre, QuickGELU, LayerNorm eps 1e-5 (timm's default is 1e-6)
 _CLIP_VIT = dict(pre_norm=True, act_layer="quick_gelu", norm_layer=nn.LayerNorm)
-TEXT_B = TextPreset(512, 8, 12, "RoBERTa-wwm-ext-base-chinese")
 
 
-@register_backbone("VITT16", width=192, image_size=224, embed_dim=256, vit=True,
-                   text=TextPreset(192, 3, 4, "BERT-tiny-chinese"))
+@backbone_builder("VITT16")
 def vit_tiny16(image_size: int, patch_dropout: float = 0.0) -> nn.Module:
     return _timm_vit("vit_tiny_patch16_224", image_size, patch_dropout, **_CLIP_VIT)
 
 
-@register_backbone("VITS16", width=384, image_size=224, embed_dim=256, vit=True, text=TEXT_B)
+@backbone_builder("VITS16")
 def vit_small16(image_size: int, patch_dropout: float = 0.0) -> nn.Module:
     return _timm_vit("vit_small_patch16_224", image_size, patch_dropout, **_CLIP_VIT)
 
 
-@register_backbone("VITS16MOCO", width=384, image_size=224, embed_dim=256, vit=True, text=TEXT_B)
+@backbone_builder("VITS16MOCO")
 def vit_small16_moco(image_size: int, patch_dropout: float = 0.0) -> nn.Module:
     """MoCo-v3 ViT-S/16: 12 heads of width 32 instead of 6 of width 64."""
     return _timm_vit("vit_small_patch16_224", image_size, patch_dropout, num_heads=12, **_CLIP_VIT)
 
 
-@register_backbone("VITB16", width=768, image_size=224, embed_dim=512, vit=True, text=TEXT_B)
+@backbone_builder("VITB16")
 def vit_base16(image_size: int, patch_dropout: float = 0.0) -> nn.Module:
     return _timm_vit("vit_base_patch16_clip_quickgelu_224", image_size, patch_dropout)
 
 
-@register_backbone("VITB32", width=768, image_size=224, embed_dim=512, vit=True, text=TEXT_B)
+@backbone_builder("VITB32")
 def vit_base32(image_size: int, patch_dropout: float = 0.0) -> nn.Module:
     return _timm_vit("vit_base_patch32_clip_quickgelu_224", image_size, patch_dropout)
 
 
-@register_backbone("VITL14", width=1024, image_size=224, embed_dim=768, vit=True,
-                   text=TextPreset(768, 12, 12, "RoBERTa-wwm-ext-base-chinese"))
+@backbone_builder("VITL14")
 def vit_large14(image_size: int, patch_dropout: float = 0.0) -> nn.Module:
     return _timm_vit("vit_large_patch14_clip_quickgelu_224", image_size, patch_dropout)
 
 
-@register_backbone("VITL14336", width=1024, image_size=336, embed_dim=768, vit=True,
-                   text=TextPreset(768, 12, 12, "RoBERTa-wwm-ext-base-chinese"))
+@backbone_builder("VITL14336")
 def vit_large14_336(image_size: int, patch_dropout: float = 0.0) -> nn.Module:
     return _timm_vit("vit_large_patch14_clip_quickgelu_336", image_size, patch_dropout)
 
 
-@register_backbone("VITH14", width=1280, image_size=224, embed_dim=1024, vit=True,
-                   text=TextPreset(1024, 16, 24, "RoBERTa-wwm-ext-large-chinese"))
+@backbone_builder("VITH14")
 def vit_huge14(image_size: int, patch_dropout: float = 0.0) -> nn.Module:
     return _timm_vit("vit_huge_patch14_clip_quickgelu_224", image_size, patch_dropout)
 
 
-@register_backbone("R50", width=2048, image_size=224, embed_dim=1024,
-                   text=TextPreset(512, 8, 12, "RBT3-chinese"))
+@backbone_builder("R50")
 def resnet50(image_size: int) -> nn.Module:
     """timm ResNet-50 with global average pooling (clip-rocket's R50)."""
     return timm.create_model("resnet50", pretrained=False, num_classes=0)
 
 
-@register_backbone("RN50", width=1024, image_size=224, embed_dim=1024, projected=True,
-                   text=TextPreset(512, 8, 12, "RBT3-chinese"))
+@backbone_builder("RN50")
 def openai_resnet50(image_size: int) -> nn.Module:
     """OpenAI's ModifiedResNet-50 (3-conv stem, anti-aliased strides, attention pool to 1024-d), as in
     OpenAI CLIP and Chinese-CLIP RN50; open_clip's implementation. Its attention pool is the image projection."""
@@ -307,18 +291,6 @@ class CLIPTextTransformer(nn.Module):
         self.grad_checkpointing = enable
 
 
-BERT_CONFIGS: dict[str, dict] = {
-    # Chinese-CLIP text configs (reference/chinese_clip.md §2.2); vocab 21128, max positions 512
-    "RBT3-chinese": dict(hidden_size=768, num_hidden_layers=3, num_attention_heads=12, intermediate_size=3072),
-    "RoBERTa-wwm-ext-base-chinese": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                                         intermediate_size=3072),
-    "RoBERTa-wwm-ext-large-chinese": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
-                                          intermediate_size=4096),
-    # tiny tower for CPU tests and the digits-zh demo (same vocab and tokenizer)
-    "BERT-tiny-chinese": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512),
-}
-
-
 class BertTextTower(nn.Module):
     """Chinese-CLIP text tower: transformers' BertModel, [CLS] pooling, attention mask = tokens != [PAD]."""
 
@@ -357,15 +329,17 @@ class CLIP(nn.Module):
     fp32, "logit_scale" () = exp(learned log-scale)}.
     """
 
-    def __init__(self, visual: nn.Module, vision_width: int, text: nn.Module, text_width: int,
-                 embed_dim: int) -> None:
+    def __init__(self, visual: nn.Module, vision_width: int, text: nn.Module, text_width: int, embed_dim: int,
+                 opts: RecipeOptions, vision_projected: bool = False) -> None:
         super().__init__()
         self.visual, self.text = visual, text
-        self.image_projection = nn.Linear(vision_width, embed_dim, bias=False)
-        self.text_projection = nn.Linear(text_width, embed_dim, bias=False)
-        nn.init.normal_(self.image_projection.weight, std=vision_width ** -0.5)
-        nn.init.normal_(self.text_projection.weight, std=text_width ** -0.5)
+        # head z: linear (CLIP) or an MLP (clip-rocket's --clip-proj-type mlp); a tower that projects itself
+        # (OpenAI RN50's attention pool) gets no image projection
+        self.image_projection = nn.Identity() if vision_projected else \
+            projector(opts.clip_proj_type, vision_width, opts.clip_hidden_dim, embed_dim)
+        self.text_projection = projector(opts.clip_proj_type, text_width, opts.clip_hidden_dim, embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.opts = opts
 
     # embedding heads evaluation can score: "z" is the CLIP projector; CL2L adds "h" (its MLP projector)
     embedding_heads: tuple[str, ...] = ("z",)
@@ -406,81 +380,7 @@ class CLIP(nn.Module):
         """Hook run after --pretrained weights were copied in; BYOLIP re-copies its target network."""
 
 
-# --------------------------------------------------------------------------- bases and objectives
-@dataclass(frozen=True)
-class BaseSpec:
-    name: str
-    text_family: str  # "clip" (OpenAI transformer) or "bert"
-    tokenizer: str  # "bpe" or "bert"
-    context_length: int
-    language: str  # "en" or "zh": picks captions, templates and text augmentation
-
-
-@dataclass(frozen=True)
-class ObjectiveSpec:
-    name: str
-    loss: str  # key understood by main.build_criterion
-    metric_names: tuple[str, ...]
-    bases: tuple[str, ...]  # bases this objective is defined for
-    num_views: int = 0  # strong image/text views beyond the global pair
-    model: str = "CLIP"  # key of MODEL_CLASSES: the dual-encoder class this objective trains
-
-
-BASES: dict[str, BaseSpec] = {}
-OBJECTIVES: dict[str, ObjectiveSpec] = {}
-
-
-def register_base(spec: BaseSpec) -> BaseSpec:
-    BASES[spec.name] = spec
-    return spec
-
-
-def register_objective(spec: ObjectiveSpec) -> ObjectiveSpec:
-    OBJECTIVES[spec.name] = spec
-    return spec
-
-
-register_base(BaseSpec("CLIP", text_family="clip", tokenizer="bpe", context_length=77, language="en"))
-register_base(BaseSpec("CNCLIP", text_family="bert", tokenizer="bert", context_length=52, language="zh"))
-register_objective(ObjectiveSpec("CLIP", loss="clip", metric_names=("loss", "clip_loss", "clip_acc"),
-                                 bases=("CLIP", "CNCLIP")))
-
-
 # --------------------------------------------------------------------------- CLIP🚀 (CL2L) and its family
-@dataclass(frozen=True)
-class RecipeOptions:
-    """Constructor options of the CL2L family, SWALIPV1 and SigLIP (main.model_kwargs fills it from flags).
-
-    A frozen dataclass, so a misspelled option fails at construction. Fields mirror clip-rocket's flags.
-    """
-
-    clip_proj_type: str = "linear"  # projector of the global pair (head z): linear | mlp
-    clip_hidden_dim: int = 4096
-    separate_proj: bool = False  # own MLP projectors + own temperature (init 1/0.1) for the strong views
-    cl2l_img_proj_type: str = "mlp"  # projector of the strong views (head h): mlp | linear
-    cl2l_txt_proj_type: str = "mlp"
-    cl2l_hidden_dim: int = 4096
-    detach_proj: bool = False  # the global text projector sees detached text features
-    separate_proj_child: bool = False  # non-contrastive heads: separate copies for the strong views
-    text_dropout_prob: float = 0.0  # strong texts only
-    text_drop_path_prob: float = 0.0  # strong texts only
-    barlip_proj_dim: int = 8192
-    barlip_hidden_dim: int = 3000
-    siamlip_proj_dim: int = 128
-    siamlip_hidden_dim: int = 2048
-    siamlip_no_last_bn: bool = False
-    momentum: bool = False  # BYOL target network (forced on by BYOLIP)
-    momentum_tau: float = 0.99
-    momentum_tau_schedule: str = "constant"  # constant | cosine (BYOL: tau -> 1)
-    swalip_proj_dim: int = 128
-    swalip_hidden_dim: int = 2048
-    swalip_num_proto: int = 3000
-    swalip_temperature: float = 0.1
-    swalip_learn_temperature: bool = False
-    swalip_no_shared_proto: bool = False
-    swalip_freeze_proto_iters: int = 100
-
-
 def build_mlp(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 3, bias: bool = True,
               last_bn: str | None = None) -> nn.Sequential:
     """(num_layers - 1) x [Linear - BatchNorm1d - ReLU] then Linear; last_bn 'affine'/'plain' adds a final BN
@@ -495,7 +395,7 @@ def build_mlp(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 3, b
     return nn.Sequential(*layers)
 
 
-def _projector(kind: str, in_dim: int, hidden_dim: int, out_dim: int) -> nn.Module:
+def projector(kind: str, in_dim: int, hidden_dim: int, out_dim: int) -> nn.Module:
     """'linear' (bias-free, std in_dim^-0.5 as CLIP) or a 3-layer 'mlp' with BN."""
     if kind == "mlp":
         return build_mlp(in_dim, hidden_dim, out_dim, num_layers=3)
@@ -509,24 +409,21 @@ def _projector(kind: str, in_dim: int, hidden_dim: int, out_dim: int) -> nn.Modu
 MODEL_CLASSES: dict[str, type] = {"CLIP": CLIP}
 
 
-def register_model_class(name: str):
-    """Decorator: make a CLIP subclass available to ObjectiveSpec.model under `name`."""
-
-    def wrap(cls: type) -> type:
-        MODEL_CLASSES[name] = cls
-        return cls
-
-    return wrap
+def register_model_class(cls: type) -> type:
+    """Decorator: make a CLIP subclass available to the registry's ObjectiveSpec.model under its class name."""
+    MODEL_CLASSES[cls.__name__] = cls
+    return cls
 
 
 def _norm(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x.float(), dim=-1)
 
 
-@register_model_class("CL2L")
+@register_model_class
 class CL2L(CLIP):
     """CLIP🚀 (Fini et al., 2023): a weak global pair through the CLIP projector (head "z") plus A strong
-    image views and A strong texts through the l2l projectors (head "h", MLP with BN when --separate-proj).
+    image views and A strong texts through the l2l projectors (head "h", MLP with BN when --separate-proj);
+    A = num_augs (--num-augs) is the shape letter of the strong-view axis here and in losses.py.
 
     forward(images (B,3,H,W) weak view, tokens (B,1+A,L) weak text then A strong texts, images_strong
     (B,A,3,H',W')) -> {"image_embed","text_embed" (B,D), "image_strong_embed","text_strong_embed" (B,A,D),
@@ -537,13 +434,12 @@ class CL2L(CLIP):
     embedding_heads = ("z", "h")
 
     def __init__(self, visual: nn.Module, vision_width: int, text: nn.Module, text_width: int, embed_dim: int,
-                 opts: RecipeOptions) -> None:
-        super().__init__(visual, vision_width, text, text_width, embed_dim)
-        self.opts = opts
+                 opts: RecipeOptions, vision_projected: bool = False) -> None:
+        super().__init__(visual, vision_width, text, text_width, embed_dim, opts, vision_projected)
         if opts.separate_proj:
-            self.l2l_image_projection = _projector(opts.cl2l_img_proj_type, vision_width, opts.cl2l_hidden_dim,
+            self.l2l_image_projection = projector(opts.cl2l_img_proj_type, vision_width, opts.cl2l_hidden_dim,
                                                    embed_dim)
-            self.l2l_text_projection = _projector(opts.cl2l_txt_proj_type, text_width, opts.cl2l_hidden_dim,
+            self.l2l_text_projection = projector(opts.cl2l_txt_proj_type, text_width, opts.cl2l_hidden_dim,
                                                   embed_dim)
             self.l2l_logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.1)))
 
@@ -613,14 +509,15 @@ def _apply(module_global: nn.Module, module_strong: nn.Module, feats: dict[str, 
     return out, module_strong(feats[f"{modality}_strong"]).view(B, A, -1)
 
 
-@register_model_class("BARLIP")
+@register_model_class
 class BARLIP(CL2L):
     """CL2L + Barlow Twins heads: Linear-BN-ReLU-Linear-BN-ReLU-Linear-BN (hidden 3000, out 8192), one per
     modality; separate strong-view copies with --separate-proj-child. Adds v_image, v_text (B,P),
     v_image_strong, v_text_strong (B,A,P)."""
 
-    def __init__(self, visual, vision_width, text, text_width, embed_dim, opts: RecipeOptions) -> None:
-        super().__init__(visual, vision_width, text, text_width, embed_dim, opts)
+    def __init__(self, visual: nn.Module, vision_width: int, text: nn.Module, text_width: int, embed_dim: int,
+                 opts: RecipeOptions, vision_projected: bool = False) -> None:
+        super().__init__(visual, vision_width, text, text_width, embed_dim, opts, vision_projected)
 
         def head(width: int) -> nn.Module:
             return build_mlp(width, opts.barlip_hidden_dim, opts.barlip_proj_dim, num_layers=3, last_bn="affine")
@@ -688,15 +585,16 @@ def momentum_tau(base_tau: float, schedule: str, step: int, total_steps: int) ->
     raise ValueError(f"momentum tau schedule must be 'constant' or 'cosine', got {schedule!r}")
 
 
-@register_model_class("SIAMLIP")
+@register_model_class
 class SIAMLIP(CL2L):
     """CL2L + cross-modal SimSiam heads (SiamLIP); with opts.momentum, a BYOL target network (BYOLIP).
 
     Adds v_image, v_text (B,P) and v_image_strong, v_text_strong (B,A,P) (projector outputs), p_* (the
     predictors: p_image = image->text predictor(v_image)), and with momentum v_*_momentum from the target."""
 
-    def __init__(self, visual, vision_width, text, text_width, embed_dim, opts: RecipeOptions) -> None:
-        super().__init__(visual, vision_width, text, text_width, embed_dim, opts)
+    def __init__(self, visual: nn.Module, vision_width: int, text: nn.Module, text_width: int, embed_dim: int,
+                 opts: RecipeOptions, vision_projected: bool = False) -> None:
+        super().__init__(visual, vision_width, text, text_width, embed_dim, opts, vision_projected)
         self.siam_heads = _SiamHeads(vision_width, text_width, opts)
         self.siam_heads_strong = _SiamHeads(vision_width, text_width, opts) if opts.separate_proj_child else None
         self.target = MomentumTarget(self) if opts.momentum else None
@@ -746,15 +644,17 @@ class SIAMLIP(CL2L):
             p_t.mul_(tau).add_(p.detach(), alpha=1 - tau)
 
 
-@register_model_class("BYOLIP")
+@register_model_class
 class BYOLIP(SIAMLIP):
     """SiamLIP with the BYOL momentum target network always on (clip-rocket's `*_SIAMLIP --momentum`)."""
 
-    def __init__(self, visual, vision_width, text, text_width, embed_dim, opts: RecipeOptions) -> None:
-        super().__init__(visual, vision_width, text, text_width, embed_dim, dataclasses.replace(opts, momentum=True))
+    def __init__(self, visual: nn.Module, vision_width: int, text: nn.Module, text_width: int, embed_dim: int,
+                 opts: RecipeOptions, vision_projected: bool = False) -> None:
+        super().__init__(visual, vision_width, text, text_width, embed_dim, dataclasses.replace(opts, momentum=True),
+                         vision_projected)
 
 
-@register_model_class("SWALIPV1")
+@register_model_class
 class SWALIPV1(CLIP):
     """CLIP + SwAV heads with learned prototypes (clip-rocket's SWALIPV1): projector Linear-BN-ReLU-Linear
     (hidden 2048, out 128) per modality, K unit-norm prototypes (weight-normalised, g fixed at 1) shared
@@ -762,9 +662,9 @@ class SWALIPV1(CLIP):
     with swalip_learn_temperature. Adds p_image, p_text (B, K) cosine scores and swalip_logit_scale.
     Prototype gradients are dropped for the first swalip_freeze_proto_iters optimizer steps."""
 
-    def __init__(self, visual, vision_width, text, text_width, embed_dim, opts: RecipeOptions) -> None:
-        super().__init__(visual, vision_width, text, text_width, embed_dim)
-        self.opts = opts
+    def __init__(self, visual: nn.Module, vision_width: int, text: nn.Module, text_width: int, embed_dim: int,
+                 opts: RecipeOptions, vision_projected: bool = False) -> None:
+        super().__init__(visual, vision_width, text, text_width, embed_dim, opts, vision_projected)
         dim, hidden = opts.swalip_proj_dim, opts.swalip_hidden_dim
         self.swalip_image_projector = build_mlp(vision_width, hidden, dim, num_layers=2)
         self.swalip_text_projector = build_mlp(text_width, hidden, dim, num_layers=2)
@@ -803,13 +703,14 @@ class SWALIPV1(CLIP):
             self.swalip_logit_scale.clamp_(0, max_log)
 
 
-@register_model_class("SIGLIP")
-class SigLIP(CLIP):
+@register_model_class
+class SIGLIP(CLIP):
     """CLIP towers trained with the sigmoid loss (Zhai et al., 2023): temperature t = exp(logit_scale)
     initialised at 10 and a learnable bias initialised at -10. Adds "logit_bias" to the outputs."""
 
-    def __init__(self, visual, vision_width, text, text_width, embed_dim, opts: RecipeOptions) -> None:
-        super().__init__(visual, vision_width, text, text_width, embed_dim)
+    def __init__(self, visual: nn.Module, vision_width: int, text: nn.Module, text_width: int, embed_dim: int,
+                 opts: RecipeOptions, vision_projected: bool = False) -> None:
+        super().__init__(visual, vision_width, text, text_width, embed_dim, opts, vision_projected)
         with torch.no_grad():
             self.logit_scale.fill_(math.log(10.0))
         self.logit_bias = nn.Parameter(torch.tensor(-10.0))
@@ -818,129 +719,74 @@ class SigLIP(CLIP):
         return {**super().forward(images, tokens), "logit_bias": self.logit_bias}
 
 
-CL2L_METRICS = ("loss", "clip_loss", "clip_loss_image", "clip_loss_text", "clip_loss_image_global",
-                "clip_loss_text_global", "clip_loss_image_local", "clip_loss_text_local", "clip_acc",
-                "clip_acc_text_global", "clip_acc_image_local", "clip_acc_text_local", "h_logit_scale")
-register_base(BaseSpec("CL2L", text_family="clip", tokenizer="bpe", context_length=77, language="en"))
-register_objective(ObjectiveSpec("CL2L", loss="cl2l", metric_names=CL2L_METRICS, bases=("CL2L",), num_views=2,
-                                 model="CL2L"))
-register_objective(ObjectiveSpec("BARLIP", loss="barlip", metric_names=CL2L_METRICS + ("barlip_loss",),
-                                 bases=("CL2L",), num_views=2, model="BARLIP"))
-register_objective(ObjectiveSpec("SIAMLIP", loss="siamlip", metric_names=CL2L_METRICS + ("siamlip_loss",),
-                                 bases=("CL2L",), num_views=2, model="SIAMLIP"))
-register_objective(ObjectiveSpec("BYOLIP", loss="siamlip", metric_names=CL2L_METRICS + ("siamlip_loss",),
-                                 bases=("CL2L",), num_views=2, model="BYOLIP"))
-register_objective(ObjectiveSpec("SWALIP", loss="swalip", metric_names=CL2L_METRICS + ("swalip_loss",),
-                                 bases=("CL2L",), num_views=2, model="CL2L"))
-register_objective(ObjectiveSpec("SWALIPV1", loss="swalipv1",
-                                 metric_names=("loss", "clip_loss", "clip_acc", "swalip_loss", "swalip_logit_scale"),
-                                 bases=("CLIP",), model="SWALIPV1"))
-register_objective(ObjectiveSpec("SIGLIP", loss="siglip",
-                                 metric_names=("loss", "siglip_loss", "clip_acc", "logit_bias"),
-                                 bases=("CLIP", "CNCLIP"), model="SIGLIP"))
+# every registered backbone and objective model has its constructor here (and nothing unregistered is built)
+_unbuilt = sorted(set(BACKBONES) ^ set(BACKBONE_BUILDERS)) + \
+    sorted({o.model for o in OBJECTIVES.values()} - set(MODEL_CLASSES))
+if _unbuilt:
+    raise ImportError(f"registry.py and models.py disagree on {_unbuilt}: register a builder for each registry name")
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    """A parsed model name and everything main.py needs to know about it."""
-
-    name: str
-    base: BaseSpec
-    backbone: BackboneSpec
-    objective: ObjectiveSpec
-    extras: dict = field(default_factory=dict)
-
-
-class ModelNameError(ValueError):
-    """An unknown or invalid `<BASE>_<BACKBONE>_<NAME>` model name."""
-
-
-def list_models(pattern: str = "*") -> list[str]:
-    """Every valid model name matching the shell-style `pattern` (case-insensitive), sorted."""
-    names = [f"{b}_{bb}_{o}" for b in BASES for bb in BACKBONES for o, spec in OBJECTIVES.items()
-             if b in spec.bases]
-    return sorted(n for n in names if fnmatch.fnmatch(n.upper(), pattern.upper()))
-
-
-def parse_model_name(name: str) -> ModelSpec:
-    """Split `name` into registered (base, backbone, objective) by key matching; raise ModelNameError."""
-    for base in sorted(BASES, key=len, reverse=True):
-        if not name.startswith(base + "_"):
-            continue
-        for objective in sorted(OBJECTIVES, key=len, reverse=True):
-            middle = name[len(base) + 1:-(len(objective) + 1)]
-            if name.endswith("_" + objective) and middle in BACKBONES:
-                obj = OBJECTIVES[objective]
-                if base not in obj.bases:
-                    raise ModelNameError(f"model {name!r}: objective {objective} is not defined for base {base} "
-                                         f"(it needs one of {', '.join(obj.bases)})")
-                return ModelSpec(name, BASES[base], BACKBONES[middle], obj)
-    close = difflib.get_close_matches(name, list_models(), n=3, cutoff=0.6)
-    hint = f" Did you mean: {', '.join(close)}?" if close else ""
-    raise ModelNameError(f"unknown model {name!r}: names are <BASE>_<BACKBONE>_<NAME> with BASE in "
-                         f"{sorted(BASES)}, BACKBONE in {sorted(BACKBONES)}, NAME in {sorted(OBJECTIVES)}."
-                         f"{hint} Run `python main.py --list-models` for every valid name.")
-
-
-def text_model_choices(base: BaseSpec) -> list[str]:
-    """Text towers a base accepts for --text-model."""
-    return ["transformer"] if base.text_family == "clip" else sorted(BERT_CONFIGS)
-
-
-def build_text_tower(spec: ModelSpec, text_model: str | None, width: int | None, heads: int | None,
-                     layers: int | None, context_length: int) -> nn.Module:
-    """The text tower of `spec`, with the backbone's preset unless overridden."""
-    preset = spec.backbone.text
-    choices = text_model_choices(spec.base)
-    text_model = text_model or ("transformer" if spec.base.text_family == "clip" else preset.bert)
-    if text_model not in choices:
-        raise ModelNameError(f"--text-model {text_model!r} is not available for base {spec.base.name}; "
-                             f"choose from {choices}")
+def build_text_tower(spec: ModelSpec, text_model: str, width: int | None, heads: int | None, layers: int | None,
+                     context_length: int, dropout_prob: float = 0.0, drop_path_prob: float = 0.0) -> nn.Module:
+    """The text tower of `spec`: a Chinese BERT named `text_model` (CNCLIP), or the CLIP transformer with the
+    strong-text regularisers dropout_prob / drop_path_prob (CL2L's augmented texts only)."""
     if spec.base.text_family == "bert":
         return BertTextTower(text_model)
-    return CLIPTextTransformer(width or preset.width, heads or preset.heads, layers or preset.layers,
-                               context_length=context_length)
+    return CLIPTextTransformer(width, heads, layers, context_length=context_length, dropout_prob=dropout_prob,
+                               drop_path_prob=drop_path_prob)
 
 
 def build_model(spec: ModelSpec, *, image_size: int | None = None, embed_dim: int | None = None,
                 text_model: str | None = None, text_width: int | None = None, text_heads: int | None = None,
                 text_layers: int | None = None, context_length: int | None = None,
-                checkpoint_grad: bool = False, recipe: RecipeOptions | None = None,
+                checkpoint_grad: bool = False, recipe: RecipeOptions | Mapping | None = None,
                 patch_dropout: float = 0.0) -> nn.Module:
-    """Instantiate the dual encoder named by `spec`; `None` means the registered preset.
+    """Instantiate the dual encoder named by `spec`; `None` means the registered preset
+    (`registry.resolve_build_kwargs`, the same resolution `model_config` stores in checkpoints).
 
-    `recipe` carries the options of the CL2L family / SWALIPV1 / SigLIP (defaults when None); the class
-    is the objective's registered model class. `patch_dropout` p in [0, 1): FLIP's random patch-token
-    dropping in training mode (ViT backbones only, see `_timm_vit`); a ModelNameError otherwise."""
-    recipe = recipe or RecipeOptions()
-    size = image_size or spec.backbone.image_size
+    `recipe` (RecipeOptions or its dict form) carries the options of the CL2L family / SWALIPV1 / SigLIP and of
+    the projectors (defaults when None); the class is the objective's registered model class. `patch_dropout`
+    p in [0, 1): FLIP's random patch-token dropping in training mode (ViT backbones only, see `_timm_vit`); a
+    training setting, not part of the description. Raises ModelNameError for a text model the base lacks, an
+    embedding size a self-projecting tower cannot give, or patch dropout on a backbone without patch tokens."""
+    kw = resolve_build_kwargs(spec, image_size=image_size, embed_dim=embed_dim, text_model=text_model,
+                              text_width=text_width, text_heads=text_heads, text_layers=text_layers,
+                              context_length=context_length, recipe=recipe)
+    opts = RecipeOptions(**kw["recipe"])
+    if spec.backbone.projected and kw["embed_dim"] != spec.backbone.embed_dim:
+        raise ModelNameError(f"{spec.backbone.name} projects to {spec.backbone.embed_dim} dims itself; "
+                             f"--embed-dim {kw['embed_dim']} is not possible")
     if patch_dropout and not spec.backbone.vit:
         raise ModelNameError(f"patch dropout needs a ViT backbone; {spec.backbone.name} has no patch tokens")
     if not 0.0 <= patch_dropout < 1.0:
         raise ValueError(f"patch_dropout must be in [0, 1), got {patch_dropout}")
-    visual = spec.backbone.build(size, patch_dropout=patch_dropout) if spec.backbone.vit else spec.backbone.build(size)
-    text = build_text_tower(spec, text_model, text_width, text_heads, text_layers,
-                            context_length or spec.base.context_length)
-    if isinstance(text, CLIPTextTransformer) and (recipe.text_dropout_prob or recipe.text_drop_path_prob):
-        for block in text.resblocks:  # strong-text regularisers (parameter-free)
-            block.strong_dropout.p = recipe.text_dropout_prob
-            if recipe.text_drop_path_prob:
-                block.strong_drop_path = timm.layers.DropPath(recipe.text_drop_path_prob)
-    embed_dim = embed_dim or spec.backbone.embed_dim
-    cls = MODEL_CLASSES[spec.objective.model]
-    if cls is CLIP:
-        model = CLIP(visual, spec.backbone.width, text, text.width, embed_dim)
-    else:
-        model = cls(visual, spec.backbone.width, text, text.width, embed_dim, recipe)
-    if recipe.clip_proj_type != "linear":  # head z as an MLP (clip-rocket's --clip-proj-type mlp)
-        model.image_projection = _projector(recipe.clip_proj_type, spec.backbone.width, recipe.clip_hidden_dim,
-                                            embed_dim)
-        model.text_projection = _projector(recipe.clip_proj_type, text.width, recipe.clip_hidden_dim, embed_dim)
-    if spec.backbone.projected:  # the tower projects itself (OpenAI RN50 attention pool)
-        if embed_dim != spec.backbone.embed_dim:
-            raise ModelNameError(f"{spec.backbone.name} projects to {spec.backbone.embed_dim} dims itself; "
-                                 f"--embed-dim {embed_dim} is not possible")
-        model.image_projection = nn.Identity()
+    build = BACKBONE_BUILDERS[spec.backbone.name]
+    visual = build(kw["image_size"], patch_dropout=patch_dropout) if spec.backbone.vit else build(kw["image_size"])
+    text = build_text_tower(spec, kw["text_model"], kw["text_width"], kw["text_heads"], kw["text_layers"],
+                            kw["context_length"], opts.text_dropout_prob, opts.text_drop_path_prob)
+    model = MODEL_CLASSES[spec.objective.model](visual, spec.backbone.width, text, text.width, kw["embed_dim"], opts,
+                                                vision_projected=spec.backbone.projected)
     if checkpoint_grad:
         model.set_grad_checkpointing(True)
     return model
+
+
+def build_from_config(config: Mapping, checkpoint_grad: bool = False, patch_dropout: float = 0.0) -> nn.Module:
+    """The model a description `{"name", "kwargs"}` (`model_config`, as checkpoints store it) names, with the
+    training settings `checkpoint_grad` and `patch_dropout` (not part of a description); a keyword this version's
+    build_model does not take is a ModelNameError naming it."""
+    described = set(inspect.signature(build_model).parameters) - {"spec", "checkpoint_grad", "patch_dropout"}
+    unknown = sorted(set(config["kwargs"]) - described)
+    if unknown:
+        raise ModelNameError(f"model description of {config['name']}: build_model takes no {unknown}")
+    return build_model(parse_model_name(config["name"]), checkpoint_grad=checkpoint_grad, patch_dropout=patch_dropout,
+                       **config["kwargs"])
+
+
+@functools.cache
+def vision_tower_shapes(backbone: str) -> dict[str, tuple[int, ...]]:
+    """{state_dict key: shape} of backbone `backbone`'s vision tower at its registered image size, built on the
+    meta device (no memory, no init cost); what `weights.infer_config` compares released weights with."""
+    with torch.device("meta"):
+        tower = BACKBONE_BUILDERS[backbone](BACKBONES[backbone].image_size)
+    return {k: tuple(v.shape) for k, v in tower.state_dict().items()}

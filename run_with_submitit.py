@@ -63,9 +63,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     return argparse.ArgumentParser("CLIP Lab submitit launcher", parents=[main.get_args_parser(), launcher_parser()])
 
 
-LAUNCHER_KEYS = frozenset(a.dest for a in launcher_parser()._actions)
-
-
 # launcher flags whose values reach the sbatch script (or, --job-dir, file names)
 SCRIPT_FLAGS = ("comment", "partition", "constraint", "account", "qos", "job_dir")
 

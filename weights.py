@@ -1,6 +1,6 @@
 """Pretrained weights: key-layout conversion between released checkpoints and our models, strict loading.
 
-Layouts (reference/chinese_clip.md §2.4-2.5):
+Layouts (openai/CLIP clip/model.py; OFA-Sys/Chinese-CLIP cn_clip/clip/model.py and utils.py, commit 31863c7):
 - OpenAI CLIP: a TorchScript archive (`ViT-B-16.pt`) or a plain state_dict with `visual.*` (ViT: `conv1`,
   `class_embedding`, `positional_embedding`, `ln_pre`, `transformer.resblocks.i.{ln_1,attn.in_proj_weight,
   attn.out_proj,ln_2,mlp.c_fc,mlp.c_proj}`, `ln_post`, `proj`; RN50: OpenAI's ModifiedResNet), the text
@@ -54,6 +54,7 @@ import torch.nn.functional as F
 
 import models
 import readers
+import registry
 import utils
 
 log = logging.getLogger("clip_lab")
@@ -597,106 +598,141 @@ def load_weights(model: nn.Module, sources: list[str] | str) -> dict[str, list[s
 def _bert_name(sd: dict[str, torch.Tensor]) -> str:
     hidden = sd["text.bert.embeddings.word_embeddings.weight"].shape[1]
     layers = len({k.split(".")[4] for k in sd if k.startswith("text.bert.encoder.layer.")})
-    for name, cfg in models.BERT_CONFIGS.items():
+    for name, cfg in registry.BERT_CONFIGS.items():
         if cfg["hidden_size"] == hidden and cfg["num_hidden_layers"] == layers:
             return name
     raise WeightsError(f"no registered BERT config has hidden size {hidden} and {layers} layers")
 
 
-def infer_model(sd: dict[str, torch.Tensor]) -> tuple[str, dict]:
-    """(model name, build_model kwargs) of a full CLIP state_dict in our layout.
+def _image_size(visual: dict[str, torch.Tensor]) -> int | None:
+    """The input size a vision tower's position embeddings were made for (ViT: grid x patch; OpenAI RN50's
+    attention pool: grid x 32); None for a tower without them (timm R50: global pooling, any size)."""
+    if "pos_embed" in visual:
+        grid = int(round((visual["pos_embed"].shape[1] - 1) ** 0.5))
+        return grid * visual["patch_embed.proj.weight"].shape[-1]
+    if "attnpool.positional_embedding" in visual:
+        return int(round((visual["attnpool.positional_embedding"].shape[0] - 1) ** 0.5)) * 32
+    return None
 
-    The weights do not say the number of heads: the CLIP text tower gets width // 64 (OpenAI's rule) and a ViT its
-    registered backbone's (VITS16, not VITS16MOCO); an export's record (`exported_model`) says it exactly."""
-    if "visual.attnpool.c_proj.weight" in sd:
-        backbone, image_size = "RN50", (int(round((sd["visual.attnpool.positional_embedding"].shape[0] - 1) ** 0.5))
-                                        * 32)
-    elif "visual.layer4.0.conv1.weight" in sd:  # timm ResNet-50 (clip-rocket's R50): any resolution, preset size
-        backbone, image_size = "R50", models.BACKBONES["R50"].image_size
-    elif "visual.patch_embed.proj.weight" in sd:
-        width, patch = sd["visual.patch_embed.proj.weight"].shape[0], sd["visual.patch_embed.proj.weight"].shape[-1]
-        depth = len({k.split(".")[2] for k in sd if k.startswith("visual.blocks.")})
-        grid = int(round((sd["visual.pos_embed"].shape[1] - 1) ** 0.5))
-        image_size = grid * patch
-        candidates = {"VITB16": (768, 16, 12), "VITB32": (768, 32, 12), "VITL14": (1024, 14, 24),
-                      "VITH14": (1280, 14, 32), "VITT16": (192, 16, 12), "VITS16": (384, 16, 12)}
-        backbone = next((n for n, c in candidates.items() if c == (width, patch, depth)), None)
-        if backbone is None:
-            raise WeightsError(f"no registered ViT has width {width}, patch {patch} and {depth} blocks")
-        if backbone == "VITL14" and image_size == 336:
-            backbone = "VITL14336"
-    else:
-        raise WeightsError("cannot infer the vision backbone from these weights")
-    embed_dim = sd["text_projection.weight"].shape[0]
-    kwargs = {"image_size": image_size, "embed_dim": embed_dim}
-    objective = "SIGLIP" if "logit_bias" in sd else "CLIP"
-    if "text.bert.embeddings.word_embeddings.weight" in sd:
-        return f"CNCLIP_{backbone}_{objective}", {**kwargs, "text_model": _bert_name(sd)}
+
+POSITION_KEYS = ("pos_embed", "attnpool.positional_embedding")  # their shapes follow the image size
+
+
+def infer_backbone(sd: dict[str, torch.Tensor]) -> tuple[list[str], int | None]:
+    """(registered backbones whose vision tower has exactly these keys and shapes, image size) of a state_dict in
+    our layout. Shapes are compared with each registered tower built on the meta device
+    (`models.vision_tower_shapes`), position embeddings aside; among several matches, those registered at the
+    weights' image size are kept (VITL14336 vs VITL14). More than one left means the shapes cannot tell them
+    apart (VITS16MOCO has the shapes of VITS16 with twice the heads)."""
+    visual = {k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")}
+    shapes = {k: tuple(v.shape) for k, v in visual.items() if k not in POSITION_KEYS}
+    dims = {d for shape in shapes.values() for d in shape}  # a tower's output width is one of its dimensions:
+    # only those backbones are built (on meta, cached), the rest could not match anyway
+    matches = [name for name, spec in registry.BACKBONES.items() if spec.width in dims and
+               {k: v for k, v in models.vision_tower_shapes(name).items() if k not in POSITION_KEYS} == shapes]
+    image_size = _image_size(visual)
+    at_size = [name for name in matches if registry.BACKBONES[name].image_size == image_size]
+    return (at_size if len(at_size) == 1 else matches), image_size
+
+
+def infer_config(obj: dict, source: str = "weights", model_name: str | None = None) -> dict:
+    """The model description `{"name", "kwargs"}` of a loaded weights file: the one it stores (our checkpoints
+    since model descriptions; older ones' stored args), else inferred from the shapes of a full CLIP state_dict
+    (released OpenAI / open_clip / Chinese-CLIP weights). `model_name` (--model) picks among backbones the shapes
+    cannot tell apart and names the objective; a file that is not a whole CLIP (a RoBERTa, a vision tower) gives
+    `model_name` with its presets. Raises WeightsError when the shapes fit several registered backbones and no
+    `model_name` decides (naming them), or when `model_name` contradicts the file."""
+    config = None
+    if isinstance(obj.get("model_config"), dict):
+        config = obj["model_config"]
+    elif isinstance(obj.get("args"), dict) and "model" in obj["args"]:
+        config = registry.config_from_flags(obj["args"])
+    if config is not None:
+        if model_name and model_name != config["name"]:
+            raise WeightsError(f"{source} holds {config['name']}, not --model {model_name}")
+        return config
+    sd = to_ours(obj)
+    spec = registry.parse_model_name(model_name) if model_name else None
+    if "text_projection.weight" not in sd or not any(k.startswith("visual.") for k in sd):
+        if spec is None:
+            raise WeightsError(f"{source}: not a whole CLIP model (no vision tower or text projection); pass --model")
+        return registry.model_config(spec)
+    base = "CNCLIP" if "text.bert.embeddings.word_embeddings.weight" in sd else "CLIP"
+    backbones, image_size = infer_backbone(sd)
+    if spec is not None:
+        if spec.backbone.name not in backbones:
+            raise WeightsError(f"{source}: the vision tower does not have the shapes of --model {model_name}'s "
+                               f"backbone {spec.backbone.name} (it fits {backbones or 'no registered backbone'})")
+        backbones = [spec.backbone.name]
+    if not backbones:
+        raise WeightsError(f"{source}: the vision tower matches no registered backbone "
+                           f"({sorted(registry.BACKBONES)}); cannot infer the model")
+    if len(backbones) > 1:
+        raise WeightsError(f"{source}: the vision tower's shapes fit several registered backbones "
+                           f"({', '.join(backbones)}), which differ in what shapes do not show (attention heads); "
+                           "pass --model with the right one: " + " or ".join(f"{base}_{b}_CLIP" for b in backbones))
+    backbone = registry.BACKBONES[backbones[0]]
+    spec = spec or registry.parse_model_name(f"{base}_{backbone.name}_CLIP")
+    kwargs = {"image_size": image_size or backbone.image_size, "embed_dim": sd["text_projection.weight"].shape[0]}
+    if spec.base.text_family != ("bert" if base == "CNCLIP" else "clip"):  # e.g. OpenAI weights into a CNCLIP
+        return registry.model_config(spec, **kwargs)  # model: the vision side only, text tower from the presets
+    if base == "CNCLIP":
+        return registry.model_config(spec, **kwargs, text_model=_bert_name(sd))
     width = sd["text.token_embedding.weight"].shape[1]
     layers = len({k.split(".")[2] for k in sd if k.startswith("text.resblocks.")})
-    return f"CLIP_{backbone}_{objective}", {**kwargs, "text_width": width, "text_heads": width // 64,
-                                            "text_layers": layers,
-                                            "context_length": sd["text.positional_embedding"].shape[0]}
-
-
-def kwargs_from_config(config: dict, spec: models.ModelSpec) -> dict:
-    """build_model kwargs from a checkpoint's stored args (main.py's flag names)."""
-    image_size = config.get("image_size")
-    if image_size is None:
-
-        try:
-            image_size = readers.catalog_entry(config.get("dataset", "")).get("image_size")
-        except readers.DatasetError:
-            image_size = None
-    kwargs = dict(image_size=image_size or spec.backbone.image_size, embed_dim=config.get("embed_dim"),
-                  text_model=config.get("text_model"), text_width=config.get("text_width"),
-                  text_heads=config.get("text_heads"), text_layers=config.get("transformer_layers"),
-                  context_length=config.get("context_length"))
-    if hasattr(models, "RecipeOptions"):  # CL2L-family options: their fields are main.py's flag names
-        import dataclasses
-
-        fields = {f.name for f in dataclasses.fields(models.RecipeOptions)}
-        kwargs["recipe"] = models.RecipeOptions(**{k: v for k, v in config.items() if k in fields and v is not None})
-    return kwargs
+    # heads are not in the shapes: the backbone's preset when the width is the preset's, else OpenAI's width / 64
+    heads = backbone.text.heads if width == backbone.text.width else width // 64
+    return registry.model_config(spec, **kwargs, text_width=width, text_heads=heads, text_layers=layers,
+                                 context_length=sd["text.positional_embedding"].shape[0])
 
 
 def load_model_for_eval(resume: str | None = None, pretrained: str | None = None, model_name: str | None = None,
-                        device: str = "auto") -> tuple[nn.Module, models.ModelSpec, dict]:
-    """An eval-mode model from our checkpoint (rebuilt from its stored args) and/or released weights.
+                        device: str = "auto") -> tuple[nn.Module, registry.ModelSpec, dict]:
+    """An eval-mode model rebuilt from the description its checkpoint carries, and/or released weights.
 
-    Returns (model, spec, info) with info = {"image_size", "context_length", "config", "checkpoint": {"epoch",
-    "step", "commit"} of --resume}. Without --model and a model in the checkpoint's args (a `weights.py convert`
-    output has none), the architecture is the one an export recorded next to the weights (`exported_model`), else
-    the one the checkpoint's or the (first) pretrained file's weights imply (`infer_model`). A NaN or infinite
-    weight in either is a readers.NonFiniteError.
+    The model is our checkpoint's (--resume) description, else the first --pretrained file's: the one an export
+    recorded next to the weights (`exported_model`), the one stored in it, or the architecture its shapes imply;
+    else --model with its presets (`infer_config`: a description is stored since checkpoints carry one, rebuilt
+    from the stored args before that); --model that contradicts it is an error. A NaN or infinite weight in
+    either file is a readers.NonFiniteError. Returns (model, spec, info) with info = {"image_size",
+    "context_length", "config" (the description), "args" (the checkpoint's stored flags, {} without one),
+    "checkpoint": {"epoch", "step", "commit"} of --resume}.
     """
-    config: dict = {}
     ckpt = None
     if resume:
         ckpt = read_state_dict(resume)
         if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
             raise WeightsError(f"{resume}: not a CLIP Lab checkpoint (no 'model'); use --pretrained")
-        config = dict(ckpt.get("args") or {})
-    if model_name or config.get("model"):
-        spec = models.parse_model_name(model_name or config["model"])
-        kwargs = kwargs_from_config(config, spec)
-    elif ckpt is not None or pretrained:
-        source = resume if ckpt is not None else pretrained.split(",")[0]
-        name, kwargs = exported_model(source) or infer_model(to_ours(ckpt if ckpt is not None
-                                                                     else read_state_dict(source)))
-        spec = models.parse_model_name(name)
+        config = infer_config(ckpt, resume, model_name)
+    elif pretrained:
+        first = pretrained.split(",")[0]
+        config = _exported_config(first, model_name) or infer_config(read_state_dict(first), first, model_name)
+    elif model_name:
+        config = registry.model_config(registry.parse_model_name(model_name))
     else:
         raise WeightsError("give a checkpoint (--resume), pretrained weights (--pretrained) or --model")
-    model = models.build_model(spec, **kwargs)
+    model = models.build_from_config(config)
     if pretrained:
         load_weights(model, pretrained)
     if ckpt is not None:
         load_weights_dict(model, ckpt["model"], resume)
     model.to(utils.resolve_device(device)).eval()
-    info = {"image_size": kwargs.get("image_size") or spec.backbone.image_size,
-            "context_length": kwargs.get("context_length") or spec.base.context_length, "config": config,
+    info = {"image_size": config["kwargs"]["image_size"], "context_length": config["kwargs"]["context_length"],
+            "config": config, "args": dict(ckpt.get("args") or {}) if ckpt is not None else {},
             "checkpoint": {k: ckpt.get(k) for k in ("epoch", "step", "commit")} if ckpt is not None else {}}
-    return model, spec, info
+    return model, registry.parse_model_name(config["name"]), info
+
+
+def _exported_config(path: str, model_name: str | None) -> dict | None:
+    """The description of the model `export` recorded next to the weights at `path`, None without a record;
+    --model naming another model is a WeightsError."""
+    exported = exported_model(path)
+    if exported is None:
+        return None
+    name, kwargs = exported
+    if model_name and model_name != name:
+        raise WeightsError(f"{path} holds {name} (its export record), not --model {model_name}")
+    return registry.model_config(registry.parse_model_name(name), **kwargs)
 
 
 def check_finite_weights(state: dict[str, torch.Tensor], source: str) -> None:
@@ -1021,7 +1057,7 @@ def export(ckpt_path: str, fmt: str, out: str, head: str = "z", name: str | None
         log.warning("%s: not exported (the export holds the towers and head %s's projections only): %s", ckpt_path,
                     head, ", ".join(pair.dropped))
     default_name = spec.name if fmt == "open_clip" else \
-        info["config"].get("name") or os.path.splitext(os.path.basename(ckpt_path))[0]
+        info["args"].get("name") or os.path.splitext(os.path.basename(ckpt_path))[0]
     record = {"format": fmt, "source": os.path.abspath(ckpt_path), "commit": info["checkpoint"].get("commit"),
               "epoch": info["checkpoint"].get("epoch"), "step": info["checkpoint"].get("step"),
               "source_model": spec.name, "head": head, "name": name or default_name,

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build an NLTK data folder with WordNet 3.0 from Debian's wordnet-base + wordnet-sense-index packages
-# (reference/environment.md §7), for --text-augment's synonym replacement. No network, no nltk.download().
+# (Debian bookworm's packages, WordNet 3.0), for --text-augment's synonym replacement. No network, no nltk.download().
 #   NLTK_DATA=/path bash scripts/prepare_nltk_data.sh     (default: <repo>/.nltk_data, git-ignored)
 # Install the packages first (as root): bash scripts/ci_wordnet.sh  (it also calls this script).
 # Files are COPIED, not symlinked: nltk >= 3.10 refuses symlinked corpus files. Debian does not ship

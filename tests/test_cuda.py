@@ -58,11 +58,11 @@ def test_exact_accumulation_on_cuda_equals_one_batch(precision, rtol):
     ns = main.parse_args(["--accum-mode", "exact", "--precision", precision])
     step = engine.StepConfig.from_args(ns, CUDA)
     scaler = torch.amp.GradScaler("cuda", enabled=False)
-    engine.forward_backward(model, losses.ClipLoss(), list(zip(images.chunk(4), tokens.chunk(4))), step, scaler)
+    engine.forward_backward(model, losses.CLIPLoss(), list(zip(images.chunk(4), tokens.chunk(4))), step, scaler)
     assert model.text.token_embedding.weight.grad.layout == torch.strided
     accumulated = grads(model)
     model.zero_grad(set_to_none=True)
-    engine.forward_backward(model, losses.ClipLoss(), [(images, tokens)], step, scaler)
+    engine.forward_backward(model, losses.CLIPLoss(), [(images, tokens)], step, scaler)
     assert_grads_match(accumulated, grads(model), rtol)
 
 
@@ -87,8 +87,8 @@ def test_nccl_ddp_exact_accumulation_with_sparse_embedding_grads_equals_one_batc
         ns = main.parse_args(["--accum-mode", "exact"])
         step = engine.StepConfig.from_args(ns, CUDA)
         scaler = torch.amp.GradScaler("cuda", enabled=False)
-        engine.forward_backward(ddp, losses.ClipLoss(), list(zip(images.chunk(4), tokens.chunk(4))), step, scaler)
-        engine.forward_backward(reference, losses.ClipLoss(), [(images, tokens)], step, scaler)
+        engine.forward_backward(ddp, losses.CLIPLoss(), list(zip(images.chunk(4), tokens.chunk(4))), step, scaler)
+        engine.forward_backward(reference, losses.CLIPLoss(), [(images, tokens)], step, scaler)
         assert_grads_match(grads(ddp.module), grads(reference), 1e-4)
     finally:
         dist.destroy_process_group()

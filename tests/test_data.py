@@ -459,8 +459,9 @@ def test_torchvision_reader_reads_mnist_files_on_disk_and_never_downloads(tmp_pa
         readers.TorchvisionReader("svhn", str(tmp_path), "test", "x")
 
 
-# clip-rocket's downstream catalog (reference/clip_rocket.md §8: 23 entries, SLIP's 26 less sun397, fer2013 and
-# kinetics700_frames): name -> (format, on-disk folder of the test split); the train folder is always `train`.
+# clip-rocket's downstream catalog (facebookresearch/clip-rocket dataset_catalog.json, commit ebd9e58: 23 entries,
+# SLIP's 26 less sun397, fer2013 and kinetics700_frames): name -> (format, on-disk folder of the test split); the
+# train folder is always `train`.
 # clip-rocket's `special` type is our `torchvision` format (no folders: the torchvision class takes train=True/False).
 CLIP_ROCKET_DOWNSTREAM = {
     "imagenet": ("imagefolder", "val"), "food101": ("imagefolder", "test"), "cub200": ("imagefolder", "val"),

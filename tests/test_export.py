@@ -12,6 +12,7 @@ import torch
 import datasets
 import models
 import readers
+import registry
 import weights
 
 TOL = 1e-5
@@ -43,8 +44,7 @@ def checkpoint(tmp_path_factory):
         key = json.dumps(args, sort_keys=True)
         if key not in cache:
             torch.manual_seed(0)
-            spec = models.parse_model_name(name)
-            model = models.build_model(spec, **weights.kwargs_from_config(args, spec)).eval()
+            model = models.build_from_config(registry.config_from_flags(args)).eval()
             with torch.no_grad():
                 for param_name, p in model.named_parameters():
                     if param_name.endswith("bias") or "norm" in param_name or "ln_" in param_name:

@@ -85,8 +85,8 @@ def test_summary_says_stopped_and_a_max_steps_stop_evaluates(tmp_path):
     assert main.main(base + ["--name", "q", "--eval-freq", "0"])["metrics_step"] == 4  # the end always evaluates
 
 
-class FailAt(losses.ClipLoss):
-    """ClipLoss that raises on its `n`-th call (a bug, a dead disk...)."""
+class FailAt(losses.CLIPLoss):
+    """CLIPLoss that raises on its `n`-th call (a bug, a dead disk...)."""
 
     def __init__(self, n: int) -> None:
         super().__init__()

@@ -1,4 +1,4 @@
-"""losses.contrastive_loss / ClipLoss against a naive float64 loop reference, plus invariants."""
+"""losses.contrastive_loss / CLIPLoss against a naive float64 loop reference, plus invariants."""
 import math
 
 import pytest
@@ -86,15 +86,15 @@ def test_local_loss_layout_halves_average_to_full_loss_and_gradient():
 
 
 def test_clip_loss_module_uses_gather_and_rank_offset():
-    """ClipLoss(rank=1) with a gather that prepends another rank's rows equals the second half of the layout."""
+    """CLIPLoss(rank=1) with a gather that prepends another rank's rows equals the second half of the layout."""
     B = 4
     img, txt = unit(2 * B, 8, 7).float(), unit(2 * B, 8, 8).float()
-    other_rank = iter([img[:B], txt[:B]])  # ClipLoss gathers the image features, then the text features
+    other_rank = iter([img[:B], txt[:B]])  # CLIPLoss gathers the image features, then the text features
 
     def gather(t):  # rank 1 holds rows B..2B; the other rank holds rows 0..B
         return torch.cat([next(other_rank), t])
 
-    crit = losses.ClipLoss(gather, rank=1, label_smoothing=0.0)
+    crit = losses.CLIPLoss(gather, rank=1, label_smoothing=0.0)
     out = crit({"image_embed": img[B:], "text_embed": txt[B:], "logit_scale": torch.tensor(20.0)})
     ref = losses.contrastive_loss(img[B:], txt[B:], img, txt, torch.tensor(20.0), offset=B)
     assert out["loss"].item() == pytest.approx(ref["loss"].item(), rel=1e-6)
@@ -193,8 +193,8 @@ def _siglip_forms_at_rank(rank, world):
     import utils
 
     outputs = siglip_outputs(4 * world)
-    gathered = losses.SigLipLoss(utils.all_gather_with_grad, rank)
-    ring = losses.ChunkedSigLipLoss(utils.ring_shift_with_grad, world)
+    gathered = losses.SIGLIPLoss(utils.all_gather_with_grad, rank)
+    ring = losses.ChunkedSIGLIPLoss(utils.ring_shift_with_grad, world)
     return {"gathered": loss_and_grads(gathered, outputs, rank, world),
             "chunked": loss_and_grads(ring, outputs, rank, world)}
 
@@ -213,7 +213,7 @@ def test_chunked_siglip_at_four_gloo_ranks_equals_the_gathered_form_and_one_proc
     process holding the whole batch; the texts' gradients travelled back around the ring to their owners."""
     world = 4
     ranks = run_gloo_ranks(_siglip_forms_at_rank, world, tmp_path)
-    loss, grads = loss_and_grads(losses.SigLipLoss(), siglip_outputs(4 * world))
+    loss, grads = loss_and_grads(losses.SIGLIPLoss(), siglip_outputs(4 * world))
     for r in range(world):
         assert ranks[r]["chunked"][0] == pytest.approx(ranks[r]["gathered"][0], rel=1e-6)
         for key, grad in ranks[r]["gathered"][1].items():

@@ -2,6 +2,7 @@
 invariants, model hooks (EMA, frozen prototypes, clamps), exact accumulation, registry and flags, and
 two optimizer steps of every registered objective."""
 import copy
+import dataclasses
 import math
 import shlex
 
@@ -17,6 +18,8 @@ import losses
 import main
 import models
 import readers
+import registry
+import utils
 
 
 def unit(*shape, seed=0):
@@ -217,6 +220,23 @@ def tiny_model(name, **recipe):
                               text_heads=2, recipe=opts)
 
 
+def test_build_model_constructs_what_the_recipe_says():
+    """Projections and the strong-text regularisers are constructor arguments (no patching after the build): the
+    classes hold what the recipe and the backbone say, and `model.opts` is the recipe."""
+    model = tiny_model("CL2L_VITT16_CL2L", text_dropout_prob=0.1, text_drop_path_prob=0.2, clip_proj_type="mlp",
+                       clip_hidden_dim=24)
+    assert all(b.strong_dropout.p == 0.1 and b.strong_drop_path.drop_prob == 0.2 for b in model.text.resblocks)
+    assert isinstance(model.image_projection, torch.nn.Sequential) and model.image_projection[0].out_features == 24
+    assert model.opts.clip_proj_type == "mlp" and model.opts.text_dropout_prob == 0.1
+    plain = tiny_model("CL2L_VITT16_CL2L")
+    assert all(isinstance(b.strong_drop_path, torch.nn.Identity) and b.strong_dropout.p == 0 for b in
+               plain.text.resblocks)
+    with torch.device("meta"):  # OpenAI RN50's attention pool is its own image projection
+        rn50 = models.build_model(models.parse_model_name("CLIP_RN50_SIGLIP"), recipe={"clip_proj_type": "mlp"})
+    assert isinstance(rn50.image_projection, torch.nn.Identity) and isinstance(rn50.text_projection,
+                                                                                torch.nn.Sequential)
+
+
 def test_byolip_target_moves_by_the_ema_rule():
     model = tiny_model("CL2L_VITT16_BYOLIP", separate_proj=True, momentum_tau=0.9)
     assert model.target is not None and not any(p.requires_grad for p in model.target.parameters())
@@ -254,11 +274,11 @@ def test_swalipv1_prototypes_frozen_for_the_first_iterations():
     tokens = torch.randint(1, 100, (4, 77))
     tokens[:, 6] = 49407
     out = model(torch.randn(4, 3, 32, 32), tokens)
-    losses.SwALIPV1Loss()(out)["loss"].backward()
+    losses.SWALIPV1Loss()(out)["loss"].backward()
     model.before_optimizer_step(1)
     assert model.prototypes.weight.grad is None and model.image_projection.weight.grad is not None
     out = model(torch.randn(4, 3, 32, 32), tokens)
-    losses.SwALIPV1Loss()(out)["loss"].backward()
+    losses.SWALIPV1Loss()(out)["loss"].backward()
     model.before_optimizer_step(2)
     assert model.prototypes.weight.grad is not None
 
@@ -312,7 +332,7 @@ def test_exact_accumulation_moves_batchnorm_statistics_once_per_micro_batch():
     tokens[..., 9] = 49407
     micro = [(images[i:i + 2], tokens[i:i + 2], strong[i:i + 2]) for i in range(0, 8, 2)]
     step = engine.StepConfig.from_args(main.parse_args(["--model", "CL2L_VITT16_SIAMLIP"]), torch.device("cpu"))
-    engine.forward_backward(model, losses.SiamLIPLoss(), micro, step, torch.amp.GradScaler("cpu", enabled=False))
+    engine.forward_backward(model, losses.SIAMLIPLoss(), micro, step, torch.amp.GradScaler("cpu", enabled=False))
     with torch.no_grad():
         for j in (3, 0, 1, 2):
             reference(*micro[j])
@@ -349,6 +369,23 @@ def test_a_flag_the_model_would_ignore_fails_at_parse_time(capsys):
         main.parse_args(argv)
 
 
+def test_registry_flag_groups_are_the_parsers_and_recipe_fields_are_flags():
+    """Who reads which flags is registry data naming parser groups: every declared group exists, every family
+    group of the parser is declared, and RecipeOptions is filled from the flags by field name (same defaults)."""
+    groups = main.flag_groups(main.get_args_parser())
+    family = {g for g in groups if g.startswith("objective:")} | {"augment:image"}
+    assert registry.family_flag_groups() == family and family <= set(groups)
+    assert [g for g, dests in groups.items() if dests][:4] == ["data", "model", "objective", "objective:cl2l"]
+    fields = {f.name for f in dataclasses.fields(registry.RecipeOptions)}
+    assert fields <= {d for dests in groups.values() for d in dests}
+    assert registry.recipe_from_flags(vars(main.parse_args([]))) == registry.RecipeOptions()
+    args = main.parse_args(["--model", "CL2L_VITT16_SIAMLIP", "--momentum", "--momentum-tau", "0.9",
+                            "--siamlip-proj-dim", "7", "--clip-proj-type", "mlp"])
+    recipe = registry.recipe_from_flags(vars(args))
+    assert (recipe.momentum, recipe.momentum_tau, recipe.siamlip_proj_dim, recipe.clip_proj_type) == \
+        (True, 0.9, 7, "mlp")
+
+
 def test_every_combination_the_paper_uses_is_registered_and_nonsense_fails():
     for backbone in ("R50", "VITS16MOCO", "VITB16", "VITT16"):
         for objective in ("CL2L", "BARLIP", "SIAMLIP", "BYOLIP", "SWALIP"):
@@ -362,8 +399,8 @@ def test_every_combination_the_paper_uses_is_registered_and_nonsense_fails():
 
 @pytest.mark.parametrize("flags,message", [
     ("--model CL2L_VITT16_SWALIP --num-augs 1", "SWALIP swaps predictions"),
-    ("--model CL2L_VITT16_BARLIP --momentum", "--momentum is the BYOL target"),
-    ("--model CLIP_VITT16_CLIP --num-augs 2", "--num-augs needs a multi-view"),
+    ("--model CL2L_VITT16_BARLIP --momentum", "--momentum: used only by BYOLIP and SIAMLIP; CL2L_VITT16_BARLIP"),
+    ("--model CLIP_VITT16_CLIP --num-augs 2", "--num-augs: used only by the multi-view CL2L-base models"),
     ("--model CL2L_VITT16_CL2L --num-augs 3 --byol-augment", "--byol-augment defines exactly 2"),
     ("--model CL2L_VITT16_CL2L --blur-prob 1.5", "--blur-prob must be in"),
     ("--model CLIP_R50_CLIP --patch-dropout 0.5", "--patch-dropout drops ViT patch tokens; backbone R50 of "
@@ -378,7 +415,9 @@ def test_nonsense_flags_fail_at_parse_time(flags, message, capsys):
     assert message in capsys.readouterr().err
 
 
-PAPER_COMMANDS = [  # reference/clip_rocket.md §7 (launcher flags --nodes/--use_volta32 and data paths dropped)
+# facebookresearch/clip-rocket repro_exps.txt, commit ebd9e58 (launcher flags --nodes/--use_volta32 and data paths
+# dropped)
+PAPER_COMMANDS = [
     "--model CL2L_R50_CL2L --dataset cc3m --wd 0.5 --name CL2L_R50_CLIP-CC3M-drop_0.2-layers_6-text_weak_strong "
     "--separate-proj --label-smoothing 0.1 --transformer-layers 6 --text-dropout-prob 0.2 --text-augment",
     "--model CL2L_R50_CL2L --dataset cc12m --name CL2L_R50_CLIP-CC12M-smooth_0.1-drop_0.05 --separate-proj "
@@ -420,7 +459,8 @@ def test_paper_commands_parse(command):
     args = main.parse_args(shlex.split(command))
     spec = models.parse_model_name(args.model)
     assert main.num_augs(spec, args) == 2
-    recipe = main.model_kwargs(args)["recipe"]
+    recipe = registry.recipe_from_flags(vars(args))
+    assert registry.config_from_flags(vars(args))["kwargs"]["recipe"] == dataclasses.asdict(recipe)
     assert recipe.separate_proj and recipe.text_dropout_prob == args.text_dropout_prob
     assert recipe.momentum == ("--momentum" in command)
 
@@ -454,12 +494,12 @@ EXTRA_FLAGS = {  # each name once; the option paths ride along
 def test_every_objective_trains_two_steps(name, extra):
     args = main.parse_args(["--model", name, *TINY_FLAGS, *TINY_HEADS.get(name.split("_")[-1], []), *extra])
     spec = models.parse_model_name(name)
-    model = models.build_model(spec, **{**main.model_kwargs(args), "image_size": 32})
+    model = models.build_from_config(registry.config_from_flags(vars(args)))
     tokenizer = datasets.build_tokenizer(spec.base.tokenizer, spec.base.context_length)
     dataset = main.build_train_dataset(spec, args, readers.build_reader("synthetic", "train"), 32, tokenizer)
-    criterion = main.build_criterion(spec, args, main.utils.DistEnv())
+    criterion = main.build_criterion(spec, args, utils.DistEnv())
     if "--siglip-chunked" in extra:
-        assert isinstance(criterion, losses.ChunkedSigLipLoss)
+        assert isinstance(criterion, losses.ChunkedSIGLIPLoss)
     optimizer = torch.optim.AdamW(main.param_groups(model, args.wd), lr=args.lr)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     loader = DataLoader(dataset, batch_size=8, sampler=datasets.ResumableSampler(len(dataset), 8))
@@ -497,9 +537,9 @@ def test_main_end_to_end_cl2l_reports_z_h_and_blends(tmp_path):
 
 # --------------------------------------------------------------------------- two gloo ranks == one process
 def _loss_modules():
-    return {"clip": losses.ClipLoss(label_smoothing=0.1), "cl2l": losses.CL2LLoss(label_smoothing=0.1),
-            "barlip": losses.BarLIPLoss(), "swalip": losses.SwALIPLoss(), "swalipv1": losses.SwALIPV1Loss(),
-            "siglip": losses.SigLipLoss()}
+    return {"clip": losses.CLIPLoss(label_smoothing=0.1), "cl2l": losses.CL2LLoss(label_smoothing=0.1),
+            "barlip": losses.BARLIPLoss(), "swalip": losses.SWALIPLoss(), "swalipv1": losses.SWALIPV1Loss(),
+            "siglip": losses.SIGLIPLoss()}
 
 
 def _fixed_outputs(n=8, a=2, d=6, p=5, k=4):

@@ -12,6 +12,7 @@ from PIL import Image
 import datasets
 import main
 import readers
+import registry
 import text_augment
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -98,7 +99,7 @@ def test_missing_wordnet_fails_at_start_with_the_fix(tmp_path, monkeypatch):
     monkeypatch.setattr(text_augment, "DEFAULT_NLTK_DATA", str(tmp_path / "none"))
     assert not text_augment.wordnet_available()
     args = main.parse_args(["--model", "CL2L_VITT16_CL2L", "--text-augment"])
-    spec = main.models.parse_model_name(args.model)
+    spec = registry.parse_model_name(args.model)
     with pytest.raises(SystemExit, match="scripts/ci_wordnet.sh"):
         main.build_train_dataset(spec, args, readers.build_reader("synthetic", "train"), 32, None)
 
@@ -143,10 +144,11 @@ def test_multiview_sample_layout_and_seeding():
     again = ds[(5, 123)]
     assert torch.equal(view, again[0]) and torch.equal(tokens, again[1]) and torch.equal(strong, again[2])
     assert not torch.equal(strong, ds[(5, 124)][2])
-    pair = datasets.MultiViewDataset(reader, datasets.train_transform(32), tokenizer, text_augmenter=every_op("en"),
-                                     pair_layout=True)
+    # one view with the augmenter's weak text (a one-view model with --text-augment): (view, tokens (L,))
+    pair = datasets.ImageTextDataset(reader, datasets.train_transform(32), tokenizer, text_augmenter=every_op("en"))
     view, tokens = pair[(5, 123)]
     assert view.shape == (3, 32, 32) and tokens.shape == (77,)
+    assert torch.equal(view, ds[(5, 123)][0])  # the weak view is drawn exactly as in the multi-view layout
     none = datasets.MultiViewDataset(reader, datasets.train_transform(32), tokenizer)
     assert none[(1, 1)][2].shape == (0, 3, 32, 32)
 

@@ -18,6 +18,7 @@ import losses
 import main
 import models
 import readers
+import registry
 import utils
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -113,13 +114,13 @@ def test_exact_accumulation_adds_sparse_embedding_grads_into_a_dense_grad():
     incoming = []  # layout of each gradient the embedding's backward produces, before accumulation
     embedding.weight.register_hook(lambda g: incoming.append(g.layout))
     step = engine.StepConfig.from_args(ns, torch.device("cpu"))
-    engine.forward_backward(model, losses.ClipLoss(), list(zip(images.chunk(4), tokens.chunk(4))), step, scaler)
+    engine.forward_backward(model, losses.CLIPLoss(), list(zip(images.chunk(4), tokens.chunk(4))), step, scaler)
     assert incoming == [torch.sparse_coo] * 4 and embedding.weight.grad.layout == torch.strided
     assert not embedding.sparse
     accumulated = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
     incoming.clear()
-    engine.forward_backward(model, losses.ClipLoss(), [(images, tokens)], step, scaler)
+    engine.forward_backward(model, losses.CLIPLoss(), [(images, tokens)], step, scaler)
     assert incoming == [torch.strided]  # k = 1: the plain dense path
     for name, p in model.named_parameters():
         torch.testing.assert_close(accumulated[name], p.grad, rtol=1e-4, atol=1e-5 * float(p.grad.abs().max()),
@@ -343,8 +344,8 @@ def test_pretrained_weights_are_loaded(tiny_run_args, tmp_path):
 
 
 # --------------------------------------------------------------------------- non-finite loss
-class NaNAt(losses.ClipLoss):
-    """ClipLoss whose loss is NaN on the given forward calls (1-based)."""
+class NaNAt(losses.CLIPLoss):
+    """CLIPLoss whose loss is NaN on the given forward calls (1-based)."""
 
     def __init__(self, calls: set[int]) -> None:
         super().__init__()
@@ -581,6 +582,24 @@ def test_wandb_run_id_is_unique_per_experiment_and_kept_on_resume(tiny_run_args,
     assert offline_runs(one / "wb") == [(ids[(str(one), "wb")], "wb")] * 2  # the resume continued the run
 
 
+def test_a_catalog_entry_sets_flag_defaults_that_given_flags_override(monkeypatch, capsys):
+    """`python main.py` trains the digits demo in-process (0 workers: on 2 cores workers take the compute threads'
+    cores) and validates at the end: the entry's "defaults"; flags on the command line win, other sets keep the
+    parser's defaults, and a default naming no flag fails at parse time naming the entry."""
+    demo = main.parse_args([])
+    assert (demo.dataset, demo.workers, demo.image_size) == ("digits", 0, None)  # image size: the entry's 16 px
+    assert demo.eval_freq == demo.epochs  # validation once, at the end
+    assert vars(main.parse_args(["--workers", "2", "--eval-freq", "1"])) == {**vars(demo), "workers": 2, "eval_freq": 1}
+    synthetic = main.parse_args(["--dataset", "synthetic"])
+    assert (synthetic.workers, synthetic.eval_freq) == (2, 1)
+    catalog = readers.load_catalog()
+    catalog["digits"] = {**catalog["digits"], "defaults": {"eval_frequency": 5}}
+    monkeypatch.setattr(readers, "load_catalog", lambda path=None: catalog)
+    with pytest.raises(SystemExit):
+        main.parse_args([])
+    assert "entry 'digits': 'defaults' names no flag: ['eval_frequency']" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------- the embedded default learns
 # Short schedule: 5 epochs of batch 32 (225 steps, 30-45 s on 2 cores), lr 5e-4. Measured acc1_z after it:
 # CLIP on digits 71% and 85% (seeds 1, 2); the Chinese tower learns more slowly (39% and 53%), so its bar is
@@ -606,13 +625,13 @@ def test_mixed_precision_trains_with_fp32_logits(tiny_run_args, tmp_path, precis
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
     assert ("scale" in ckpt["scaler"]) == (precision == "fp16")
     args = main.parse_args(tiny_run_args + ["--precision", precision])
-    model = models.build_model(models.parse_model_name(args.model), **{**main.model_kwargs(args), "image_size": 32})
+    model = models.build_from_config(registry.config_from_flags(vars(args)))
     images, tokens = torch.randn(4, 3, 32, 32), torch.randint(1, 400, (4, 77))
     tokens[:, 5] = 49407
     with utils.autocast(args.precision, torch.device("cpu")):
         out = model(images, tokens)
         assert model.encode_text(tokens).dtype == (torch.bfloat16 if precision == "bf16" else torch.float16)
-        loss = losses.ClipLoss()(out)
+        loss = losses.CLIPLoss()(out)
     assert out["image_embed"].dtype == out["text_embed"].dtype == loss["loss"].dtype == torch.float32
 
 

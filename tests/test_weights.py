@@ -73,9 +73,9 @@ def test_openai_state_dict_matches_open_clip(tmp_path, arch):
     ref = open_clip_model(vision, embed)
     path = tmp_path / "openai.pt"
     torch.save(ref.state_dict(), path)
-    name, kwargs = weights.infer_model(weights.to_ours(weights.read_state_dict(str(path))))
-    assert name == ("CLIP_VITT16_CLIP" if arch == "vit" else "CLIP_RN50_CLIP")
-    model = ours(name, **kwargs)
+    config = weights.infer_config(weights.read_state_dict(str(path)))
+    assert config["name"] == ("CLIP_VITT16_CLIP" if arch == "vit" else "CLIP_RN50_CLIP")
+    model = ours(config["name"], **config["kwargs"])
     weights.load_weights(model, str(path))
     images = torch.randn(2, 3, vision["image_size"], vision["image_size"])
     tokens = datasets.BpeTokenizer(77)(EN)
@@ -134,9 +134,10 @@ def test_cnclip_checkpoint_matches_cn_clip_and_exports_back(tmp_path, arch):
     path = tmp_path / "epoch_latest.pt"
     torch.save({"epoch": 3, "step": 735, "name": "muge_finetune",
                 "state_dict": {"module." + k: v for k, v in ref.state_dict().items()}}, path)
-    inferred, kwargs = weights.infer_model(weights.to_ours(weights.read_state_dict(str(path))))
-    assert inferred == name and kwargs["text_model"] == "BERT-tiny-chinese" and kwargs["embed_dim"] == embed
-    model = ours(name, **kwargs)
+    config = weights.infer_config(weights.read_state_dict(str(path)))
+    kwargs = config["kwargs"]
+    assert config["name"] == name and kwargs["text_model"] == "BERT-tiny-chinese" and kwargs["embed_dim"] == embed
+    model = ours(config["name"], **config["kwargs"])
     weights.load_weights(model, str(path))
     images = torch.randn(2, 3, size, size)
     tokens = datasets.BertTokenizer(52)(ZH)
@@ -321,12 +322,12 @@ def test_finetune_recipe_from_cnclip_checkpoint(tmp_path, muge_sample_root):
     text = [k for k in released if k.startswith("text.bert.encoder")]
     assert any(not torch.equal(state[k], released[k]) for k in text)
     args = main.parse_args(flags)
-    dataset = main.build_train_dataset(models.parse_model_name(args.model), args, main.readers.SyntheticReader(4),
-                                       32, main.datasets.build_tokenizer("bert", 52))
+    dataset = main.build_train_dataset(models.parse_model_name(args.model), args, readers.SyntheticReader(4),
+                                       32, datasets.build_tokenizer("bert", 52))
     assert any(isinstance(t, timm.data.auto_augment.AutoAugment) for t in dataset.transform.transforms)
     assert isinstance(args, argparse.Namespace) and args.warmup_steps == 1
     summary = main.main(flags + ["--name", "eval", "--evaluate"])
-    reader = main.readers.build_reader("muge-sample", "test", data_root=muge_sample_root)
+    reader = readers.build_reader("muge-sample", "test", data_root=muge_sample_root)
     pairs = eval_retrieval.reader_pairs(reader)
     assert summary["pool_images"] == len({p[0] for p in pairs}) and summary["pool_texts"] == len({p[1] for p in pairs})
     assert 0 <= summary["text_to_image_R@1"] <= summary["text_to_image_R@10"] <= 100
@@ -355,9 +356,9 @@ def test_every_released_cnclip_configuration_maps_key_for_key(vision, text, back
     with torch.device("meta"):
         ref = {"module." + k: v for k, v in cn_model.CLIP(**info).state_dict().items()}
         converted = weights.cnclip_to_ours(ref)
-        name, kwargs = weights.infer_model(converted)
+        config = weights.infer_config(converted)
         target = models.build_model(models.parse_model_name(f"CNCLIP_{backbone}_CLIP"), text_model=text).state_dict()
-    assert name == f"CNCLIP_{backbone}_CLIP" and kwargs["text_model"] == text
+    assert config["name"] == f"CNCLIP_{backbone}_CLIP" and config["kwargs"]["text_model"] == text
     assert {k: tuple(v.shape) for k, v in converted.items()} == {k: tuple(v.shape) for k, v in target.items()}
     back = weights.ours_to_cnclip(target)
     assert {k: tuple(v.shape) for k, v in back.items()} == \
@@ -373,9 +374,9 @@ def test_every_openai_configuration_maps_key_for_key(name, ours_name):
     with torch.device("meta"):
         ref = open_clip.create_model(name, pretrained=None, device="meta").state_dict()
         converted = weights.openai_to_ours(ref)
-        inferred, kwargs = weights.infer_model(converted)
+        config = weights.infer_config(converted)
         target = models.build_model(models.parse_model_name(ours_name)).state_dict()
-    assert inferred == ours_name
+    assert config["name"] == ours_name
     assert {k: tuple(v.shape) for k, v in converted.items()} == {k: tuple(v.shape) for k, v in target.items()}
     assert set(weights.ours_to_openai(target)) == set(ref) - {"attn_mask"}
 
@@ -480,3 +481,72 @@ def test_eval_zeroshot_with_pretrained_openai_state_dict(tmp_path, monkeypatch):
                                              loader, torch.device("cpu"))
     assert results["digits"]["acc1_z"] == pytest.approx(expect["acc1_z"])
     assert results["digits"]["acc5_z"] == pytest.approx(expect["acc5_z"])
+
+
+# --------------------------------------------------------------------------- checkpoints that describe their model
+MOCO = dict(image_size=32, embed_dim=16, text_width=128, text_heads=2, text_layers=1)
+
+
+def _features(model, images, tokens):
+    with torch.no_grad():
+        return model.encode_image(images), model.encode_text(tokens)
+
+
+def test_vits16moco_weights_alone_ask_for_the_model_instead_of_six_heads(tmp_path):
+    """VITS16MOCO (12 heads) has exactly the weight shapes of VITS16 (6 heads): bare weights cannot tell them
+    apart, so --pretrained alone names both and asks for --model (it used to rebuild 6 heads silently); with
+    --model, or with the description our checkpoints carry, the model is the 12-head one, feature for feature."""
+    model = ours("CLIP_VITS16MOCO_CLIP", **MOCO)
+    assert model.visual.blocks[0].attn.num_heads == 12
+    images, tokens = torch.randn(2, 3, 32, 32), datasets.BpeTokenizer(77)(EN[:2])
+    expect = _features(model, images, tokens)
+    bare = tmp_path / "moco_weights.pt"
+    torch.save({"model": model.state_dict()}, bare)
+    with pytest.raises(weights.WeightsError, match="VITS16, VITS16MOCO.*--model.*CLIP_VITS16MOCO_CLIP"):
+        weights.load_model_for_eval(pretrained=str(bare), device="cpu")
+    chosen, spec, info = weights.load_model_for_eval(pretrained=str(bare), model_name="CLIP_VITS16MOCO_CLIP",
+                                                     device="cpu")
+    assert spec.backbone.name == "VITS16MOCO" and info["image_size"] == 32
+    for got, want in zip(_features(chosen, images, tokens), expect):
+        torch.testing.assert_close(got, want)
+    described = tmp_path / "moco_checkpoint.pt"
+    config = models.model_config(models.parse_model_name("CLIP_VITS16MOCO_CLIP"), **MOCO)
+    torch.save({"model": model.state_dict(), "model_config": config}, described)
+    rebuilt, spec, _ = weights.load_model_for_eval(pretrained=str(described), device="cpu")
+    assert spec.name == "CLIP_VITS16MOCO_CLIP" and rebuilt.visual.blocks[0].attn.num_heads == 12
+    for got, want in zip(_features(rebuilt, images, tokens), expect):
+        torch.testing.assert_close(got, want)
+    with pytest.raises(weights.WeightsError, match="holds CLIP_VITS16MOCO_CLIP, not --model CLIP_VITS16_CLIP"):
+        weights.load_model_for_eval(pretrained=str(described), model_name="CLIP_VITS16_CLIP", device="cpu")
+
+
+def test_checkpoints_carry_their_model_and_older_ones_still_load(tiny_run_args, tmp_path):
+    """main.py stores {"name", "kwargs"} of build_model (presets resolved, the recipe as a dict: JSON and
+    weights_only-safe); the eval loader rebuilds from it. A checkpoint of the layout written before (the same
+    payload without "model_config": its flags in "args" only) rebuilds the same model through the fallback."""
+    import json
+
+    import main
+
+    flags = ["--model", "CLIP_VITT16_SIGLIP", "--clip-proj-type", "mlp", "--clip-hidden-dim", "24", "--embed-dim",
+             "16", "--text-width", "64", "--text-heads", "2"]
+    main.main(tiny_run_args + flags + ["--name", "described", "--max-steps", "1"])
+    path = tmp_path / "experiments" / "described" / "checkpoint.pt"
+    ckpt = torch.load(path, weights_only=True)
+    config = ckpt["model_config"]
+    assert json.loads(json.dumps(config)) == config
+    assert config["name"] == "CLIP_VITT16_SIGLIP"
+    assert {k: v for k, v in config["kwargs"].items() if k != "recipe"} == dict(
+        image_size=32, embed_dim=16, text_model="transformer", text_width=64, text_heads=2, text_layers=1,
+        context_length=77)
+    assert config["kwargs"]["recipe"]["clip_proj_type"] == "mlp" and config["kwargs"]["recipe"]["clip_hidden_dim"] == 24
+    old = tmp_path / "old_layout.pt"
+    torch.save({k: v for k, v in ckpt.items() if k != "model_config"}, old)
+    images, tokens = torch.randn(2, 3, 32, 32), datasets.BpeTokenizer(77)(EN[:2])
+    new_model, new_spec, new_info = weights.load_model_for_eval(resume=str(path), device="cpu")
+    old_model, old_spec, old_info = weights.load_model_for_eval(resume=str(old), device="cpu")
+    assert old_info["config"] == config and old_spec == new_spec and old_info["image_size"] == 32
+    assert type(old_model).__name__ == "SIGLIP" and isinstance(old_model.text_projection, torch.nn.Sequential)
+    for got, want in zip(_features(old_model, images, tokens), _features(new_model, images, tokens)):
+        torch.testing.assert_close(got, want)
+    torch.testing.assert_close(old_model.logit_bias, ckpt["model"]["logit_bias"])

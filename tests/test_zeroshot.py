@@ -27,7 +27,7 @@ CLASS_COUNTS = {"imagenet": 1000, "food101": 101, "cub200": 200, "cars": 196, "a
                 "caltech101": 102, "flowers": 102, "eurosat": 10, "resisc45": 45, "gtsrb": 43, "kitti_distance": 4,
                 "country211": 211, "patch_camelyon": 2, "ucf101_frames": 101, "hateful_memes": 2, "rendered_sst2": 2,
                 "mnist": 10, "cifar10": 10, "cifar100": 100, "stl10": 10, "clevr_counts": 8}
-# template counts of clip-rocket's templates.json (reference/clip_rocket.md §8); 1 for every other dataset
+# template counts of clip-rocket's templates.json (commit ebd9e58); 1 for every other dataset
 TEMPLATE_COUNTS = {"imagenet": 80, "cifar10": 18, "cifar100": 18, "ucf101_frames": 48, "caltech101": 34,
                    "resisc45": 18, "cars": 8, "dtd": 8, "country211": 5, "gtsrb": 3, "eurosat": 3, "aircraft": 2,
                    "stl10": 2}
@@ -276,7 +276,8 @@ def test_class_name_files_wrong_count_blank_line_and_english_label_txt(tmp_path)
 
 
 # --------------------------------------------------------------------------- Chinese-CLIP's table (ELEVATER folders)
-# reference/chinese_clip.md §7.4 column -> catalog entry; ELEVATER_all.zip folder of each elevater-* entry
+# OFA-Sys/Chinese-CLIP Results.md zero-shot table (commit 31863c7) column -> catalog entry; ELEVATER_all.zip folder
+# of each elevater-* entry
 TABLE_74 = {"CIFAR10": "elevater-cifar10", "CIFAR100": "elevater-cifar100", "DTD": "elevater-dtd",
             "EuroSAT": "elevater-eurosat", "FER": "elevater-fer2013", "FGVC": "elevater-aircraft",
             "KITTI": "elevater-kitti_distance", "MNIST": "elevater-mnist", "PC": "elevater-patch_camelyon",
