@@ -197,10 +197,10 @@ def run(repo: str, commit: str, dirty: bool, script: str, argv: list[str], cwd: 
         rws = importlib.import_module("run_with_submitit")
         main = importlib.import_module("main")
         exps = plan(argv, script, commit, root, rws, main)
-        check_experiments(exps, commit_id, root)
-        exps = skip_finished(exps)
+        exps = skip_finished(exps)  # first: a finished run's job may still be tearing down (RUNNING in Slurm)
         if not exps:
             return []
+        check_experiments(exps, commit_id, root)
         if dry_run:
             log.info("dry run: %d experiment(s) from commit %s, nothing written or submitted", len(exps), commit_id)
             if script == "main.py":
