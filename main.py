@@ -45,11 +45,24 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("CLIP Lab training", add_help=False)
     data = p.add_argument_group("data")
     data.add_argument("--dataset", default="digits",
-                      help="training set: a key of dataset_catalog.json (digits, digits-zh, synthetic, ...)")
+                      help="training set: a key of dataset_catalog.json (digits, digits-zh, synthetic, ...), or "
+                           "several comma-separated for a weighted mixture (see --dataset-weights)")
+    data.add_argument("--dataset-weights", default=None,
+                      help="sampling weights of a --dataset mixture, comma-separated, one per set (e.g. 1,2); "
+                           "default: the sets' sizes (every sample equally likely)")
+    data.add_argument("--samples-per-epoch", type=int, default=None,
+                      help="samples per epoch of a stream run (wds shards, a mixture); default: the sum of the sets' "
+                           "sizes. Set with --wds-resampled or to define epochs of a large mixture")
+    data.add_argument("--wds-shuffle-buffer", type=int, default=1000,
+                      help="raw records in the shuffle buffer of each wds shard (more: better mixing, more memory "
+                           "per worker); 0 or 1: tar order")
+    data.add_argument("--wds-resampled", action="store_true",
+                      help="draw wds shards with replacement, seeded (open_clip's --dataset-resampled): an endless "
+                           "stream cut into epochs of --samples-per-epoch")
     data.add_argument("--val-dataset", default=None,
-                      help="per-epoch zero-shot/retrieval validation set (its test split); default: --dataset when "
-                           "it has a test split, else its catalog 'val_dataset' (imagenet for cc3m, cc12m, yfcc15m, "
-                           "merged-29m); 'none': no per-epoch validation")
+                      help="per-epoch zero-shot/retrieval validation set (its test split); default: --dataset (the "
+                           "first set of a mixture) when it has a test split, else its catalog 'val_dataset' "
+                           "(imagenet for cc3m, cc12m, yfcc15m, merged-29m); 'none': no per-epoch validation")
     data.add_argument("--data-root", default=None,
                       help="root for catalog paths (else $CLIP_LAB_DATA_ROOT); change when data moves")
     data.add_argument("--image-size", type=int, default=None,
@@ -291,12 +304,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(str(exc))
     if args.update_freq < 1 or args.batch_size < 1:
         parser.error("--update-freq and --batch-size must be >= 1")
+    names = {"dataset": dataset_names(args), "val_dataset": [args.val_dataset]}
     for key in ("dataset", "val_dataset"):  # a typo fails here, before an experiment folder is written
         try:
-            if getattr(args, key) not in (None, NO_VALIDATION):
-                readers.catalog_entry(getattr(args, key))
+            for name in names[key]:
+                if name not in (None, NO_VALIDATION):
+                    readers.catalog_entry(name)
         except readers.DatasetError as exc:
             parser.error(f"--{key.replace('_', '-')}: {exc}")
+    errors = stream_errors(args)
+    if errors:
+        parser.error("; ".join(errors))
     try:
         val_name = validation_dataset_name(args)
     except readers.DatasetError as exc:
@@ -309,29 +327,74 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def dataset_names(args: argparse.Namespace) -> list[str]:
+    """The training sets of --dataset: one catalog key, or the comma-separated sets of a mixture."""
+    return [name.strip() for name in args.dataset.split(",")]
+
+
+def dataset_weights(args: argparse.Namespace) -> list[float] | None:
+    """--dataset-weights as floats (None when not given); ValueError for a non-number."""
+    return None if args.dataset_weights is None else [float(w) for w in args.dataset_weights.split(",")]
+
+
+def is_stream_run(args: argparse.Namespace) -> bool:
+    """Whether training reads a stream (datasets.StreamDataset): wds shards, a mixture, --samples-per-epoch or
+    --wds-resampled; otherwise one map-style set through datasets.ResumableSampler."""
+    names = dataset_names(args)
+    return len(names) > 1 or args.samples_per_epoch is not None or args.wds_resampled or \
+        any(readers.catalog_entry(name)["format"] == "wds" for name in names)
+
+
+def stream_errors(args: argparse.Namespace) -> list[str]:
+    """Bad mixture and stream flags (checked at parse time, after the names are known to the catalog)."""
+    names, errors = dataset_names(args), []
+    if len(set(names)) != len(names):
+        errors.append(f"--dataset {args.dataset!r} names a set twice: give it a larger --dataset-weights instead")
+    try:
+        weights = dataset_weights(args)
+    except ValueError:
+        weights = None
+        errors.append(f"--dataset-weights {args.dataset_weights!r}: expected comma-separated numbers")
+    if weights is not None and (len(weights) != len(names) or not all(0 < w < math.inf for w in weights)):
+        errors.append(f"--dataset-weights {args.dataset_weights!r}: need {len(names)} positive finite weight(s), one "
+                      f"per set of --dataset {args.dataset!r}")
+    if args.samples_per_epoch is not None and args.samples_per_epoch < 1:
+        errors.append("--samples-per-epoch must be >= 1")
+    if args.wds_shuffle_buffer < 0:
+        errors.append("--wds-shuffle-buffer must be >= 0")
+    if args.wds_resampled and not any(readers.catalog_entry(n)["format"] == "wds" for n in names):
+        errors.append(f"--wds-resampled draws wds shards, and no set of --dataset {args.dataset!r} is in the wds "
+                      "format")
+    return errors
+
+
 def has_test_split(name: str, catalog: dict | None = None) -> bool:
-    """Whether catalog entry `name` has a logical "test" split (a merged entry: every one of its parts)."""
+    """Whether catalog entry `name` has a logical "test" split (a merged entry: every one of its parts; wds shards
+    never: they are streamed, not indexed, so they validate on their catalog 'val_dataset')."""
     entry = readers.catalog_entry(name, catalog)
     if entry["format"] == "merged":
         return all(has_test_split(part, catalog) for part in entry["datasets"])
+    if entry["format"] == "wds":
+        return False
     return "test" in entry.get("splits", {"test": "test"})  # no `splits` map: the format has train and test
 
 
 def validation_dataset_name(args: argparse.Namespace) -> str | None:
-    """The per-epoch validation set: --val-dataset; else --dataset when its catalog entry has a test split; else
-    the entry's catalog default "val_dataset" (imagenet for the web-scale sets, as SLIP/clip-rocket validate);
-    None for `--val-dataset none`. A set without a test split raises a DatasetError naming the fix."""
+    """The per-epoch validation set: --val-dataset; else --dataset (the first set of a mixture) when its catalog
+    entry has a test split; else that entry's catalog default "val_dataset" (imagenet for the web-scale sets, as
+    SLIP/clip-rocket validate); None for `--val-dataset none`. A set without a test split raises a DatasetError
+    naming the fix."""
     if args.val_dataset == NO_VALIDATION:
         return None
-    catalog = readers.load_catalog()
-    if args.val_dataset is None and has_test_split(args.dataset, catalog):
-        return args.dataset
-    name = args.val_dataset or readers.catalog_entry(args.dataset, catalog).get("val_dataset")
+    catalog, first = readers.load_catalog(), dataset_names(args)[0]
+    if args.val_dataset is None and has_test_split(first, catalog):
+        return first
+    name = args.val_dataset or readers.catalog_entry(first, catalog).get("val_dataset")
     if name is None:
         raise readers.DatasetError(
-            f"dataset {args.dataset!r} has no test split and its dataset_catalog.json entry no 'val_dataset' key: "
+            f"dataset {first!r} has no test split and its dataset_catalog.json entry no 'val_dataset' key: "
             "pass --val-dataset NAME (a catalog dataset with a test split) or --val-dataset none")
-    source = "--val-dataset" if args.val_dataset else f"the 'val_dataset' of {args.dataset!r} in dataset_catalog.json"
+    source = "--val-dataset" if args.val_dataset else f"the 'val_dataset' of {first!r} in dataset_catalog.json"
     try:
         if not has_test_split(name, catalog):
             raise readers.DatasetError(f"dataset {name!r} has no test split")
@@ -399,6 +462,19 @@ def build_criterion(spec: models.ModelSpec, args: argparse.Namespace, env: utils
     raise ValueError(f"objective {spec.objective.name}: loss {spec.objective.loss!r} is not implemented")
 
 
+def build_stream(args: argparse.Namespace, composer, train_readers: list, env: utils.DistEnv) -> datasets.StreamDataset:
+    """The training stream of a wds / mixture run: one source per --dataset set, drawn by --dataset-weights
+    (default: the sets' sizes), epochs of --samples-per-epoch (default: the sum of the sizes), R ranks x
+    max(--workers, 1) streams (see datasets.StreamDataset)."""
+    weights = dataset_weights(args)
+    needs_sizes = (weights is None and len(train_readers) > 1) or args.samples_per_epoch is None
+    sizes = [len(r) for r in train_readers] if needs_sizes else []  # a wds set without num_samples fails here
+    sources = datasets.stream_sources(train_readers, composer, args.seed, args.wds_shuffle_buffer, args.wds_resampled)
+    return datasets.StreamDataset(sources, weights or sizes or [1.0], args.batch_size,
+                                  args.samples_per_epoch or sum(sizes), args.seed, env.rank, env.world_size,
+                                  args.workers)
+
+
 def build_train_dataset(spec: models.ModelSpec, args: argparse.Namespace, reader, image_size: int, tokenizer):
     """The training dataset: ImageTextDataset for one-view models without --text-augment; otherwise a
     MultiViewDataset with the weak view, num_augs strong views and the text augmenter of the base's language
@@ -452,7 +528,7 @@ def cosine_schedule(base: float, start: float, end: float, total_steps: int, war
 
 
 def experiment_dir(args: argparse.Namespace) -> str:
-    return os.path.join(args.output_dir, args.name or f"{args.model}_{args.dataset}")
+    return os.path.join(args.output_dir, args.name or f"{args.model}_{'+'.join(dataset_names(args))}")
 
 
 def args_dict(args: argparse.Namespace) -> dict:
@@ -590,18 +666,21 @@ def selection_score(metrics: dict[str, float]) -> float:
 
 def ctx_image_size(args: argparse.Namespace, spec: models.ModelSpec) -> int:
     """--image-size, else the dataset's catalog image_size, else the backbone preset."""
-    return args.image_size or readers.catalog_entry(args.dataset).get("image_size") or spec.backbone.image_size
+    return args.image_size or readers.catalog_entry(dataset_names(args)[0]).get("image_size") or \
+        spec.backbone.image_size
 
 
 # --------------------------------------------------------------------------- checkpoint
 def checkpoint_payload(model, optimizer, scaler, state: engine.RunState, args, commit: str,
-                       rng_states: list[dict]) -> dict:
-    """What checkpoint.pt holds; `rng` is the list of every rank's RNG states (`utils.gather_rng_states`)."""
+                       rng_states: list[dict], data: list[dict] | None = None) -> dict:
+    """What checkpoint.pt holds; `rng` is the list of every rank's RNG states (`utils.gather_rng_states`), `data`
+    every rank's stream positions (`datasets.StreamDataset.state`; None for a map-style run, whose position is
+    step_in_epoch)."""
     return {"model": engine.unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict(),
             "epoch": state.epoch, "step": state.step, "step_in_epoch": state.step_in_epoch,
             "best_metric": state.best_metric, "nonfinite": state.nonfinite,
-            "rng": rng_states, "args": config_of(args), "commit": commit}
+            "rng": rng_states, "data": data, "args": config_of(args), "commit": commit}
 
 
 def restore_rng(saved: list[dict] | dict, rank: int, world_size: int, seed: int, step: int) -> None:
@@ -618,8 +697,9 @@ def restore_rng(saved: list[dict] | dict, rank: int, world_size: int, seed: int,
     utils.seed_all(utils.rank_seed(seed, rank, step))
 
 
-def restore(path: str, model, optimizer, scaler, state: engine.RunState, args, env: utils.DistEnv) -> None:
-    """Training state from checkpoint `path` (weights strictly, optimizer, scaler, progress, this rank's RNG)."""
+def restore(path: str, model, optimizer, scaler, state: engine.RunState, args, env: utils.DistEnv) -> list | None:
+    """Training state from checkpoint `path` (weights strictly, optimizer, scaler, progress, this rank's RNG);
+    returns its stream positions (`data`, None when it has none)."""
     ckpt = utils.load_checkpoint(path)
     missing = [k for k in ("model", "optimizer", "epoch", "step", "step_in_epoch", "rng") if k not in ckpt]
     if missing:
@@ -631,6 +711,7 @@ def restore(path: str, model, optimizer, scaler, state: engine.RunState, args, e
     state.epoch, state.step, state.step_in_epoch = ckpt["epoch"], ckpt["step"], ckpt["step_in_epoch"]
     state.best_metric, state.nonfinite = ckpt["best_metric"], ckpt["nonfinite"]
     restore_rng(ckpt["rng"], env.rank, env.world_size, args.seed, state.step)
+    return ckpt.get("data")
 
 
 # --------------------------------------------------------------------------- main
@@ -665,21 +746,26 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
     # the same initial weights on every rank (above), then each rank its own stream for dropout masks
     utils.seed_all(utils.rank_seed(args.seed, env.rank))
     tokenizer = datasets.build_tokenizer(spec.base.tokenizer, args.context_length or spec.base.context_length)
-    reader = readers.build_reader(args.dataset, "train", data_root=args.data_root)
+    train_readers = [readers.build_reader(name, "train", data_root=args.data_root) for name in dataset_names(args)]
     val_name = validation_dataset_name(args)
     val_reader = build_validation_reader(val_name, args)  # a missing validation set fails now, not after an epoch
-    dataset = build_train_dataset(spec, args, reader, image_size, tokenizer)
+    dataset = build_train_dataset(spec, args, train_readers[0], image_size, tokenizer)  # composes every sample
     # JPEGs decoded at reduced size when every view's crop allows it (None with 0.08-scale strong views at 1024 px)
-    reader.draft = datasets.draft_for(dataset.transform, *getattr(dataset, "strong_transforms", []))
-    sampler = datasets.ResumableSampler(len(dataset), args.batch_size, env.rank, env.world_size, args.seed)
+    draft = datasets.draft_for(dataset.transform, *getattr(dataset, "strong_transforms", []))
+    for reader in train_readers:
+        reader.draft = draft
+    stream = build_stream(args, dataset, train_readers, env) if is_stream_run(args) else None
+    sampler = None if stream else datasets.ResumableSampler(len(dataset), args.batch_size, env.rank,
+                                                            env.world_size, args.seed)
     # own generator: creating an iterator must not draw from the global RNG (its state is checkpointed, and a
     # resumed run creates one more iterator than the run it continues, which would shift every dropout mask)
-    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
+    loader = DataLoader(stream or dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
                         pin_memory=env.device.type == "cuda", persistent_workers=False,
                         generator=torch.Generator().manual_seed(args.seed))
-    steps_per_epoch = sampler.batches_per_epoch // args.update_freq
+    batches_per_epoch = (stream or sampler).batches_per_epoch
+    steps_per_epoch = batches_per_epoch // args.update_freq
     if steps_per_epoch == 0:
-        raise SystemExit(f"--update-freq {args.update_freq} exceeds the {sampler.batches_per_epoch} micro-batches "
+        raise SystemExit(f"--update-freq {args.update_freq} exceeds the {batches_per_epoch} micro-batches "
                          "of an epoch")
     total_steps = args.epochs * steps_per_epoch
     lr_schedule = cosine_schedule(args.lr, args.lr_start, args.lr_end, total_steps,
@@ -689,7 +775,9 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
     scaler = torch.amp.GradScaler(env.device.type, enabled=args.precision == "fp16")
     state = engine.RunState()
     if resume_path:
-        restore(resume_path, model, optimizer, scaler, state, args, env)
+        data = restore(resume_path, model, optimizer, scaler, state, args, env)
+        if stream is not None:
+            stream.resume(data, state.epoch, state.step_in_epoch * args.update_freq)
         log.info("resumed from %s at epoch %d, step %d", resume_path, state.epoch, state.step)
     if env.distributed and env.device.type == "cuda":  # projector BN over the global batch (parameters kept)
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -704,8 +792,9 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
 
     def save(is_best: bool) -> None:  # called on every rank: the RNG states are gathered
         rng_states = utils.gather_rng_states()
+        data = utils.all_gather_object(stream.state()) if stream is not None else None
         if main_process:
-            payload = checkpoint_payload(model, optimizer, scaler, state, args, commit, rng_states)
+            payload = checkpoint_payload(model, optimizer, scaler, state, args, commit, rng_states, data)
             utils.save_atomic(payload, os.path.join(exp_dir, "checkpoint.pt"))
             if is_best:
                 utils.save_atomic(payload, os.path.join(exp_dir, "checkpoint_best.pt"))
@@ -729,9 +818,14 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
     if args.evaluate:
         metrics = validate()
     while not args.evaluate and state.epoch < args.epochs and not (args.max_steps and state.step >= args.max_steps):
-        sampler.set_epoch(state.epoch, state.step_in_epoch * args.update_freq)
+        start_batch = state.step_in_epoch * args.update_freq
+        if stream is not None:
+            stream.set_epoch(state.epoch, start_batch)
+        else:
+            sampler.set_epoch(state.epoch, start_batch)
         dataset.bad_samples.reset(state.epoch)
-        batches, meters = iter(loader), engine.EpochMeters()
+        batches = iter(loader) if stream is None else stream.track(iter(loader))
+        meters = engine.EpochMeters()
         try:
             while (pause := engine.train_one_epoch(ddp_model, criterion, batches, optimizer, scaler, lr_schedule,
                                                    state, loop, meters, run_log)) is engine.Pause.CHECKPOINT_DUE:
