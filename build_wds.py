@@ -35,7 +35,7 @@ from webdataset import TarWriter  # imports torch: a command's start-up cost, on
 import readers
 
 log = logging.getLogger("build_wds")
-MTIME = 946684800.0  # 2000-01-01: the members' fixed modification time
+MTIME = 946684800  # 2000-01-01, the members' fixed modification time (an int: no PAX header per member)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
