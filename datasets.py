@@ -467,7 +467,9 @@ class IndexSource:
         """(sample, position after it) from `position` on; endless."""
         p, start = position[0], position[1]
         while True:
-            order = seeded_rng(self.seed, epoch, _PERM, self.source, p).permutation(len(self))[g::streams]
+            order = np.arange(len(self), dtype=np.int32 if len(self) < 2**31 else np.int64)  # half the memory
+            seeded_rng(self.seed, epoch, _PERM, self.source, p).shuffle(order)
+            order = order[g::streams].copy()  # this stream's share; the full permutation is freed
             for k in range(start, len(order)):
                 index = int(order[k])
                 yield self.dataset[(index, sample_seed(self.seed, epoch, index, self.source, p))], [p, k + 1, 0]

@@ -755,14 +755,15 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
     for reader in train_readers:
         reader.draft = draft
     stream = build_stream(args, dataset, train_readers, env) if is_stream_run(args) else None
-    sampler = None if stream else datasets.ResumableSampler(len(dataset), args.batch_size, env.rank,
-                                                            env.world_size, args.seed)
+    sampler = datasets.ResumableSampler(len(dataset), args.batch_size, env.rank, env.world_size, args.seed) \
+        if stream is None else None
     # own generator: creating an iterator must not draw from the global RNG (its state is checkpointed, and a
     # resumed run creates one more iterator than the run it continues, which would shift every dropout mask)
-    loader = DataLoader(stream or dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
-                        pin_memory=env.device.type == "cuda", persistent_workers=False,
+    loader = DataLoader(dataset if stream is None else stream, batch_size=args.batch_size, sampler=sampler,
+                        num_workers=args.workers, pin_memory=env.device.type == "cuda", persistent_workers=False,
                         generator=torch.Generator().manual_seed(args.seed))
-    batches_per_epoch = (stream or sampler).batches_per_epoch
+    order = sampler if stream is None else stream  # set_epoch(epoch, start_batch), batches_per_epoch
+    batches_per_epoch = order.batches_per_epoch
     steps_per_epoch = batches_per_epoch // args.update_freq
     if steps_per_epoch == 0:
         raise SystemExit(f"--update-freq {args.update_freq} exceeds the {batches_per_epoch} micro-batches "
@@ -818,11 +819,7 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
     if args.evaluate:
         metrics = validate()
     while not args.evaluate and state.epoch < args.epochs and not (args.max_steps and state.step >= args.max_steps):
-        start_batch = state.step_in_epoch * args.update_freq
-        if stream is not None:
-            stream.set_epoch(state.epoch, start_batch)
-        else:
-            sampler.set_epoch(state.epoch, start_batch)
+        order.set_epoch(state.epoch, state.step_in_epoch * args.update_freq)
         dataset.bad_samples.reset(state.epoch)
         batches = iter(loader) if stream is None else stream.track(iter(loader))
         meters = engine.EpochMeters()
