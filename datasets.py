@@ -37,17 +37,22 @@ log = logging.getLogger("clip_lab")
 # --------------------------------------------------------------------------- seeded randomness
 @contextlib.contextmanager
 def seeded(seed: int):
-    """Run a block with Python, NumPy and torch RNGs seeded by `seed`, then restore their states."""
-    py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    """Run a block with Python, NumPy and torch RNGs seeded by `seed`, then restore their states. Inside a
+    DataLoader worker nothing is restored: every sample seeds its own block, nothing else there draws from the
+    global RNGs, and copying NumPy's MT19937 state out and back costs ~0.15 ms a sample (bench.py data)."""
+    restore = get_worker_info() is None
+    if restore:
+        py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed would also reseed (and lose) CUDA's
     try:
         yield
     finally:
-        random.setstate(py_state)
-        np.random.set_state(np_state)
-        torch.set_rng_state(torch_state)
+        if restore:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+            torch.set_rng_state(torch_state)
 
 
 def sample_seed(seed: int, epoch: int, index: int, *more: int) -> int:

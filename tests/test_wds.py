@@ -19,6 +19,7 @@ from webdataset import TarWriter
 import build_lmdb
 import build_wds
 import datasets
+import launch
 import main
 import readers
 import utils
@@ -354,6 +355,13 @@ def test_mixture_and_stream_flags_are_checked_at_parse_time(capsys):
         with pytest.raises(SystemExit):
             main.parse_args(argv)
         assert message in capsys.readouterr().err, argv
+
+
+def test_run_sh_keeps_a_mixture_whole_instead_of_sweeping_it():
+    """launch.py's sweep syntax splits comma lists: a --dataset mixture and its weights are one experiment."""
+    out = launch.expand_sweep(["--dataset", "cc3m,cc12m-wds", "--dataset-weights=1,2", "--seed", "0,1"])
+    assert [s for _, s in out] == ["_seed0", "_seed1"]
+    assert out[0][0] == ["--dataset", "cc3m,cc12m-wds", "--dataset-weights=1,2", "--seed", "0"]
 
 
 def test_mixture_validates_on_its_first_sets_rule_and_names_its_folder():
