@@ -14,6 +14,7 @@ import contextlib
 import io
 import json
 import logging
+import mmap
 import os
 import pickle
 import zipfile
@@ -700,6 +701,13 @@ def shard_stats(urls: list[str]) -> tuple[int | None, dict[int, int]]:
     return sum(sizes.values()), sizes
 
 
+def _mapped(path: str) -> mmap.mmap:
+    """A local shard memory-mapped: tarfile's 10 KiB stream reads become copies, not system calls (0.33 -> 0.23 ms
+    per 200 KB sample, bench.py data), with no copy of the shard in memory."""
+    with open(path, "rb") as f:
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # an empty file raises: a named bad sample
+
+
 class WdsReader:
     """The `wds` format: webdataset tar shards, each sample `<key>.jpg|png|webp` + `<key>.txt` + `<key>.json`
     (img2dataset's output). Not map-style: `records(shard)` streams one shard's raw records (webdataset's tar
@@ -739,7 +747,7 @@ class WdsReader:
 
         url, count, key, stream = self.urls[shard], 0, None, None
         try:
-            stream = gopen(url)
+            stream = gopen(url) if _is_remote(url) else _mapped(url)
             files = tariterators.tar_file_expander([{"url": url, "stream": stream}])
             for record in tariterators.group_by_keys(files):
                 count, key = count + 1, record["__key__"]
