@@ -85,7 +85,8 @@ def test_bench_data_reports_every_store_reader_and_ratio(tmp_path):
                 "--resize", "64", "--image-size", "32", "--data-dir", str(tmp_path)])
     result = json.loads(out.read_text())
     readers = ["raw bound (bytes in memory)", "ours: LmdbReader + draft", "Chinese-CLIP-style reader",
-               "ours: wds StreamDataset + draft", "open_clip get_wds_dataset"]
+               "ours: WdsReader + draft (images)", "ours: wds StreamDataset (training path)",
+               "open_clip get_wds_dataset"]
     assert sorted((r["store"], r["reader"], r["workers"]) for r in result["rows"]) == \
         sorted((s, r, 0) for s in ("full", "resized64") for r in readers)
     assert all(math.isfinite(r["images/s"]) and r["images/s"] > 0 for r in result["rows"])
@@ -93,8 +94,10 @@ def test_bench_data_reports_every_store_reader_and_ratio(tmp_path):
                                      "ours / Chinese-CLIP-style (full 1024x768, 0 workers)",
                                      "ours / Chinese-CLIP-style (resized64, 0 workers)",
                                      "ours resized64 / ours full (0 workers)",
-                                     "ours wds / raw bound (full, 0 workers)",
-                                     "ours wds / raw bound (resized64, 0 workers)",
+                                     "ours WdsReader / raw bound (full, 0 workers)",
+                                     "ours WdsReader / raw bound (resized64, 0 workers)",
+                                     "ours wds training path / raw bound (full, 0 workers)",
+                                     "ours wds training path / raw bound (resized64, 0 workers)",
                                      "ours wds / open_clip wds (full, 0 workers)",
                                      "ours wds / open_clip wds (resized64, 0 workers)"}
     assert all(math.isfinite(v) and v > 0 for v in result["ratios"].values())
