@@ -103,6 +103,7 @@ def test_bench_data_reports_every_store_reader_and_ratio(tmp_path):
     assert all(math.isfinite(v) and v > 0 for v in result["ratios"].values())
     for store in ("full", "resized64"):
         parts = result["wds_ms_per_image"][store]
-        assert {"read tar records", "decode (draft)", "transform", "tokenize", "whole stream path"} <= parts.keys()
+        assert {"read tar records", "decode (draft)", "transform", "tokenize", "seed RNGs", "whole stream path",
+                "rest"} <= parts.keys()
         assert all(parts[k] > 0 for k in ("read tar records", "decode (draft)", "transform", "whole stream path"))
     assert result["images"] == 4 and result["rounds"] == 1
