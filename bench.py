@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import ctypes
 import gc
 import importlib.util
@@ -696,7 +697,7 @@ def _images_per_s(dataset, workers: int, batch_size: int) -> float:
     next(it)
     t0, n = time.perf_counter(), 0
     for batch in it:
-        n += len(batch)
+        n += len(batch[0] if isinstance(batch, (list, tuple)) else batch)  # (images, texts, ...) or images
     return n / (time.perf_counter() - t0)
 
 
@@ -714,10 +715,159 @@ class _InMemoryImages(torch.utils.data.Dataset):
         return self.transform(readers.decode_image(self.blobs[index], f"image {index}", self.draft))
 
 
+class _WdsImages(torch.utils.data.IterableDataset):
+    """The image half of our wds path, as `_OurReaderImages` is of the LMDB one: WdsReader's records (webdataset's
+    tar iterator over the memory-mapped shard) -> decode (draft) -> transform; shards split over the workers."""
+
+    def __init__(self, urls: list[str], transform, draft: int) -> None:
+        super().__init__()
+        self.reader, self.transform = readers.WdsReader(urls, "bench"), transform
+        self.reader.draft = draft
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        w, n = (info.id, info.num_workers) if info is not None else (0, 1)
+        for shard in range(w, self.reader.num_shards, n):
+            for record in self.reader.records(shard):
+                yield self.transform(self.reader.decode(record)[0])
+
+
+BENCH_CAPTION = "a photo of a mosaic"
+
+
+def _write_bench_shards(folder: str, blobs: list[bytes], per_shard: int) -> list[str]:
+    """The photos as img2dataset-layout tar shards (`<key>.jpg` = the stored bytes, `.txt`, `.json`) + _stats.json."""
+    import os
+
+    from webdataset import TarWriter
+
+    import build_wds
+
+    os.makedirs(folder, exist_ok=True)
+    urls, sizes = [], {}
+    for k in range(0, len(blobs), per_shard):
+        urls.append(os.path.join(folder, f"{k // per_shard:05d}.tar"))
+        with TarWriter(urls[-1], encoder=False, mtime=build_wds.MTIME) as tar:  # as build_wds.py writes them
+            for i in range(k, min(k + per_shard, len(blobs))):
+                tar.write({"__key__": f"{i:09d}", "jpg": blobs[i], "txt": BENCH_CAPTION.encode(),
+                           "json": json.dumps({"caption": BENCH_CAPTION}).encode()})
+        sizes[os.path.basename(urls[-1])] = min(per_shard, len(blobs) - k)
+    with open(os.path.join(folder, readers.STATS_FILE), "w", encoding="utf-8") as f:
+        json.dump({"num_samples": len(blobs), "shards": sizes}, f)
+    return urls
+
+
+def _loader_images_per_s(loader, skip_first: bool = False) -> float:
+    """images/s of one pass of a streaming loader, by default its first batch included: open_clip's sample shuffle
+    buffer (initial 1,000) reads every shard of a worker before its first batch, ours one shard at a time, so
+    timing after the first batch would leave the tar reading out of open_clip's time only. `skip_first` times
+    after the first batch, as `_images_per_s` (for a loader that reads record by record)."""
+    it, n = iter(loader), 0
+    if skip_first:
+        next(it)
+    t0 = time.perf_counter()
+    for batch in it:
+        n += len(batch)
+    return n / (time.perf_counter() - t0)
+
+
+def _our_wds_loader(urls: list[str], transform, tokenizer, draft: int, workers: int, batch_size: int):
+    """Our training path over the shards: WdsReader (draft decode) -> StreamDataset (shuffle buffer, seeded
+    composition with the caption tokenised, stream positions) -> DataLoader."""
+    from torch.utils.data import DataLoader
+
+    import datasets
+
+    total, sizes = readers.shard_stats(urls)
+    reader = readers.WdsReader(urls, "bench", num_samples=total, shard_sizes=sizes)
+    reader.draft = draft
+    composer = datasets.ImageTextDataset(None, transform, tokenizer)
+    stream = datasets.StreamDataset(datasets.stream_sources([reader], composer, 0), [1.0], batch_size, total,
+                                    workers=workers)
+    stream.set_epoch(0)
+    return DataLoader(stream, batch_size=batch_size, num_workers=workers)
+
+
+@contextlib.contextmanager
+def _open_clip_on_webdataset_1():
+    """open_clip_train 3.3's `tarfile_to_samples_nothrow` predates webdataset's per-shard EOF marker (0.2.96+: its
+    `group_by_keys_nothrow` raises KeyError 'fname' on it; open_clip issue #935, webdataset issue #384). Within the
+    block its `tar_file_expander` is webdataset's with `eof_value=None`, the fix proposed there; nothing else of
+    the peer changes. Forked DataLoader workers inherit it, so iterate inside the block."""
+    import functools
+
+    import open_clip_train.data as oc_data
+    from webdataset import tariterators
+
+    original = oc_data.tar_file_expander
+    oc_data.tar_file_expander = functools.partial(tariterators.tar_file_expander, eof_value=None)
+    try:
+        yield
+    finally:
+        oc_data.tar_file_expander = original
+
+
+def _open_clip_wds_loader(urls: list[str], transform, tokenizer, workers: int, batch_size: int):
+    """open_clip's own training pipeline, `open_clip_train.data.get_wds_dataset` (shard shuffle, split by worker,
+    sample shuffle, full `pilrgb` decode, the transform, the tokenizer, batching); iterate it inside
+    `_open_clip_on_webdataset_1()`."""
+    from open_clip_train.data import get_wds_dataset
+
+    ns = argparse.Namespace(train_data="::".join(urls), val_data=None, train_num_samples=readers.shard_stats(urls)[0],
+                            dataset_resampled=False, train_data_upsampling_factors=None, seed=0,
+                            batch_size=batch_size, world_size=1, workers=workers)
+    return get_wds_dataset(ns, transform, is_train=True, tokenizer=tokenizer).dataloader
+
+
+def _wds_time_breakdown(urls: list[str], transform, tokenizer, draft: int) -> dict[str, float]:
+    """Where the time of one sample goes on our wds path, in ms per image, one process: reading the tar records,
+    decoding (draft), the transform, the tokenizer, seeding the sample's RNGs, and the whole path (the rest:
+    shuffle buffer, positions, and decode/transform slower when interleaved than in bulk)."""
+    import datasets
+
+    reader = readers.WdsReader(urls, "bench")
+    reader.draft = draft
+    t0 = time.perf_counter()
+    records = [r for k in range(len(urls)) for r in reader.records(k)]
+    n, t_read = len(records), time.perf_counter() - t0
+    t0 = time.perf_counter()
+    images = [reader.decode(r)[0] for r in records]
+    t_decode = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for image in images:
+        transform(image)
+    t_transform = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(n):
+        tokenizer(BENCH_CAPTION)
+    t_tok = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for i in range(n):  # a sample's seed and its seeded block (RNG states saved and restored: the main process)
+        with datasets.seeded(datasets.sample_seed(0, 0, i, 0, 0, 0, i)):
+            pass
+    t_seed = time.perf_counter() - t0
+    composer = datasets.ImageTextDataset(None, transform, tokenizer)
+    total, sizes = readers.shard_stats(urls)
+    reader = readers.WdsReader(urls, "bench", num_samples=total, shard_sizes=sizes)
+    reader.draft = draft
+    stream = datasets.StreamDataset(datasets.stream_sources([reader], composer, 0), [1.0], 1, total)
+    stream.set_epoch(0)
+    t0 = time.perf_counter()
+    count = sum(1 for _ in stream)
+    t_all = time.perf_counter() - t0
+    ms = {"read tar records": t_read, "decode (draft)": t_decode, "transform": t_transform, "tokenize": t_tok,
+          "seed RNGs": t_seed}
+    out = {k: 1000 * v / n for k, v in ms.items()}
+    out["whole stream path"] = 1000 * t_all / count
+    out["rest"] = out["whole stream path"] - sum(out[k] for k in ms)
+    return out
+
+
 @subcommand("data", _add_data_args)
 def bench_data(args: argparse.Namespace) -> dict:
-    """images/s of decode + training transform at 224: our LMDB reader (full-size and pre-resized JPEGs, 0/1/2
-    workers), the raw in-memory bound, and a Chinese-CLIP-style reader, interleaved over --rounds."""
+    """images/s of decode + training transform at 224: our LMDB reader and our wds stream (full-size and
+    pre-resized JPEGs, 0/1/2 workers), the raw in-memory bound, a Chinese-CLIP-style reader and open_clip's
+    webdataset pipeline over the same tar shards, interleaved over --rounds."""
     import build_lmdb
     import datasets
 
@@ -738,7 +888,17 @@ def bench_data(args: argparse.Namespace) -> dict:
     transform = datasets.train_transform(args.image_size, 0.5)
     peer_transform = _cnclip_train_transform(args.image_size, 0.5)
     draft = datasets.draft_size(args.image_size, 0.5)
+    tokenizer = datasets.BpeTokenizer(77)  # open_clip's SimpleTokenizer: both wds pipelines tokenise the caption
+    shards = {}
+    for store, folder in stores.items():  # the LMDB's stored JPEG bytes, as tar shards
+        reader = readers.LmdbReader([os.path.join(folder, "train")], name=store)
+        shards[store] = _write_bench_shards(os.path.join(root, f"wds-{store}"),
+                                            [reader.image_bytes(i) for i in range(len(reader))],
+                                            max(1, args.images // 8))
+    readers.close_lmdb()
     runs: dict[tuple[str, str, int], list[float]] = {}
+    wds_reader, ours_wds = "ours: WdsReader + draft (images)", "ours: wds StreamDataset (training path)"
+    open_clip_wds = "open_clip get_wds_dataset"
     for _ in range(args.rounds):
         for store, folder in stores.items():
             reader = readers.LmdbReader([os.path.join(folder, "train")], name=store)
@@ -755,27 +915,49 @@ def bench_data(args: argparse.Namespace) -> dict:
                 runs.setdefault((store, "Chinese-CLIP-style reader", w), []).append(
                     _images_per_s(peer, w, args.batch_size))
                 peer.close()
+                runs.setdefault((store, wds_reader, w), []).append(_loader_images_per_s(torch.utils.data.DataLoader(
+                    _WdsImages(shards[store], transform, draft), batch_size=args.batch_size, num_workers=w), True))
+                runs.setdefault((store, ours_wds, w), []).append(_loader_images_per_s(
+                    _our_wds_loader(shards[store], transform, tokenizer, draft, w, args.batch_size)))
+                with _open_clip_on_webdataset_1():
+                    runs.setdefault((store, open_clip_wds, w), []).append(_loader_images_per_s(
+                        _open_clip_wds_loader(shards[store], transform, tokenizer, w, args.batch_size)))
     med = {k: statistics.median(v) for k, v in runs.items()}
     rows = [{"store": s, "reader": r, "workers": w, "images/s": v, "images/s per worker": v / max(w, 1)}
             for (s, r, w), v in med.items()]
     print(markdown_table(rows))
     small, ours, raw, peer = f"resized{args.resize}", "ours: LmdbReader + draft", "raw bound (bytes in memory)", \
         "Chinese-CLIP-style reader"
-    ratios = {"ours / raw bound (full, 0 workers)": med[("full", ours, 0)] / med[("full", raw, 0)],
-              f"ours / raw bound ({small}, 0 workers)": med[(small, ours, 0)] / med[(small, raw, 0)],
-              "ours / Chinese-CLIP-style (full 1024x768, 0 workers)": med[("full", ours, 0)] / med[("full", peer, 0)],
-              f"ours / Chinese-CLIP-style ({small}, 0 workers)": med[(small, ours, 0)] / med[(small, peer, 0)],
-              f"ours {small} / ours full (0 workers)": med[(small, ours, 0)] / med[("full", ours, 0)]}
+    def ratio(num: tuple, den: tuple) -> float:  # median of the rounds' paired ratios
+        return _paired_ratio(runs, num, den)
+
+    ratios = {"ours / raw bound (full, 0 workers)": ratio(("full", ours, 0), ("full", raw, 0)),
+              f"ours / raw bound ({small}, 0 workers)": ratio((small, ours, 0), (small, raw, 0)),
+              "ours / Chinese-CLIP-style (full 1024x768, 0 workers)": ratio(("full", ours, 0), ("full", peer, 0)),
+              f"ours / Chinese-CLIP-style ({small}, 0 workers)": ratio((small, ours, 0), (small, peer, 0)),
+              f"ours {small} / ours full (0 workers)": ratio((small, ours, 0), ("full", ours, 0))}
     targets = {"ours / raw bound (full, 0 workers)": 0.9, f"ours / raw bound ({small}, 0 workers)": 0.9,
                "ours / Chinese-CLIP-style (full 1024x768, 0 workers)": 2.5,
                f"ours / Chinese-CLIP-style ({small}, 0 workers)": 1.0, f"ours {small} / ours full (0 workers)": 2.0}
+    for store in stores:
+        key = f"ours WdsReader / raw bound ({store}, 0 workers)"
+        ratios[key], targets[key] = ratio((store, wds_reader, 0), (store, raw, 0)), 0.9
+        key = f"ours wds training path / raw bound ({store}, 0 workers)"  # + seeding, tokenizer, positions
+        ratios[key], targets[key] = ratio((store, ours_wds, 0), (store, raw, 0)), None
+        for w in workers:
+            key = f"ours wds / open_clip wds ({store}, {w} workers)"
+            ratios[key], targets[key] = ratio((store, ours_wds, w), (store, open_clip_wds, w)), 1.0
     print()
-    print(markdown_table([{"ratio": k, "measured": v, "target": f">= {targets[k]}", "met": v >= targets[k]}
-                          for k, v in ratios.items()]))
+    print(markdown_table([{"ratio": k, "measured": v, "target": "—" if targets[k] is None else f">= {targets[k]}",
+                           "met": "—" if targets[k] is None else v >= targets[k]} for k, v in ratios.items()]))
+    breakdown = {store: _wds_time_breakdown(urls, transform, tokenizer, draft) for store, urls in shards.items()}
+    print()
+    print(markdown_table([{"store": store, **{f"{k} (ms/img)": v for k, v in b.items()}}
+                          for store, b in breakdown.items()]))
     if tmp is not None:
         tmp.cleanup()
-    return {"rows": rows, "ratios": ratios, "images": args.images, "rounds": args.rounds,
-            "load_average": os.getloadavg()}
+    return {"rows": rows, "ratios": ratios, "wds_ms_per_image": breakdown, "images": args.images,
+            "rounds": args.rounds, "load_average": os.getloadavg()}
 
 
 # --------------------------------------------------------------------------- retrieval (issue 4)

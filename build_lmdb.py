@@ -1,5 +1,6 @@
 """Build Chinese-CLIP LMDBs from MUGE-style raw files:
-`python build_lmdb.py --data-dir DIR --splits train,valid,test [--lmdb-dir OUT] [--resize N] [--skip-bad]`.
+`python build_lmdb.py --data-dir DIR --splits train,valid,test [--lmdb-dir OUT] [--resize N] [--skip-bad]
+[--num-shards N [-j J]]`.
 
 Input (OFA-Sys/Chinese-CLIP README, dataset preparation, commit 31863c7): `DIR/{split}_imgs.tsv`
 (`image_id<TAB>base64 JPEG`) and `DIR/{split}_texts.jsonl` (`{"text_id", "text", "image_ids"}`, or MUGE's older
@@ -10,6 +11,11 @@ Output, `OUT/{split}/imgs` and `OUT/{split}/pairs`, in the layout Chinese-CLIP's
   `b"num_images"` -> `str(count).encode()`;
 - pairs: `str(i).encode()` -> `pickle.dumps((image_id, text_id, text))` for every (text, image) combination in
   jsonl order, and `b"num_samples"` -> `str(N).encode()`.
+
+With `--num-shards N` (N > 1) a split is N such folders, `OUT/{split}/00000` ... `OUT/{split}/N-1`: image i goes
+to shard i % N (each shard's images are validated and written by its own process, `-j` at once; each reads the
+whole tsv and keeps its ids), every pair to its image's shard, numbered from 0 there. Each folder is a complete
+Chinese-CLIP LMDB; the `lmdb` catalog format reads the split folder as all of its shards, in order.
 
 Every image is decoded once to validate it, by the readers' one decoder (`readers.decode_image`: the same mode
 rule and --max-image-pixels limit as training and evaluation), and every text is checked as the readers check
@@ -25,15 +31,15 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
-import io
 import logging
+import multiprocessing
 import os
 import pickle
 import shutil
 import sys
+from collections.abc import Callable
 
 import lmdb
-from PIL import Image
 from tqdm import tqdm
 
 from readers import (
@@ -44,6 +50,7 @@ from readers import (
     b64decode_image,
     check_captions,
     decode_image,
+    encode_jpeg,
     max_pixels_arg,
     open_lines,
     parse_imgs_tsv_line,
@@ -73,6 +80,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--initial-map-size", type=int, default=64 << 20,
                    help="initial LMDB map size in bytes; doubled whenever it fills up")
     p.add_argument("--commit-every", type=int, default=1000, help="puts per write transaction")
+    p.add_argument("--num-shards", type=int, default=1, metavar="N",
+                   help="write each split as N LMDB folders {split}/00000 ... (images by id %% N, each pair with its "
+                        "image), in parallel; each is a Chinese-CLIP LMDB and the lmdb catalog format reads them all")
+    p.add_argument("-j", "--jobs", type=int, default=None,
+                   help="image writers running at once with --num-shards (default: min(N, CPUs))")
     return p
 
 
@@ -107,19 +119,11 @@ class GrowingWriter:
         self.env.close()
 
 
-
 def resized_b64(data: bytes, size: int, quality: int, where: str = "image",
                 max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> bytes:
-    """Image bytes decoded by the readers' rule (a JPEG drafted, never below `size`), re-encoded as a JPEG with the
-    short side at most `size` (bicubic), as standard base64."""
-    image = decode_image(data, where, size, max_pixels)
-    scale = size / min(image.size)
-    if scale < 1:
-        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
-                             Image.Resampling.BICUBIC)
-    out = io.BytesIO()
-    image.save(out, format="JPEG", quality=quality)
-    return base64.b64encode(out.getvalue())
+    """Image bytes decoded by the readers' rule (a JPEG drafted, never below `size`), re-encoded with the short
+    side at most `size` (readers.encode_jpeg), as standard base64."""
+    return base64.b64encode(encode_jpeg(decode_image(data, where, size, max_pixels), size, quality))
 
 
 def check_image(b64: bytes, where: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> bytes:
@@ -136,9 +140,90 @@ def check_image(b64: bytes, where: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXE
     return data
 
 
+def fail(exc: DatasetError | CorruptSample, skip_bad: bool) -> str:
+    """A bad input line: raised as a BuildError, or (with --skip-bad) logged and returned for the count."""
+    error = exc if isinstance(exc, BuildError) else BuildError(str(exc))
+    if not skip_bad:
+        raise error
+    log.warning("skipped: %s", error)
+    return str(error)
+
+
+def write_images(imgs_path: str, folder: str, shard: int, num_shards: int, args: argparse.Namespace,
+                 progress: Callable[[int], object]) -> tuple[set[int], list[str], int]:
+    """Shard `shard` of `num_shards` of the tsv's images into `folder/imgs`: the lines whose image id % num_shards
+    is `shard` (a line without a readable id belongs to shard line % num_shards), each decoded once to validate it;
+    a duplicate id keeps its first line. `progress(bytes)` is called for every line of the shard.
+    Returns (image ids written, bad-line messages, map resizes)."""
+    imgs = GrowingWriter(os.path.join(folder, "imgs"), args.initial_map_size, args.commit_every)
+    seen = UniqueIds(imgs_path, "image id")  # an id's lines all fall in one shard: duplicates are found there
+    bad: list[str] = []
+    with open_lines(imgs_path, binary=True) as f:
+        for lineno, line in enumerate(f, 1):
+            where = f"{imgs_path}:{lineno}"
+            try:
+                image_id, b64 = parse_imgs_tsv_line(line, where)
+            except DatasetError as exc:
+                if lineno % num_shards == shard:
+                    progress(len(line))
+                    bad.append(fail(exc, args.skip_bad))
+                continue
+            if image_id % num_shards != shard:
+                continue
+            progress(len(line))
+            try:
+                seen.check(image_id, lineno)
+                data = check_image(b64, where, args.max_image_pixels)
+            except DatasetError as exc:
+                bad.append(fail(exc, args.skip_bad))
+                continue
+            seen.add(image_id, lineno)
+            imgs.put(str(image_id).encode("utf-8"), resized_b64(data, args.resize, args.quality, where,
+                                                                args.max_image_pixels) if args.resize else b64)
+    imgs.put(b"num_images", str(len(seen)).encode("utf-8"))
+    imgs.close()
+    return set(seen.lines), bad, imgs.resizes
+
+
+_COUNTER: list = []  # a forked image writer's shared progress counter (set by _init_writer)
+
+
+def _init_writer(counter) -> None:
+    _COUNTER[:] = [counter]
+
+
+def _count_bytes(n: int) -> None:
+    with _COUNTER[0].get_lock():
+        _COUNTER[0].value += n
+
+
+def _write_image_shard(job: tuple) -> tuple[set[int], list[str], int]:
+    return write_images(*job, progress=_count_bytes)
+
+
+def write_image_shards(imgs_path: str, folders: list[str], args: argparse.Namespace,
+                       bar: tqdm) -> list[tuple[set[int], list[str], int]]:
+    """`write_images` for every shard folder: in this process for one, else in forked processes (-j of them at
+    once, default min(shards, CPUs)) with the bar following their shared byte count."""
+    if len(folders) == 1:
+        return [write_images(imgs_path, folders[0], 0, 1, args, bar.update)]
+    ctx = multiprocessing.get_context("fork")
+    counter = ctx.Value("q", 0)
+    jobs = [(imgs_path, folder, k, len(folders), args) for k, folder in enumerate(folders)]
+    with ctx.Pool(args.jobs or min(len(folders), os.cpu_count() or 1), _init_writer, (counter,)) as pool:
+        result = pool.map_async(_write_image_shard, jobs)
+        while not result.ready():
+            result.wait(0.2)
+            bar.update(counter.value - bar.n)
+        results = result.get()  # re-raises a writer's BuildError
+    bar.update(counter.value - bar.n)
+    return results
+
+
 def build_split(data_dir: str, split: str, out_dir: str, args: argparse.Namespace) -> dict:
-    """Write `out_dir/split/{imgs,pairs}`; returns counts. Raises BuildError on the first bad line unless
-    --skip-bad."""
+    """Write `out_dir/split/{imgs,pairs}` (with --num-shards N > 1: `out_dir/split/{00000..N-1}/{imgs,pairs}`, the
+    images split by id % N, each pair in its image's shard); returns counts. Raises BuildError on the first bad
+    line unless --skip-bad."""
     imgs_path, texts_path = os.path.join(data_dir, f"{split}_imgs.tsv"), texts_jsonl_path(data_dir, split)
     for path in (imgs_path, texts_path):
         if not os.path.isfile(path):
@@ -146,39 +231,21 @@ def build_split(data_dir: str, split: str, out_dir: str, args: argparse.Namespac
     final = os.path.join(out_dir, split)
     tmp = os.path.join(out_dir, f".{split}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    bad: list[str] = []
-
-    def fail(exc: BuildError) -> None:
-        if not args.skip_bad:
-            raise exc
-        bad.append(str(exc))
-        log.warning("skipped: %s", exc)
-
+    num_shards = args.num_shards
+    folders = [tmp] if num_shards == 1 else [os.path.join(tmp, f"{k:05d}") for k in range(num_shards)]
+    for folder in folders:
+        os.makedirs(folder)
     try:
-        imgs = GrowingWriter(os.path.join(tmp, "imgs"), args.initial_map_size, args.commit_every)
-        seen = UniqueIds(imgs_path, "image id")
-        with open_lines(imgs_path, binary=True) as f, \
-                tqdm(total=os.path.getsize(imgs_path), unit="B", unit_scale=True, desc=f"{split} images",
-                     file=sys.stderr) as bar:
-            for lineno, line in enumerate(f, 1):
-                bar.update(len(line))
-                where = f"{imgs_path}:{lineno}"
-                try:
-                    image_id, b64 = parse_imgs_tsv_line(line, where)
-                    seen.check(image_id, lineno)
-                    data = check_image(b64, where, args.max_image_pixels)
-                except DatasetError as exc:
-                    fail(exc if isinstance(exc, BuildError) else BuildError(str(exc)))
-                    continue
-                seen.add(image_id, lineno)
-                imgs.put(str(image_id).encode("utf-8"), resized_b64(data, args.resize, args.quality, where,
-                                                                    args.max_image_pixels) if args.resize else b64)
-        imgs.put(b"num_images", str(len(seen)).encode("utf-8"))
-        imgs.close()
+        with tqdm(total=os.path.getsize(imgs_path), unit="B", unit_scale=True, desc=f"{split} images",
+                  file=sys.stderr) as bar:
+            results = write_image_shards(imgs_path, folders, args, bar)
+        seen = set().union(*(ids for ids, _, _ in results))
+        bad = [message for _, messages, _ in results for message in messages]
+        resizes = sum(r for _, _, r in results)
 
-        pairs = GrowingWriter(os.path.join(tmp, "pairs"), args.initial_map_size, args.commit_every)
-        n_pairs, text_ids = 0, UniqueIds(texts_path, "text id")
+        writers = [GrowingWriter(os.path.join(folder, "pairs"), args.initial_map_size, args.commit_every)
+                   for folder in folders]
+        shard_pairs, text_ids = [0] * num_shards, UniqueIds(texts_path, "text id")
         with open_lines(texts_path, binary=True) as f, \
                 tqdm(total=os.path.getsize(texts_path), unit="B", unit_scale=True, desc=f"{split} texts",
                      file=sys.stderr) as bar:
@@ -195,17 +262,20 @@ def build_split(data_dir: str, split: str, out_dir: str, args: argparse.Namespac
                     if missing:
                         raise BuildError(f"{where}: image id(s) {missing} of text {text_id} not in {imgs_path}")
                 except UnicodeDecodeError as exc:
-                    fail(BuildError(f"{where}: not UTF-8 ({exc})"))
+                    bad.append(fail(BuildError(f"{where}: not UTF-8 ({exc})"), args.skip_bad))
                     continue
                 except (DatasetError, CorruptSample) as exc:
-                    fail(exc if isinstance(exc, BuildError) else BuildError(str(exc)))
+                    bad.append(fail(exc, args.skip_bad))
                     continue
                 text_ids.add(text_id, lineno)
                 for image_id in image_ids:
-                    pairs.put(str(n_pairs).encode("utf-8"), pickle.dumps((image_id, text_id, text)))
-                    n_pairs += 1
-        pairs.put(b"num_samples", str(n_pairs).encode("utf-8"))
-        pairs.close()
+                    k = image_id % num_shards
+                    writers[k].put(str(shard_pairs[k]).encode("utf-8"), pickle.dumps((image_id, text_id, text)))
+                    shard_pairs[k] += 1
+        for writer, n in zip(writers, shard_pairs):
+            writer.put(b"num_samples", str(n).encode("utf-8"))
+            writer.close()
+            resizes += writer.resizes
 
         if os.path.exists(final):
             log.info("replacing the existing %s", final)
@@ -217,9 +287,13 @@ def build_split(data_dir: str, split: str, out_dir: str, args: argparse.Namespac
             os.rename(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    n_pairs = sum(shard_pairs)
     counts = {"split": split, "images": len(seen), "texts": len(text_ids), "pairs": n_pairs, "bad": len(bad),
-              "map_resizes": imgs.resizes + pairs.resizes}
-    log.info("%s: %d images, %d texts, %d pairs -> %s%s", split, len(seen), len(text_ids), n_pairs, final,
+              "map_resizes": resizes}
+    if num_shards > 1:
+        counts["shards"] = num_shards
+    log.info("%s: %d images, %d texts, %d pairs -> %s%s%s", split, len(seen), len(text_ids), n_pairs, final,
+             f" ({num_shards} shards)" if num_shards > 1 else "",
              f"; {len(bad)} bad line(s) skipped" if bad else "")
     if bad:
         print(f"{split}: skipped {len(bad)} bad line(s)", file=sys.stderr)
@@ -228,7 +302,10 @@ def build_split(data_dir: str, split: str, out_dir: str, args: argparse.Namespac
 
 def main(argv: list[str] | None = None) -> list[dict]:
     """Build every split; exits with the file:line message of the first bad line unless --skip-bad."""
-    args = get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    if args.num_shards < 1 or (args.jobs is not None and args.jobs < 1):
+        parser.error("--num-shards and -j must be >= 1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     out_dir = args.lmdb_dir or os.path.join(args.data_dir, "lmdb")
     os.makedirs(out_dir, exist_ok=True)

@@ -12,6 +12,7 @@ depend on worker count, rank layout or where a resumed run restarted.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 import os
@@ -22,11 +23,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 from torchvision import transforms as T
 from torchvision.transforms import v2
 
-from readers import HERE, CorruptSample, DatasetError, Reader
+from readers import HERE, CorruptSample, DatasetError, Reader, WdsReader
 
 CHINESE_VOCAB = os.path.join(HERE, "assets", "bert_chinese_vocab.txt")
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -37,22 +38,28 @@ log = logging.getLogger("clip_lab")
 # --------------------------------------------------------------------------- seeded randomness
 @contextlib.contextmanager
 def seeded(seed: int):
-    """Run a block with Python, NumPy and torch RNGs seeded by `seed`, then restore their states."""
-    py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    """Run a block with Python, NumPy and torch RNGs seeded by `seed`, then restore their states. Inside a
+    DataLoader worker nothing is restored: every sample seeds its own block, nothing else there draws from the
+    global RNGs, and copying NumPy's MT19937 state out and back costs ~0.15 ms a sample (bench.py data)."""
+    restore = get_worker_info() is None
+    if restore:
+        py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed would also reseed (and lose) CUDA's
     try:
         yield
     finally:
-        random.setstate(py_state)
-        np.random.set_state(np_state)
-        torch.set_rng_state(torch_state)
+        if restore:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+            torch.set_rng_state(torch_state)
 
 
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """A 63-bit seed for one sample of one epoch, independent of ranks and workers."""
-    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(2, dtype=np.uint64)[0] >> 1)
+def sample_seed(seed: int, epoch: int, index: int, *more: int) -> int:
+    """A 63-bit seed for one sample of one epoch (`more`: where a stream read it), independent of ranks and
+    workers."""
+    return int(np.random.SeedSequence([seed, epoch, index, *more]).generate_state(2, dtype=np.uint64)[0] >> 1)
 
 
 def draft_size(image_size: int, min_scale: float, min_ratio: float = 3 / 4) -> int:
@@ -225,13 +232,17 @@ class TooManyBadSamples(RuntimeError):
 class BadSampleCounter:
     """Corrupt samples of the current epoch, counted across DataLoader workers (shared memory + a lock).
 
-    `record` stores the sample index and raises TooManyBadSamples once the count exceeds `limit`;
-    `reset(epoch)` starts a new epoch (call it in the main process before iterating the loader).
+    `record` stores the sample index (or, for a streamed record without one, its `shard:key` name) and raises
+    TooManyBadSamples once the count exceeds `limit`; `reset(epoch)` starts a new epoch (call it in the main
+    process before iterating the loader).
     """
+
+    NAMES, NAME_BYTES = 64, 240  # names kept for the first offenders without an index
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.ids = torch.full((limit + 1,), -1, dtype=torch.int64).share_memory_()  # first limit+1 offenders
+        self.names = torch.zeros((min(limit + 1, self.NAMES), self.NAME_BYTES), dtype=torch.uint8).share_memory_()
         self.state = torch.zeros(2, dtype=torch.int64).share_memory_()  # [count, epoch]
         self.lock = torch.multiprocessing.get_context().Lock()
 
@@ -239,19 +250,30 @@ class BadSampleCounter:
     def count(self) -> int:
         return int(self.state[0])
 
-    def offenders(self) -> list[int]:
-        return [i for i in self.ids.tolist() if i >= 0]
+    def offenders(self) -> list[int | str]:
+        """The first limit+1 offenders: sample indices, or `shard:key` names of streamed records."""
+        out: list[int | str] = []
+        for n, i in enumerate(self.ids.tolist()[:self.count]):
+            if i >= 0:
+                out.append(i)
+            elif n < len(self.names):
+                out.append(bytes(self.names[n].tolist()).rstrip(b"\0").decode("utf-8", errors="replace"))
+        return out
 
     def reset(self, epoch: int) -> None:
         with self.lock:
             self.ids.fill_(-1)
+            self.names.zero_()
             self.state[0], self.state[1] = 0, epoch
 
-    def record(self, index: int, error: CorruptSample) -> None:
+    def record(self, index: int | None, error: CorruptSample) -> None:
         with self.lock:
             n = int(self.state[0])
             if n <= self.limit:
-                self.ids[n] = index
+                self.ids[n] = -1 if index is None else index
+            if index is None and n < len(self.names):
+                name = error.sample_id.encode("utf-8")[-self.NAME_BYTES:]  # the end: shard file and key
+                self.names[n, :len(name)] = torch.frombuffer(bytearray(name), dtype=torch.uint8)
             self.state[0] = n + 1
         log.warning("bad sample %d of epoch %d (limit %d), replaced: %s", n + 1, int(self.state[1]), self.limit, error)
         if n + 1 > self.limit:
@@ -301,9 +323,12 @@ class ImageTextDataset(Dataset):
                 rng = rng or random.Random(seed)
                 index = rng.randrange(len(self.reader))
 
-    def __getitem__(self, key) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, key) -> tuple[torch.Tensor, ...]:
         index, seed = key if isinstance(key, tuple) else (key, key)
-        image, captions = self.read_sample(index, seed)
+        return self.compose(*self.read_sample(index, seed), seed)
+
+    def compose(self, image: Image.Image, captions: Sequence[str], seed: int) -> tuple[torch.Tensor, ...]:
+        """The training sample of an image and its captions, its randomness seeded by `seed`."""
         with seeded(seed):
             caption = pick_captions(captions, self.caption_sampling)[0]
             if self.text_augmenter is not None:
@@ -326,9 +351,7 @@ class MultiViewDataset(ImageTextDataset):
         super().__init__(reader, transform, tokenizer, caption_sampling, max_bad_samples, text_augmenter)
         self.strong_transforms = list(strong_transforms)
 
-    def __getitem__(self, key) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        index, seed = key if isinstance(key, tuple) else (key, key)
-        image, captions = self.read_sample(index, seed)
+    def compose(self, image: Image.Image, captions: Sequence[str], seed: int) -> tuple[torch.Tensor, ...]:
         num_augs = len(self.strong_transforms)
         with seeded(seed):
             texts = pick_captions(captions, self.caption_sampling, 1 + num_augs)
@@ -411,3 +434,237 @@ class ResumableSampler(Sampler):
 
     def __len__(self) -> int:
         return (self.batches_per_epoch - self.start_batch) * self.batch_size
+
+
+# --------------------------------------------------------------------------- streams: wds shards and mixtures
+# A stream run (wds shards, a --dataset mixture, --samples-per-epoch) reads R ranks x S streams (S = max(workers, 1)
+# per rank: DataLoader worker w of a fresh iterator is stream w). Global stream g = rank * S + s owns its own
+# shards and indices, so every stream's order is a pure function of (seed, epoch, g); its position (a few ints per
+# source) travels with each sample to the main process, which keeps the position of the last batch it handed to
+# the training loop. The DataLoader hands batches over in worker order (batch j of an iterator comes from worker
+# j % S), so stream s delivers the rank's batches s, s + S, ...; a run resumed at batch b makes worker w continue
+# stream (b + w) % S, and batch b + j comes from the same stream, at the same position, as in the run it continues.
+SOURCE_INTS = 3  # a source's position: [pass (resampled: 0), slot (shard or index number in the pass), offset]
+_PERM, _SHARDS, _DRAW, _MIX = 1, 2, 3, 4  # tags keeping the seeded draws of different purposes apart
+MIX_BLOCK = 4096  # mixture choices are drawn in blocks, so a resume finds slot t without replaying the stream
+
+
+def seeded_rng(*keys: int) -> np.random.Generator:
+    """NumPy's PCG64 seeded by a tuple of non-negative ints (SeedSequence: distinct tuples, independent streams)."""
+    return np.random.default_rng(np.random.SeedSequence([int(k) for k in keys]))
+
+
+class IndexSource:
+    """A map-style dataset as a stream (a mixture component): pass p of an epoch is a permutation of its indices
+    seeded by (seed, epoch, source, p); global stream g of G takes the indices at g, g+G, ...; when they run out
+    the next pass follows. Corrupt samples are replaced as in `ImageTextDataset.read_sample`."""
+
+    def __init__(self, dataset: ImageTextDataset, source: int, seed: int) -> None:
+        self.dataset, self.source, self.seed = dataset, source, seed
+        self.name = getattr(dataset.reader, "name", f"source {source}")
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def check_streams(self, streams: int) -> None:
+        if len(self) < streams:
+            raise DatasetError(f"{self.name}: {len(self)} samples cannot feed {streams} streams (ranks x workers)")
+
+    def samples(self, epoch: int, g: int, streams: int, position: list[int]) -> Iterator[tuple[tuple | None, list]]:
+        """(sample, position after it) from `position` on; endless."""
+        p, start = position[0], position[1]
+        while True:
+            order = np.arange(len(self), dtype=np.int32 if len(self) < 2**31 else np.int64)  # half the memory
+            seeded_rng(self.seed, epoch, _PERM, self.source, p).shuffle(order)
+            order = order[g::streams].copy()  # this stream's share; the full permutation is freed
+            for k in range(start, len(order)):
+                index = int(order[k])
+                yield self.dataset[(index, sample_seed(self.seed, epoch, index, self.source, p))], [p, k + 1, 0]
+            p, start = p + 1, 0
+
+
+class ShardSource:
+    """A `wds` reader as a stream. Pass p of an epoch is a permutation of the shards seeded by (seed, epoch,
+    source, p); global stream g of G reads the shards at g, g+G, ... of it, one after the other, then the next
+    pass. `resampled` (open_clip's --dataset-resampled): stream g's k-th shard is drawn with replacement, seeded
+    by (seed, epoch, source, g, k), endlessly. Inside a shard, webdataset's shuffle buffer of `buffer` raw
+    records, seeded by (seed, epoch, source, pass, slot, shard), orders the records; a position is (pass, slot,
+    records of the shard consumed), so a resume re-reads at most one shard's bytes, decoding none of them.
+    A corrupt record (`CorruptSample` from the reader) is counted in the composer's BadSampleCounter and
+    skipped: the stream yields (None, position) for it."""
+
+    def __init__(self, reader, composer: ImageTextDataset, source: int, seed: int, buffer: int = 1000,
+                 resampled: bool = False) -> None:
+        self.reader, self.composer, self.source, self.seed = reader, composer, source, seed
+        self.buffer, self.resampled, self.name = buffer, resampled, reader.name
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def check_streams(self, streams: int) -> None:
+        if not self.resampled and self.reader.num_shards < streams:
+            raise DatasetError(f"{self.name}: {self.reader.num_shards} shard(s) cannot feed {streams} streams (ranks "
+                               "x max(workers, 1)): every stream reads whole shards. Use fewer --workers, more "
+                               "shards (build_wds.py --shard-size), or --wds-resampled")
+
+    def shard(self, epoch: int, g: int, streams: int, p: int, slot: int) -> int | None:
+        """The shard at `slot` of stream g's list in pass p (None past its end)."""
+        n = self.reader.num_shards
+        if self.resampled:
+            return int(seeded_rng(self.seed, epoch, _DRAW, self.source, g, slot).integers(n))
+        mine = seeded_rng(self.seed, epoch, _SHARDS, self.source, p).permutation(n)[g::streams]
+        return int(mine[slot]) if slot < len(mine) else None
+
+    def records(self, shard: int, rng: random.Random) -> Iterator[dict]:
+        """The shard's raw records in shuffle-buffer order."""
+        from webdataset import filters
+
+        records = self.reader.records(shard)
+        return filters.shuffle(self.buffer, self.buffer, rng=rng)(records) if self.buffer > 1 else records
+
+    def samples(self, epoch: int, g: int, streams: int, position: list[int]) -> Iterator[tuple[tuple | None, list]]:
+        p, slot, offset = position
+        while True:
+            shard = self.shard(epoch, g, streams, p, slot)
+            if shard is None:
+                p, slot = p + 1, 0
+                continue
+            rng = random.Random(sample_seed(self.seed, epoch, shard, self.source, p, slot))
+            for r, record in enumerate(self.records(shard, rng)):
+                if r < offset:  # consumed before the resume: read, not decoded
+                    continue
+                try:
+                    image, captions = self.reader.decode(record)
+                except CorruptSample as exc:
+                    self.composer.bad_samples.record(None, exc)  # raises past --max-bad-samples
+                    yield None, [p, slot, r + 1]
+                    continue
+                seed = sample_seed(self.seed, epoch, shard, self.source, p, slot, r)
+                yield self.composer.compose(image, captions, seed), [p, slot, r + 1]
+            slot, offset = slot + 1, 0
+
+
+def stream_sources(readers_: Sequence, composer: ImageTextDataset, seed: int, buffer: int = 1000,
+                   resampled: bool = False) -> list[IndexSource | ShardSource]:
+    """One source per reader: a ShardSource for `wds` readers, an IndexSource (the composer on that reader, sharing
+    its bad-sample counter) for map-style ones."""
+    sources: list[IndexSource | ShardSource] = []
+    for i, reader in enumerate(readers_):
+        if isinstance(reader, WdsReader):
+            sources.append(ShardSource(reader, composer, i, seed, buffer, resampled))
+        else:
+            part = copy.copy(composer)
+            part.reader = reader
+            sources.append(IndexSource(part, i, seed))
+    return sources
+
+
+class StreamDataset(IterableDataset):
+    """The training stream of a wds / mixture run: each slot of global stream g draws its source by `weights`
+    (seeded by (seed, epoch, g), in blocks of MIX_BLOCK slots) and takes that source's next sample. An epoch is
+    `samples_per_epoch` samples: per rank batches_per_epoch = samples_per_epoch // (world_size * batch_size)
+    batches, batch j made by stream j % S. Each sample carries one more tensor, (stream, slot count, source
+    positions...) int64, which `track` strips and keeps (the last one per stream is the checkpointed position).
+
+    When shards do not divide evenly over the R*S streams, or the epoch asks a stream for more samples than its
+    shards hold, that stream goes on into its next pass (a second, reshuffled reading of its own shards) and a
+    stream holding more leaves its tail unread this epoch; with equal shards whose count is a multiple of R*S and
+    batches_per_epoch a multiple of S, every sample is read exactly once per epoch, less the remainder.
+    """
+
+    def __init__(self, sources: Sequence, weights: Sequence[float], batch_size: int, samples_per_epoch: int,
+                 seed: int = 0, rank: int = 0, world_size: int = 1, workers: int = 0) -> None:
+        super().__init__()
+        if len(weights) != len(sources) or not all(w > 0 for w in weights):
+            raise ValueError(f"need one positive weight per source, got {list(weights)} for {len(sources)}")
+        self.sources, self.batch_size, self.seed = list(sources), batch_size, seed
+        self.rank, self.world_size, self.streams = rank, world_size, max(workers, 1)
+        self.probs = np.asarray(weights, dtype=np.float64) / float(sum(weights))
+        self.batches_per_epoch = samples_per_epoch // (world_size * batch_size)
+        if self.batches_per_epoch == 0:
+            raise DatasetError(f"{samples_per_epoch} samples per epoch cannot fill one global batch of "
+                               f"{world_size} x {batch_size}")
+        for source in self.sources:
+            source.check_streams(world_size * self.streams)
+        self.epoch, self.start_batch, self.batches_done = 0, 0, 0
+        self.positions = self.fresh_positions()
+        self.resume_point: tuple | None = None
+
+    def fresh_positions(self) -> list[list[int]]:
+        return [[0] * (1 + SOURCE_INTS * len(self.sources)) for _ in range(self.streams)]
+
+    def source_of(self, epoch: int, g: int, t: int, cache: dict) -> int:
+        """The source of slot t of stream g (0 for a single source)."""
+        if len(self.sources) == 1:
+            return 0
+        block = t // MIX_BLOCK
+        if cache.get("block") != block:
+            rng = seeded_rng(self.seed, epoch, _MIX, g, block)
+            cache.update(block=block, choices=rng.choice(len(self.sources), size=MIX_BLOCK, p=self.probs))
+        return int(cache["choices"][t % MIX_BLOCK])
+
+    def stream(self, epoch: int, g: int, position: Sequence[int]) -> Iterator[tuple[tuple, list[int]]]:
+        """(sample, position after it) of global stream g from `position` on; endless."""
+        t, k = position[0], SOURCE_INTS
+        parts = [list(position[1 + c * k: 1 + (c + 1) * k]) for c in range(len(self.sources))]
+        streams = self.world_size * self.streams
+        its = [s.samples(epoch, g, streams, parts[c]) for c, s in enumerate(self.sources)]  # lazy: nothing opened
+        cache: dict = {}
+        while True:
+            c = self.source_of(epoch, g, t, cache)
+            sample = None
+            while sample is None:  # a skipped corrupt record: the same source's next one
+                sample, parts[c] = next(its[c])
+            t += 1
+            yield sample, [t] + [v for part in parts for v in part]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        info = get_worker_info()
+        w, n = (info.id, info.num_workers) if info is not None else (0, 1)
+        if n != self.streams:
+            raise RuntimeError(f"StreamDataset built for {self.streams} stream(s) per rank runs in {n} worker(s)")
+        s = (self.start_batch + w) % n  # the stream whose batches this worker delivers from now on
+        quota = len(range(self.start_batch + w, self.batches_per_epoch, n))
+        samples = self.stream(self.epoch, self.rank * n + s, self.positions[s])
+        for _ in range(quota * self.batch_size):
+            sample, position = next(samples)
+            yield (*sample, torch.tensor([s, *position], dtype=torch.int64))
+        samples.close()  # closes the open shard (and its pipe:) now
+
+    # ---- positions (main process)
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Start `epoch` at this rank's batch `start_batch` (> 0 only when `resume` has the positions)."""
+        if start_batch and (self.resume_point is None or self.resume_point[:2] != (epoch, start_batch)):
+            raise DatasetError(f"no stream positions for batch {start_batch} of epoch {epoch}: a stream run resumes "
+                               "mid-epoch only from a checkpoint that holds them")
+        self.epoch, self.start_batch, self.batches_done = epoch, start_batch, start_batch
+        self.positions = [list(p) for p in self.resume_point[2]] if start_batch else self.fresh_positions()
+
+    def track(self, batches: Iterator) -> Iterator[tuple[torch.Tensor, ...]]:
+        """The loader's batches without their position tensor, whose last row becomes its stream's position."""
+        for batch in batches:
+            *tensors, position = batch
+            last = position[-1].tolist()  # (stream, slot count, source positions...)
+            self.positions[last[0]] = last[1:]
+            self.batches_done += 1
+            yield tuple(tensors)
+
+    def state(self) -> dict:
+        """This rank's position: weights_only-safe ints (checkpoint `data`, one entry per rank)."""
+        return {"epoch": self.epoch, "batch": self.batches_done, "streams": [list(p) for p in self.positions]}
+
+    def resume(self, states: list[dict] | None, epoch: int, start_batch: int) -> None:
+        """Take this rank's stream positions from a checkpoint's `data` (a list of `state()` per rank) for a
+        resume at `start_batch` of `epoch`; a different ranks x workers layout cannot continue mid-epoch."""
+        if start_batch == 0:
+            return
+        if not states or len(states) != self.world_size or len(states[self.rank]["streams"]) != self.streams:
+            have = (f"{len(states)} rank(s) x {len(states[0]['streams'])} stream(s)" if states else "no positions")
+            raise DatasetError(f"the checkpoint stopped mid-epoch with {have}; this run has {self.world_size} rank(s) "
+                               f"x {self.streams} stream(s) (max(--workers, 1) per rank). Shard streams continue "
+                               "exactly only with the same layout: resume with the same number of ranks and --workers")
+        state = states[self.rank]
+        if (state["epoch"], state["batch"]) != (epoch, start_batch):
+            raise DatasetError(f"the checkpoint's stream positions are at batch {state['batch']} of epoch "
+                               f"{state['epoch']}, its step at batch {start_batch} of epoch {epoch}")
+        self.resume_point = (epoch, start_batch, state["streams"])

@@ -40,9 +40,10 @@ import experiment
 
 log = logging.getLogger("clip_lab.launch")
 
-# flags whose values may contain commas that are not sweeps
+# flags whose values may contain commas that are not sweeps (a --dataset list is a weighted mixture)
 NO_SWEEP = frozenset({"--name", "--comment", "--tags", "--resume", "--pretrained", "--job-dir", "--table",
-                      "--constraint", "--data-root", "--output-dir", "--partition", "--account", "--qos"})
+                      "--constraint", "--data-root", "--output-dir", "--partition", "--account", "--qos",
+                      "--dataset", "--dataset-weights"})
 LIVE_STATES = ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
                "RESIZING", "SUSPENDED", "PREEMPTED")
 

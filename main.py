@@ -26,6 +26,7 @@ import registry
 if TYPE_CHECKING:  # annotations only; imported where they run, after parsing
     import torch.nn as nn
 
+    import datasets
     import engine
     import utils
 
@@ -40,11 +41,24 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("CLIP Lab training", add_help=False)
     data = p.add_argument_group("data")
     data.add_argument("--dataset", default="digits",
-                      help="training set: a key of dataset_catalog.json (digits, digits-zh, synthetic, ...)")
+                      help="training set: a key of dataset_catalog.json (digits, digits-zh, synthetic, ...), or "
+                           "several comma-separated for a weighted mixture (see --dataset-weights)")
+    data.add_argument("--dataset-weights", default=None,
+                      help="sampling weights of a --dataset mixture, comma-separated, one per set (e.g. 1,2); "
+                           "default: the sets' sizes (every sample equally likely)")
+    data.add_argument("--samples-per-epoch", type=int, default=None,
+                      help="samples per epoch of a stream run (wds shards, a mixture); default: the sum of the sets' "
+                           "sizes. Set with --wds-resampled or to define epochs of a large mixture")
+    data.add_argument("--wds-shuffle-buffer", type=int, default=1000,
+                      help="raw records in the shuffle buffer of each wds shard (more: better mixing, more memory "
+                           "per worker); 0 or 1: tar order")
+    data.add_argument("--wds-resampled", action="store_true",
+                      help="draw wds shards with replacement, seeded (open_clip's --dataset-resampled): an endless "
+                           "stream cut into epochs of --samples-per-epoch")
     data.add_argument("--val-dataset", default=None,
-                      help="per-epoch zero-shot/retrieval validation set (its test split); default: --dataset when "
-                           "it has a test split, else its catalog 'val_dataset' (imagenet for cc3m, cc12m, yfcc15m, "
-                           "merged-29m); 'none': no per-epoch validation")
+                      help="per-epoch zero-shot/retrieval validation set (its test split); default: --dataset (the "
+                           "first set of a mixture) when it has a test split, else its catalog 'val_dataset' "
+                           "(imagenet for cc3m, cc12m, yfcc15m, merged-29m); 'none': no per-epoch validation")
     data.add_argument("--data-root", default=None,
                       help="root for catalog paths (else $CLIP_LAB_DATA_ROOT); change when data moves")
     data.add_argument("--image-size", type=int, default=None,
@@ -315,12 +329,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         experiment.control_character_error("--output-dir", args.output_dir)
     if bad_path:  # one line, no usage: the value would leave --output-dir or reach an sbatch script
         raise SystemExit(bad_path)
+    names = {"dataset": dataset_names(args), "val_dataset": [args.val_dataset]}
     for key in ("dataset", "val_dataset"):  # a typo fails here, before an experiment folder is written
         try:
-            if getattr(args, key) not in (None, NO_VALIDATION):
-                readers.catalog_entry(getattr(args, key))
+            for name in names[key]:
+                if name not in (None, NO_VALIDATION):
+                    readers.catalog_entry(name)
         except readers.DatasetError as exc:
             parser.error(f"--{key.replace('_', '-')}: {exc}")
+    errors = stream_errors(args)
+    if errors:
+        parser.error("; ".join(errors))
     try:
         val_name = validation_dataset_name(args)
     except readers.DatasetError as exc:
@@ -333,29 +352,74 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def dataset_names(args: argparse.Namespace) -> list[str]:
+    """The training sets of --dataset: one catalog key, or the comma-separated sets of a mixture."""
+    return [name.strip() for name in args.dataset.split(",")]
+
+
+def dataset_weights(args: argparse.Namespace) -> list[float] | None:
+    """--dataset-weights as floats (None when not given); ValueError for a non-number."""
+    return None if args.dataset_weights is None else [float(w) for w in args.dataset_weights.split(",")]
+
+
+def is_stream_run(args: argparse.Namespace) -> bool:
+    """Whether training reads a stream (datasets.StreamDataset): wds shards, a mixture, --samples-per-epoch or
+    --wds-resampled; otherwise one map-style set through datasets.ResumableSampler."""
+    names = dataset_names(args)
+    return len(names) > 1 or args.samples_per_epoch is not None or args.wds_resampled or \
+        any(readers.catalog_entry(name)["format"] == "wds" for name in names)
+
+
+def stream_errors(args: argparse.Namespace) -> list[str]:
+    """Bad mixture and stream flags (checked at parse time, after the names are known to the catalog)."""
+    names, errors = dataset_names(args), []
+    if len(set(names)) != len(names):
+        errors.append(f"--dataset {args.dataset!r} names a set twice: give it a larger --dataset-weights instead")
+    try:
+        weights = dataset_weights(args)
+    except ValueError:
+        weights = None
+        errors.append(f"--dataset-weights {args.dataset_weights!r}: expected comma-separated numbers")
+    if weights is not None and (len(weights) != len(names) or not all(0 < w < math.inf for w in weights)):
+        errors.append(f"--dataset-weights {args.dataset_weights!r}: need {len(names)} positive finite weight(s), one "
+                      f"per set of --dataset {args.dataset!r}")
+    if args.samples_per_epoch is not None and args.samples_per_epoch < 1:
+        errors.append("--samples-per-epoch must be >= 1")
+    if args.wds_shuffle_buffer < 0:
+        errors.append("--wds-shuffle-buffer must be >= 0")
+    if args.wds_resampled and not any(readers.catalog_entry(n)["format"] == "wds" for n in names):
+        errors.append(f"--wds-resampled draws wds shards, and no set of --dataset {args.dataset!r} is in the wds "
+                      "format")
+    return errors
+
+
 def has_test_split(name: str, catalog: dict | None = None) -> bool:
-    """Whether catalog entry `name` has a logical "test" split (a merged entry: every one of its parts)."""
+    """Whether catalog entry `name` has a logical "test" split (a merged entry: every one of its parts; wds shards
+    never: they are streamed, not indexed, so they validate on their catalog 'val_dataset')."""
     entry = readers.catalog_entry(name, catalog)
     if entry["format"] == "merged":
         return all(has_test_split(part, catalog) for part in entry["datasets"])
+    if entry["format"] == "wds":
+        return False
     return "test" in entry.get("splits", {"test": "test"})  # no `splits` map: the format has train and test
 
 
 def validation_dataset_name(args: argparse.Namespace) -> str | None:
-    """The per-epoch validation set: --val-dataset; else --dataset when its catalog entry has a test split; else
-    the entry's catalog default "val_dataset" (imagenet for the web-scale sets, as SLIP/clip-rocket validate);
-    None for `--val-dataset none`. A set without a test split raises a DatasetError naming the fix."""
+    """The per-epoch validation set: --val-dataset; else --dataset (the first set of a mixture) when its catalog
+    entry has a test split; else that entry's catalog default "val_dataset" (imagenet for the web-scale sets, as
+    SLIP/clip-rocket validate); None for `--val-dataset none`. A set without a test split raises a DatasetError
+    naming the fix."""
     if args.val_dataset == NO_VALIDATION:
         return None
-    catalog = readers.load_catalog()
-    if args.val_dataset is None and has_test_split(args.dataset, catalog):
-        return args.dataset
-    name = args.val_dataset or readers.catalog_entry(args.dataset, catalog).get("val_dataset")
+    catalog, first = readers.load_catalog(), dataset_names(args)[0]
+    if args.val_dataset is None and has_test_split(first, catalog):
+        return first
+    name = args.val_dataset or readers.catalog_entry(first, catalog).get("val_dataset")
     if name is None:
         raise readers.DatasetError(
-            f"dataset {args.dataset!r} has no test split and its dataset_catalog.json entry no 'val_dataset' key: "
+            f"dataset {first!r} has no test split and its dataset_catalog.json entry no 'val_dataset' key: "
             "pass --val-dataset NAME (a catalog dataset with a test split) or --val-dataset none")
-    source = "--val-dataset" if args.val_dataset else f"the 'val_dataset' of {args.dataset!r} in dataset_catalog.json"
+    source = "--val-dataset" if args.val_dataset else f"the 'val_dataset' of {first!r} in dataset_catalog.json"
     try:
         if not has_test_split(name, catalog):
             raise readers.DatasetError(f"dataset {name!r} has no test split")
@@ -405,6 +469,21 @@ def build_criterion(spec: registry.ModelSpec, args: argparse.Namespace, env: uti
     if spec.objective.loss == "siglip":
         return losses.SIGLIPLoss(gather, env.rank)
     raise ValueError(f"objective {spec.objective.name}: loss {spec.objective.loss!r} is not implemented")
+
+
+def build_stream(args: argparse.Namespace, composer, train_readers: list, env: utils.DistEnv) -> datasets.StreamDataset:
+    """The training stream of a wds / mixture run: one source per --dataset set, drawn by --dataset-weights
+    (default: the sets' sizes), epochs of --samples-per-epoch (default: the sum of the sizes), R ranks x
+    max(--workers, 1) streams (see datasets.StreamDataset)."""
+    import datasets
+
+    weights = dataset_weights(args)
+    needs_sizes = (weights is None and len(train_readers) > 1) or args.samples_per_epoch is None
+    sizes = [len(r) for r in train_readers] if needs_sizes else []  # a wds set without num_samples fails here
+    sources = datasets.stream_sources(train_readers, composer, args.seed, args.wds_shuffle_buffer, args.wds_resampled)
+    return datasets.StreamDataset(sources, weights or sizes or [1.0], args.batch_size,
+                                  args.samples_per_epoch or sum(sizes), args.seed, env.rank, env.world_size,
+                                  args.workers)
 
 
 def build_train_dataset(spec: registry.ModelSpec, args: argparse.Namespace, reader, image_size: int, tokenizer):
@@ -464,7 +543,7 @@ def cosine_schedule(base: float, start: float, end: float, total_steps: int, war
 
 
 def experiment_dir(args: argparse.Namespace) -> str:
-    return os.path.join(args.output_dir, args.name or f"{args.model}_{args.dataset}")
+    return os.path.join(args.output_dir, args.name or f"{args.model}_{'+'.join(dataset_names(args))}")
 
 
 def args_dict(args: argparse.Namespace) -> dict:
@@ -627,10 +706,12 @@ def selection_score(metrics: dict[str, float]) -> float:
 # --------------------------------------------------------------------------- checkpoint
 def checkpoint_payload(model, optimizer, scaler, state: engine.RunState, args, commit: str,
                        rng_states: list[dict], total_steps: int, model_config: dict,
-                       wandb_id: str | None = None) -> dict:
+                       wandb_id: str | None = None, data: list[dict] | None = None) -> dict:
     """What checkpoint.pt holds; `rng` is the list of every rank's RNG states (`utils.gather_rng_states`),
     `metrics` those of the last validation (measured at `metrics_step`), `total_steps` the schedule's end,
-    `model_config` the model's description (`registry.model_config`: build_model name + kwargs)."""
+    `model_config` the model's description (`registry.model_config`: build_model name + kwargs), `data` every
+    rank's stream positions (`datasets.StreamDataset.state`; None for a map-style run, whose position is
+    step_in_epoch)."""
     import engine
 
     return {"model": engine.unwrap(model).state_dict(), "model_config": model_config,
@@ -638,7 +719,7 @@ def checkpoint_payload(model, optimizer, scaler, state: engine.RunState, args, c
             "epoch": state.epoch, "step": state.step, "step_in_epoch": state.step_in_epoch,
             "total_steps": total_steps, "best_metric": state.best_metric, "nonfinite": state.nonfinite,
             "metrics": dict(state.metrics), "metrics_step": state.metrics_step,
-            "rng": rng_states, "args": config_of(args), "commit": commit, "wandb_id": wandb_id}
+            "rng": rng_states, "data": data, "args": config_of(args), "commit": commit, "wandb_id": wandb_id}
 
 
 def restore_rng(saved: list[dict] | dict, rank: int, world_size: int, seed: int, step: int) -> None:
@@ -657,10 +738,12 @@ def restore_rng(saved: list[dict] | dict, rank: int, world_size: int, seed: int,
     utils.seed_all(utils.rank_seed(seed, rank, step))
 
 
-def restore(path: str, model, optimizer, scaler, state: engine.RunState, args, env: utils.DistEnv) -> str | None:
+def restore(path: str, model, optimizer, scaler, state: engine.RunState, args,
+            env: utils.DistEnv) -> tuple[str | None, list | None]:
     """Training state from checkpoint `path` (weights strictly, optimizer, scaler, progress, last validation,
-    this rank's RNG); returns the wandb run id it holds (None before ids were stored). A checkpoint written under
-    other flags (its `args`, compared as args.json is) is refused: it would not be the same run."""
+    this rank's RNG); returns (the wandb run id it holds, None before ids were stored; its stream positions
+    `data`, None when it has none). A checkpoint written under other flags (its `args`, compared as args.json
+    is) is refused: it would not be the same run."""
     import engine
     import utils
     import weights
@@ -681,7 +764,7 @@ def restore(path: str, model, optimizer, scaler, state: engine.RunState, args, e
     state.best_metric, state.nonfinite = ckpt["best_metric"], ckpt["nonfinite"]
     state.metrics, state.metrics_step = dict(ckpt.get("metrics", {})), ckpt.get("metrics_step")
     restore_rng(ckpt["rng"], env.rank, env.world_size, args.seed, state.step)
-    return ckpt.get("wandb_id")
+    return ckpt.get("wandb_id"), ckpt.get("data")
 
 
 # --------------------------------------------------------------------------- lifecycle
@@ -695,21 +778,23 @@ def run_summary(args, state: engine.RunState, total_steps: int, val_name: str | 
             "metrics_step": state.metrics_step, "train_time_s": train_time_s, "commit": commit, **state.metrics}
 
 
-def run_epochs(args, state: engine.RunState, total_steps: int, val_name: str | None, dataset, loader,
-               train_epoch, save, validate, run_log: engine.RunLog) -> None:
-    """Epochs from `state` until the schedule's end or --max-steps. `train_epoch(batches, meters)` runs
-    engine.train_one_epoch, `save(is_best)` writes the checkpoint(s), `validate()` evaluates (True: best so far).
+def run_epochs(args, state: engine.RunState, total_steps: int, val_name: str | None, dataset, loader, order,
+               stream, train_epoch, save, validate, run_log: engine.RunLog) -> None:
+    """Epochs from `state` until the schedule's end or --max-steps. `order` (the sampler, or the stream of a wds /
+    mixture run) sets each epoch's start, `stream` (None for a sampler) tracks the positions delivered;
+    `train_epoch(batches, meters)` runs engine.train_one_epoch, `save(is_best)` writes the checkpoint(s),
+    `validate()` evaluates (True: best so far).
 
     Validation runs every --eval-freq epochs, at the last epoch and at a --max-steps stop (with --eval-freq 0:
     only at the last epoch), before the checkpoint is written, so the checkpoint holds its metrics."""
     import datasets
     import engine
 
-    sampler = loader.sampler
     while state.epoch < args.epochs and not (args.max_steps and state.step >= args.max_steps):
-        sampler.set_epoch(state.epoch, state.step_in_epoch * args.update_freq)
+        order.set_epoch(state.epoch, state.step_in_epoch * args.update_freq)
         dataset.bad_samples.reset(state.epoch)
-        batches, meters = iter(loader), engine.EpochMeters()
+        batches = iter(loader) if stream is None else stream.track(iter(loader))
+        meters = engine.EpochMeters()
         try:
             while (pause := train_epoch(batches, meters)) is engine.Pause.CHECKPOINT_DUE:
                 save(is_best=False)
@@ -822,21 +907,28 @@ def train(args: argparse.Namespace, env: utils.DistEnv, exp_dir: str) -> dict:
     # the same initial weights on every rank (above), then each rank its own stream for dropout masks
     utils.seed_all(utils.rank_seed(args.seed, env.rank))
     tokenizer = datasets.build_tokenizer(spec.base.tokenizer, model_config["kwargs"]["context_length"])
-    reader = readers.build_reader(args.dataset, "train", data_root=args.data_root, max_pixels=args.max_image_pixels)
+    train_readers = [readers.build_reader(name, "train", data_root=args.data_root, max_pixels=args.max_image_pixels)
+                     for name in dataset_names(args)]
     val_name = validation_dataset_name(args)
     val_reader = build_validation_reader(val_name, args)  # a missing validation set fails now, not after an epoch
-    dataset = build_train_dataset(spec, args, reader, image_size, tokenizer)
+    dataset = build_train_dataset(spec, args, train_readers[0], image_size, tokenizer)  # composes every sample
     # JPEGs decoded at reduced size when every view's crop allows it (None with 0.08-scale strong views at 1024 px)
-    reader.draft = datasets.draft_for(dataset.transform, *getattr(dataset, "strong_transforms", []))
-    sampler = datasets.ResumableSampler(len(dataset), args.batch_size, env.rank, env.world_size, args.seed)
+    draft = datasets.draft_for(dataset.transform, *getattr(dataset, "strong_transforms", []))
+    for reader in train_readers:
+        reader.draft = draft
+    stream = build_stream(args, dataset, train_readers, env) if is_stream_run(args) else None
+    sampler = datasets.ResumableSampler(len(dataset), args.batch_size, env.rank, env.world_size, args.seed) \
+        if stream is None else None
     # own generator: creating an iterator must not draw from the global RNG (its state is checkpointed, and a
     # resumed run creates one more iterator than the run it continues, which would shift every dropout mask)
-    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
-                        pin_memory=env.device.type == "cuda", persistent_workers=False,
+    loader = DataLoader(dataset if stream is None else stream, batch_size=args.batch_size, sampler=sampler,
+                        num_workers=args.workers, pin_memory=env.device.type == "cuda", persistent_workers=False,
                         generator=torch.Generator().manual_seed(args.seed))
-    steps_per_epoch = sampler.batches_per_epoch // args.update_freq
+    order = sampler if stream is None else stream  # set_epoch(epoch, start_batch), batches_per_epoch
+    batches_per_epoch = order.batches_per_epoch
+    steps_per_epoch = batches_per_epoch // args.update_freq
     if steps_per_epoch == 0:
-        raise SystemExit(f"--update-freq {args.update_freq} exceeds the {sampler.batches_per_epoch} micro-batches "
+        raise SystemExit(f"--update-freq {args.update_freq} exceeds the {batches_per_epoch} micro-batches "
                          "of an epoch")
     total_steps = args.epochs * steps_per_epoch
     lr_schedule = cosine_schedule(args.lr, args.lr_start, args.lr_end, total_steps,
@@ -847,7 +939,9 @@ def train(args: argparse.Namespace, env: utils.DistEnv, exp_dir: str) -> dict:
     state = engine.RunState()
     resume_path, stored_wandb_id = resume_source(exp_dir, args), None
     if resume_path:
-        stored_wandb_id = restore(resume_path, model, optimizer, scaler, state, args, env)
+        stored_wandb_id, data = restore(resume_path, model, optimizer, scaler, state, args, env)
+        if stream is not None:
+            stream.resume(data, state.epoch, state.step_in_epoch * args.update_freq)
         log.info("resumed from %s at epoch %d, step %d", resume_path, state.epoch, state.step)
         if resume_path != os.path.join(exp_dir, "checkpoint.pt"):
             stored_wandb_id = None  # another experiment's wandb run
@@ -866,9 +960,10 @@ def train(args: argparse.Namespace, env: utils.DistEnv, exp_dir: str) -> dict:
 
     def save(is_best: bool) -> None:  # called on every rank: the RNG states are gathered
         rng_states = utils.gather_rng_states()
+        data = utils.all_gather_object(stream.state()) if stream is not None else None
         if main_process:
             payload = checkpoint_payload(model, optimizer, scaler, state, args, commit, rng_states, total_steps,
-                                         model_config, wandb_id)
+                                         model_config, wandb_id, data)
             utils.save_atomic(payload, os.path.join(exp_dir, "checkpoint.pt"))
             if is_best:
                 utils.save_atomic(payload, os.path.join(exp_dir, "checkpoint_best.pt"))
@@ -911,7 +1006,8 @@ def train(args: argparse.Namespace, env: utils.DistEnv, exp_dir: str) -> dict:
         if args.evaluate:
             validate()
         else:
-            run_epochs(args, state, total_steps, val_name, dataset, loader, train_epoch, save, validate, run_log)
+            run_epochs(args, state, total_steps, val_name, dataset, loader, order, stream, train_epoch, save, validate,
+                       run_log)
     except BaseException as exc:
         status, reason = experiment.end_status(exc)
         if main_process:

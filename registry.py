@@ -314,7 +314,7 @@ def image_size_for(flags: Mapping, spec: ModelSpec) -> int:
     size = flags.get("image_size")
     if size is None:
         try:
-            size = readers.catalog_entry(flags.get("dataset") or "").get("image_size")
+            size = readers.catalog_entry((flags.get("dataset") or "").split(",")[0].strip()).get("image_size")
         except readers.DatasetError:  # a dataset this catalog no longer has (an old checkpoint's)
             size = None
     return size or spec.backbone.image_size

@@ -256,14 +256,19 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def all_gather_object(obj) -> list:
+    """`obj` of every rank, in rank order (pickled between this job's own processes only). A collective: every
+    rank must call it."""
+    if get_world_size() == 1:
+        return [obj]
+    objects: list = [None] * get_world_size()
+    dist.all_gather_object(objects, obj)
+    return objects
+
+
 def gather_rng_states() -> list[dict]:
     """`capture_rng_state()` of every rank, in rank order. A collective: every rank must call it."""
-    state = capture_rng_state()
-    if get_world_size() == 1:
-        return [state]
-    states: list = [None] * get_world_size()
-    dist.all_gather_object(states, state)  # pickled between this job's own processes only
-    return states
+    return all_gather_object(capture_rng_state())
 
 
 def git_commit(folder: str | None = None) -> str:

@@ -89,19 +89,33 @@ def test_bench_retrieval_reports_processes_compute_and_extraction(tmp_path):
 
 
 def test_bench_data_reports_every_store_reader_and_ratio(tmp_path):
-    """`bench.py data` at toy scale (4 photos, 1 round, 0 workers): one row per store x reader and the five
-    ratios the issue sets targets on, all finite; the numbers themselves are BENCHMARKS.md's business."""
+    """`bench.py data` at toy scale (4 photos, 1 round, 0 workers): one row per store x reader (LMDB, tar shards
+    through our stream and through open_clip's get_wds_dataset), the ratios the issues set targets on and where
+    the wds path's time goes, all finite; the numbers themselves are BENCHMARKS.md's business."""
     out = tmp_path / "data.json"
     bench.main(["--json", str(out), "data", "--images", "4", "--rounds", "1", "--workers", "0", "--batch-size", "2",
                 "--resize", "64", "--image-size", "32", "--data-dir", str(tmp_path)])
     result = json.loads(out.read_text())
-    readers = ["raw bound (bytes in memory)", "ours: LmdbReader + draft", "Chinese-CLIP-style reader"]
+    readers = ["raw bound (bytes in memory)", "ours: LmdbReader + draft", "Chinese-CLIP-style reader",
+               "ours: WdsReader + draft (images)", "ours: wds StreamDataset (training path)",
+               "open_clip get_wds_dataset"]
     assert sorted((r["store"], r["reader"], r["workers"]) for r in result["rows"]) == \
         sorted((s, r, 0) for s in ("full", "resized64") for r in readers)
     assert all(math.isfinite(r["images/s"]) and r["images/s"] > 0 for r in result["rows"])
     assert set(result["ratios"]) == {"ours / raw bound (full, 0 workers)", "ours / raw bound (resized64, 0 workers)",
                                      "ours / Chinese-CLIP-style (full 1024x768, 0 workers)",
                                      "ours / Chinese-CLIP-style (resized64, 0 workers)",
-                                     "ours resized64 / ours full (0 workers)"}
+                                     "ours resized64 / ours full (0 workers)",
+                                     "ours WdsReader / raw bound (full, 0 workers)",
+                                     "ours WdsReader / raw bound (resized64, 0 workers)",
+                                     "ours wds training path / raw bound (full, 0 workers)",
+                                     "ours wds training path / raw bound (resized64, 0 workers)",
+                                     "ours wds / open_clip wds (full, 0 workers)",
+                                     "ours wds / open_clip wds (resized64, 0 workers)"}
     assert all(math.isfinite(v) and v > 0 for v in result["ratios"].values())
+    for store in ("full", "resized64"):
+        parts = result["wds_ms_per_image"][store]
+        assert {"read tar records", "decode (draft)", "transform", "tokenize", "seed RNGs", "whole stream path",
+                "rest"} <= parts.keys()
+        assert all(parts[k] > 0 for k in ("read tar records", "decode (draft)", "transform", "whole stream path"))
     assert result["images"] == 4 and result["rounds"] == 1
