@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
+import datasets
 import experiment
 import models
 import utils
@@ -380,3 +381,79 @@ def log_progress(model, optimizer, state: RunState, cfg: LoopConfig, meters: Epo
              " ".join(f"{k} {v:.4f}" for k, v in window.items()), record["samples_per_s"], data_time,
              record["lr"], record["logit_scale"], record["memory_mb"])
     run_log.write(record)
+
+
+NO_DECAY_KEYS = ("logit_scale", "token_embedding", "positional_embedding", "pos_embed", "cls_token",
+                 "word_embeddings", "position_embeddings", "token_type_embeddings", "class_embedding")
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: no decay for biases, norm weights (ndim < 2), embeddings and logit_scale."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or any(k in name for k in NO_DECAY_KEYS) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def cosine_schedule(base: float, start: float, end: float, total_steps: int, warmup_steps: int) -> np.ndarray:
+    """Per-step LR: linear from `start` to `base` over warm-up, then cosine from `base` to `end`."""
+    warmup = np.linspace(start, base, warmup_steps, endpoint=False)
+    t = np.arange(total_steps - warmup_steps) / max(total_steps - warmup_steps, 1)
+    return np.concatenate([warmup, end + 0.5 * (base - end) * (1 + np.cos(np.pi * t))])
+
+
+def freeze_vision(model: nn.Module) -> None:
+    """No gradients for the image tower and its projection; its BatchNorms stay in eval mode."""
+    for module in (model.visual, model.image_projection):
+        module.requires_grad_(False)
+
+    def norms_in_eval(visual: nn.Module, _inputs) -> None:
+        # looked up at every forward: model.train() re-enables batch statistics, SyncBN conversion swaps modules
+        for m in visual.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+    model.visual.register_forward_pre_hook(norms_in_eval)
+
+
+def run_epochs(args, state: RunState, total_steps: int, val_name: str | None, dataset, loader, order,
+               stream, train_epoch, save, validate, run_log: RunLog) -> None:
+    """Epochs from `state` until the schedule's end or --max-steps. `order` (the sampler, or the stream of a wds /
+    mixture run) sets each epoch's start, `stream` (None for a sampler) tracks the positions delivered;
+    `train_epoch(batches, meters)` runs train_one_epoch, `save(is_best)` writes the checkpoint(s),
+    `validate()` evaluates (True: best so far).
+
+    Validation runs every --eval-freq epochs, at the last epoch and at a --max-steps stop (with --eval-freq 0:
+    only at the last epoch), before the checkpoint is written, so the checkpoint holds its metrics."""
+    while state.epoch < args.epochs and not (args.max_steps and state.step >= args.max_steps):
+        order.set_epoch(state.epoch, state.step_in_epoch * args.update_freq)
+        dataset.bad_samples.reset(state.epoch)
+        batches = iter(loader) if stream is None else stream.track(iter(loader))
+        meters = EpochMeters()
+        try:
+            while (pause := train_epoch(batches, meters)) is Pause.CHECKPOINT_DUE:
+                save(is_best=False)
+        except datasets.TooManyBadSamples as exc:
+            raise SystemExit(f"stopping: {exc}") from None
+        train_stats = meters.epoch_means()
+        if dataset.bad_samples.count:
+            log.warning("epoch %d: %d corrupt sample(s) replaced: %s", state.epoch, dataset.bad_samples.count,
+                        dataset.bad_samples.offenders())
+        stop = bool(args.max_steps and state.step >= args.max_steps)
+        if pause is Pause.EPOCH_END:
+            state.epoch, state.step_in_epoch = state.epoch + 1, 0
+        evaluated = val_name is not None and (
+            state.epoch == args.epochs or (args.eval_freq > 0 and (stop or (
+                pause is Pause.EPOCH_END and state.epoch % args.eval_freq == 0))))
+        is_best = validate() if evaluated else False
+        tests = {f"test_{k}": v for k, v in state.metrics.items()} if evaluated else {}
+        if pause is Pause.EPOCH_END:
+            run_log.write({"type": "epoch", "epoch": state.epoch, "global_step": state.step,
+                           **{f"train_{k}": v for k, v in train_stats.items()}, **tests})
+        elif tests:  # a --max-steps stop mid-epoch
+            run_log.write({"type": "eval", "epoch": state.epoch, "global_step": state.step, **tests})
+        save(is_best)
+    if state.step >= total_steps and val_name is not None and state.metrics_step != state.step:
+        save(validate())  # resumed at the schedule's end from a checkpoint whose validation never ran

@@ -17,8 +17,6 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 import experiment
 import readers
 import registry
@@ -521,27 +519,6 @@ def build_train_dataset(spec: registry.ModelSpec, args: argparse.Namespace, read
                                      text_augmenter=augmenter)
 
 
-NO_DECAY_KEYS = ("logit_scale", "token_embedding", "positional_embedding", "pos_embed", "cls_token",
-                 "word_embeddings", "position_embeddings", "token_type_embeddings", "class_embedding")
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: no decay for biases, norm weights (ndim < 2), embeddings and logit_scale."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim < 2 or any(k in name for k in NO_DECAY_KEYS) else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def cosine_schedule(base: float, start: float, end: float, total_steps: int, warmup_steps: int) -> np.ndarray:
-    """Per-step LR: linear from `start` to `base` over warm-up, then cosine from `base` to `end`."""
-    warmup = np.linspace(start, base, warmup_steps, endpoint=False)
-    t = np.arange(total_steps - warmup_steps) / max(total_steps - warmup_steps, 1)
-    return np.concatenate([warmup, end + 0.5 * (base - end) * (1 + np.cos(np.pi * t))])
-
-
 def experiment_dir(args: argparse.Namespace) -> str:
     return os.path.join(args.output_dir, args.name or f"{args.model}_{'+'.join(dataset_names(args))}")
 
@@ -591,22 +568,6 @@ def write_run_record(exp_dir: str, args: argparse.Namespace, commit: str) -> Non
     that fails before never claims the folder for its flags."""
     experiment.write_json_atomic(os.path.join(exp_dir, "args.json"), args_dict(args))
     experiment.record_provenance(exp_dir, commit, shlex.join([sys.executable] + sys.argv))
-
-
-def freeze_vision(model: nn.Module) -> None:
-    """No gradients for the image tower and its projection; its BatchNorms stay in eval mode."""
-    import torch.nn as nn
-
-    for module in (model.visual, model.image_projection):
-        module.requires_grad_(False)
-
-    def norms_in_eval(visual: nn.Module, _inputs) -> None:
-        # looked up at every forward: model.train() re-enables batch statistics, SyncBN conversion swaps modules
-        for m in visual.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.eval()
-
-    model.visual.register_forward_pre_hook(norms_in_eval)
 
 
 def setup_logging(exp_dir: str | None, main_process: bool) -> None:
@@ -722,22 +683,6 @@ def checkpoint_payload(model, optimizer, scaler, state: engine.RunState, args, c
             "rng": rng_states, "data": data, "args": config_of(args), "commit": commit, "wandb_id": wandb_id}
 
 
-def restore_rng(saved: list[dict] | dict, rank: int, world_size: int, seed: int, step: int) -> None:
-    """This rank's RNG states from a checkpoint: its own entry when the checkpoint has one per rank of this
-    world size (an exact resume); otherwise (another world size, or an older single-state checkpoint) a fresh
-    per-rank stream seeded by (seed, rank, step), with a warning that dropout masks will not repeat exactly."""
-    import utils
-
-    states = saved if isinstance(saved, list) else [saved]
-    if len(states) == world_size:
-        utils.restore_rng_state(states[rank])
-        return
-    log.warning("the checkpoint holds the RNG states of %d rank(s), this run has %d: random streams (dropout, "
-                "drop-path) restart from a new seed, so the run is not a bitwise continuation", len(states),
-                world_size)
-    utils.seed_all(utils.rank_seed(seed, rank, step))
-
-
 def restore(path: str, model, optimizer, scaler, state: engine.RunState, args,
             env: utils.DistEnv) -> tuple[str | None, list | None]:
     """Training state from checkpoint `path` (weights strictly, optimizer, scaler, progress, last validation,
@@ -763,7 +708,7 @@ def restore(path: str, model, optimizer, scaler, state: engine.RunState, args,
     state.epoch, state.step, state.step_in_epoch = ckpt["epoch"], ckpt["step"], ckpt["step_in_epoch"]
     state.best_metric, state.nonfinite = ckpt["best_metric"], ckpt["nonfinite"]
     state.metrics, state.metrics_step = dict(ckpt.get("metrics", {})), ckpt.get("metrics_step")
-    restore_rng(ckpt["rng"], env.rank, env.world_size, args.seed, state.step)
+    utils.restore_rng(ckpt["rng"], env.rank, env.world_size, args.seed, state.step)
     return ckpt.get("wandb_id"), ckpt.get("data")
 
 
@@ -776,50 +721,6 @@ def run_summary(args, state: engine.RunState, total_steps: int, val_name: str | 
             "val_dataset": val_name, "epoch": state.epoch, "step": state.step, "total_steps": total_steps,
             "best_metric": state.best_metric if math.isfinite(state.best_metric) else None,
             "metrics_step": state.metrics_step, "train_time_s": train_time_s, "commit": commit, **state.metrics}
-
-
-def run_epochs(args, state: engine.RunState, total_steps: int, val_name: str | None, dataset, loader, order,
-               stream, train_epoch, save, validate, run_log: engine.RunLog) -> None:
-    """Epochs from `state` until the schedule's end or --max-steps. `order` (the sampler, or the stream of a wds /
-    mixture run) sets each epoch's start, `stream` (None for a sampler) tracks the positions delivered;
-    `train_epoch(batches, meters)` runs engine.train_one_epoch, `save(is_best)` writes the checkpoint(s),
-    `validate()` evaluates (True: best so far).
-
-    Validation runs every --eval-freq epochs, at the last epoch and at a --max-steps stop (with --eval-freq 0:
-    only at the last epoch), before the checkpoint is written, so the checkpoint holds its metrics."""
-    import datasets
-    import engine
-
-    while state.epoch < args.epochs and not (args.max_steps and state.step >= args.max_steps):
-        order.set_epoch(state.epoch, state.step_in_epoch * args.update_freq)
-        dataset.bad_samples.reset(state.epoch)
-        batches = iter(loader) if stream is None else stream.track(iter(loader))
-        meters = engine.EpochMeters()
-        try:
-            while (pause := train_epoch(batches, meters)) is engine.Pause.CHECKPOINT_DUE:
-                save(is_best=False)
-        except datasets.TooManyBadSamples as exc:
-            raise SystemExit(f"stopping: {exc}") from None
-        train_stats = meters.epoch_means()
-        if dataset.bad_samples.count:
-            log.warning("epoch %d: %d corrupt sample(s) replaced: %s", state.epoch, dataset.bad_samples.count,
-                        dataset.bad_samples.offenders())
-        stop = bool(args.max_steps and state.step >= args.max_steps)
-        if pause is engine.Pause.EPOCH_END:
-            state.epoch, state.step_in_epoch = state.epoch + 1, 0
-        evaluated = val_name is not None and (
-            state.epoch == args.epochs or (args.eval_freq > 0 and (stop or (
-                pause is engine.Pause.EPOCH_END and state.epoch % args.eval_freq == 0))))
-        is_best = validate() if evaluated else False
-        tests = {f"test_{k}": v for k, v in state.metrics.items()} if evaluated else {}
-        if pause is engine.Pause.EPOCH_END:
-            run_log.write({"type": "epoch", "epoch": state.epoch, "global_step": state.step,
-                           **{f"train_{k}": v for k, v in train_stats.items()}, **tests})
-        elif tests:  # a --max-steps stop mid-epoch
-            run_log.write({"type": "eval", "epoch": state.epoch, "global_step": state.step, **tests})
-        save(is_best)
-    if state.step >= total_steps and val_name is not None and state.metrics_step != state.step:
-        save(validate())  # resumed at the schedule's end from a checkpoint whose validation never ran
 
 
 @contextlib.contextmanager
@@ -903,7 +804,7 @@ def train(args: argparse.Namespace, env: utils.DistEnv, exp_dir: str) -> dict:
         weights.load_weights(model, args.pretrained)
         model.after_weights_loaded()
     if args.freeze_vision:
-        freeze_vision(model)
+        engine.freeze_vision(model)
     # the same initial weights on every rank (above), then each rank its own stream for dropout masks
     utils.seed_all(utils.rank_seed(args.seed, env.rank))
     tokenizer = datasets.build_tokenizer(spec.base.tokenizer, model_config["kwargs"]["context_length"])
@@ -931,10 +832,11 @@ def train(args: argparse.Namespace, env: utils.DistEnv, exp_dir: str) -> dict:
         raise SystemExit(f"--update-freq {args.update_freq} exceeds the {batches_per_epoch} micro-batches "
                          "of an epoch")
     total_steps = args.epochs * steps_per_epoch
-    lr_schedule = cosine_schedule(args.lr, args.lr_start, args.lr_end, total_steps,
+    lr_schedule = engine.cosine_schedule(args.lr, args.lr_start, args.lr_end, total_steps,
                                   args.warmup_steps if args.warmup_steps is not None
                                   else int(args.warmup_epochs * steps_per_epoch))
-    optimizer = torch.optim.AdamW(param_groups(model, args.wd), lr=args.lr, betas=tuple(args.betas), eps=args.eps)
+    optimizer = torch.optim.AdamW(engine.param_groups(model, args.wd), lr=args.lr, betas=tuple(args.betas),
+                                  eps=args.eps)
     scaler = torch.amp.GradScaler(env.device.type, enabled=args.precision == "fp16")
     state = engine.RunState()
     resume_path, stored_wandb_id = resume_source(exp_dir, args), None
@@ -1006,8 +908,8 @@ def train(args: argparse.Namespace, env: utils.DistEnv, exp_dir: str) -> dict:
         if args.evaluate:
             validate()
         else:
-            run_epochs(args, state, total_steps, val_name, dataset, loader, order, stream, train_epoch, save, validate,
-                       run_log)
+            engine.run_epochs(args, state, total_steps, val_name, dataset, loader, order, stream, train_epoch, save,
+                              validate, run_log)
     except BaseException as exc:
         status, reason = experiment.end_status(exc)
         if main_process:

@@ -82,8 +82,11 @@ def load_experiment(exp_dir: str, ledger: list[dict]) -> dict:
 
 
 def status_of(exp_dir: str, summary: dict | None, ledger: list[dict]) -> str:
-    """A live Slurm job's state (pending, running...), else summary.json's status (finished, stopped, failed,
-    evaluated), else the ledger job's failure (failed (cancelled)...), else `incomplete`."""
+    """summary.json's `finished`/`evaluated` (its job may still be tearing down), else a live Slurm job's state
+    (pending, running...: a stopped run requeued), else summary.json's status (stopped, failed), else the ledger
+    job's failure (failed (cancelled)...), else `incomplete`."""
+    if summary is not None and summary.get("status") in ("finished", "evaluated"):
+        return summary["status"]
     ids = [j for e in ledger if os.path.normpath(e.get("exp_dir", "")) == os.path.normpath(exp_dir)
            for j in e.get("job_ids", [])]
     state = launch.job_states(ids[-1:]).get(ids[-1]) if ids else None

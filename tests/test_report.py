@@ -103,6 +103,18 @@ def test_stopped_failed_and_running_runs_are_shown_as_such_never_as_done(tmp_pat
     assert "| 1/4 (failed, incomplete, stopped) | 30.00 |" in row  # only the finished run is averaged
 
 
+def test_a_finished_run_whose_job_still_tears_down_is_finished_and_a_requeued_stop_is_running(tmp_path,
+                                                                                               monkeypatch):
+    """Slurm still says RUNNING while a finished run's process exits (the lab-loop test on real Slurm hit it): its
+    summary decides. A stopped run whose job is live again was requeued: running."""
+    done = make_exp(tmp_path, "F", [], {"acc1_z": 1.0})
+    stopped = make_exp(tmp_path, "S", [], {"acc1_z": 1.0}, status="stopped")
+    ledger = [{"exp_dir": done, "job_ids": ["7"]}, {"exp_dir": stopped, "job_ids": ["8"]}]
+    monkeypatch.setattr(report.launch, "job_states", lambda ids: {i: "RUNNING" for i in ids})
+    assert report.status_of(done, json.load(open(os.path.join(done, "summary.json"))), ledger) == "finished"
+    assert report.status_of(stopped, json.load(open(os.path.join(stopped, "summary.json"))), ledger) == "running"
+
+
 # --------------------------------------------------------------------------- defaults
 def test_only_tables_with_runs_baseline_from_the_repro_file_and_unknown_metric_keys(tmp_path):
     root = tmp_path / "exps"
