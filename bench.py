@@ -138,25 +138,6 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the random images")
 
 
-def _register_cpu_sdpa_flops() -> None:
-    """Count CPU flash attention in FlopCounterMode (torch registers only the CUDA SDPA kernels)."""
-    from torch.utils import flop_counter as fc
-
-    aten = torch.ops.aten
-    fwd = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    bwd = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
-    if fwd is None or fwd in fc.flop_registry or fwd.default in fc.flop_registry:
-        return
-
-    @fc.register_flop_formula(fwd)
-    def _fwd(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-        return fc.sdpa_flop_count(query_shape, key_shape, value_shape)
-
-    @fc.register_flop_formula(bwd)
-    def _bwd(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-        return fc.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -322,25 +303,12 @@ def _train_flops(step: Callable[[], None]) -> float:
     """Model FLOPs (forward + loss + backward; the optimizer's elementwise work is not counted) of one step."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    _register_cpu_sdpa_flops()
+    import engine
+
+    engine.register_cpu_sdpa_flops()
     with FlopCounterMode(display=False) as counter:
         step()
     return float(counter.get_total_flops())
-
-
-def matmul_peak_flops(device: torch.device, dtype: torch.dtype, n: int, seconds: float = 1.0) -> float:
-    """Measured dense matmul peak: best FLOP/s of an n x n x n `torch.mm` (2 n^3 FLOPs) on this machine."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    torch.mm(a, b)
-    _sync(device)
-    best, t_end = math.inf, time.perf_counter() + seconds
-    while time.perf_counter() < t_end or best == math.inf:
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        _sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best
 
 
 def _rss_bytes(field: str) -> int:
@@ -478,6 +446,8 @@ def bench_train(args: argparse.Namespace) -> dict:
     MFU against a matmul peak measured in the same run, and the cost of exact gradient accumulation
     (engine.forward_backward with k micro-batches vs one batch) in time per sample and activation memory.
     """
+    import engine
+
     if args.batch_size % args.update_freq:
         raise SystemExit(f"--batch-size {args.batch_size} is not divisible by --update-freq {args.update_freq}")
     device = utils.resolve_device(args.device)
@@ -518,7 +488,7 @@ def bench_train(args: argparse.Namespace) -> dict:
     accum_s = {name: statistics.median(t) for name, t in accum_times.items()}
 
     peak_dtype = torch.bfloat16 if (args.precision == "bf16" and device.type == "cuda") else torch.float32
-    peak = matmul_peak_flops(device, peak_dtype, args.matmul_size or (8192 if device.type == "cuda" else 2048),
+    peak = engine.matmul_peak_flops(device, peak_dtype, args.matmul_size or (8192 if device.type == "cuda" else 2048),
                              args.matmul_seconds)
     load_after = os.getloadavg()
 
