@@ -616,8 +616,9 @@ def _levers_table(args: argparse.Namespace, result: dict, step_times: dict[str, 
              "ratio": out["compile_speedup"], "reads": "speed-up"}]
     if args.siglip_global_batch:
         gathered, chunked = _siglip_loss_memory(args)
+        ratio = chunked["loss_mem_MB"] / max(gathered["loss_mem_MB"], 1e-9)
         out.update(siglip_loss_mem_MB_gathered=gathered["loss_mem_MB"],
-                   siglip_loss_mem_MB_chunked=chunked["loss_mem_MB"], siglip_chunked_mem_ratio=chunked["loss_mem_MB"] / max(gathered["loss_mem_MB"], 1e-9))
+                   siglip_loss_mem_MB_chunked=chunked["loss_mem_MB"], siglip_chunked_mem_ratio=ratio)
         rows.append({"lever": f"--siglip-chunked, N {args.siglip_global_batch} on {args.siglip_ranks} ranks",
                      "measure": "loss memory (MB)", "without": gathered["loss_mem_MB"], "with": chunked["loss_mem_MB"],
                      "ratio": out["siglip_chunked_mem_ratio"], "reads": "memory ratio"})
