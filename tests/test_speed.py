@@ -167,3 +167,10 @@ def test_compiled_model_on_bucketed_text_equals_eager_with_one_graph_per_bucket(
                                            msg=lambda m, name=name: f"{name}: {m}")
         assert counters["stats"]["unique_graphs"] == 2
         assert torch._dynamo.config.recompile_limit == 10
+
+
+def test_peak_tflops_does_not_make_another_run():
+    """--peak-tflops changes only the logged mfu: a resume with another value continues the same run."""
+    old = main.args_dict(main.parse_args([]))
+    assert main.flags_diff(old, main.parse_args(["--peak-tflops", "989.5"])) == {}
+    assert main.flags_diff(old, main.parse_args(["--text-bucket", "8"])) == {"text_bucket": (None, 8)}
