@@ -1,10 +1,12 @@
 """Speed levers that must stay exact: MFU logging (FLOP count, peak table) and compile with bucketed text lengths."""
 import copy
+import glob
 import json
 
 import pytest
 import torch
 from conftest import TINY_RUN
+from test_launch import read_wandb_offline, wandb_history
 from torch._dynamo.utils import counters
 
 import engine
@@ -73,10 +75,16 @@ def test_frozen_image_tower_counts_no_backward_through_it():
 
 def test_log_rows_carry_tflops_per_s_and_mfu(tmp_path):
     """Every --print-freq row of log.txt has tflops_per_s (model FLOPs of the window's batches / its time) and mfu
-    against --peak-tflops; without the flag on CPU, against the measured matmul peak."""
+    against --peak-tflops; without the flag on CPU, against the measured matmul peak. The console line (train.log
+    is its copy) and the wandb points (offline run) carry them too."""
     base = TINY_RUN + ["--output-dir", str(tmp_path), "--max-steps", "2", "--val-dataset", "none"]
-    main.main(base + ["--name", "peak", "--peak-tflops", "0.5"])
+    main.main(base + ["--name", "peak", "--peak-tflops", "0.5", "--wandb"])
     main.main(base + ["--name", "measured"])
+    console = (tmp_path / "peak" / "train.log").read_text()
+    assert "against 0.5 TFLOP/s (--peak-tflops)" in console and console.count("TFLOP/s | MFU ") == 2
+    (wandb_file,) = glob.glob(str(tmp_path / "peak" / "wandb" / "offline-run-*" / "run-*.wandb"))
+    points = [h for h in wandb_history(read_wandb_offline(wandb_file)) if "mfu" in h]
+    assert [p["global_step"] for p in points] == [1, 2] and all(p["tflops_per_s"] > 0 for p in points)
     model = tiny_clip()
     low, high = (analytic_train_flops(model, 32, n) for n in (1, 77))
     for name in ("peak", "measured"):
