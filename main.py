@@ -154,7 +154,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="non-finite losses to skip before stopping with a dump")
     system.add_argument("--device", default="auto", help="auto, cpu or cuda")
     system.add_argument("--compile", action="store_true",
-                        help="torch.compile the model's forward (nn.Module.compile: checkpoint keys unchanged)")
+                        help="torch.compile the model's forward (nn.Module.compile: checkpoint keys unchanged), one "
+                             "static graph per --text-bucket length")
     system.add_argument("--text-bucket", type=int, default=None,
                         help="trim each batch's token padding to a multiple of N columns (exact: padding is masked); "
                              "default 16 with --compile (one graph per bucket, at most ceil(context / N)), 1 (the "
