@@ -152,8 +152,17 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="non-finite losses to skip before stopping with a dump")
     system.add_argument("--device", default="auto", help="auto, cpu or cuda")
     system.add_argument("--compile", action="store_true",
-                        help="torch.compile the model's forward (nn.Module.compile: checkpoint keys unchanged)")
-    system.add_argument("--print-freq", type=int, default=10, help="log every N optimizer steps")
+                        help="torch.compile the model's forward (nn.Module.compile: checkpoint keys unchanged), one "
+                             "static graph per --text-bucket length")
+    system.add_argument("--text-bucket", type=int, default=None,
+                        help="trim each batch's token padding to a multiple of N columns (exact: padding is masked); "
+                             "default 16 with --compile (one graph per bucket, at most ceil(context / N)), 1 (the "
+                             "exact length) otherwise; raise to cut recompiles, lower to cut padding")
+    system.add_argument("--print-freq", type=int, default=10,
+                        help="log every N optimizer steps (loss, samples/s, tflops_per_s, mfu)")
+    system.add_argument("--peak-tflops", type=float, default=None,
+                        help="peak TFLOP/s of one device for the logged mfu; default: the datasheet peak of a known "
+                             "GPU at --precision, the measured matmul peak on CPU; set it for other GPUs")
     system.add_argument("--wandb", action="store_true", help="log to wandb (offline without an API key)")
     system.add_argument("--wandb-project", default="clip-lab", help="wandb project")
     system.add_argument("--table", default=None,
@@ -321,6 +330,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(str(exc))
     if args.update_freq < 1 or args.batch_size < 1:
         parser.error("--update-freq and --batch-size must be >= 1")
+    if (args.text_bucket is not None and args.text_bucket < 1) or (args.peak_tflops is not None
+                                                                  and not args.peak_tflops > 0):
+        parser.error("--text-bucket must be >= 1 and --peak-tflops > 0")
     if args.eval_freq < 0:
         parser.error("--eval-freq must be >= 0 (0: evaluate only at the end of the schedule)")
     bad_path = (experiment.name_error(args.name) if args.name is not None else None) or \
@@ -779,6 +791,7 @@ def train(args: argparse.Namespace, env: utils.DistEnv, exp_dir: str) -> dict:
     summary.json (also when an exception ends the run once the folder holds its args.json)."""
     import torch
     import torch.nn as nn
+    from PIL import Image
     from torch.nn.parallel import DistributedDataParallel
     from torch.utils.data import DataLoader
 
@@ -849,8 +862,13 @@ def train(args: argparse.Namespace, env: utils.DistEnv, exp_dir: str) -> dict:
             stored_wandb_id = None  # another experiment's wandb run
     if env.distributed and env.device.type == "cuda":  # projector BN over the global batch (parameters kept)
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    context = model_config["kwargs"]["context_length"]
+    # model FLOPs per sample of one composed sample's layout, on meta tensors (no RNG drawn, nothing computed)
+    flops = engine.count_train_flops(model, dataset.compose(Image.new("RGB", (image_size,) * 2), ["a photo"], 0),
+                                     context)
+    peak, peak_source = engine.peak_flops(env.device, args.precision, args.peak_tflops)
     if args.compile:  # in place: state_dict keys, hooks and checkpoints stay those of the eager module
-        model.compile()
+        engine.compile_model(model, engine.text_bucket(args.text_bucket, True), context)
     ddp_model = DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None) \
         if env.distributed else model
     criterion = build_criterion(spec, args, env)
@@ -884,11 +902,14 @@ def train(args: argparse.Namespace, env: utils.DistEnv, exp_dir: str) -> dict:
     loop = engine.LoopConfig(
         step=engine.StepConfig.from_args(args, env.device), update_freq=args.update_freq, batch_size=args.batch_size,
         global_batch=args.batch_size * env.world_size * args.update_freq, steps_per_epoch=steps_per_epoch,
-        total_steps=total_steps, print_freq=args.print_freq, save_every_steps=args.save_every_steps,
-        max_steps=args.max_steps, max_nonfinite=args.max_nonfinite, dump_dir=exp_dir)
+        total_steps=total_steps, print_freq=args.print_freq, flops=flops, peak_flops=peak,
+        save_every_steps=args.save_every_steps, max_steps=args.max_steps, max_nonfinite=args.max_nonfinite,
+        dump_dir=exp_dir)
     log.info("model %s (%.2fM params), %d steps/epoch, global batch %d, %d rank(s) on %s, validation on %s",
              args.model, sum(p.numel() for p in model.parameters()) / 1e6, steps_per_epoch, loop.global_batch,
              env.world_size, env.device, val_name or "nothing (--val-dataset none)")
+    log.info("%.3g GFLOP/sample at the full context (fwd + bwd); mfu against %s", flops.per_sample(context) / 1e9,
+             f"{peak / 1e12:.3g} TFLOP/s ({peak_source})" if peak else peak_source)
 
     def train_epoch(batches, meters: engine.EpochMeters) -> engine.Pause:
         return engine.train_one_epoch(ddp_model, criterion, batches, optimizer, scaler, lr_schedule, state, loop,

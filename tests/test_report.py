@@ -135,6 +135,22 @@ def test_only_tables_with_runs_baseline_from_the_repro_file_and_unknown_metric_k
     assert "20.00" in report.main(["--root", str(root), "--exps", exps, "--metrics", "mean_recall"])
 
 
+def test_metrics_mfu_tabulates_each_runs_median_training_speed_from_log_txt(tmp_path):
+    """--metrics acc1_z,mfu,tflops_per_s: the summary's accuracy beside the median of log.txt's progress rows (the
+    first window, which pays compilation, does not drag it down); mfu in %."""
+    root = tmp_path / "exps"
+    for name, mfus in (("eager", [0.1, 0.2, 0.22, 0.24]), ("compiled", [0.01, 0.3, 0.32, 0.34])):
+        exp = make_exp(root, name, ["--table", "speed"] + (["--compile"] if name == "compiled" else []),
+                       {"acc1_z": 40.0})
+        rows = [{"type": "train", "epoch": 0, "global_step": s, "loss": 1.0, "mfu": m, "tflops_per_s": 50 * m,
+                 "samples_per_s": 10.0} for s, m in enumerate(mfus, 1)]
+        with open(os.path.join(exp, "log.txt"), "a") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in rows))
+    md = report.main(["--root", str(root), "--exps", repro(tmp_path, ""), "--metrics", "acc1_z,mfu,tflops_per_s"])
+    assert "| experiment | runs | digits/acc1_z | train/mfu | train/tflops_per_s |" in md
+    assert "| eager | 1/1 | 40.00 | 21.00 | 10.50 |" in md and "| compiled | 1/1 | 40.00 | 31.00 | 15.50 |" in md
+
+
 # --------------------------------------------------------------------------- plots
 def test_plots_show_validation_curves_and_final_points_a_reader_can_read(tmp_path, monkeypatch):
     """Per table: the validation metric vs step with a mean ± std band over seeds, and the final metric per row as

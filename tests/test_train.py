@@ -201,6 +201,7 @@ def test_logged_loss_is_the_global_batch_value_on_any_number_of_ranks(tmp_path):
     for a, b in zip(ddp, single):
         for key in ("loss", "clip_loss", "clip_acc"):
             assert a[key] == pytest.approx(b[key], abs=1e-5), (a["global_step"], key)
+    assert all(r["tflops_per_s"] > 0 and r["mfu"] > 0 for r in ddp)  # per device, averaged in the same all-reduce
 
 
 def test_eval_freq_does_not_change_the_trained_weights(tmp_path):
