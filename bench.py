@@ -200,8 +200,8 @@ def _train_setup(args: argparse.Namespace, device: torch.device, with_peer: bool
     from open_clip.loss import ClipLoss as OpenClipLoss
 
     import datasets
+    import engine
     import losses
-    import main as trainer
     import models
 
     spec = models.parse_model_name(args.model)
@@ -221,22 +221,22 @@ def _train_setup(args: argparse.Namespace, device: torch.device, with_peer: bool
     }
     # the same optimizer for both: AdamW, open_clip's defaults for ViT CLIP, no decay on gains/biases/embeddings
     opt = dict(lr=5e-4, betas=(0.9, 0.98), eps=1e-6)
-    setup["opt_ours"] = torch.optim.AdamW(trainer.param_groups(setup["ours"], 0.2), **opt)
+    setup["opt_ours"] = torch.optim.AdamW(engine.param_groups(setup["ours"], 0.2), **opt)
     if peer is not None:
         setup["peer"] = peer.to(device).train()
         setup["peer_loss"] = OpenClipLoss()
-        setup["opt_peer"] = torch.optim.AdamW(trainer.param_groups(setup["peer"], 0.2), **opt)
+        setup["opt_peer"] = torch.optim.AdamW(engine.param_groups(setup["peer"], 0.2), **opt)
     return setup
 
 
 def _patch_dropout_setup(s: dict, args: argparse.Namespace, device: torch.device) -> dict:
     """`s` with our model rebuilt with --patch-dropout (the same weights, its own AdamW): the FLIP lever."""
-    import main as trainer
+    import engine
 
     model = _build_ours(s["spec"], args, args.patch_dropout)
     model.load_state_dict(s["ours"].state_dict())
     model.to(device).train()
-    opt = torch.optim.AdamW(trainer.param_groups(model, 0.2), lr=5e-4, betas=(0.9, 0.98), eps=1e-6)
+    opt = torch.optim.AdamW(engine.param_groups(model, 0.2), lr=5e-4, betas=(0.9, 0.98), eps=1e-6)
     return {**s, "ours": model, "opt_ours": opt, "peer": None}
 
 
@@ -245,10 +245,10 @@ def _compile_lever_setup(s: dict, args: argparse.Namespace, device: torch.device
     runs compiled (compiled later, after the FLOP count): the compile lever."""
     import copy
 
-    import main as trainer
+    import engine
 
     model = copy.deepcopy(s["ours"])
-    opt = torch.optim.AdamW(trainer.param_groups(model, 0.2), lr=5e-4, betas=(0.9, 0.98), eps=1e-6)
+    opt = torch.optim.AdamW(engine.param_groups(model, 0.2), lr=5e-4, betas=(0.9, 0.98), eps=1e-6)
     return {**s, "ours": model, "opt_ours": opt, "peer": None, "text_bucket": args.text_bucket,
             "ns": argparse.Namespace(**{**vars(s["ns"]), "compile": True})}
 
@@ -1308,7 +1308,7 @@ def _objective_child(config: str) -> None:
     spec = models.parse_model_name(args.model)
     model = models.build_from_config(registry.config_from_flags(vars(args)), args.checkpoint_grad).to(device)
     criterion = trainer.build_criterion(spec, args, utils.DistEnv(device=device))
-    optimizer = torch.optim.AdamW(trainer.param_groups(model, args.wd), lr=1e-4)
+    optimizer = torch.optim.AdamW(engine.param_groups(model, args.wd), lr=1e-4)
     scaler = torch.amp.GradScaler(device.type, enabled=False)
     B, S, A = args.batch_size, args.image_size, trainer.num_augs(spec, args)
     tokens = torch.randint(1, 4000, (B, 1 + A, 77) if spec.objective.num_augs else (B, 77))

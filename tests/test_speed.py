@@ -64,7 +64,7 @@ def test_frozen_image_tower_counts_no_backward_through_it():
     model = tiny_clip()
     sample = (torch.randn(3, 32, 32), torch.randint(1, 1000, (77,)))
     full = engine.count_train_flops(model, sample, 77).per_sample(77)
-    main.freeze_vision(model)
+    engine.freeze_vision(model)
     frozen = engine.count_train_flops(model, sample, 77).per_sample(77)
     width, depth, n = model.visual.embed_dim, len(model.visual.blocks), (32 // 16) ** 2 + 1
     dense = depth * 24 * n * width ** 2 + 2 * width * model.image_projection.out_features
