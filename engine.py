@@ -184,8 +184,8 @@ def unwrap(model: nn.Module) -> nn.Module:
 # Tensor Core GPU datasheet (SXM / PCIe / NVL; the tables' bf16/fp16 figures are with sparsity: halved here),
 # A100 Tensor Core GPU datasheet, V100 Tensor Core GPU datasheet (SXM2 / PCIe; no bf16 units), L40S datasheet,
 # NVIDIA Ada GPU architecture whitepaper appendix (GeForce RTX 4090: fp16/bf16 tensor with fp32 accumulate, the
-# mode torch uses). NVIDIA publishes no A10G datasheet: its row is AWS's g5 figure (EC2 accelerated-computing
-# instance documentation) and the A10 datasheet's fp32; pass --peak-tflops when in doubt.
+# mode torch uses). GPUs without a datasheet figure (the A10G of AWS g5 instances) are left out: pass
+# --peak-tflops for them.
 GPU_PEAK_TFLOPS: tuple[tuple[str, dict[str, float]], ...] = (
     ("H200 NVL", {"bf16": 835.5, "fp16": 835.5, "fp32": 60.0}),
     ("H200", {"bf16": 989.5, "fp16": 989.5, "fp32": 67.0}),
@@ -196,7 +196,6 @@ GPU_PEAK_TFLOPS: tuple[tuple[str, dict[str, float]], ...] = (
     ("V100-PCIE", {"fp16": 112.0, "fp32": 14.0}),
     ("V100", {"fp16": 125.0, "fp32": 15.7}),  # SXM2
     ("L40S", {"bf16": 362.05, "fp16": 362.05, "fp32": 91.6}),
-    ("A10G", {"bf16": 70.0, "fp16": 70.0, "fp32": 31.2}),
     ("RTX 4090", {"bf16": 165.2, "fp16": 165.2, "fp32": 82.6}),
 )
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

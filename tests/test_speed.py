@@ -105,7 +105,7 @@ def test_gpu_peak_table_by_device_name():
     assert engine.gpu_peak_tflops("NVIDIA H200 NVL", "bf16") == 835.5
     assert engine.gpu_peak_tflops("NVIDIA A100-SXM4-80GB", "fp32") == 19.5
     assert engine.gpu_peak_tflops("NVIDIA A100 80GB PCIe", "bf16") == 312.0
-    assert engine.gpu_peak_tflops("NVIDIA A10G", "bf16") == 70.0  # not the A100 row
+    assert engine.gpu_peak_tflops("NVIDIA A10G", "bf16") is None  # no datasheet: not the A100 row either
     assert engine.gpu_peak_tflops("Tesla V100-SXM2-32GB", "fp16") == 125.0
     assert engine.gpu_peak_tflops("Tesla V100-PCIE-16GB", "fp16") == 112.0
     assert engine.gpu_peak_tflops("Tesla V100-SXM2-32GB", "bf16") is None  # no bf16 units
