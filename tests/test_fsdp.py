@@ -116,9 +116,11 @@ def test_eval_and_weights_read_a_sharded_checkpoint(runs, tmp_path):
     assert results[0]["digits"]["acc1_z"] == pytest.approx(results[1]["digits"]["acc1_z"], abs=0.3)
 
 
-def test_fsdp_without_a_distributed_launch_is_refused(tiny_run_args):
+def test_fsdp_without_a_distributed_launch_or_with_fp16_is_refused(tiny_run_args):
     with pytest.raises(SystemExit, match="--fsdp needs a distributed launch"):
         main.main(tiny_run_args + ["--fsdp", "--max-steps", "1"])
+    with pytest.raises(SystemExit, match="--fsdp with --precision fp16 is not supported"):
+        main.main(tiny_run_args + ["--fsdp", "--precision", "fp16", "--max-steps", "1", "--name", "fp16"])
 
 
 def test_replace_dir_keeps_the_old_checkpoint_until_the_new_one_is_in_place(tmp_path):
