@@ -114,6 +114,8 @@ def test_eval_and_weights_read_a_sharded_checkpoint(runs, tmp_path):
     results = [eval_zeroshot.main(["--resume", path, "--datasets", "digits", "--output-dir", str(tmp_path / name)])
                for name, path in (("fsdp", ckpt), ("ddp", ddp))]
     assert results[0]["digits"]["acc1_z"] == pytest.approx(results[1]["digits"]["acc1_z"], abs=0.3)
+    record = weights.export(ckpt, "open_clip", str(tmp_path / "open_clip"))  # `weights.py export` too
+    assert (record["source_model"], record["step"]) == ("CLIP_VITT16_CLIP", 2)
 
 
 def test_fsdp_without_a_distributed_launch_or_with_fp16_is_refused(tiny_run_args):
