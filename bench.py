@@ -132,29 +132,20 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--patch-dropout", type=float, default=0.0,
                    help="lever: also time our step with FLIP patch dropout P (same weights, interleaved) and report "
                         "the speed-up over P = 0 (ViT backbones)")
+    p.add_argument("--levers", action="store_true",
+                   help="also measure the speed/memory levers side by side and print their table: FLIP patch dropout "
+                        "(--patch-dropout, 0.5 unless given), --compile with --text-bucket vs eager (our step, same "
+                        "weights, interleaved) and chunked vs gathered SigLIP loss memory (--siglip-*)")
+    p.add_argument("--text-bucket", type=int, default=16,
+                   help="the compile lever's token bucket (main.py --text-bucket): its tokens are trimmed to a "
+                        "multiple of this, eager's to the exact length")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend of the compile lever (aot_eager: graphs without code generation)")
+    _add_siglip_memory_args(p, 4096)
     p.add_argument("--matmul-size", type=int, default=None,
                    help="n of the n x n matmul timed for the peak (default 2048 on CPU, 8192 on CUDA)")
     p.add_argument("--matmul-seconds", type=float, default=1.0, help="how long to repeat that matmul (best time)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the random images")
-
-
-def _register_cpu_sdpa_flops() -> None:
-    """Count CPU flash attention in FlopCounterMode (torch registers only the CUDA SDPA kernels)."""
-    from torch.utils import flop_counter as fc
-
-    aten = torch.ops.aten
-    fwd = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    bwd = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
-    if fwd is None or fwd in fc.flop_registry or fwd.default in fc.flop_registry:
-        return
-
-    @fc.register_flop_formula(fwd)
-    def _fwd(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-        return fc.sdpa_flop_count(query_shape, key_shape, value_shape)
-
-    @fc.register_flop_formula(bwd)
-    def _bwd(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-        return fc.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
 
 
 def _sync(device: torch.device) -> None:
@@ -209,8 +200,8 @@ def _train_setup(args: argparse.Namespace, device: torch.device, with_peer: bool
     from open_clip.loss import ClipLoss as OpenClipLoss
 
     import datasets
+    import engine
     import losses
-    import main as trainer
     import models
 
     spec = models.parse_model_name(args.model)
@@ -230,23 +221,36 @@ def _train_setup(args: argparse.Namespace, device: torch.device, with_peer: bool
     }
     # the same optimizer for both: AdamW, open_clip's defaults for ViT CLIP, no decay on gains/biases/embeddings
     opt = dict(lr=5e-4, betas=(0.9, 0.98), eps=1e-6)
-    setup["opt_ours"] = torch.optim.AdamW(trainer.param_groups(setup["ours"], 0.2), **opt)
+    setup["opt_ours"] = torch.optim.AdamW(engine.param_groups(setup["ours"], 0.2), **opt)
     if peer is not None:
         setup["peer"] = peer.to(device).train()
         setup["peer_loss"] = OpenClipLoss()
-        setup["opt_peer"] = torch.optim.AdamW(trainer.param_groups(setup["peer"], 0.2), **opt)
+        setup["opt_peer"] = torch.optim.AdamW(engine.param_groups(setup["peer"], 0.2), **opt)
     return setup
 
 
 def _patch_dropout_setup(s: dict, args: argparse.Namespace, device: torch.device) -> dict:
     """`s` with our model rebuilt with --patch-dropout (the same weights, its own AdamW): the FLIP lever."""
-    import main as trainer
+    import engine
 
     model = _build_ours(s["spec"], args, args.patch_dropout)
     model.load_state_dict(s["ours"].state_dict())
     model.to(device).train()
-    opt = torch.optim.AdamW(trainer.param_groups(model, 0.2), lr=5e-4, betas=(0.9, 0.98), eps=1e-6)
+    opt = torch.optim.AdamW(engine.param_groups(model, 0.2), lr=5e-4, betas=(0.9, 0.98), eps=1e-6)
     return {**s, "ours": model, "opt_ours": opt, "peer": None}
+
+
+def _compile_lever_setup(s: dict, args: argparse.Namespace, device: torch.device) -> dict:
+    """`s` with a copy of our model (same weights, its own AdamW) whose tokens are trimmed to --text-bucket and that
+    runs compiled (compiled later, after the FLOP count): the compile lever."""
+    import copy
+
+    import engine
+
+    model = copy.deepcopy(s["ours"])
+    opt = torch.optim.AdamW(engine.param_groups(model, 0.2), lr=5e-4, betas=(0.9, 0.98), eps=1e-6)
+    return {**s, "ours": model, "opt_ours": opt, "peer": None, "text_bucket": args.text_bucket,
+            "ns": argparse.Namespace(**{**vars(s["ns"]), "compile": True})}
 
 
 def _compile_models(s: dict) -> None:
@@ -266,7 +270,8 @@ def _ours_step(s: dict, device: torch.device, k: int = 1, optimizer_step: bool =
 
     images = s["batch"][0]
     # as main.py's loop: each micro-batch's tokens lose their padding columns on the host, then move
-    tokens = [models.trim_padding(t).to(device, non_blocking=True) for t in s["host_tokens"].chunk(k)]
+    tokens = [models.trim_padding(t, s.get("text_bucket", 1)).to(device, non_blocking=True)
+              for t in s["host_tokens"].chunk(k)]
     micro = list(zip(images.chunk(k), tokens))
     s["opt_ours"].zero_grad(set_to_none=not keep_grads)
     engine.forward_backward(s["ours"], s["criterion"], micro, engine.StepConfig.from_args(s["ns"], device),
@@ -322,25 +327,12 @@ def _train_flops(step: Callable[[], None]) -> float:
     """Model FLOPs (forward + loss + backward; the optimizer's elementwise work is not counted) of one step."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    _register_cpu_sdpa_flops()
+    import engine
+
+    engine.register_cpu_sdpa_flops()
     with FlopCounterMode(display=False) as counter:
         step()
     return float(counter.get_total_flops())
-
-
-def matmul_peak_flops(device: torch.device, dtype: torch.dtype, n: int, seconds: float = 1.0) -> float:
-    """Measured dense matmul peak: best FLOP/s of an n x n x n `torch.mm` (2 n^3 FLOPs) on this machine."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    torch.mm(a, b)
-    _sync(device)
-    best, t_end = math.inf, time.perf_counter() + seconds
-    while time.perf_counter() < t_end or best == math.inf:
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        _sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best
 
 
 def _rss_bytes(field: str) -> int:
@@ -478,8 +470,14 @@ def bench_train(args: argparse.Namespace) -> dict:
     MFU against a matmul peak measured in the same run, and the cost of exact gradient accumulation
     (engine.forward_backward with k micro-batches vs one batch) in time per sample and activation memory.
     """
+    import engine
+
     if args.batch_size % args.update_freq:
         raise SystemExit(f"--batch-size {args.batch_size} is not divisible by --update-freq {args.update_freq}")
+    if args.levers and args.compile:
+        raise SystemExit("--levers times compiled against eager: drop --compile")
+    if args.levers and not args.patch_dropout:
+        args.patch_dropout = 0.5
     device = utils.resolve_device(args.device)
     if args.precision == "bf16" and device.type == "cpu":
         print("note: bf16 autocast on CPU; the matmul peak is still measured in fp32")
@@ -494,12 +492,17 @@ def bench_train(args: argparse.Namespace) -> dict:
         impls[pd_name], step_models[pd_name] = (lambda: _ours_step(s_pd, device)), s_pd["ours"]
     if s["peer"] is not None:
         impls["open_clip"], step_models["open_clip"] = (lambda: _peer_step(s, device)), s["peer"]
+    if args.levers:
+        s_c = _compile_lever_setup(s, args, device)
+        impls[COMPILE_LEVER], step_models[COMPILE_LEVER] = (lambda: _ours_step(s_c, device)), s_c["ours"]
     count = lambda m: sum(p.numel() for p in m.parameters()) / 1e6  # noqa: E731
     flops = {name: _train_flops(fn) / B for name, fn in impls.items()}
     if args.compile:
         _compile_models(s)
         if args.patch_dropout:
             s_pd["ours"].compile()
+    if args.levers:
+        engine.compile_model(s_c["ours"], args.text_bucket, s["host_tokens"].shape[-1], args.compile_backend)
     for _ in range(args.warmup):
         for fn in impls.values():
             fn()
@@ -518,7 +521,7 @@ def bench_train(args: argparse.Namespace) -> dict:
     accum_s = {name: statistics.median(t) for name, t in accum_times.items()}
 
     peak_dtype = torch.bfloat16 if (args.precision == "bf16" and device.type == "cuda") else torch.float32
-    peak = matmul_peak_flops(device, peak_dtype, args.matmul_size or (8192 if device.type == "cuda" else 2048),
+    peak = engine.matmul_peak_flops(device, peak_dtype, args.matmul_size or (8192 if device.type == "cuda" else 2048),
                              args.matmul_seconds)
     load_after = os.getloadavg()
 
@@ -563,6 +566,8 @@ def bench_train(args: argparse.Namespace) -> dict:
               "(median of per-round ratios; the issue expects >= 1.6x at 0.5 for VITB16 at 224 px)")
     if "throughput_ratio" in result:
         print(f"ours / open_clip throughput: {result['throughput_ratio']:.3f} (target >= 1.0 on CPU)")
+    if args.levers:
+        result.update(_levers_table(args, result, step_times))
     if args.no_accum:
         return result
     result.update({"accum_k": k, "train_step_s_k1": accum_s["k1"], f"train_step_s_k{k}": accum_s[f"k{k}"],
@@ -590,6 +595,35 @@ def bench_train(args: argparse.Namespace) -> dict:
                       "mem_ratio (<=0.4)": result["accum_act_mem_ratio"]})
     print(markdown_table([accum]))
     return result
+
+
+COMPILE_LEVER = "ours_compiled_text_bucket"
+
+
+def _levers_table(args: argparse.Namespace, result: dict, step_times: dict[str, list]) -> dict:
+    """The levers side by side (`bench.py train --levers`): FLIP patch dropout and compile-with-buckets as step
+    speed-ups over our eager step (median of per-round ratios, interleaved in this process), chunked SigLIP as the
+    loss-memory ratio to the gathered form (`_siglip_loss_memory`, fresh gloo processes); prints the table and
+    returns its figures."""
+    pd_name = f"ours_patch_dropout_{args.patch_dropout:g}"
+    out = {"compile_text_bucket": args.text_bucket, "compile_backend": args.compile_backend,
+           "compile_speedup": _paired_ratio(step_times, "ours", COMPILE_LEVER)}
+    rows = [{"lever": f"FLIP --patch-dropout {args.patch_dropout:g}", "measure": "train step (s)",
+             "without": result["step_s_ours"], "with": result[f"step_s_{pd_name}"],
+             "ratio": result["patch_dropout_speedup"], "reads": "speed-up"},
+            {"lever": f"--compile ({args.compile_backend}) + --text-bucket {args.text_bucket}",
+             "measure": "train step (s)", "without": result["step_s_ours"], "with": result[f"step_s_{COMPILE_LEVER}"],
+             "ratio": out["compile_speedup"], "reads": "speed-up"}]
+    if args.siglip_global_batch:
+        gathered, chunked = _siglip_loss_memory(args)
+        ratio = chunked["loss_mem_MB"] / max(gathered["loss_mem_MB"], 1e-9)
+        out.update(siglip_loss_mem_MB_gathered=gathered["loss_mem_MB"],
+                   siglip_loss_mem_MB_chunked=chunked["loss_mem_MB"], siglip_chunked_mem_ratio=ratio)
+        rows.append({"lever": f"--siglip-chunked, N {args.siglip_global_batch} on {args.siglip_ranks} ranks",
+                     "measure": "loss memory (MB)", "without": gathered["loss_mem_MB"], "with": chunked["loss_mem_MB"],
+                     "ratio": out["siglip_chunked_mem_ratio"], "reads": "memory ratio"})
+    print(markdown_table(rows))
+    return out
 
 
 # --------------------------------------------------------------------------- data
@@ -1156,7 +1190,11 @@ def _add_objectives_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--augment-samples", type=int, default=64, help="samples timed through the CL2L data pipeline")
     p.add_argument("--source-size", type=int, default=256, help="side of the synthetic source images (PIL)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--siglip-global-batch", type=int, default=8192,
+    _add_siglip_memory_args(p, 8192)
+
+
+def _add_siglip_memory_args(p: argparse.ArgumentParser, global_batch: int) -> None:
+    p.add_argument("--siglip-global-batch", type=int, default=global_batch,
                    help="global batch N of the SigLIP loss-memory measurement, gathered vs --siglip-chunked (0: skip)")
     p.add_argument("--siglip-ranks", type=int, default=4, help="gloo ranks (CPU processes) sharing that batch")
     p.add_argument("--siglip-dim", type=int, default=512, help="embedding width of that measurement")
@@ -1270,7 +1308,7 @@ def _objective_child(config: str) -> None:
     spec = models.parse_model_name(args.model)
     model = models.build_from_config(registry.config_from_flags(vars(args)), args.checkpoint_grad).to(device)
     criterion = trainer.build_criterion(spec, args, utils.DistEnv(device=device))
-    optimizer = torch.optim.AdamW(trainer.param_groups(model, args.wd), lr=1e-4)
+    optimizer = torch.optim.AdamW(engine.param_groups(model, args.wd), lr=1e-4)
     scaler = torch.amp.GradScaler(device.type, enabled=False)
     B, S, A = args.batch_size, args.image_size, trainer.num_augs(spec, args)
     tokens = torch.randint(1, 4000, (B, 1 + A, 77) if spec.objective.num_augs else (B, 77))

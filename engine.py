@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
+import datasets
 import experiment
 import fsdp
 import models
@@ -54,12 +55,37 @@ class StepConfig:
     accum_mode: str = "exact"  # exact | naive (see forward_backward)
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast dtype)
     compiled: bool = False  # the model runs under torch.compile (no sparse embedding gradients)
+    text_bucket: int = 1  # token lengths are trimmed to a multiple of this (`to_device`)
     sharded: bool = False  # the model is sharded with FSDP2 (--fsdp: no sparse embedding gradients)
 
     @classmethod
     def from_args(cls, args, device: torch.device) -> StepConfig:
-        return cls(device, args.accum_mode, args.precision, bool(getattr(args, "compile", False)),
-                   bool(getattr(args, "fsdp", False)))
+        compiled = bool(getattr(args, "compile", False))
+        return cls(device, args.accum_mode, args.precision, compiled,
+                   text_bucket(getattr(args, "text_bucket", None), compiled), bool(getattr(args, "fsdp", False)))
+
+
+DEFAULT_COMPILE_TEXT_BUCKET = 16
+
+
+def text_bucket(flag: int | None, compiled: bool) -> int:
+    """The --text-bucket in force: the flag, else 16 under --compile (at most ceil(77 / 16) = 5 token lengths,
+    one graph each) and 1 (the exact trimmed length) in eager mode."""
+    if flag is not None:
+        return flag
+    return DEFAULT_COMPILE_TEXT_BUCKET if compiled else 1
+
+
+def compile_model(model: nn.Module, bucket: int, context_length: int, backend: str = "inductor") -> int:
+    """torch.compile `model`'s forward in place (nn.Module.compile: state_dict keys, hooks and checkpoints stay
+    those of the eager module) with static shapes: one graph per token length, i.e. per --text-bucket (`to_device`
+    trims to multiples of `bucket`), times 2 for the no-grad and grad forwards of exact accumulation. Dynamo's
+    recompile limit (8 per frame by default, past which it silently runs eager) is raised to that bound;
+    returns it."""
+    graphs = 2 * -(-context_length // bucket)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, graphs)
+    model.compile(backend=backend, dynamic=False)
+    return graphs
 
 
 @dataclass(frozen=True)
@@ -73,6 +99,8 @@ class LoopConfig:
     steps_per_epoch: int
     total_steps: int
     print_freq: int = 10
+    flops: TrainFlops | None = None  # model FLOPs per sample (tflops_per_s in the log)
+    peak_flops: float | None = None  # FLOP/s of one device at --precision (mfu in the log)
     save_every_steps: int = 0  # 0: checkpoints at epoch ends only
     max_steps: int | None = None
     max_nonfinite: int = 0
@@ -96,25 +124,31 @@ class EpochMeters:
     window_steps: int = 0
     window_start: float = field(default_factory=time.perf_counter)
     data_time: float = 0.0
+    window_flops: float = 0.0  # model FLOPs of this rank's micro-batches in the window
 
     def update(self, loss_dict: dict[str, torch.Tensor], n: int) -> None:
         for key, value in loss_dict.items():
             self.meters.setdefault(key, utils.SmoothedValue()).update(float(value.detach()), n)
         self.window_steps += 1
 
-    def close_window(self) -> tuple[dict[str, float], int, float, float]:
-        """(window means over the global batch, steps, elapsed s, data time s) of the window, and a new window
-        starts. A collective (every rank calls it): each rank's means are averaged over ranks in one all-reduce,
-        so the logged loss is that of the global batch whatever the number of ranks (the ranks' micro-batches
-        have the same size)."""
-        window = utils.all_reduce_means({key: m.window_avg() for key, m in self.meters.items()})
-        out = (window, self.window_steps, time.perf_counter() - self.window_start, self.data_time)
-        self.window_steps, self.window_start, self.data_time = 0, time.perf_counter(), 0.0
+    def close_window(self) -> tuple[dict[str, float], int, float, float, float]:
+        """(window means over the global batch, steps, elapsed s, data time s, TFLOP/s per rank) of the window,
+        and a new window starts. A collective (every rank calls it): each rank's means (and its model FLOP/s)
+        are averaged over ranks in one all-reduce, so the logged loss is that of the global batch whatever the
+        number of ranks (the ranks' micro-batches have the same size)."""
+        elapsed = time.perf_counter() - self.window_start
+        window = utils.all_reduce_means({**{key: m.window_avg() for key, m in self.meters.items()},
+                                         TFLOPS_KEY: self.window_flops / max(elapsed, 1e-9) / 1e12})
+        out = (window, self.window_steps, elapsed, self.data_time, window.pop(TFLOPS_KEY))
+        self.window_steps, self.window_start, self.data_time, self.window_flops = 0, time.perf_counter(), 0.0, 0.0
         return out
 
     def epoch_means(self) -> dict[str, float]:
         """Epoch means averaged over ranks (a collective: every rank calls it)."""
         return utils.all_reduce_means({key: m.global_avg for key, m in self.meters.items()})
+
+
+TFLOPS_KEY = "\0tflops_per_s"  # the rank's model TFLOP/s in close_window's all-reduce (no loss key clashes)
 
 
 class RunLog:
@@ -143,6 +177,152 @@ class NonFiniteStop(experiment.RunStopped):
 def unwrap(model: nn.Module) -> nn.Module:
     """The module inside DistributedDataParallel (or the model itself)."""
     return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+# --------------------------------------------------------------------------- FLOPs and MFU
+# Dense peak TFLOP/s of one GPU per --precision (no 2:4 sparsity; fp32 = the CUDA cores, not TF32, which torch
+# uses for float32 matmuls only when asked), keyed by a substring of torch.cuda.get_device_name(), the most
+# specific first. Sources, the vendor's datasheets: NVIDIA H200 Tensor Core GPU datasheet (SXM / NVL), H100
+# Tensor Core GPU datasheet (SXM / PCIe / NVL; the tables' bf16/fp16 figures are with sparsity: halved here),
+# A100 Tensor Core GPU datasheet, V100 Tensor Core GPU datasheet (SXM2 / PCIe; no bf16 units), L40S datasheet,
+# NVIDIA Ada GPU architecture whitepaper appendix (GeForce RTX 4090: fp16/bf16 tensor with fp32 accumulate, the
+# mode torch uses). NVIDIA publishes no A10G datasheet: its row is AWS's g5 figure (EC2 accelerated-computing
+# instance documentation) and the A10 datasheet's fp32; pass --peak-tflops when in doubt.
+GPU_PEAK_TFLOPS: tuple[tuple[str, dict[str, float]], ...] = (
+    ("H200 NVL", {"bf16": 835.5, "fp16": 835.5, "fp32": 60.0}),
+    ("H200", {"bf16": 989.5, "fp16": 989.5, "fp32": 67.0}),
+    ("H100 NVL", {"bf16": 835.5, "fp16": 835.5, "fp32": 60.0}),
+    ("H100 PCIe", {"bf16": 756.5, "fp16": 756.5, "fp32": 51.0}),
+    ("H100", {"bf16": 989.5, "fp16": 989.5, "fp32": 67.0}),  # SXM5 ("NVIDIA H100 80GB HBM3")
+    ("A100", {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5}),  # SXM4 and PCIe alike
+    ("V100-PCIE", {"fp16": 112.0, "fp32": 14.0}),
+    ("V100", {"fp16": 125.0, "fp32": 15.7}),  # SXM2
+    ("L40S", {"bf16": 362.05, "fp16": 362.05, "fp32": 91.6}),
+    ("A10G", {"bf16": 70.0, "fp16": 70.0, "fp32": 31.2}),
+    ("RTX 4090", {"bf16": 165.2, "fp16": 165.2, "fp32": 82.6}),
+)
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def gpu_peak_tflops(device_name: str, precision: str) -> float | None:
+    """The table's dense peak TFLOP/s for a GPU name (torch.cuda.get_device_name) at fp32/bf16/fp16, or None
+    for an unknown GPU or a precision it has no units for (V100 bf16)."""
+    for key, peaks in GPU_PEAK_TFLOPS:
+        if key.lower() in device_name.lower():
+            return peaks.get(precision)
+    return None
+
+
+@functools.cache
+def matmul_peak_flops(device: torch.device, dtype: torch.dtype, n: int, seconds: float = 1.0) -> float:
+    """Measured dense matmul peak: best FLOP/s of an n x n x n `torch.mm` (2 n^3 FLOPs) repeated for `seconds`
+    on this machine (cached per process). Constant operands: the global RNG is not drawn from."""
+    a = torch.full((n, n), 0.5, device=device, dtype=dtype)
+    b = torch.full((n, n), 0.25, device=device, dtype=dtype)
+    torch.mm(a, b)
+    _sync(device)
+    best, t_end = math.inf, time.perf_counter() + seconds
+    while time.perf_counter() < t_end or best == math.inf:
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_flops(device: torch.device, precision: str, override_tflops: float | None = None) -> tuple[float | None, str]:
+    """(FLOP/s of one device at `precision`, where the figure comes from): --peak-tflops when given, else the
+    GPU table (`GPU_PEAK_TFLOPS`), else on CPU the measured matmul peak at the precision's dtype (1024^3 matmul,
+    0.25 s); (None, why) for an unknown GPU."""
+    if override_tflops:
+        return override_tflops * 1e12, "--peak-tflops"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        tflops = gpu_peak_tflops(name, precision)
+        if tflops is None:
+            return None, f"no {precision} peak known for {name!r}: pass --peak-tflops for mfu"
+        return tflops * 1e12, f"datasheet peak of {name}"
+    return matmul_peak_flops(device, PRECISION_DTYPES[precision], 1024, 0.25), "measured CPU matmul peak"
+
+
+def register_cpu_sdpa_flops() -> None:
+    """Count CPU flash attention in FlopCounterMode (torch registers only the CUDA SDPA kernels)."""
+    from torch.utils import flop_counter as fc
+
+    aten = torch.ops.aten
+    fwd = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    bwd = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+    if fwd is None or fwd in fc.flop_registry or fwd.default in fc.flop_registry:
+        return
+
+    @fc.register_flop_formula(fwd)
+    def _fwd(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return fc.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    @fc.register_flop_formula(bwd)
+    def _bwd(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return fc.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+@dataclass(frozen=True)
+class TrainFlops:
+    """Model training FLOPs (forward + backward) per sample as a function of the token length L the batch was
+    trimmed to: f(L) = sum_i coeffs[i] * L^i. Exact for transformer text towers, whose matmuls are linear in L and
+    whose attention is quadratic; the image tower is the constant term."""
+
+    coeffs: tuple[float, ...]
+
+    def per_sample(self, length: int) -> float:
+        return float(sum(c * length ** i for i, c in enumerate(self.coeffs)))
+
+    def of_batch(self, batch: tuple[torch.Tensor, ...]) -> float:
+        """FLOPs of one (micro-)batch: B x f(L), L = the last dimension of its token tensor."""
+        length = next((t.shape[-1] for t in batch if is_tokens(t)), 0)
+        return batch[0].shape[0] * self.per_sample(length)
+
+
+def count_train_flops(model: nn.Module, sample: tuple[torch.Tensor, ...], context_length: int) -> TrainFlops:
+    """`TrainFlops` of `model` (in training mode; frozen parameters get no weight gradient) from one composed
+    sample (the dataset's tuple, no batch dimension): FlopCounterMode over forward + backward of a batch of 2
+    copies (BatchNorm refuses 1 sample in training mode) at three token lengths (1, L/2, L; the tokens without
+    padding, EOT last), the quadratic through them. The model is left as it was: the gradients are returned
+    (`torch.autograd.grad`), not accumulated into `.grad`, BatchNorm statistics and the RNG are restored.
+    Counted: matmuls, convolutions and attention, the FLOPs of MFU (Chowdhery et al., 2022, PaLM, appendix B);
+    not counted: the loss (B x B logits: < 0.1 % of ViT-B/16 CLIP), elementwise work, exact accumulation's
+    extra no-grad forwards; counted twice: the forward that --checkpoint-grad recomputes."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    register_cpu_sdpa_flops()
+    device = next(model.parameters()).device
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    lengths, counts, rng = sorted({1, max(1, context_length // 2), context_length}), [], _rng_snapshot(device)
+    was_training = model.training
+    model.train()
+    with frozen_batchnorm_stats(model):
+        for length in lengths:
+            inputs = tuple(_unpadded(t, length) if is_tokens(t[None]) else t.expand(2, *t.shape) for t in sample)
+            with FlopCounterMode(display=False) as counter:
+                out = model(*(t.to(device) for t in inputs))
+                torch.autograd.grad(sum(v.float().sum() for v in out.values() if v.requires_grad), trainable,
+                                    allow_unused=True)
+            counts.append(float(counter.get_total_flops()) / 2)
+    model.train(was_training)
+    _rng_restore(rng, device)
+    coeffs = np.polynomial.polynomial.polyfit(lengths, counts, len(lengths) - 1)
+    return TrainFlops(tuple(float(c) for c in coeffs))
+
+
+def _unpadded(tokens: torch.Tensor, length: int) -> torch.Tensor:
+    """(2, ..., length) token ids without padding (the towers keep every column): id 1, the sample's largest id
+    (EOT for CLIP BPE, [SEP] for BERT) last."""
+    out = torch.ones(2, *tokens.shape[:-1], length, dtype=tokens.dtype)
+    out[..., -1] = tokens.max()
+    return out
 
 
 # --------------------------------------------------------------------------- one optimizer step
@@ -308,11 +488,16 @@ def dump_nonfinite(dump_dir: str, step: int, payload: dict) -> str:
 
 
 # --------------------------------------------------------------------------- the loop
-def to_device(batch, device: torch.device) -> tuple[torch.Tensor, ...]:
+def to_device(batch, device: torch.device, bucket: int = 1) -> tuple[torch.Tensor, ...]:
     """A loader batch on the device; token tensors (int64, as both tokenizers return) lose their all-padding
-    columns on the host first (`models.trim_padding`)."""
-    return tuple((models.trim_padding(t) if t.dtype == torch.int64 and t.ndim >= 2 else t)
-                 .to(device, non_blocking=True) for t in batch)
+    columns on the host first, to a multiple of `bucket` (`models.trim_padding`)."""
+    return tuple((models.trim_padding(t, bucket) if is_tokens(t) else t).to(device, non_blocking=True)
+                 for t in batch)
+
+
+def is_tokens(t: torch.Tensor) -> bool:
+    """Whether a batch tensor holds token ids ((B, L) or (B, V, L) int64, as both tokenizers return)."""
+    return t.dtype == torch.int64 and t.ndim >= 2
 
 
 def optimizer_step(model, optimizer, scaler, state: RunState, total_steps: int) -> None:
@@ -338,7 +523,9 @@ def train_one_epoch(model, criterion, batches: Iterator, optimizer, scaler, lr_s
     model.train()
     micro, t_last = [], time.perf_counter()
     for batch in batches:  # a tuple of tensors, passed to model(*batch); layout set by the dataset
-        micro.append(to_device(batch, cfg.step.device))
+        micro.append(to_device(batch, cfg.step.device, cfg.step.text_bucket))
+        if cfg.flops is not None:
+            meters.window_flops += cfg.flops.of_batch(micro[-1])
         if len(micro) < cfg.update_freq:
             continue
         meters.data_time += time.perf_counter() - t_last
@@ -388,13 +575,96 @@ def memory_mb(device: torch.device) -> float:
 
 def log_progress(model, optimizer, state: RunState, cfg: LoopConfig, meters: EpochMeters, run_log: RunLog) -> None:
     """Console line + log.txt JSON line + wandb point for the logging window that ends now."""
-    window, steps, elapsed, data_time = meters.close_window()
+    window, steps, elapsed, data_time, tflops = meters.close_window()
     record = {"type": "train", "epoch": state.epoch, "global_step": state.step, "lr": optimizer.param_groups[0]["lr"],
               "logit_scale": float(unwrap(model).logit_scale.detach().exp()),
               "samples_per_s": steps * cfg.global_batch / max(elapsed, 1e-9),
               "data_time_s": data_time, "memory_mb": memory_mb(cfg.step.device), **window}
-    log.info("epoch %d step %d/%d | %s | %.1f samples/s | data %.2fs | lr %.2e | scale %.2f | mem %.0f MB",
+    speed = ""
+    if cfg.flops is not None:
+        record["tflops_per_s"] = tflops
+        speed = f" | {tflops:.3g} TFLOP/s"
+        if cfg.peak_flops:
+            record["mfu"] = tflops * 1e12 / cfg.peak_flops
+            speed += f" | MFU {100 * record['mfu']:.1f}%"
+    log.info("epoch %d step %d/%d | %s | %.1f samples/s%s | data %.2fs | lr %.2e | scale %.2f | mem %.0f MB",
              state.epoch, state.step_in_epoch, cfg.steps_per_epoch,
-             " ".join(f"{k} {v:.4f}" for k, v in window.items()), record["samples_per_s"], data_time,
+             " ".join(f"{k} {v:.4f}" for k, v in window.items()), record["samples_per_s"], speed, data_time,
              record["lr"], record["logit_scale"], record["memory_mb"])
     run_log.write(record)
+
+
+NO_DECAY_KEYS = ("logit_scale", "token_embedding", "positional_embedding", "pos_embed", "cls_token",
+                 "word_embeddings", "position_embeddings", "token_type_embeddings", "class_embedding")
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: no decay for biases, norm weights (ndim < 2), embeddings and logit_scale."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or any(k in name for k in NO_DECAY_KEYS) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def cosine_schedule(base: float, start: float, end: float, total_steps: int, warmup_steps: int) -> np.ndarray:
+    """Per-step LR: linear from `start` to `base` over warm-up, then cosine from `base` to `end`."""
+    warmup = np.linspace(start, base, warmup_steps, endpoint=False)
+    t = np.arange(total_steps - warmup_steps) / max(total_steps - warmup_steps, 1)
+    return np.concatenate([warmup, end + 0.5 * (base - end) * (1 + np.cos(np.pi * t))])
+
+
+def freeze_vision(model: nn.Module) -> None:
+    """No gradients for the image tower and its projection; its BatchNorms stay in eval mode."""
+    for module in (model.visual, model.image_projection):
+        module.requires_grad_(False)
+
+    def norms_in_eval(visual: nn.Module, _inputs) -> None:
+        # looked up at every forward: model.train() re-enables batch statistics, SyncBN conversion swaps modules
+        for m in visual.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+    model.visual.register_forward_pre_hook(norms_in_eval)
+
+
+def run_epochs(args, state: RunState, total_steps: int, val_name: str | None, dataset, loader, order,
+               stream, train_epoch, save, validate, run_log: RunLog) -> None:
+    """Epochs from `state` until the schedule's end or --max-steps. `order` (the sampler, or the stream of a wds /
+    mixture run) sets each epoch's start, `stream` (None for a sampler) tracks the positions delivered;
+    `train_epoch(batches, meters)` runs train_one_epoch, `save(is_best)` writes the checkpoint(s),
+    `validate()` evaluates (True: best so far).
+
+    Validation runs every --eval-freq epochs, at the last epoch and at a --max-steps stop (with --eval-freq 0:
+    only at the last epoch), before the checkpoint is written, so the checkpoint holds its metrics."""
+    while state.epoch < args.epochs and not (args.max_steps and state.step >= args.max_steps):
+        order.set_epoch(state.epoch, state.step_in_epoch * args.update_freq)
+        dataset.bad_samples.reset(state.epoch)
+        batches = iter(loader) if stream is None else stream.track(iter(loader))
+        meters = EpochMeters()
+        try:
+            while (pause := train_epoch(batches, meters)) is Pause.CHECKPOINT_DUE:
+                save(is_best=False)
+        except datasets.TooManyBadSamples as exc:
+            raise SystemExit(f"stopping: {exc}") from None
+        train_stats = meters.epoch_means()
+        if dataset.bad_samples.count:
+            log.warning("epoch %d: %d corrupt sample(s) replaced: %s", state.epoch, dataset.bad_samples.count,
+                        dataset.bad_samples.offenders())
+        stop = bool(args.max_steps and state.step >= args.max_steps)
+        if pause is Pause.EPOCH_END:
+            state.epoch, state.step_in_epoch = state.epoch + 1, 0
+        evaluated = val_name is not None and (
+            state.epoch == args.epochs or (args.eval_freq > 0 and (stop or (
+                pause is Pause.EPOCH_END and state.epoch % args.eval_freq == 0))))
+        is_best = validate() if evaluated else False
+        tests = {f"test_{k}": v for k, v in state.metrics.items()} if evaluated else {}
+        if pause is Pause.EPOCH_END:
+            run_log.write({"type": "epoch", "epoch": state.epoch, "global_step": state.step,
+                           **{f"train_{k}": v for k, v in train_stats.items()}, **tests})
+        elif tests:  # a --max-steps stop mid-epoch
+            run_log.write({"type": "eval", "epoch": state.epoch, "global_step": state.step, **tests})
+        save(is_best)
+    if state.step >= total_steps and val_name is not None and state.metrics_step != state.step:
+        save(validate())  # resumed at the schedule's end from a checkpoint whose validation never ran

@@ -37,7 +37,7 @@ STATUSES = (FINISHED, STOPPED, FAILED, EVALUATED)
 RESUME_NEUTRAL_ARGS = frozenset({
     "name", "resume", "workers", "print_freq", "device", "wandb", "wandb_project", "max_steps", "eval_freq",
     "save_every_steps", "output_dir", "evaluate", "data_root", "table", "tags", "max_bad_samples",
-    "max_image_pixels", "fsdp"})
+    "max_image_pixels", "peak_tflops", "fsdp"})
 WANDB_ID_FILE = "wandb_id.txt"
 # set by run_with_submitit.Trainer.checkpoint() when Slurm preempts the job or its time runs out: submitit then exits
 # the process (SystemExit) and requeues the job, and the run's summary says `stopped`, not `failed`

@@ -17,8 +17,6 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 import experiment
 import readers
 import registry
@@ -154,12 +152,21 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="non-finite losses to skip before stopping with a dump")
     system.add_argument("--device", default="auto", help="auto, cpu or cuda")
     system.add_argument("--compile", action="store_true",
-                        help="torch.compile the model's forward (nn.Module.compile: checkpoint keys unchanged)")
+                        help="torch.compile the model's forward (nn.Module.compile: checkpoint keys unchanged), one "
+                             "static graph per --text-bucket length")
+    system.add_argument("--text-bucket", type=int, default=None,
+                        help="trim each batch's token padding to a multiple of N columns (exact: padding is masked); "
+                             "default 16 with --compile (one graph per bucket, at most ceil(context / N)), 1 (the "
+                             "exact length) otherwise; raise to cut recompiles, lower to cut padding")
     system.add_argument("--fsdp", action="store_true",
                         help="shard parameters, gradients and optimizer state over the ranks (FSDP2: per block, per "
                              "tower, root) instead of DDP, for towers whose AdamW state does not fit one device; "
                              "needs >= 2 ranks; checkpoint.pt becomes a torch.distributed.checkpoint directory")
-    system.add_argument("--print-freq", type=int, default=10, help="log every N optimizer steps")
+    system.add_argument("--print-freq", type=int, default=10,
+                        help="log every N optimizer steps (loss, samples/s, tflops_per_s, mfu)")
+    system.add_argument("--peak-tflops", type=float, default=None,
+                        help="peak TFLOP/s of one device for the logged mfu; default: the datasheet peak of a known "
+                             "GPU at --precision, the measured matmul peak on CPU; set it for other GPUs")
     system.add_argument("--wandb", action="store_true", help="log to wandb (offline without an API key)")
     system.add_argument("--wandb-project", default="clip-lab", help="wandb project")
     system.add_argument("--table", default=None,
@@ -327,6 +334,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(str(exc))
     if args.update_freq < 1 or args.batch_size < 1:
         parser.error("--update-freq and --batch-size must be >= 1")
+    if (args.text_bucket is not None and args.text_bucket < 1) or (args.peak_tflops is not None
+                                                                  and not args.peak_tflops > 0):
+        parser.error("--text-bucket must be >= 1 and --peak-tflops > 0")
     if args.eval_freq < 0:
         parser.error("--eval-freq must be >= 0 (0: evaluate only at the end of the schedule)")
     bad_path = (experiment.name_error(args.name) if args.name is not None else None) or \
@@ -525,27 +535,6 @@ def build_train_dataset(spec: registry.ModelSpec, args: argparse.Namespace, read
                                      text_augmenter=augmenter)
 
 
-NO_DECAY_KEYS = ("logit_scale", "token_embedding", "positional_embedding", "pos_embed", "cls_token",
-                 "word_embeddings", "position_embeddings", "token_type_embeddings", "class_embedding")
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: no decay for biases, norm weights (ndim < 2), embeddings and logit_scale."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim < 2 or any(k in name for k in NO_DECAY_KEYS) else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def cosine_schedule(base: float, start: float, end: float, total_steps: int, warmup_steps: int) -> np.ndarray:
-    """Per-step LR: linear from `start` to `base` over warm-up, then cosine from `base` to `end`."""
-    warmup = np.linspace(start, base, warmup_steps, endpoint=False)
-    t = np.arange(total_steps - warmup_steps) / max(total_steps - warmup_steps, 1)
-    return np.concatenate([warmup, end + 0.5 * (base - end) * (1 + np.cos(np.pi * t))])
-
-
 def experiment_dir(args: argparse.Namespace) -> str:
     return os.path.join(args.output_dir, args.name or f"{args.model}_{'+'.join(dataset_names(args))}")
 
@@ -595,22 +584,6 @@ def write_run_record(exp_dir: str, args: argparse.Namespace, commit: str) -> Non
     that fails before never claims the folder for its flags."""
     experiment.write_json_atomic(os.path.join(exp_dir, "args.json"), args_dict(args))
     experiment.record_provenance(exp_dir, commit, shlex.join([sys.executable] + sys.argv))
-
-
-def freeze_vision(model: nn.Module) -> None:
-    """No gradients for the image tower and its projection; its BatchNorms stay in eval mode."""
-    import torch.nn as nn
-
-    for module in (model.visual, model.image_projection):
-        module.requires_grad_(False)
-
-    def norms_in_eval(visual: nn.Module, _inputs) -> None:
-        # looked up at every forward: model.train() re-enables batch statistics, SyncBN conversion swaps modules
-        for m in visual.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.eval()
-
-    model.visual.register_forward_pre_hook(norms_in_eval)
 
 
 def setup_logging(exp_dir: str | None, main_process: bool) -> None:
@@ -726,22 +699,6 @@ def checkpoint_payload(model, optimizer, scaler, state: engine.RunState, args, c
             "rng": rng_states, "data": data, "args": config_of(args), "commit": commit, "wandb_id": wandb_id}
 
 
-def restore_rng(saved: list[dict] | dict, rank: int, world_size: int, seed: int, step: int) -> None:
-    """This rank's RNG states from a checkpoint: its own entry when the checkpoint has one per rank of this
-    world size (an exact resume); otherwise (another world size, or an older single-state checkpoint) a fresh
-    per-rank stream seeded by (seed, rank, step), with a warning that dropout masks will not repeat exactly."""
-    import utils
-
-    states = saved if isinstance(saved, list) else [saved]
-    if len(states) == world_size:
-        utils.restore_rng_state(states[rank])
-        return
-    log.warning("the checkpoint holds the RNG states of %d rank(s), this run has %d: random streams (dropout, "
-                "drop-path) restart from a new seed, so the run is not a bitwise continuation", len(states),
-                world_size)
-    utils.seed_all(utils.rank_seed(seed, rank, step))
-
-
 def restore(path: str, model, optimizer, scaler, state: engine.RunState, args,
             env: utils.DistEnv) -> tuple[str | None, list | None]:
     """Training state from checkpoint `path` (weights strictly, optimizer, scaler, progress, last validation,
@@ -776,7 +733,7 @@ def restore(path: str, model, optimizer, scaler, state: engine.RunState, args,
     state.epoch, state.step, state.step_in_epoch = ckpt["epoch"], ckpt["step"], ckpt["step_in_epoch"]
     state.best_metric, state.nonfinite = ckpt["best_metric"], ckpt["nonfinite"]
     state.metrics, state.metrics_step = dict(ckpt.get("metrics", {})), ckpt.get("metrics_step")
-    restore_rng(ckpt["rng"], env.rank, env.world_size, args.seed, state.step)
+    utils.restore_rng(ckpt["rng"], env.rank, env.world_size, args.seed, state.step)
     return ckpt.get("wandb_id"), ckpt.get("data")
 
 
@@ -789,50 +746,6 @@ def run_summary(args, state: engine.RunState, total_steps: int, val_name: str | 
             "val_dataset": val_name, "epoch": state.epoch, "step": state.step, "total_steps": total_steps,
             "best_metric": state.best_metric if math.isfinite(state.best_metric) else None,
             "metrics_step": state.metrics_step, "train_time_s": train_time_s, "commit": commit, **state.metrics}
-
-
-def run_epochs(args, state: engine.RunState, total_steps: int, val_name: str | None, dataset, loader, order,
-               stream, train_epoch, save, validate, run_log: engine.RunLog) -> None:
-    """Epochs from `state` until the schedule's end or --max-steps. `order` (the sampler, or the stream of a wds /
-    mixture run) sets each epoch's start, `stream` (None for a sampler) tracks the positions delivered;
-    `train_epoch(batches, meters)` runs engine.train_one_epoch, `save(is_best)` writes the checkpoint(s),
-    `validate()` evaluates (True: best so far).
-
-    Validation runs every --eval-freq epochs, at the last epoch and at a --max-steps stop (with --eval-freq 0:
-    only at the last epoch), before the checkpoint is written, so the checkpoint holds its metrics."""
-    import datasets
-    import engine
-
-    while state.epoch < args.epochs and not (args.max_steps and state.step >= args.max_steps):
-        order.set_epoch(state.epoch, state.step_in_epoch * args.update_freq)
-        dataset.bad_samples.reset(state.epoch)
-        batches = iter(loader) if stream is None else stream.track(iter(loader))
-        meters = engine.EpochMeters()
-        try:
-            while (pause := train_epoch(batches, meters)) is engine.Pause.CHECKPOINT_DUE:
-                save(is_best=False)
-        except datasets.TooManyBadSamples as exc:
-            raise SystemExit(f"stopping: {exc}") from None
-        train_stats = meters.epoch_means()
-        if dataset.bad_samples.count:
-            log.warning("epoch %d: %d corrupt sample(s) replaced: %s", state.epoch, dataset.bad_samples.count,
-                        dataset.bad_samples.offenders())
-        stop = bool(args.max_steps and state.step >= args.max_steps)
-        if pause is engine.Pause.EPOCH_END:
-            state.epoch, state.step_in_epoch = state.epoch + 1, 0
-        evaluated = val_name is not None and (
-            state.epoch == args.epochs or (args.eval_freq > 0 and (stop or (
-                pause is engine.Pause.EPOCH_END and state.epoch % args.eval_freq == 0))))
-        is_best = validate() if evaluated else False
-        tests = {f"test_{k}": v for k, v in state.metrics.items()} if evaluated else {}
-        if pause is engine.Pause.EPOCH_END:
-            run_log.write({"type": "epoch", "epoch": state.epoch, "global_step": state.step,
-                           **{f"train_{k}": v for k, v in train_stats.items()}, **tests})
-        elif tests:  # a --max-steps stop mid-epoch
-            run_log.write({"type": "eval", "epoch": state.epoch, "global_step": state.step, **tests})
-        save(is_best)
-    if state.step >= total_steps and val_name is not None and state.metrics_step != state.step:
-        save(validate())  # resumed at the schedule's end from a checkpoint whose validation never ran
 
 
 @contextlib.contextmanager
@@ -891,6 +804,7 @@ def train(args: argparse.Namespace, env: utils.DistEnv, exp_dir: str) -> dict:
     summary.json (also when an exception ends the run once the folder holds its args.json)."""
     import torch
     import torch.nn as nn
+    from PIL import Image
     from torch.nn.parallel import DistributedDataParallel
     from torch.utils.data import DataLoader
 
@@ -923,7 +837,7 @@ def train(args: argparse.Namespace, env: utils.DistEnv, exp_dir: str) -> dict:
         weights.load_weights(model, args.pretrained)
         model.after_weights_loaded()
     if args.freeze_vision:
-        freeze_vision(model)
+        engine.freeze_vision(model)
     # the same initial weights on every rank (above), then each rank its own stream for dropout masks
     utils.seed_all(utils.rank_seed(args.seed, env.rank))
     tokenizer = datasets.build_tokenizer(spec.base.tokenizer, model_config["kwargs"]["context_length"])
@@ -951,14 +865,20 @@ def train(args: argparse.Namespace, env: utils.DistEnv, exp_dir: str) -> dict:
         raise SystemExit(f"--update-freq {args.update_freq} exceeds the {batches_per_epoch} micro-batches "
                          "of an epoch")
     total_steps = args.epochs * steps_per_epoch
-    lr_schedule = cosine_schedule(args.lr, args.lr_start, args.lr_end, total_steps,
+    lr_schedule = engine.cosine_schedule(args.lr, args.lr_start, args.lr_end, total_steps,
                                   args.warmup_steps if args.warmup_steps is not None
                                   else int(args.warmup_epochs * steps_per_epoch))
     if env.distributed and env.device.type == "cuda":  # projector BN over the global batch (parameters kept)
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if args.fsdp:  # before the optimizer, which must hold the sharded parameters
+    context = model_config["kwargs"]["context_length"]
+    # model FLOPs per sample of one composed sample's layout, on meta tensors (no RNG drawn, nothing computed)
+    flops = engine.count_train_flops(model, dataset.compose(Image.new("RGB", (image_size,) * 2), ["a photo"], 0),
+                                     context)
+    peak, peak_source = engine.peak_flops(env.device, args.precision, args.peak_tflops)
+    if args.fsdp:  # after the FLOP count (the whole model's), before the optimizer (it holds the sharded parameters)
         model = fsdp.shard_model(model, args.precision)
-    optimizer = torch.optim.AdamW(param_groups(model, args.wd), lr=args.lr, betas=tuple(args.betas), eps=args.eps)
+    optimizer = torch.optim.AdamW(engine.param_groups(model, args.wd), lr=args.lr, betas=tuple(args.betas),
+                                  eps=args.eps)
     scaler = torch.amp.GradScaler(env.device.type, enabled=args.precision == "fp16")
     state = engine.RunState()
     resume_path, stored_wandb_id = resume_source(exp_dir, args), None
@@ -970,7 +890,7 @@ def train(args: argparse.Namespace, env: utils.DistEnv, exp_dir: str) -> dict:
         if resume_path != os.path.join(exp_dir, "checkpoint.pt"):
             stored_wandb_id = None  # another experiment's wandb run
     if args.compile:  # in place: state_dict keys, hooks and checkpoints stay those of the eager module
-        model.compile()
+        engine.compile_model(model, engine.text_bucket(args.text_bucket, True), context)
     ddp_model = DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None) \
         if env.distributed and not args.fsdp else model
     criterion = build_criterion(spec, args, env)
@@ -1011,11 +931,14 @@ def train(args: argparse.Namespace, env: utils.DistEnv, exp_dir: str) -> dict:
     loop = engine.LoopConfig(
         step=engine.StepConfig.from_args(args, env.device), update_freq=args.update_freq, batch_size=args.batch_size,
         global_batch=args.batch_size * env.world_size * args.update_freq, steps_per_epoch=steps_per_epoch,
-        total_steps=total_steps, print_freq=args.print_freq, save_every_steps=args.save_every_steps,
-        max_steps=args.max_steps, max_nonfinite=args.max_nonfinite, dump_dir=exp_dir)
+        total_steps=total_steps, print_freq=args.print_freq, flops=flops, peak_flops=peak,
+        save_every_steps=args.save_every_steps, max_steps=args.max_steps, max_nonfinite=args.max_nonfinite,
+        dump_dir=exp_dir)
     log.info("model %s (%.2fM params), %d steps/epoch, global batch %d, %d rank(s) on %s, validation on %s",
              args.model, sum(p.numel() for p in model.parameters()) / 1e6, steps_per_epoch, loop.global_batch,
              env.world_size, env.device, val_name or "nothing (--val-dataset none)")
+    log.info("%.3g GFLOP/sample at the full context (fwd + bwd); mfu against %s", flops.per_sample(context) / 1e9,
+             f"{peak / 1e12:.3g} TFLOP/s ({peak_source})" if peak else peak_source)
 
     def train_epoch(batches, meters: engine.EpochMeters) -> engine.Pause:
         return engine.train_one_epoch(ddp_model, criterion, batches, optimizer, scaler, lr_schedule, state, loop,
@@ -1035,8 +958,8 @@ def train(args: argparse.Namespace, env: utils.DistEnv, exp_dir: str) -> dict:
         if args.evaluate:
             validate()
         else:
-            run_epochs(args, state, total_steps, val_name, dataset, loader, order, stream, train_epoch, save, validate,
-                       run_log)
+            engine.run_epochs(args, state, total_steps, val_name, dataset, loader, order, stream, train_epoch, save,
+                              validate, run_log)
     except BaseException as exc:
         status, reason = experiment.end_status(exc)
         if main_process:

@@ -82,21 +82,24 @@ def multi_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, caus
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal)
 
 
-def trim_padding(tokens: torch.Tensor) -> torch.Tensor:
-    """Drop the trailing token columns that are padding (id 0) in every row: (..., L) -> (..., L').
+def trim_padding(tokens: torch.Tensor, multiple: int = 1) -> torch.Tensor:
+    """Drop the trailing token columns that are padding (id 0) in every row, keeping the length a multiple of
+    `multiple` (rounded up, at most the full context): (..., L) -> (..., L').
 
     Exact for both text towers: CLIP BPE pads with 0 after EOT and attends causally, BERT pads with
-    0 and masks the padding. Call it on host (CPU) tensors before moving them to the GPU: on CUDA the
-    towers skip their own trimming, whose data-dependent length would stall the GPU queue.
+    0 and masks the padding; the columns kept by rounding up are padding too. Call it on host (CPU) tensors
+    before moving them to the GPU: on CUDA the towers skip their own trimming, whose data-dependent length
+    would stall the GPU queue. A `multiple` > 1 bounds the lengths a run sees (ceil(77 / 16) = 5 for CLIP BPE),
+    so that torch.compile builds one graph per bucket (--text-bucket).
     """
     used = (tokens != 0).reshape(-1, tokens.shape[-1]).any(dim=0)  # (L,)
     length = int(used.nonzero().max()) + 1 if bool(used.any()) else 1
-    return tokens[..., :length]
+    return tokens[..., :min(-(-length // multiple) * multiple, tokens.shape[-1])]
 
 
 def _trimmed_length(tokens: torch.Tensor, length_of) -> int:
     """Context kept by a text tower: `length_of()` (a host sync) on CPU; all of it on CUDA (the caller
-    trimmed on the host with `trim_padding`) and under torch.compile (a data-dependent shape breaks the graph)."""
+    trimmed on the host with `trim_padding`) and under torch.compile (the caller trimmed to a --text-bucket)."""
     if tokens.is_cuda or torch.compiler.is_compiling():
         return tokens.shape[-1]
     return length_of()

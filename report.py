@@ -38,7 +38,9 @@ DONE = (experiment.FINISHED, experiment.EVALUATED)
 SEED_RE = re.compile(r"_seed[^_]+")
 # flags that name or place a run rather than configure it: never "what differs" between two rows
 PER_RUN_FLAGS = experiment.RESUME_NEUTRAL_ARGS | {"seed"}
-PERCENT_RE = re.compile(r"^(acc|score|mean_recall|.*R@)")
+PERCENT_RE = re.compile(r"^(acc|score|mean_recall|mfu|.*R@)")
+# training speed, from log.txt's progress rows: `--metrics mfu` tabulates the median as `train/mfu` (in %)
+SPEED_KEYS = ("mfu", "tflops_per_s", "samples_per_s")
 
 
 def row_key(name: str) -> str:
@@ -64,26 +66,43 @@ def curves_of(records: list[dict]) -> tuple[list[tuple[int, float]], dict[str, l
     return sorted(loss.items()), {k: sorted(v.items()) for k, v in tests.items()}
 
 
+def speed_of(records: list[dict]) -> dict[str, float]:
+    """Median of each `SPEED_KEYS` value over the training rows of log.txt (the median: the first window pays
+    compilation and warm-up); mfu in %."""
+    values: dict[str, list[float]] = {}
+    for rec in records:
+        if rec.get("type") == "train":
+            for key in SPEED_KEYS:
+                if isinstance(rec.get(key), (int, float)) and not isinstance(rec[key], bool):
+                    values.setdefault(key, []).append(float(rec[key]) * (100 if key == "mfu" else 1))
+    return {k: statistics.median(v) for k, v in values.items()}
+
+
 def load_experiment(exp_dir: str, ledger: list[dict]) -> dict:
     """{name, dir, args, summary, curve [(step, loss)], val_curves {metric: [(step, value)]}, status, commit} of one
     experiment folder."""
     name = os.path.basename(os.path.normpath(exp_dir))
     out = {"name": name, "dir": exp_dir, "args": {}, "summary": None, "curve": [], "val_curves": {},
-           "status": "missing", "commit": None}
+           "speed": {}, "status": "missing", "commit": None}
     if not os.path.isdir(exp_dir):
         return out
     out["args"] = experiment.read_json(os.path.join(exp_dir, "args.json")) or {}
     out["summary"] = experiment.read_json(os.path.join(exp_dir, "summary.json"))
     out["commit"] = experiment.read_commit(exp_dir) or (out["summary"] or {}).get("commit")
     if os.path.exists(os.path.join(exp_dir, "log.txt")):
-        out["curve"], out["val_curves"] = curves_of(experiment.read_jsonl(os.path.join(exp_dir, "log.txt")))
+        records = experiment.read_jsonl(os.path.join(exp_dir, "log.txt"))
+        out["curve"], out["val_curves"] = curves_of(records)
+        out["speed"] = speed_of(records)
     out["status"] = status_of(exp_dir, out["summary"], ledger)
     return out
 
 
 def status_of(exp_dir: str, summary: dict | None, ledger: list[dict]) -> str:
-    """A live Slurm job's state (pending, running...), else summary.json's status (finished, stopped, failed,
-    evaluated), else the ledger job's failure (failed (cancelled)...), else `incomplete`."""
+    """summary.json's `finished`/`evaluated` (its job may still be tearing down), else a live Slurm job's state
+    (pending, running...: a stopped run requeued), else summary.json's status (stopped, failed), else the ledger
+    job's failure (failed (cancelled)...), else `incomplete`."""
+    if summary is not None and summary.get("status") in ("finished", "evaluated"):
+        return summary["status"]
     ids = [j for e in ledger if os.path.normpath(e.get("exp_dir", "")) == os.path.normpath(exp_dir)
            for j in e.get("job_ids", [])]
     state = launch.job_states(ids[-1:]).get(ids[-1]) if ids else None
@@ -115,10 +134,13 @@ def val_name(exp: dict) -> str:
 
 
 def metrics_of(exp: dict, wanted: list[str] | None) -> dict[str, float]:
-    """Final metrics, named `<validation set>/<metric>`; default: zero-shot top-1 and mean recall."""
+    """Final metrics, named `<validation set>/<metric>`; default: zero-shot top-1 and mean recall. A wanted
+    training-speed key (`SPEED_KEYS`) comes from log.txt, named `train/<key>`."""
     numeric = numeric_metrics(exp["summary"])
     keys = wanted or [k for k in numeric if k.startswith("acc1") or k == "mean_recall"] or sorted(numeric)
-    return {f"{val_name(exp)}/{k}": numeric[k] for k in keys if k in numeric}
+    out = {f"{val_name(exp)}/{k}": numeric[k] for k in keys if k in numeric}
+    speed = exp.get("speed", {})
+    return {**out, **{f"train/{k}": speed[k] for k in keys if k not in numeric and k in speed}}
 
 
 # --------------------------------------------------------------------------- tables
@@ -167,12 +189,13 @@ def build_tables(root: str, repro: str | None, only: str | None, include_empty: 
 def check_metrics(tables: dict[str, dict], wanted: list[str]) -> None:
     """An unknown --metrics key fails, naming the keys the runs' summaries have and the closest one."""
     known = sorted({k for t in tables.values() for r in t["rows"] for e in r["runs"]
-                    for k in numeric_metrics(e["summary"])})
+                    for k in [*numeric_metrics(e["summary"]), *e.get("speed", {})]})
     unknown = [k for k in wanted if k not in known]
     if unknown:
         close = difflib.get_close_matches(unknown[0], known, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise SystemExit(f"--metrics {','.join(unknown)}: not in any summary.json of these runs; valid keys: "
+        raise SystemExit(f"--metrics {','.join(unknown)}: not in any summary.json or log.txt of these runs; valid "
+                         "keys: "
                          f"{', '.join(known) or '(none: no run has a summary)'}.{hint}")
 
 
@@ -483,7 +506,9 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--all", action="store_true", help="also tables none of whose runs exist (all marked missing)")
     p.add_argument("--format", default="md", choices=["md", "csv", "latex"], help="output format")
     p.add_argument("--metrics", default=None,
-                   help="comma list of summary.json keys (default acc1*, mean_recall); an unknown key fails")
+                   help="comma list of summary.json keys (default acc1*, mean_recall), or training-speed keys of "
+                        "log.txt (mfu in %%, tflops_per_s, samples_per_s: the median over the run); an unknown key "
+                        "fails")
     p.add_argument("--plot", default=None, metavar="DIR",
                    help="write <table>_curves.png (validation metric vs step) and <table>_final.png here")
     p.add_argument("--list", action="store_true", help="list every experiment under --root (status, step, metric, "

@@ -310,3 +310,17 @@ class SmoothedValue:
     @property
     def global_avg(self) -> float:
         return self.total / max(self.count, 1)
+
+
+def restore_rng(saved: list[dict] | dict, rank: int, world_size: int, seed: int, step: int) -> None:
+    """This rank's RNG states from a checkpoint: its own entry when the checkpoint has one per rank of this
+    world size (an exact resume); otherwise (another world size, or an older single-state checkpoint) a fresh
+    per-rank stream seeded by (seed, rank, step), with a warning that dropout masks will not repeat exactly."""
+    states = saved if isinstance(saved, list) else [saved]
+    if len(states) == world_size:
+        restore_rng_state(states[rank])
+        return
+    log.warning("the checkpoint holds the RNG states of %d rank(s), this run has %d: random streams (dropout, "
+                "drop-path) restart from a new seed, so the run is not a bitwise continuation", len(states),
+                world_size)
+    seed_all(rank_seed(seed, rank, step))

@@ -36,6 +36,20 @@ def test_bench_train_reports_every_field(tmp_path):
     assert json.loads(out.read_text())["model"] == "CLIP_VITT16_CLIP"
 
 
+def test_bench_train_levers_table(capsys):
+    """--levers: FLIP, compile-with-buckets (aot_eager here: no code generation) and chunked SigLIP side by side."""
+    result = bench.main(TINY_TRAIN + ["--no-peer", "--no-accum", "--levers", "--compile-backend", "aot_eager",
+                                      "--siglip-global-batch", "64", "--siglip-ranks", "2", "--siglip-dim", "16"])
+    for key in ("patch_dropout_speedup", "compile_speedup", "siglip_chunked_mem_ratio",
+                "step_s_ours_compiled_text_bucket", "siglip_loss_mem_MB_gathered", "siglip_loss_mem_MB_chunked"):
+        assert math.isfinite(result[key]) and result[key] > 0, key
+    assert result["patch_dropout"] == 0.5 and result["compile_text_bucket"] == 16
+    table = capsys.readouterr().out
+    assert "| FLIP --patch-dropout 0.5 | train step (s) |" in table
+    assert "| --compile (aot_eager) + --text-bucket 16 | train step (s) |" in table
+    assert "| --siglip-chunked, N 64 on 2 ranks | loss memory (MB) |" in table
+
+
 def test_bench_train_memory_child(capsys):
     """The per-configuration memory measurement (run in-process here to skip an interpreter start)."""
     args = bench.argparse.ArgumentParser()

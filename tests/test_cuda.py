@@ -150,3 +150,19 @@ def test_an_xformers_wheel_without_cuda_kernels_falls_back_to_sdpa(monkeypatch):
     out = models.multi_head_attention(q, q, q)
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, q, q))
     assert models._xformers_runs is False
+
+
+def test_mfu_is_logged_against_the_datasheet_peak_of_this_gpu(tmp_path):
+    """bf16 on a GPU of engine.GPU_PEAK_TFLOPS: every progress row has mfu = tflops_per_s / the table's peak; an
+    unknown GPU logs tflops_per_s without mfu (pass --peak-tflops)."""
+    import json
+
+    main.main(run_args(tmp_path, "--max-steps", "2", "--precision", "bf16") + ["--name", "mfu"])
+    rows = [json.loads(line) for line in open(tmp_path / "mfu" / "log.txt") if '"train"' in line]
+    peak = engine.gpu_peak_tflops(torch.cuda.get_device_name(CUDA), "bf16")
+    assert rows and all(r["tflops_per_s"] > 0 for r in rows)
+    for r in rows:
+        if peak is None:
+            assert "mfu" not in r
+        else:
+            assert r["mfu"] == pytest.approx(r["tflops_per_s"] / peak)

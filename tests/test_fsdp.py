@@ -9,6 +9,7 @@ import torch
 from conftest import TINY_RUN
 from test_train import EPS, assert_same_tensors, flag, load, log_records, run_subprocess
 
+import engine
 import eval_zeroshot
 import experiment
 import fsdp
@@ -57,7 +58,7 @@ def plain_state(path: str) -> tuple[dict, dict]:
     in this process (no process group)."""
     ckpt = fsdp.read_checkpoint(path)
     model = models.build_from_config(ckpt["model_config"])
-    optimizer = torch.optim.AdamW(main.param_groups(model, 0.1))
+    optimizer = torch.optim.AdamW(engine.param_groups(model, 0.1))
     fsdp.load_sharded(path, model, optimizer)
     return model.state_dict(), optimizer.state_dict()
 

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 
+import engine
 import launch
 import main
 import models
@@ -146,7 +147,7 @@ def test_cnclip_finetune_lines_follow_chinese_clip_recipe():
         assert tuple(args.betas) == (0.9, 0.98) and args.context_length == 52 and args.epochs == 3
         assert args.batch_size * launcher_args.nodes * launcher_args.ngpus == 1024
         assert args.use_augment and args.pretrained
-        schedule = main.cosine_schedule(args.lr, args.lr_start, args.lr_end, 3 * 245, args.warmup_steps)
+        schedule = engine.cosine_schedule(args.lr, args.lr_start, args.lr_end, 3 * 245, args.warmup_steps)
         assert int(schedule.argmax()) == 100 and schedule[100] == pytest.approx(5e-5)
         assert (np.diff(schedule[:101]) > 0).all() and (np.diff(schedule[100:]) <= 0).all()
         assert schedule[-1] == pytest.approx(0.0, abs=1e-8)

@@ -500,7 +500,7 @@ def test_every_objective_trains_two_steps(name, extra):
     criterion = main.build_criterion(spec, args, utils.DistEnv())
     if "--siglip-chunked" in extra:
         assert isinstance(criterion, losses.ChunkedSIGLIPLoss)
-    optimizer = torch.optim.AdamW(main.param_groups(model, args.wd), lr=args.lr)
+    optimizer = torch.optim.AdamW(engine.param_groups(model, args.wd), lr=args.lr)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     loader = DataLoader(dataset, batch_size=8, sampler=datasets.ResumableSampler(len(dataset), 8))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}

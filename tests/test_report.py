@@ -103,6 +103,18 @@ def test_stopped_failed_and_running_runs_are_shown_as_such_never_as_done(tmp_pat
     assert "| 1/4 (failed, incomplete, stopped) | 30.00 |" in row  # only the finished run is averaged
 
 
+def test_a_finished_run_whose_job_still_tears_down_is_finished_and_a_requeued_stop_is_running(tmp_path,
+                                                                                               monkeypatch):
+    """Slurm still says RUNNING while a finished run's process exits (the lab-loop test on real Slurm hit it): its
+    summary decides. A stopped run whose job is live again was requeued: running."""
+    done = make_exp(tmp_path, "F", [], {"acc1_z": 1.0})
+    stopped = make_exp(tmp_path, "S", [], {"acc1_z": 1.0}, status="stopped")
+    ledger = [{"exp_dir": done, "job_ids": ["7"]}, {"exp_dir": stopped, "job_ids": ["8"]}]
+    monkeypatch.setattr(report.launch, "job_states", lambda ids: {i: "RUNNING" for i in ids})
+    assert report.status_of(done, json.load(open(os.path.join(done, "summary.json"))), ledger) == "finished"
+    assert report.status_of(stopped, json.load(open(os.path.join(stopped, "summary.json"))), ledger) == "running"
+
+
 # --------------------------------------------------------------------------- defaults
 def test_only_tables_with_runs_baseline_from_the_repro_file_and_unknown_metric_keys(tmp_path):
     root = tmp_path / "exps"
@@ -121,6 +133,22 @@ def test_only_tables_with_runs_baseline_from_the_repro_file_and_unknown_metric_k
                                          r"mean_recall\. Did you mean 'acc1_z'\?"):
         report.main(["--root", str(root), "--exps", exps, "--metrics", "acc1"])
     assert "20.00" in report.main(["--root", str(root), "--exps", exps, "--metrics", "mean_recall"])
+
+
+def test_metrics_mfu_tabulates_each_runs_median_training_speed_from_log_txt(tmp_path):
+    """--metrics acc1_z,mfu,tflops_per_s: the summary's accuracy beside the median of log.txt's progress rows (the
+    first window, which pays compilation, does not drag it down); mfu in %."""
+    root = tmp_path / "exps"
+    for name, mfus in (("eager", [0.1, 0.2, 0.22, 0.24]), ("compiled", [0.01, 0.3, 0.32, 0.34])):
+        exp = make_exp(root, name, ["--table", "speed"] + (["--compile"] if name == "compiled" else []),
+                       {"acc1_z": 40.0})
+        rows = [{"type": "train", "epoch": 0, "global_step": s, "loss": 1.0, "mfu": m, "tflops_per_s": 50 * m,
+                 "samples_per_s": 10.0} for s, m in enumerate(mfus, 1)]
+        with open(os.path.join(exp, "log.txt"), "a") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in rows))
+    md = report.main(["--root", str(root), "--exps", repro(tmp_path, ""), "--metrics", "acc1_z,mfu,tflops_per_s"])
+    assert "| experiment | runs | digits/acc1_z | train/mfu | train/tflops_per_s |" in md
+    assert "| eager | 1/1 | 40.00 | 21.00 | 10.50 |" in md and "| compiled | 1/1 | 40.00 | 31.00 | 15.50 |" in md
 
 
 # --------------------------------------------------------------------------- plots

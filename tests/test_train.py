@@ -201,6 +201,7 @@ def test_logged_loss_is_the_global_batch_value_on_any_number_of_ranks(tmp_path):
     for a, b in zip(ddp, single):
         for key in ("loss", "clip_loss", "clip_acc"):
             assert a[key] == pytest.approx(b[key], abs=1e-5), (a["global_step"], key)
+    assert all(r["tflops_per_s"] > 0 and r["mfu"] > 0 for r in ddp)  # per device, averaged in the same all-reduce
 
 
 def test_eval_freq_does_not_change_the_trained_weights(tmp_path):
@@ -282,10 +283,10 @@ def test_restore_rng_takes_this_ranks_state_or_reseeds_on_another_world_size(cap
     for rank in range(2):
         utils.seed_all(utils.rank_seed(7, rank))
         states.append(utils.capture_rng_state())
-    main.restore_rng(states, rank=1, world_size=2, seed=7, step=5)
+    utils.restore_rng(states, rank=1, world_size=2, seed=7, step=5)
     assert torch.equal(torch.get_rng_state(), states[1]["torch"])
     with caplog.at_level(logging.WARNING):
-        main.restore_rng(states, rank=1, world_size=4, seed=7, step=5)  # resumed on 4 ranks
+        utils.restore_rng(states, rank=1, world_size=4, seed=7, step=5)  # resumed on 4 ranks
     assert "not a bitwise continuation" in caplog.text
     assert torch.initial_seed() == utils.rank_seed(7, 1, 5) != utils.rank_seed(7, 0, 5)
 
@@ -646,7 +647,7 @@ def test_folder_checkpoint_wins_over_a_stale_resume_flag(tiny_run_args, tmp_path
 
 def test_freeze_vision_keeps_batchnorm_in_eval_even_after_modules_are_swapped():
     model = models.build_model(models.parse_model_name("CLIP_R50_CLIP"), image_size=32, text_layers=1)
-    main.freeze_vision(model)
+    engine.freeze_vision(model)
     old_bn = model.visual.bn1
     model.visual.bn1 = torch.nn.BatchNorm2d(old_bn.num_features)  # a new module on the same parameters,
     model.visual.bn1.weight, model.visual.bn1.bias = old_bn.weight, old_bn.bias  # as SyncBN conversion does
