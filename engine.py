@@ -26,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import datasets
 import experiment
+import fsdp
 import models
 import utils
 
@@ -55,12 +56,13 @@ class StepConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast dtype)
     compiled: bool = False  # the model runs under torch.compile (no sparse embedding gradients)
     text_bucket: int = 1  # token lengths are trimmed to a multiple of this (`to_device`)
+    sharded: bool = False  # the model is sharded with FSDP2 (--fsdp: no sparse embedding gradients)
 
     @classmethod
     def from_args(cls, args, device: torch.device) -> StepConfig:
         compiled = bool(getattr(args, "compile", False))
         return cls(device, args.accum_mode, args.precision, compiled,
-                   text_bucket(getattr(args, "text_bucket", None), compiled))
+                   text_bucket(getattr(args, "text_bucket", None), compiled), bool(getattr(args, "fsdp", False)))
 
 
 DEFAULT_COMPILE_TEXT_BUCKET = 16
@@ -343,12 +345,14 @@ def forward_backward(model, criterion, micro_batches, step: StepConfig, scaler) 
     summed gradient equals the gradient of one k*B batch. The last micro-batch's grad forward is the
     end of the caching pass (its graph is kept and it goes first), so it is not recomputed. Scalar
     outputs (the temperature) keep their graph only in the last backward, the one DDP syncs, so their
-    gradient is counted once and reaches DDP's reduction.
+    gradient is counted once and reaches DDP's reduction. A model sharded with FSDP2 (`--fsdp`) skips the
+    reduce-scatter in the other backwards the same way (`no_sync_context`) and averages its unsharded 0-dim
+    parameters' gradients after the last one (`fsdp.reduce_replicated_grads`).
     A non-finite loss raises NonFiniteLoss only after every backward ran and all ranks agreed, so no
     rank leaves a collective behind (the caller discards the step's gradients on every rank).
     """
     k = len(micro_batches)
-    no_sync = model.no_sync if isinstance(model, DistributedDataParallel) else contextlib.nullcontext
+    no_sync = no_sync_context(model)
     checks: list[tuple[torch.Tensor, dict]] = []  # (finite flag on the device, what to dump) per backward
 
     def backward(loss_dict: dict, batch, outputs, divisor: int = 1) -> None:
@@ -364,11 +368,23 @@ def forward_backward(model, criterion, micro_batches, step: StepConfig, scaler) 
                 backward(loss_dict, batch, None, k)
     else:
         loss_dict = _exact_accumulation(model, criterion, micro_batches, step, no_sync, backward)
+    if step.sharded:
+        fsdp.reduce_replicated_grads(model)
     finite = torch.stack([flag for flag, _ in checks]).tolist()  # the step's one host sync
     bad = next((payload for ok, (_, payload) in zip(finite, checks) if not ok), None)
     if not utils.all_ranks_true(bad is None):
         raise NonFiniteLoss(bad or {"batch": micro_batches[-1], "outputs": None, "loss": loss_dict})
     return loss_dict
+
+
+def no_sync_context(model):
+    """A context factory under which a backward accumulates local gradients without the ranks' reduction: DDP's
+    `no_sync`, FSDP2's `set_requires_gradient_sync(False)` (`fsdp.gradient_sync`), else a no-op."""
+    if isinstance(model, DistributedDataParallel):
+        return model.no_sync
+    if fsdp.is_sharded(model):
+        return functools.partial(fsdp.gradient_sync, model, False)
+    return contextlib.nullcontext
 
 
 @contextlib.contextmanager
@@ -398,9 +414,9 @@ def _exact_accumulation(model, criterion, micro_batches, step: StepConfig, no_sy
     """The exact scheme of `forward_backward`: 2k-1 forwards + k backwards, 5/4 of one k*B step at k=4.
 
     Embedding gradients are accumulated sparsely (`sparse_embedding_grads`), except under torch.compile
-    (inductor does not take sparse tensors)."""
+    (inductor does not take sparse tensors) and FSDP (its reduce-scatter takes dense gradients)."""
     k = len(micro_batches)
-    with contextlib.nullcontext() if step.compiled else sparse_embedding_grads(model):
+    with contextlib.nullcontext() if step.compiled or step.sharded else sparse_embedding_grads(model):
         cached, rng, last, rng_end = _cache_pass(model, micro_batches, step, no_sync)
         for n, j in enumerate([k - 1] + list(range(k - 1))):  # the synced backward (n = k-1) comes last
             loss_dict = _recompute_backward(model, criterion, micro_batches, j, cached, rng, last, step, no_sync,

@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import socket
 import tempfile
 import threading
@@ -36,7 +37,7 @@ STATUSES = (FINISHED, STOPPED, FAILED, EVALUATED)
 RESUME_NEUTRAL_ARGS = frozenset({
     "name", "resume", "workers", "print_freq", "device", "wandb", "wandb_project", "max_steps", "eval_freq",
     "save_every_steps", "output_dir", "evaluate", "data_root", "table", "tags", "max_bad_samples",
-    "max_image_pixels", "peak_tflops"})
+    "max_image_pixels", "peak_tflops", "fsdp"})
 WANDB_ID_FILE = "wandb_id.txt"
 # set by run_with_submitit.Trainer.checkpoint() when Slurm preempts the job or its time runs out: submitit then exits
 # the process (SystemExit) and requeues the job, and the run's summary says `stopped`, not `failed`
@@ -83,7 +84,10 @@ def atomic_file(path: str):
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if os.path.isdir(path):  # a sharded checkpoint (--fsdp) there before: a file cannot replace a directory
+            replace_dir(tmp, path)
+        else:
+            os.replace(tmp, path)
     except Exception as exc:
         if _disk_full(exc):
             raise OSError(errno.ENOSPC, f"No space left on device while writing {path}") from exc
@@ -150,14 +154,46 @@ def read_jsonl(path: str, what: str = "line") -> list[dict]:
     return records
 
 
+def temporary_dir(path: str) -> str:
+    """A new empty `.tmp_<name>-*` directory beside `path` (permissions as os.makedirs gives), for `replace_dir`."""
+    tmp = tempfile.mkdtemp(prefix=f".tmp_{os.path.basename(path)}-", dir=os.path.dirname(os.path.abspath(path)))
+    os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700
+    return tmp
+
+
+def replace_dir(tmp: str, path: str) -> None:
+    """Put the complete directory (or file) `tmp` at `path` (a sharded checkpoint), replacing what is there.
+    POSIX cannot rename over a non-empty directory, so the old one is first renamed to `.old_<name>` beside it,
+    then `tmp` to `path`, then the old one is deleted; a process killed between the two renames leaves
+    `.old_<name>` and no `path`, which `remove_stale_temporaries` renames back (nothing is lost)."""
+    old = os.path.join(os.path.dirname(os.path.abspath(path)), ".old_" + os.path.basename(path))
+    _remove_path(old)
+    if os.path.lexists(path):
+        os.rename(path, old)
+    os.rename(tmp, path)
+    _remove_path(old)
+
+
+def _remove_path(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.remove(path)
+
+
 def remove_stale_temporaries(exp_dir: str) -> list[str]:
-    """Delete the `.tmp_*` files a killed atomic write left (a checkpoint-sized file each); returns their paths.
-    Only the folder's owner may call it (a live writer's temporary file would go too)."""
+    """Delete the `.tmp_*` files and directories a killed atomic write left (checkpoint-sized each), and put back
+    a `.old_<name>` that `replace_dir` moved aside when `<name>` is missing (else delete it); returns the paths
+    removed. Only the folder's owner may call it (a live writer's temporary file would go too)."""
     removed = []
-    for name in os.listdir(exp_dir) if os.path.isdir(exp_dir) else []:
-        if name.startswith(".tmp_"):
-            os.remove(os.path.join(exp_dir, name))
-            removed.append(os.path.join(exp_dir, name))
+    for name in sorted(os.listdir(exp_dir)) if os.path.isdir(exp_dir) else []:
+        path = os.path.join(exp_dir, name)
+        if name.startswith(".old_") and not os.path.lexists(os.path.join(exp_dir, name.removeprefix(".old_"))):
+            os.rename(path, os.path.join(exp_dir, name.removeprefix(".old_")))
+            log.warning("restored %s, moved aside by a write that was killed", path)
+        elif name.startswith((".tmp_", ".old_")):
+            _remove_path(path)
+            removed.append(path)
     if removed:
         log.warning("removed %d temporary file(s) left by a killed write: %s", len(removed), removed)
     return removed

@@ -158,6 +158,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="trim each batch's token padding to a multiple of N columns (exact: padding is masked); "
                              "default 16 with --compile (one graph per bucket, at most ceil(context / N)), 1 (the "
                              "exact length) otherwise; raise to cut recompiles, lower to cut padding")
+    system.add_argument("--fsdp", action="store_true",
+                        help="shard parameters, gradients and optimizer state over the ranks (FSDP2: per block, per "
+                             "tower, root) instead of DDP, for towers whose AdamW state does not fit one device; "
+                             "needs >= 2 ranks; checkpoint.pt becomes a torch.distributed.checkpoint directory")
     system.add_argument("--print-freq", type=int, default=10,
                         help="log every N optimizer steps (loss, samples/s, tflops_per_s, mfu)")
     system.add_argument("--peak-tflops", type=float, default=None,
@@ -684,11 +688,11 @@ def checkpoint_payload(model, optimizer, scaler, state: engine.RunState, args, c
     `metrics` those of the last validation (measured at `metrics_step`), `total_steps` the schedule's end,
     `model_config` the model's description (`registry.model_config`: build_model name + kwargs), `data` every
     rank's stream positions (`datasets.StreamDataset.state`; None for a map-style run, whose position is
-    step_in_epoch)."""
+    step_in_epoch). model=None leaves out "model" and "optimizer" (a sharded checkpoint writes them with DCP)."""
     import engine
 
-    return {"model": engine.unwrap(model).state_dict(), "model_config": model_config,
-            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+    tensors = {} if model is None else {"model": engine.unwrap(model).state_dict(), "optimizer": optimizer.state_dict()}
+    return {**tensors, "model_config": model_config, "scaler": scaler.state_dict(),
             "epoch": state.epoch, "step": state.step, "step_in_epoch": state.step_in_epoch,
             "total_steps": total_steps, "best_metric": state.best_metric, "nonfinite": state.nonfinite,
             "metrics": dict(state.metrics), "metrics_step": state.metrics_step,
@@ -702,10 +706,16 @@ def restore(path: str, model, optimizer, scaler, state: engine.RunState, args,
     `data`, None when it has none). A checkpoint written under other flags (its `args`, compared as args.json
     is) is refused: it would not be the same run."""
     import engine
+    import fsdp
     import utils
     import weights
 
-    ckpt = utils.load_checkpoint(path)
+    sharded = fsdp.is_sharded_checkpoint(path)
+    if fsdp.is_sharded(engine.unwrap(model)) and not sharded:
+        raise SystemExit(f"--fsdp resumes a sharded checkpoint (a directory); {path} is a single file: resume it "
+                         "without --fsdp, or start from its weights with --pretrained")
+    ckpt = {"model": None, "optimizer": None, **utils.load_checkpoint(os.path.join(path, fsdp.STATE_FILE))} \
+        if sharded else utils.load_checkpoint(path)
     missing = [k for k in ("model", "optimizer", "epoch", "step", "step_in_epoch", "rng") if k not in ckpt]
     if missing:
         raise RuntimeError(f"checkpoint {path!r} lacks the keys {missing}: not a CLIP Lab training checkpoint "
@@ -714,8 +724,11 @@ def restore(path: str, model, optimizer, scaler, state: engine.RunState, args,
     if diff:
         raise SystemExit(f"checkpoint {path} was written by a run with other flags ({experiment.describe_diff(diff)}):"
                          " resuming it would not continue that run; start from its weights with --pretrained instead")
-    weights.load_weights_dict(engine.unwrap(model), ckpt["model"], path)
-    optimizer.load_state_dict(ckpt["optimizer"])
+    if sharded:  # any world size, into a sharded or a plain model (a collective when a process group is up)
+        fsdp.load_sharded(path, engine.unwrap(model), optimizer)
+    else:
+        weights.load_weights_dict(engine.unwrap(model), ckpt["model"], path)
+        optimizer.load_state_dict(ckpt["optimizer"])
     scaler.load_state_dict(ckpt["scaler"])
     state.epoch, state.step, state.step_in_epoch = ckpt["epoch"], ckpt["step"], ckpt["step_in_epoch"]
     state.best_metric, state.nonfinite = ckpt["best_metric"], ckpt["nonfinite"]
@@ -797,10 +810,17 @@ def train(args: argparse.Namespace, env: utils.DistEnv, exp_dir: str) -> dict:
 
     import datasets
     import engine
+    import fsdp
     import models
     import utils
     import weights
 
+    if args.fsdp and args.precision == "fp16":  # fp16 parameters + loss scaling under sharding: not verified
+        raise SystemExit("--fsdp with --precision fp16 is not supported (sharded fp16 gradients with the loss "
+                         "scaler diverged from DDP in our check): use --precision bf16 or fp32")
+    if args.fsdp and not env.distributed:
+        raise SystemExit("--fsdp needs a distributed launch (torchrun/srun, >= 2 ranks): one process holds the "
+                         "whole model anyway; drop --fsdp (such a run also resumes an --fsdp checkpoint)")
     spec = registry.parse_model_name(args.model)
     main_process = env.rank == 0
     commit = utils.git_commit()
@@ -848,6 +868,15 @@ def train(args: argparse.Namespace, env: utils.DistEnv, exp_dir: str) -> dict:
     lr_schedule = engine.cosine_schedule(args.lr, args.lr_start, args.lr_end, total_steps,
                                   args.warmup_steps if args.warmup_steps is not None
                                   else int(args.warmup_epochs * steps_per_epoch))
+    if env.distributed and env.device.type == "cuda":  # projector BN over the global batch (parameters kept)
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    context = model_config["kwargs"]["context_length"]
+    # model FLOPs per sample, counted once on one composed sample (RNG, weights and BN statistics left as they were)
+    flops = engine.count_train_flops(model, dataset.compose(Image.new("RGB", (image_size,) * 2), ["a photo"], 0),
+                                     context)
+    peak, peak_source = engine.peak_flops(env.device, args.precision, args.peak_tflops)
+    if args.fsdp:  # after the FLOP count (the whole model's), before the optimizer (it holds the sharded parameters)
+        model = fsdp.shard_model(model, args.precision)
     optimizer = torch.optim.AdamW(engine.param_groups(model, args.wd), lr=args.lr, betas=tuple(args.betas),
                                   eps=args.eps)
     scaler = torch.amp.GradScaler(env.device.type, enabled=args.precision == "fp16")
@@ -860,17 +889,10 @@ def train(args: argparse.Namespace, env: utils.DistEnv, exp_dir: str) -> dict:
         log.info("resumed from %s at epoch %d, step %d", resume_path, state.epoch, state.step)
         if resume_path != os.path.join(exp_dir, "checkpoint.pt"):
             stored_wandb_id = None  # another experiment's wandb run
-    if env.distributed and env.device.type == "cuda":  # projector BN over the global batch (parameters kept)
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    context = model_config["kwargs"]["context_length"]
-    # model FLOPs per sample of one composed sample's layout, on meta tensors (no RNG drawn, nothing computed)
-    flops = engine.count_train_flops(model, dataset.compose(Image.new("RGB", (image_size,) * 2), ["a photo"], 0),
-                                     context)
-    peak, peak_source = engine.peak_flops(env.device, args.precision, args.peak_tflops)
     if args.compile:  # in place: state_dict keys, hooks and checkpoints stay those of the eager module
         engine.compile_model(model, engine.text_bucket(args.text_bucket, True), context)
     ddp_model = DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None) \
-        if env.distributed else model
+        if env.distributed and not args.fsdp else model
     criterion = build_criterion(spec, args, env)
     if main_process:  # everything opened: from here on the folder is this run's record
         write_run_record(exp_dir, args, commit)
@@ -881,7 +903,13 @@ def train(args: argparse.Namespace, env: utils.DistEnv, exp_dir: str) -> dict:
     def save(is_best: bool) -> None:  # called on every rank: the RNG states are gathered
         rng_states = utils.gather_rng_states()
         data = utils.all_gather_object(stream.state()) if stream is not None else None
-        if main_process:
+        if args.fsdp:  # every rank writes its shards
+            payload = checkpoint_payload(None, None, scaler, state, args, commit, rng_states, total_steps,
+                                         model_config, wandb_id, data)
+            fsdp.save_sharded(os.path.join(exp_dir, "checkpoint.pt"), model, optimizer, payload)
+            if is_best and main_process:
+                fsdp.copy_sharded(os.path.join(exp_dir, "checkpoint.pt"), os.path.join(exp_dir, "checkpoint_best.pt"))
+        elif main_process:
             payload = checkpoint_payload(model, optimizer, scaler, state, args, commit, rng_states, total_steps,
                                          model_config, wandb_id, data)
             utils.save_atomic(payload, os.path.join(exp_dir, "checkpoint.pt"))
@@ -889,9 +917,10 @@ def train(args: argparse.Namespace, env: utils.DistEnv, exp_dir: str) -> dict:
                 utils.save_atomic(payload, os.path.join(exp_dir, "checkpoint_best.pt"))
 
     def validate() -> bool:
-        """Rank 0 evaluates (state.metrics, best score); True when this is the best checkpoint so far."""
+        """Rank 0 evaluates (state.metrics, best score); True when this is the best checkpoint so far. A sharded
+        model evaluates on every rank (each forward all-gathers), rank 0's result counts."""
         state.metrics = evaluate(model, spec, tokenizer, args, env.device, val_name, val_reader) \
-            if main_process else {}
+            if main_process or args.fsdp else {}
         state.metrics_step = state.step
         score = selection_score(state.metrics)
         is_best, state.best_metric = score > state.best_metric, max(state.best_metric, score)

@@ -52,6 +52,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import fsdp
 import models
 import readers
 import registry
@@ -171,7 +172,11 @@ def _read_shards(index_path: str) -> dict[str, torch.Tensor]:
 def read_state_dict(path: str) -> dict:
     """A checkpoint file or folder -> the object it holds (weights_only), TorchScript archives as state_dicts.
 
-    A folder is a transformers or open_clip one: the first of FOLDER_WEIGHTS, else a sharded SHARD_INDEXES."""
+    A folder is a transformers or open_clip one: the first of FOLDER_WEIGHTS, else a sharded SHARD_INDEXES; or an
+    --fsdp run's checkpoint directory (`fsdp.read_checkpoint`: the checkpoint's keys, "model" gathered whole, no
+    optimizer), read without a process group."""
+    if fsdp.is_sharded_checkpoint(path):
+        return fsdp.read_checkpoint(path)
     if os.path.isdir(path):
         for name in FOLDER_WEIGHTS:
             if os.path.exists(os.path.join(path, name)):
