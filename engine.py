@@ -289,8 +289,8 @@ def count_train_flops(model: nn.Module, sample: tuple[torch.Tensor, ...], contex
     """`TrainFlops` of `model` (in training mode; frozen parameters get no weight gradient) from one composed
     sample (the dataset's tuple, no batch dimension): FlopCounterMode over forward + backward of a batch of 2
     copies (BatchNorm refuses 1 sample in training mode) at three token lengths (1, L/2, L; the tokens without
-    padding, EOT last), the quadratic through them. The model is left as it was: the gradients are returned
-    (`torch.autograd.grad`), not accumulated into `.grad`, BatchNorm statistics and the RNG are restored.
+    padding, EOT last), the quadratic through them. The model is left as it was: every `.grad` is put back after
+    the counting backward, BatchNorm statistics and the RNG are restored.
     Counted: matmuls, convolutions and attention, the FLOPs of MFU (Chowdhery et al., 2022, PaLM, appendix B);
     not counted: the loss (B x B logits: < 0.1 % of ViT-B/16 CLIP), elementwise work, exact accumulation's
     extra no-grad forwards; counted twice: the forward that --checkpoint-grad recomputes."""
@@ -305,10 +305,16 @@ def count_train_flops(model: nn.Module, sample: tuple[torch.Tensor, ...], contex
     with frozen_batchnorm_stats(model):
         for length in lengths:
             inputs = tuple(_unpadded(t, length) if is_tokens(t[None]) else t.expand(2, *t.shape) for t in sample)
-            with FlopCounterMode(display=False) as counter:
-                out = model(*(t.to(device) for t in inputs))
-                torch.autograd.grad(sum(v.float().sum() for v in out.values() if v.requires_grad), trainable,
-                                    allow_unused=True)
+            saved = [p.grad for p in trainable]  # backward() rather than autograd.grad(): tensor hooks of some
+            for p in trainable:  # models (SIGLIP's) refuse to run inside autograd.grad; the gradients are put back
+                p.grad = None
+            try:
+                with FlopCounterMode(display=False) as counter:
+                    out = model(*(t.to(device) for t in inputs))
+                    sum(v.float().sum() for v in out.values() if v.requires_grad).backward()
+            finally:
+                for p, grad in zip(trainable, saved):
+                    p.grad = grad
             counts.append(float(counter.get_total_flops()) / 2)
     model.train(was_training)
     _rng_restore(rng, device)

@@ -785,6 +785,7 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
     import utils
 
     exp_dir = experiment_dir(args)
+    experiment.PREEMPTED.clear()  # a run is preempted only by its own signal, never by an earlier run in this process
     done = experiment.finished_summary(exp_dir)
     if done is not None:  # checked by every rank, before any process group or lock: nothing is touched
         if (utils.detect_launch_env() or (0,))[0] == 0:

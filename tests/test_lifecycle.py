@@ -103,6 +103,7 @@ def test_summary_says_failed_with_the_reason_and_the_last_metrics(tmp_path, monk
     base = SMALL + ["--output-dir", str(tmp_path), "--name", "f", "--epochs", "2"]
     main.main(base + ["--max-steps", "4"])  # one epoch, evaluated
     monkeypatch.setattr(main, "build_criterion", lambda *a: FailAt(3))
+    experiment.PREEMPTED.set()  # an earlier run in this process was preempted (the submitit trainer's flag)
     with pytest.raises(RuntimeError, match="boom"):
         main.main(base)
     summary = summary_of(tmp_path / "f")
