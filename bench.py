@@ -1215,7 +1215,7 @@ def _siglip_loss_rank(config: str) -> None:
 
     cfg = json.loads(config)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo")
+    utils.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     g = torch.Generator().manual_seed(rank)
     B, D = cfg["global_batch"] // world, cfg["dim"]

@@ -2,7 +2,7 @@
 
 What belongs here and nothing else:
 - the device and autocast rules (`resolve_device`, `autocast`);
-- distributed set-up and queries (`init_distributed`, `get_rank`, `get_world_size`,
+- distributed set-up and queries (`init_distributed`, `init_process_group`, `get_rank`, `get_world_size`,
   `all_gather_with_grad`, `ring_shift_with_grad`, `all_reduce_means`, `all_ranks_true`);
 - checkpoint I/O (`save_atomic`, `load_checkpoint`, RNG state capture/restore);
 - meters (`SmoothedValue`) and the git commit lookup.
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import importlib
 import logging
 import os
 import random
@@ -99,9 +100,24 @@ def init_distributed(device: str = "auto") -> DistEnv:
     if use_cuda:
         torch.cuda.set_device(dev)
     if launch and world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", init_method="env://", rank=rank,
-                                world_size=world, timeout=datetime.timedelta(minutes=30))
+        init_process_group("nccl" if use_cuda else "gloo", init_method="env://", rank=rank, world_size=world,
+                           timeout=datetime.timedelta(minutes=30))
     return DistEnv(rank, world, local, dev)
+
+
+# The torch.distributed modules this project uses. Imported for the first time after init_process_group (torch
+# 2.14: torch.distributed.nn, .fsdp, .checkpoint), each keeps the default group alive past destroy_process_group;
+# its gloo and store threads then run into interpreter exit, which can abort a finished rank (SIGABRT, "terminate
+# called without an active exception": 6 of 20 two-rank runs of bench.py's SigLIP memory check).
+DIST_MODULES = ("torch.distributed.nn.functional", "torch.distributed.fsdp", "torch.distributed.checkpoint.state_dict")
+
+
+def init_process_group(backend: str, **kwargs) -> None:
+    """`torch.distributed.init_process_group(backend, **kwargs)` after importing `DIST_MODULES`, so that
+    destroy_process_group ends the group (the one way this project starts one)."""
+    for name in DIST_MODULES:
+        importlib.import_module(name)
+    dist.init_process_group(backend, **kwargs)
 
 
 def get_rank() -> int:

@@ -31,7 +31,9 @@ def loss_and_grads(module, outputs: dict, rank: int = 0, world: int = 1) -> tupl
 def _gloo_rank(rank: int, world: int, init_file: str, result_prefix: str, fn) -> None:
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    import utils
+
+    utils.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         torch.save(fn(rank, world), f"{result_prefix}{rank}.pt")
     finally:

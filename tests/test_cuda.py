@@ -14,6 +14,7 @@ import engine
 import losses
 import main
 import models
+import utils
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = torch.device("cuda", 0)
@@ -80,7 +81,7 @@ def test_nccl_ddp_exact_accumulation_with_sparse_embedding_grads_equals_one_batc
 
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", str(free_port()))
-    dist.init_process_group("nccl", rank=0, world_size=1, device_id=CUDA)
+    utils.init_process_group("nccl", rank=0, world_size=1, device_id=CUDA)
     try:
         reference, (images, tokens) = tiny_model(), tiny_batch()
         ddp = DistributedDataParallel(tiny_model(), device_ids=[CUDA.index])

@@ -97,6 +97,51 @@ def repo(tmp_path_factory):
     return make_repo(str(tmp_path_factory.mktemp("repo")))
 
 
+# --------------------------------------------------------------------------- process group lifetime
+_RANK_SCRIPT = r"""
+import ast, importlib, json, os, sys
+import torch, torch.distributed as dist
+import utils
+
+env = utils.init_distributed("cpu")
+x = torch.ones(2, 3, requires_grad=True)
+utils.all_gather_with_grad(x).sum().backward()
+tree = ast.parse(open("fsdp.py", encoding="utf-8").read())  # the torch.distributed modules fsdp.py imports lazily
+for node in ast.walk(tree):
+    for name in ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                 [node.module] if isinstance(node, ast.ImportFrom) and node.module else []):
+        if name.startswith("torch.distributed."):
+            importlib.import_module(name)
+dist.barrier()
+dist.destroy_process_group()
+tasks = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+print(json.dumps({"rank": env.rank, "grad": x.grad.tolist(), "threads": tasks}))
+"""
+
+
+def test_process_group_ends_with_destroy_after_gather_and_fsdp_imports(tmp_path):
+    """A gloo group outliving destroy_process_group leaves its threads running into interpreter exit, which can
+    abort a finished rank (SIGABRT, "terminate called without an active exception"; 6 of 20 two-rank runs of
+    bench.py's SigLIP memory check). A torch.distributed module first imported after init_process_group
+    (torch.distributed.nn for the gather, fsdp/checkpoint for --fsdp) kept it alive: after our gather and every
+    torch.distributed import fsdp.py makes, destroy_process_group must leave no gloo or store thread."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
+           "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    procs = [subprocess.Popen([sys.executable, "-c", _RANK_SCRIPT], cwd=REPO, env={**env, "RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    for out, _ in outs:
+        rank = json.loads(out.strip().splitlines()[-1])
+        assert rank["grad"] == [[2.0] * 3] * 2  # the gather's backward sums both ranks' gradients
+        assert [t for t in rank["threads"] if "gloo" in t or "tcpstore" in t] == [], rank
+
+
 # --------------------------------------------------------------------------- sweep syntax, repro file, golden
 def test_expand_sweep_is_a_cartesian_product_named_by_values():
     argv = ["--model", "M", "--epochs", "25,32", "--comment", "a, b", "--seed=0,10,50", "--tags", "x,y"]
