@@ -729,8 +729,11 @@ def extract(args: argparse.Namespace) -> dict[str, str]:
     import datasets
     import weights
 
-    model, spec, info = weights.load_model_for_eval(resume=args.resume, pretrained=args.pretrained,
-                                                    model_name=args.model, device=args.device)
+    try:
+        model, spec, info = weights.load_model_for_eval(resume=args.resume, pretrained=args.pretrained,
+                                                        model_name=args.model, device=args.device)
+    except weights.WeightsError as exc:  # a corrupt, unsafe, non-finite or foreign checkpoint
+        raise SystemExit(f"{args.command}: {exc}") from None
     device = next(model.parameters()).device
     os.makedirs(args.output_dir, exist_ok=True)
     paths = {}

@@ -392,8 +392,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = get_parser().parse_args(argv)
     if not (args.resume or args.pretrained):
         raise SystemExit("eval_zeroshot: give --resume CKPT and/or --pretrained WEIGHTS")
-    model, spec, info = weights.load_model_for_eval(resume=args.resume, pretrained=args.pretrained,
-                                                    model_name=args.model, device=args.device)
+    try:
+        model, spec, info = weights.load_model_for_eval(resume=args.resume, pretrained=args.pretrained,
+                                                        model_name=args.model, device=args.device)
+    except (weights.WeightsError, readers.NonFiniteError) as exc:  # a corrupt, unsafe, non-finite or foreign checkpoint
+        raise SystemExit(f"eval_zeroshot: {exc}") from None
     device = next(model.parameters()).device
     tokenizer = datasets.build_tokenizer(spec.base.tokenizer, info["context_length"])
     explicit = args.datasets is not None

@@ -222,14 +222,30 @@ def save_atomic(obj: dict, path: str) -> None:
         torch.save(obj, f)
 
 
-def load_checkpoint(path: str) -> dict:
-    """Load a checkpoint with `weights_only=True`; a corrupt or unsafe file raises a clear error."""
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be read with weights_only=True: missing, corrupt, truncated, or holding
+    objects other than tensors and plain containers."""
+
+
+def load_checkpoint(path: str):
+    """torch.load(path) with `weights_only=True` on the CPU: the one way this project reads a torch.save file
+    (nothing in it is unpickled into code). Raises CheckpointError "cannot load checkpoint 'path': <torch's
+    reason, its advice to retry with weights_only=False left out>. The file is corrupt, ..."."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types (RuntimeError, UnpicklingError, EOFError)
-        raise RuntimeError(f"cannot load checkpoint {path!r}: {type(exc).__name__}: {exc}. "
-                           "The file is corrupt, truncated or holds non-tensor objects "
-                           "(only weights_only-safe checkpoints are accepted).") from exc
+    except Exception as exc:  # torch raises several types (RuntimeError, UnpicklingError, EOFError, KeyError)
+        raise CheckpointError(f"cannot load checkpoint {path!r}: {type(exc).__name__}: {_load_failure(exc)}. The "
+                              "file is corrupt, truncated or holds objects other than tensors and plain containers "
+                              "(checkpoints are read with weights_only=True only, so that nothing in them runs)"
+                              ) from exc
+
+
+def _load_failure(exc: Exception) -> str:
+    """The first line of torch.load's error that is not its advice to retry with weights_only=False: a corrupt file
+    would fail again, and an untrusted one could run code."""
+    paragraphs = [p.strip() for p in str(exc).split("\n\n") if p.strip()]
+    reasons = [p for p in paragraphs if "weights_only" not in p] or paragraphs or [repr(exc)]
+    return reasons[0].splitlines()[0].rstrip(".")
 
 
 def capture_rng_state() -> dict:

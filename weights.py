@@ -64,7 +64,7 @@ log = logging.getLogger("clip_lab")
 IGNORED_SOURCE_KEYS = ("input_resolution", "context_length", "vocab_size", "attn_mask")
 
 
-class WeightsError(RuntimeError):
+class WeightsError(utils.CheckpointError):
     """A checkpoint that cannot be read or does not fit the model."""
 
 
@@ -160,7 +160,11 @@ SHARD_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 def _read_shards(index_path: str) -> dict[str, torch.Tensor]:
     """A sharded transformers checkpoint: the index's `weight_map` names the file of every key."""
     with open(index_path, encoding="utf-8") as f:
-        weight_map = json.load(f).get("weight_map")
+        try:
+            index = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise WeightsError(f"{index_path}: not a shard index ({exc})") from exc
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise WeightsError(f"{index_path}: no 'weight_map' (key -> shard file)")
     out: dict[str, torch.Tensor] = {}
@@ -186,9 +190,13 @@ def read_state_dict(path: str) -> dict:
                 return _read_shards(os.path.join(path, name))
         raise WeightsError(f"{path}: folder without any of {', '.join(FOLDER_WEIGHTS + SHARD_INDEXES)}")
     if path.endswith(".safetensors"):
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(path)
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError) as exc:
+            raise WeightsError(f"cannot load {path!r}: {type(exc).__name__}: {exc}") from exc
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
@@ -201,9 +209,9 @@ def read_state_dict(path: str) -> dict:
                     "file, convert it once with torch.jit.load(path).state_dict() and torch.save, then pass the "
                     "result") from exc
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch raises several types
-        raise WeightsError(f"cannot load {path!r} with weights_only=True: {type(exc).__name__}: {exc}") from exc
+        return utils.load_checkpoint(path)
+    except utils.CheckpointError as exc:
+        raise WeightsError(str(exc)) from exc
 
 
 # --------------------------------------------------------------------------- layouts
@@ -696,7 +704,7 @@ def load_model_for_eval(resume: str | None = None, pretrained: str | None = None
     """An eval-mode model rebuilt from the description its checkpoint carries, and/or released weights.
 
     The model is our checkpoint's (--resume) description, else the first --pretrained file's: the one an export
-    recorded next to the weights (`exported_model`), the one stored in it, or the architecture its shapes imply;
+    recorded next to the weights (`exported_config`), the one stored in it, or the architecture its shapes imply;
     else --model with its presets (`infer_config`: a description is stored since checkpoints carry one, rebuilt
     from the stored args before that); --model that contradicts it is an error. A NaN or infinite weight in
     either file is a readers.NonFiniteError. Returns (model, spec, info) with info = {"image_size",
@@ -711,7 +719,7 @@ def load_model_for_eval(resume: str | None = None, pretrained: str | None = None
         config = infer_config(ckpt, resume, model_name)
     elif pretrained:
         first = pretrained.split(",")[0]
-        config = _exported_config(first, model_name) or infer_config(read_state_dict(first), first, model_name)
+        config = exported_config(first, model_name) or infer_config(read_state_dict(first), first, model_name)
     elif model_name:
         config = registry.model_config(registry.parse_model_name(model_name))
     else:
@@ -726,18 +734,6 @@ def load_model_for_eval(resume: str | None = None, pretrained: str | None = None
             "config": config, "args": dict(ckpt.get("args") or {}) if ckpt is not None else {},
             "checkpoint": {k: ckpt.get(k) for k in ("epoch", "step", "commit")} if ckpt is not None else {}}
     return model, registry.parse_model_name(config["name"]), info
-
-
-def _exported_config(path: str, model_name: str | None) -> dict | None:
-    """The description of the model `export` recorded next to the weights at `path`, None without a record;
-    --model naming another model is a WeightsError."""
-    exported = exported_model(path)
-    if exported is None:
-        return None
-    name, kwargs = exported
-    if model_name and model_name != name:
-        raise WeightsError(f"{path} holds {name} (its export record), not --model {model_name}")
-    return registry.model_config(registry.parse_model_name(name), **kwargs)
 
 
 def check_finite_weights(state: dict[str, torch.Tensor], source: str) -> None:
@@ -1086,9 +1082,10 @@ def export(ckpt_path: str, fmt: str, out: str, head: str = "z", name: str | None
     return record
 
 
-def exported_model(path: str) -> tuple[str, dict] | None:
-    """(model name, build_model kwargs) that `export` recorded for the weights at `path` (a folder's
-    clip_lab_export.json, a file's `<file>.json`), or None when there is no record."""
+def exported_config(path: str, model_name: str | None = None) -> dict | None:
+    """The description (registry.model_config) of the model `export` recorded next to the weights at `path` (a
+    folder's clip_lab_export.json, a file's `<file>.json`), None without a record; an unreadable record, or --model
+    `model_name` naming another model, is a WeightsError."""
     record_path = os.path.join(path, EXPORT_RECORD) if os.path.isdir(path) else path + ".json"
     if not os.path.isfile(record_path):
         return None
@@ -1100,7 +1097,9 @@ def exported_model(path: str) -> tuple[str, dict] | None:
     model = record.get("model") if isinstance(record, dict) and record.get("format") in EXPORT_FORMATS else None
     if not (isinstance(model, dict) and isinstance(model.get("name"), str) and isinstance(model.get("kwargs"), dict)):
         return None
-    return model["name"], model["kwargs"]
+    if model_name and model_name != model["name"]:
+        raise WeightsError(f"{path} holds {model['name']} (its export record), not --model {model_name}")
+    return registry.model_config(registry.parse_model_name(model["name"]), **model["kwargs"])
 
 
 def export_cnclip(ckpt_path: str, out_path: str) -> dict:

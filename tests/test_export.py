@@ -175,7 +175,15 @@ def test_hf_clip_export_loads_with_from_pretrained_and_its_own_tokenizer(tmp_pat
     assert weights.load_weights(cn, out) == {out: ["image_projection", "logit_scale", "vision"]}
     with torch.no_grad():
         assert_close(cn.encode_image(images), img)
-    os.remove(os.path.join(out, "clip_lab_export.json"))  # weights alone: width // 64 = 1 text head
+    with pytest.raises(weights.WeightsError, match=r"holds CLIP_VITT16_CLIP \(its export record\), not --model "
+                                                   r"CLIP_VITS16_CLIP"):
+        weights.load_model_for_eval(pretrained=out, model_name="CLIP_VITS16_CLIP", device="cpu")
+    record = os.path.join(out, "clip_lab_export.json")
+    with open(record, "r+", encoding="utf-8") as f:  # a record cut short is named, not skipped
+        f.truncate(len(f.read()) // 2)
+    with pytest.raises(weights.WeightsError, match=r"clip_lab_export\.json: not an export record"):
+        weights.load_model_for_eval(pretrained=out, device="cpu")
+    os.remove(record)  # weights alone: width // 64 = 1 text head
     guessed, _, _ = weights.load_model_for_eval(pretrained=out, device="cpu")
     assert guessed.text.resblocks[0].heads == 1
     assert (features(guessed, images, tokens)[1] - txt).abs().max() > 1e-3

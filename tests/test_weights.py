@@ -123,6 +123,72 @@ def test_torchscript_reader_refuses_foreign_globals(tmp_path):
         weights.read_state_dict(str(path))
 
 
+class _RunsTouch:
+    """Unpickling this runs `touch marker`: weights_only=True must refuse it."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def corrupt_files(tmp_path) -> dict[str, str]:
+    """{kind: path} of files no checkpoint reader may accept: a pickle naming os.system, a torch.save cut in
+    half, text, a safetensors file cut short, a shard index that is not JSON."""
+    from safetensors.torch import save_file
+
+    torch.save({"model": {"w": torch.ones(2)}, "hook": _RunsTouch(str(tmp_path / "pwned"))}, tmp_path / "unsafe.pt")
+    torch.save({"model": {"w": torch.ones(64, 64)}}, tmp_path / "good.pt")
+    whole = (tmp_path / "good.pt").read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "text.pt").write_text("not a checkpoint")
+    save_file({"w": torch.ones(64)}, str(tmp_path / "good.safetensors"))
+    whole = (tmp_path / "good.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(whole[:-8])
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "model.safetensors.index.json").write_text('{"weight_map": {"w": "a.safe')
+    return {kind: str(tmp_path / name) for kind, name in [("unsafe", "unsafe.pt"), ("truncated", "truncated.pt"),
+                                                          ("text", "text.pt"), ("safetensors", "cut.safetensors"),
+                                                          ("shard index", "shards")]}
+
+
+def test_every_reader_names_a_bad_file_without_advising_weights_only_false(tmp_path):
+    """utils.load_checkpoint (resume) and weights.read_state_dict (pretrained, eval, export) are one weights_only
+    reader: a bad file is a CheckpointError naming it, nothing in it runs, and torch's advice to retry with
+    weights_only=False (wrong for a corrupt file, unsafe for an untrusted one) is not repeated."""
+    import utils
+
+    for kind, path in corrupt_files(tmp_path).items():
+        readers_of_kind = [weights.read_state_dict] + ([utils.load_checkpoint] if path.endswith(".pt") else [])
+        for read in readers_of_kind:
+            with pytest.raises(utils.CheckpointError) as info:
+                read(path)
+            message = str(info.value)
+            assert os.path.basename(path) in message and "weights_only=False" not in message, (kind, message)
+            assert "\n" not in message, (kind, message)
+    assert not (tmp_path / "pwned").exists()
+    with pytest.raises(utils.CheckpointError, match=r"unsafe\.pt.*posix\.system.*corrupt, truncated or holds objects"):
+        utils.load_checkpoint(str(tmp_path / "unsafe.pt"))
+
+
+@pytest.mark.parametrize("kind", ["unsafe", "truncated"])
+def test_eval_clis_refuse_a_bad_checkpoint_in_one_line(tmp_path, kind, capsys):
+    """eval_zeroshot.py and eval_retrieval.py extract end with one line naming the file, not a traceback."""
+    import eval_retrieval
+    import eval_zeroshot
+
+    path = corrupt_files(tmp_path)[kind]
+    with pytest.raises(SystemExit) as info:
+        eval_zeroshot.main(["--resume", path, "--device", "cpu", "--output-dir", str(tmp_path / "out")])
+    assert str(info.value).startswith(f"eval_zeroshot: cannot load checkpoint '{path}'"), info.value
+    with pytest.raises(SystemExit) as info:
+        eval_retrieval.main(["extract", "--pretrained", path, "--device", "cpu", "--text-data", path,
+                             "--output-dir", str(tmp_path / "out")])
+    assert str(info.value).startswith(f"extract: cannot load checkpoint '{path}'"), info.value
+    assert not (tmp_path / "pwned").exists()
+
+
 @pytest.mark.parametrize("arch", ["vit", "rn50"])
 def test_cnclip_checkpoint_matches_cn_clip_and_exports_back(tmp_path, arch):
     if arch == "vit":
