@@ -1297,6 +1297,7 @@ def _objective_child(config: str) -> None:
     dataset's layout; prints {"step_s": median, "peak_mb", "base_mb"} (CUDA: max_memory_allocated; CPU: peak
     RSS via VmHWM reset by /proc/self/clear_refs, base = RSS after the warm-up step)."""
     import engine
+    import losses
     import main as trainer
     import models
     import registry
@@ -1307,10 +1308,10 @@ def _objective_child(config: str) -> None:
     args = trainer.parse_args(cfg["flags"])
     spec = models.parse_model_name(args.model)
     model = models.build_from_config(registry.config_from_flags(vars(args)), args.checkpoint_grad).to(device)
-    criterion = trainer.build_criterion(spec, args, utils.DistEnv(device=device))
+    criterion = losses.build_criterion(spec, args, utils.DistEnv(device=device))
     optimizer = torch.optim.AdamW(engine.param_groups(model, args.wd), lr=1e-4)
     scaler = torch.amp.GradScaler(device.type, enabled=False)
-    B, S, A = args.batch_size, args.image_size, trainer.num_augs(spec, args)
+    B, S, A = args.batch_size, args.image_size, registry.num_augs(spec, args)
     tokens = torch.randint(1, 4000, (B, 1 + A, 77) if spec.objective.num_augs else (B, 77))
     tokens[..., 20] = 49407
     batch = (torch.randn(B, 3, S, S), tokens) + ((torch.randn(B, A, 3, S, S),) if spec.objective.num_augs else ())
@@ -1356,7 +1357,7 @@ def _augment_rate(args: argparse.Namespace) -> dict:
     spec = models.parse_model_name(trainer_args.model)
     reader = readers.SyntheticReader(args.augment_samples, image_size=args.source_size)
     tokenizer = datasets.build_tokenizer("bpe", 77)
-    dataset = trainer.build_train_dataset(spec, trainer_args, reader, args.image_size, tokenizer)
+    dataset = datasets.build_train_dataset(spec, trainer_args, reader, args.image_size, tokenizer)
     dataset[(0, 0)]  # warm caches (WordNet is loaded by build_train_dataset)
     t0 = time.perf_counter()
     for i in range(args.augment_samples):

@@ -5,12 +5,15 @@ returns (RGB images, by readers.decode_image's one rule) into training samples. 
 convert modes:
 - `ImageTextDataset` / `MultiViewDataset` compose a sample (image views + tokenised captions) from a reader;
 - transforms and tokenizers are named builder functions;
-- `ResumableSampler` fixes the per-epoch order across ranks and can start mid-epoch.
+- `ResumableSampler` fixes the per-epoch order across ranks and can start mid-epoch; `StreamDataset` streams wds
+  shards and mixtures with an exact resume;
+- `build_train_dataset` / `build_stream` compose a run's training set from main.py's flags.
 Randomness of a sample (crop, caption choice) is seeded by (seed, epoch, index), so it does not
 depend on worker count, rank layout or where a resumed run restarted.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import copy
 import logging
@@ -27,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_
 from torchvision import transforms as T
 from torchvision.transforms import v2
 
+import registry
 from readers import HERE, CorruptSample, DatasetError, Reader, WdsReader
 
 CHINESE_VOCAB = os.path.join(HERE, "assets", "bert_chinese_vocab.txt")
@@ -668,3 +672,51 @@ class StreamDataset(IterableDataset):
             raise DatasetError(f"the checkpoint's stream positions are at batch {state['batch']} of epoch "
                                f"{state['epoch']}, its step at batch {start_batch} of epoch {epoch}")
         self.resume_point = (epoch, start_batch, state["streams"])
+
+
+# --------------------------------------------------------------------------- the training set of a run
+def build_stream(args: argparse.Namespace, composer: ImageTextDataset, train_readers: list,
+                 weights: list[float] | None, rank: int = 0, world_size: int = 1) -> StreamDataset:
+    """The training stream of a wds / mixture run (main.py's flags `args`): one source per --dataset set, drawn by
+    `weights` (--dataset-weights; default: the sets' sizes), epochs of --samples-per-epoch (default: the sum of
+    the sizes), world_size ranks x max(--workers, 1) streams (see `StreamDataset`)."""
+    needs_sizes = (weights is None and len(train_readers) > 1) or args.samples_per_epoch is None
+    sizes = [len(r) for r in train_readers] if needs_sizes else []  # a wds set without num_samples fails here
+    sources = stream_sources(train_readers, composer, args.seed, args.wds_shuffle_buffer, args.wds_resampled)
+    return StreamDataset(sources, weights or sizes or [1.0], args.batch_size, args.samples_per_epoch or sum(sizes),
+                         args.seed, rank, world_size, args.workers)
+
+
+def build_train_dataset(spec: registry.ModelSpec, args: argparse.Namespace, reader: Reader, image_size: int,
+                        tokenizer) -> ImageTextDataset:
+    """The training dataset of main.py's flags `args`: ImageTextDataset (weak view, weak text) for one-view models,
+    its weak text through the text augmenter with --text-augment; MultiViewDataset (weak view, 1 + num_augs texts,
+    num_augs strong views) with the text augmenter of the base's language for the multi-view models."""
+    import text_augment
+
+    weak = autoaugment_transform(image_size) if getattr(args, "use_augment", False) \
+        else train_transform(image_size, args.weak_min_scale)
+    multi_view = spec.objective.num_augs > 0
+    if multi_view and args.multicrop_resize not in (None, image_size) and spec.backbone.name.startswith("VIT"):
+        raise SystemExit(f"--multicrop-resize {args.multicrop_resize} != image size {image_size}: the ViT backbone "
+                         f"{spec.backbone.name} takes one input size (R50 takes any)")
+    augmenter = None
+    if multi_view or args.text_augment:
+        if args.text_augment and args.synonym_replacement_prob > 0 and spec.base.language == "en":
+            if not text_augment.wordnet_available():
+                raise SystemExit(text_augment.WORDNET_FIX)
+            text_augment.wordnet_synonyms("photo")  # load WordNet (~10 s) once here, so forked workers share it
+        augmenter = text_augment.build_text_augmenter(
+            spec.base.language, remove_stopwords_prob=args.remove_stopwords_prob, text_augment=args.text_augment,
+            synonym_replacement_prob=args.synonym_replacement_prob, random_swap_prob=args.random_swap_prob,
+            random_deletion_prob=args.random_deletion_prob, no_text_augment_prob=args.no_text_augment_prob,
+            clean_before_augment=args.clean_before_augment)
+    if not multi_view:
+        return ImageTextDataset(reader, weak, tokenizer, caption_sampling=args.caption_sampling,
+                                         max_bad_samples=args.max_bad_samples, text_augmenter=augmenter)
+    strong = strong_view_transforms(
+        registry.num_augs(spec, args), args.multicrop_resize or image_size, args.multicrop_max_scale, args.blur_prob,
+        args.solarize_prob, args.grayscale_prob, args.byol_augment, args.randaugment)
+    return MultiViewDataset(reader, weak, tokenizer, caption_sampling=args.caption_sampling,
+                                     max_bad_samples=args.max_bad_samples, strong_transforms=strong,
+                                     text_augmenter=augmenter)

@@ -4,15 +4,23 @@ The pure functions never call torch.distributed; they take the local features an
 ("all") features. The module wrappers receive a `gather` callable (utils.all_gather_with_grad in
 training, the identity in one process), so every formula is testable in a single CPU process. The chunked
 SigLIP loss receives a `shift` callable instead (utils.ring_shift_with_grad: the previous rank's block).
+`build_criterion` picks a run's loss module from the model's objective and main.py's flags.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+if TYPE_CHECKING:  # annotations only
+    import argparse
+
+    import registry
+    import utils
 
 Gather = Callable[[torch.Tensor], torch.Tensor]
 Shift = Callable[[torch.Tensor], torch.Tensor]
@@ -429,3 +437,33 @@ class ChunkedSIGLIPLoss(nn.Module):
     def forward(self, outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return chunked_sigmoid_loss(outputs["image_embed"], outputs["text_embed"], outputs["logit_scale"],
                                     outputs["logit_bias"], self.shift, self.world_size)
+
+
+# --------------------------------------------------------------------------- the loss of a run
+def build_criterion(spec: registry.ModelSpec, args: argparse.Namespace, env: utils.DistEnv) -> nn.Module:
+    """The loss module of the model's objective (`spec.objective.loss`) with main.py's flags `args`, gathering
+    over the ranks of `env` when there are several."""
+    import utils
+
+    gather = utils.all_gather_with_grad if env.distributed else identity_gather
+    if spec.objective.loss == "clip":
+        return CLIPLoss(gather, env.rank, args.label_smoothing, args.loss_avg_or_sum)
+    common = dict(gather=gather, rank=env.rank, label_smoothing=args.label_smoothing, avg_or_sum=args.loss_avg_or_sum)
+    if spec.objective.loss == "cl2l":
+        return CL2LLoss(**common)
+    if spec.objective.loss == "barlip":
+        return BARLIPLoss(**common, lamb=args.barlip_lamb, scale=args.barlip_scale_loss)
+    if spec.objective.loss == "siamlip":
+        return SIAMLIPLoss(**common)
+    if spec.objective.loss == "swalip":
+        return SWALIPLoss(**common, epsilon=args.target_epsilon, sk_iters=args.sk_iters,
+                                 weight=args.swalip_weight)
+    if spec.objective.loss == "swalipv1":
+        return SWALIPV1Loss(**common, epsilon=args.target_epsilon, sk_iters=args.sk_iters,
+                                   weight=args.swalip_weight)
+    if spec.objective.loss == "siglip" and args.siglip_chunked:
+        return ChunkedSIGLIPLoss(utils.ring_shift_with_grad if env.distributed else identity_gather,
+                                        env.world_size)
+    if spec.objective.loss == "siglip":
+        return SIGLIPLoss(gather, env.rank)
+    raise ValueError(f"objective {spec.objective.name}: loss {spec.objective.loss!r} is not implemented")

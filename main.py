@@ -22,9 +22,7 @@ import readers
 import registry
 
 if TYPE_CHECKING:  # annotations only; imported where they run, after parsing
-    import torch.nn as nn
 
-    import datasets
     import engine
     import utils
 
@@ -110,7 +108,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     obj.add_argument("--clip-proj-type", default="linear", choices=["linear", "mlp"],
                      help="projector of the weak global pair (head z)")
     obj.add_argument("--clip-hidden-dim", type=int, default=4096, help="hidden width when --clip-proj-type mlp")
-    add_recipe_args(p)
+    registry.add_recipe_args(p)
 
     optim = p.add_argument_group("optim")
     optim.add_argument("--epochs", type=int, default=25, help="training epochs")
@@ -175,134 +173,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def add_recipe_args(p: argparse.ArgumentParser) -> None:
-    """Flags of CLIP🚀 (CL2L), the non-contrastive objectives and the image/text augmentations (defaults as
-    clip-rocket's, facebookresearch/clip-rocket main.py). The groups `objective:*` and `augment:image` belong to
-    the bases/objectives that declare them in registry.py; set on any other model they fail at parse time, and
-    every model option is a registry.RecipeOptions field of the same name."""
-    g = p.add_argument_group("objective:cl2l")
-    g.add_argument("--num-augs", type=int, default=None,
-                   help="strong image views (= strong texts) per sample for the CL2L base (default 2); 0 = CLIP loss")
-    g.add_argument("--separate-proj", action="store_true",
-                   help="strong views get their own MLP projectors (head h) and temperature (init 1/0.1); paper: on")
-    g.add_argument("--cl2l-img-proj-type", default="mlp", choices=["linear", "mlp"],
-                   help="image projector of the strong views with --separate-proj")
-    g.add_argument("--cl2l-txt-proj-type", default="mlp", choices=["linear", "mlp"],
-                   help="text projector of the strong views with --separate-proj")
-    g.add_argument("--cl2l-hidden-dim", type=int, default=4096, help="hidden width of the strong-view MLP projectors")
-    g.add_argument("--detach-proj", action="store_true",
-                   help="the global text projector sees detached text features (z trains only the projector)")
-    g.add_argument("--separate-proj-child", action="store_true",
-                   help="non-contrastive heads: separate copies for the strong views")
-    g.add_argument("--text-dropout-prob", type=float, default=0.0,
-                   help="dropout on every text block's input, strong texts only (paper: 0.2 CC3M, 0.05-0.1 CC12M)")
-    g.add_argument("--text-drop-path-prob", type=float, default=0.0,
-                   help="drop-path on the text blocks' residual branches, strong texts only")
-    g = p.add_argument_group("objective:barlip")
-    g.add_argument("--barlip-proj-dim", type=int, default=8192, help="BarLIP projector output width")
-    g.add_argument("--barlip-hidden-dim", type=int, default=3000, help="BarLIP projector hidden width")
-    g.add_argument("--barlip-lamb", type=float, default=5e-3, help="weight of the off-diagonal Barlow Twins terms")
-    g.add_argument("--barlip-scale-loss", type=float, default=0.025, help="scale of the Barlow Twins loss")
-    g = p.add_argument_group("objective:siamlip")
-    g.add_argument("--siamlip-proj-dim", type=int, default=128, help="SiamLIP/BYOLIP projector output width")
-    g.add_argument("--siamlip-hidden-dim", type=int, default=2048, help="SiamLIP projector/predictor hidden width")
-    g.add_argument("--siamlip-no-last-bn", action="store_true", help="no BN (affine=False) after the projector")
-    g.add_argument("--momentum", action="store_true",
-                   help="SIAMLIP with a BYOL momentum target network (= the BYOLIP objective)")
-    g = p.add_argument_group("objective:byolip")
-    g.add_argument("--momentum-tau", type=float, default=0.99, help="EMA coefficient of the target network")
-    g.add_argument("--momentum-tau-schedule", default="constant", choices=["constant", "cosine"],
-                   help="constant tau (reference) or BYOL's cosine increase of tau to 1 over training")
-    g = p.add_argument_group("objective:siglip")
-    g.add_argument("--siglip-chunked", action="store_true",
-                   help="SIGLIP: pass the text blocks around the ring of ranks (B_local x B_local logits at a time) "
-                        "instead of gathering all texts; same loss and gradients, far less memory at large batch")
-    g = p.add_argument_group("objective:swalip")
-    g.add_argument("--sk-iters", type=int, default=3, help="Sinkhorn-Knopp iterations")
-    g.add_argument("--target-epsilon", type=float, default=0.05, help="Sinkhorn-Knopp entropy epsilon")
-    g.add_argument("--swalip-weight", type=float, default=0.2, help="weight of the swapped-prediction loss")
-    g = p.add_argument_group("objective:swalipv1")
-    g.add_argument("--swalip-proj-dim", type=int, default=128, help="SWALIPV1 projector output width")
-    g.add_argument("--swalip-hidden-dim", type=int, default=2048, help="SWALIPV1 projector hidden width")
-    g.add_argument("--swalip-num-proto", type=int, default=3000, help="SWALIPV1 learned prototypes")
-    g.add_argument("--swalip-temperature", type=float, default=0.1, help="SWALIPV1 softmax temperature")
-    g.add_argument("--swalip-learn-temperature", action="store_true", help="SWALIPV1: learn the temperature")
-    g.add_argument("--swalip-no-shared-proto", action="store_true", help="SWALIPV1: one prototype set per modality")
-    g.add_argument("--swalip-freeze-proto-iters", type=int, default=100,
-                   help="SWALIPV1: optimizer steps during which the prototypes do not move")
-    g = p.add_argument_group("augment:image")
-    g.add_argument("--multicrop-resize", type=int, default=None,
-                   help="strong-view resolution (default: --image-size; ViT backbones need the same size)")
-    g.add_argument("--multicrop-max-scale", type=float, default=1.0, help="upper crop scale of the strong views")
-    g.add_argument("--blur-prob", type=float, default=0.5, help="Gaussian blur probability of a strong view")
-    g.add_argument("--solarize-prob", type=float, default=0.0, help="solarization probability of a strong view")
-    g.add_argument("--grayscale-prob", type=float, default=0.2, help="grayscale probability of a strong view")
-    g.add_argument("--byol-augment", action="store_true",
-                   help="BYOL's asymmetric pair of strong pipelines (needs --num-augs 2)")
-    g.add_argument("--randaugment", nargs="?", const="rand-m9-mstd0.5", default=None, metavar="POLICY",
-                   help="append timm RandAugment (POLICY, default rand-m9-mstd0.5) to the strong views")
-    g = p.add_argument_group("augment:text")
-    g.add_argument("--text-augment", action="store_true",
-                   help="one EDA op per strong text (CL2L); CLIP-layout models get the weak text's stop-word removal")
-    g.add_argument("--clean-before-augment", action="store_true",
-                   help="ftfy + HTML unescape + whitespace + lower-case before augmenting (paper: YFCC15M)")
-    g.add_argument("--remove-stopwords-prob", type=float, default=0.8, help="stop-word removal probability")
-    g.add_argument("--no-text-augment-prob", type=float, default=0.0, help="EDA weight of leaving the text as is")
-    g.add_argument("--synonym-replacement-prob", type=float, default=0.4,
-                   help="EDA weight of WordNet synonym replacement (English; needs scripts/prepare_nltk_data.sh)")
-    g.add_argument("--random-swap-prob", type=float, default=0.4, help="EDA weight of swapping two words")
-    g.add_argument("--random-deletion-prob", type=float, default=0.2, help="EDA weight of deleting words (p=0.1)")
-
-
-def num_augs(spec: registry.ModelSpec, args: argparse.Namespace) -> int:
-    """Strong views per sample: --num-augs, else the objective's registered default (0 for CLIP layouts)."""
-    return spec.objective.num_augs if args.num_augs is None else args.num_augs
-
-
-def flag_groups(parser: argparse.ArgumentParser) -> dict[str, list[str]]:
-    """{argument group title: its flags' dest names}, in parser order (argparse keeps the groups in
-    `_action_groups`, the list its own help formatter walks)."""
-    return {group.title: [a.dest for a in group._group_actions] for group in parser._action_groups}
-
-
-def ignored_flag_errors(spec: registry.ModelSpec, args: argparse.Namespace) -> list[str]:
-    """Flags of a family group (`objective:*`, `augment:image`; registry.py says who reads each) set away from
-    their defaults on a model that would not read them: an ablation row must never be silently the baseline."""
-    parser = get_args_parser()
-    defaults, errors = parser.parse_args([]), []
-    read, owned = registry.flag_groups_read(spec, vars(args)), registry.family_flag_groups()
-    for group, dests in flag_groups(parser).items():
-        changed = [d for d in dests if getattr(args, d) != getattr(defaults, d)]
-        if changed and group in owned and group not in read:
-            it = "it" if len(changed) == 1 else "them"
-            errors.append(f"{', '.join('--' + d.replace('_', '-') for d in changed)}: used only by "
-                          f"{registry.flag_group_readers(group)}; {args.model} would ignore {it}")
-    return errors
-
-
-def recipe_errors(spec: registry.ModelSpec, args: argparse.Namespace) -> list[str]:
-    """Flag combinations that make no sense for the parsed model (checked at parse time)."""
-    errors, name = ignored_flag_errors(spec, args), spec.objective.name
-    if name == "SWALIP" and num_augs(spec, args) < 2:
-        errors.append("SWALIP swaps predictions between strong views: --num-augs must be >= 2")
-    if args.byol_augment and num_augs(spec, args) != 2:
-        errors.append("--byol-augment defines exactly 2 strong views: use --num-augs 2 with a CL2L-base model")
-    if args.num_augs is not None and args.num_augs < 0:
-        errors.append("--num-augs must be >= 0")
-    if args.patch_dropout and not spec.backbone.vit:
-        vits = ", ".join(name for name, backbone in registry.BACKBONES.items() if backbone.vit)
-        errors.append(f"--patch-dropout drops ViT patch tokens; backbone {spec.backbone.name} of {args.model} has none "
-                      f"(ViT backbones: {vits})")
-    if not 0.0 <= args.patch_dropout < 1.0:
-        errors.append(f"--patch-dropout must be in [0, 1), got {args.patch_dropout}")
-    probs = ("text_dropout_prob", "text_drop_path_prob", "blur_prob", "solarize_prob", "grayscale_prob",
-             "remove_stopwords_prob", "no_text_augment_prob", "synonym_replacement_prob", "random_swap_prob",
-             "random_deletion_prob", "label_smoothing", "momentum_tau", "multicrop_max_scale")
-    errors += [f"--{k.replace('_', '-')} must be in [0, 1], got {getattr(args, k)}" for k in probs
-               if not 0.0 <= getattr(args, k) <= 1.0]
-    return errors
-
-
 def dataset_defaults(parser: argparse.ArgumentParser, argv: list[str] | None) -> dict:
     """The flag defaults the --dataset's catalog entry sets ("defaults": the digits demo trains in-process with 0
     workers and validates at the end), for `parser.set_defaults` before the real parse (flags given still win;
@@ -360,7 +230,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--val-dataset: {exc}")
     if args.evaluate and val_name is None:
         parser.error("--evaluate with --val-dataset none has nothing to evaluate: name a --val-dataset")
-    errors = recipe_errors(spec, args)
+    errors = registry.recipe_errors(spec, args, get_args_parser())
     if errors:
         parser.error("; ".join(errors))
     return args
@@ -456,85 +326,6 @@ def build_validation_reader(name: str | None, args: argparse.Namespace):
 
 
 # --------------------------------------------------------------------------- set-up
-def build_criterion(spec: registry.ModelSpec, args: argparse.Namespace, env: utils.DistEnv) -> nn.Module:
-    """The loss module registered for the model's objective."""
-    import losses
-    import utils
-
-    gather = utils.all_gather_with_grad if env.distributed else losses.identity_gather
-    if spec.objective.loss == "clip":
-        return losses.CLIPLoss(gather, env.rank, args.label_smoothing, args.loss_avg_or_sum)
-    common = dict(gather=gather, rank=env.rank, label_smoothing=args.label_smoothing, avg_or_sum=args.loss_avg_or_sum)
-    if spec.objective.loss == "cl2l":
-        return losses.CL2LLoss(**common)
-    if spec.objective.loss == "barlip":
-        return losses.BARLIPLoss(**common, lamb=args.barlip_lamb, scale=args.barlip_scale_loss)
-    if spec.objective.loss == "siamlip":
-        return losses.SIAMLIPLoss(**common)
-    if spec.objective.loss == "swalip":
-        return losses.SWALIPLoss(**common, epsilon=args.target_epsilon, sk_iters=args.sk_iters,
-                                 weight=args.swalip_weight)
-    if spec.objective.loss == "swalipv1":
-        return losses.SWALIPV1Loss(**common, epsilon=args.target_epsilon, sk_iters=args.sk_iters,
-                                   weight=args.swalip_weight)
-    if spec.objective.loss == "siglip" and args.siglip_chunked:
-        return losses.ChunkedSIGLIPLoss(utils.ring_shift_with_grad if env.distributed else losses.identity_gather,
-                                        env.world_size)
-    if spec.objective.loss == "siglip":
-        return losses.SIGLIPLoss(gather, env.rank)
-    raise ValueError(f"objective {spec.objective.name}: loss {spec.objective.loss!r} is not implemented")
-
-
-def build_stream(args: argparse.Namespace, composer, train_readers: list, env: utils.DistEnv) -> datasets.StreamDataset:
-    """The training stream of a wds / mixture run: one source per --dataset set, drawn by --dataset-weights
-    (default: the sets' sizes), epochs of --samples-per-epoch (default: the sum of the sizes), R ranks x
-    max(--workers, 1) streams (see datasets.StreamDataset)."""
-    import datasets
-
-    weights = dataset_weights(args)
-    needs_sizes = (weights is None and len(train_readers) > 1) or args.samples_per_epoch is None
-    sizes = [len(r) for r in train_readers] if needs_sizes else []  # a wds set without num_samples fails here
-    sources = datasets.stream_sources(train_readers, composer, args.seed, args.wds_shuffle_buffer, args.wds_resampled)
-    return datasets.StreamDataset(sources, weights or sizes or [1.0], args.batch_size,
-                                  args.samples_per_epoch or sum(sizes), args.seed, env.rank, env.world_size,
-                                  args.workers)
-
-
-def build_train_dataset(spec: registry.ModelSpec, args: argparse.Namespace, reader, image_size: int, tokenizer):
-    """The training dataset: ImageTextDataset (weak view, weak text) for one-view models, its weak text through
-    the text augmenter with --text-augment; MultiViewDataset (weak view, 1 + num_augs texts, num_augs strong views)
-    with the text augmenter of the base's language for the multi-view models."""
-    import datasets
-    import text_augment
-
-    weak = datasets.autoaugment_transform(image_size) if getattr(args, "use_augment", False) \
-        else datasets.train_transform(image_size, args.weak_min_scale)
-    multi_view = spec.objective.num_augs > 0
-    if multi_view and args.multicrop_resize not in (None, image_size) and spec.backbone.name.startswith("VIT"):
-        raise SystemExit(f"--multicrop-resize {args.multicrop_resize} != image size {image_size}: the ViT backbone "
-                         f"{spec.backbone.name} takes one input size (R50 takes any)")
-    augmenter = None
-    if multi_view or args.text_augment:
-        if args.text_augment and args.synonym_replacement_prob > 0 and spec.base.language == "en":
-            if not text_augment.wordnet_available():
-                raise SystemExit(text_augment.WORDNET_FIX)
-            text_augment.wordnet_synonyms("photo")  # load WordNet (~10 s) once here, so forked workers share it
-        augmenter = text_augment.build_text_augmenter(
-            spec.base.language, remove_stopwords_prob=args.remove_stopwords_prob, text_augment=args.text_augment,
-            synonym_replacement_prob=args.synonym_replacement_prob, random_swap_prob=args.random_swap_prob,
-            random_deletion_prob=args.random_deletion_prob, no_text_augment_prob=args.no_text_augment_prob,
-            clean_before_augment=args.clean_before_augment)
-    if not multi_view:
-        return datasets.ImageTextDataset(reader, weak, tokenizer, caption_sampling=args.caption_sampling,
-                                         max_bad_samples=args.max_bad_samples, text_augmenter=augmenter)
-    strong = datasets.strong_view_transforms(
-        num_augs(spec, args), args.multicrop_resize or image_size, args.multicrop_max_scale, args.blur_prob,
-        args.solarize_prob, args.grayscale_prob, args.byol_augment, args.randaugment)
-    return datasets.MultiViewDataset(reader, weak, tokenizer, caption_sampling=args.caption_sampling,
-                                     max_bad_samples=args.max_bad_samples, strong_transforms=strong,
-                                     text_augmenter=augmenter)
-
-
 def experiment_dir(args: argparse.Namespace) -> str:
     return os.path.join(args.output_dir, args.name or f"{args.model}_{'+'.join(dataset_names(args))}")
 
@@ -812,6 +603,7 @@ def train(args: argparse.Namespace, env: utils.DistEnv, exp_dir: str) -> dict:
     import datasets
     import engine
     import fsdp
+    import losses
     import models
     import utils
     import weights
@@ -846,12 +638,13 @@ def train(args: argparse.Namespace, env: utils.DistEnv, exp_dir: str) -> dict:
                      for name in dataset_names(args)]
     val_name = validation_dataset_name(args)
     val_reader = build_validation_reader(val_name, args)  # a missing validation set fails now, not after an epoch
-    dataset = build_train_dataset(spec, args, train_readers[0], image_size, tokenizer)  # composes every sample
+    dataset = datasets.build_train_dataset(spec, args, train_readers[0], image_size, tokenizer)  # composes every sample
     # JPEGs decoded at reduced size when every view's crop allows it (None with 0.08-scale strong views at 1024 px)
     draft = datasets.draft_for(dataset.transform, *getattr(dataset, "strong_transforms", []))
     for reader in train_readers:
         reader.draft = draft
-    stream = build_stream(args, dataset, train_readers, env) if is_stream_run(args) else None
+    stream = datasets.build_stream(args, dataset, train_readers, dataset_weights(args), env.rank,
+                                   env.world_size) if is_stream_run(args) else None
     sampler = datasets.ResumableSampler(len(dataset), args.batch_size, env.rank, env.world_size, args.seed) \
         if stream is None else None
     # own generator: creating an iterator must not draw from the global RNG (its state is checkpointed, and a
@@ -894,7 +687,7 @@ def train(args: argparse.Namespace, env: utils.DistEnv, exp_dir: str) -> dict:
         engine.compile_model(model, engine.text_bucket(args.text_bucket, True), context)
     ddp_model = DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None) \
         if env.distributed and not args.fsdp else model
-    criterion = build_criterion(spec, args, env)
+    criterion = losses.build_criterion(spec, args, env)
     if main_process:  # everything opened: from here on the folder is this run's record
         write_run_record(exp_dir, args, commit)
     wandb_id = experiment.wandb_run_id(exp_dir, stored_wandb_id) if args.wandb and main_process else stored_wandb_id

@@ -10,6 +10,9 @@ exact set of valid names and a typo fails at parse time with a close-match sugge
 This module holds no torch code, so `python main.py --help` and `--list-models` answer without importing
 torch: models.py registers the constructor of each backbone (`models.backbone_builder`) and each model class
 (`models.register_model_class`) under the names used here, and checks at import that every name has one.
+The flags of a family (`add_recipe_args`: the `objective:*` and `augment:*` argument groups of main.py) are
+declared here beside the bases and objectives that read them, and checked against the model at parse time
+(`recipe_errors`).
 
 A model description (`model_config`) is `{"name": ..., "kwargs": {...}}` of `models.build_model` with every
 preset resolved and only JSON values (nanoGPT's `model_args`, karpathy/nanoGPT train.py): checkpoints
@@ -17,6 +20,7 @@ carry it, so a checkpoint rebuilds its own model without flags.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import fnmatch
@@ -107,7 +111,7 @@ class BaseSpec:
 @dataclass(frozen=True)
 class ObjectiveSpec:
     name: str
-    loss: str  # key understood by main.build_criterion
+    loss: str  # key understood by losses.build_criterion
     metric_names: tuple[str, ...]
     bases: tuple[str, ...]  # bases this objective is defined for
     num_augs: int = 0  # strong image/text views beyond the global pair (--num-augs's default)
@@ -230,6 +234,135 @@ def family_flag_groups() -> set[str]:
     """Every argument group some base or objective declares as its own."""
     return {g for b in BASES.values() for g in b.flag_groups} | \
         {g for o in OBJECTIVES.values() for g in o.flag_groups + tuple(g for g, _ in o.flag_groups_if)}
+
+
+def add_recipe_args(p: argparse.ArgumentParser) -> None:
+    """Flags of CLIP🚀 (CL2L), the non-contrastive objectives and the image/text augmentations (defaults as
+    clip-rocket's, facebookresearch/clip-rocket main.py). The groups `objective:*` and `augment:image` belong to
+    the bases/objectives that declare them above; set on any other model they fail at parse time, and every model
+    option is a `RecipeOptions` field of the same name."""
+    g = p.add_argument_group("objective:cl2l")
+    g.add_argument("--num-augs", type=int, default=None,
+                   help="strong image views (= strong texts) per sample for the CL2L base (default 2); 0 = CLIP loss")
+    g.add_argument("--separate-proj", action="store_true",
+                   help="strong views get their own MLP projectors (head h) and temperature (init 1/0.1); paper: on")
+    g.add_argument("--cl2l-img-proj-type", default="mlp", choices=["linear", "mlp"],
+                   help="image projector of the strong views with --separate-proj")
+    g.add_argument("--cl2l-txt-proj-type", default="mlp", choices=["linear", "mlp"],
+                   help="text projector of the strong views with --separate-proj")
+    g.add_argument("--cl2l-hidden-dim", type=int, default=4096, help="hidden width of the strong-view MLP projectors")
+    g.add_argument("--detach-proj", action="store_true",
+                   help="the global text projector sees detached text features (z trains only the projector)")
+    g.add_argument("--separate-proj-child", action="store_true",
+                   help="non-contrastive heads: separate copies for the strong views")
+    g.add_argument("--text-dropout-prob", type=float, default=0.0,
+                   help="dropout on every text block's input, strong texts only (paper: 0.2 CC3M, 0.05-0.1 CC12M)")
+    g.add_argument("--text-drop-path-prob", type=float, default=0.0,
+                   help="drop-path on the text blocks' residual branches, strong texts only")
+    g = p.add_argument_group("objective:barlip")
+    g.add_argument("--barlip-proj-dim", type=int, default=8192, help="BarLIP projector output width")
+    g.add_argument("--barlip-hidden-dim", type=int, default=3000, help="BarLIP projector hidden width")
+    g.add_argument("--barlip-lamb", type=float, default=5e-3, help="weight of the off-diagonal Barlow Twins terms")
+    g.add_argument("--barlip-scale-loss", type=float, default=0.025, help="scale of the Barlow Twins loss")
+    g = p.add_argument_group("objective:siamlip")
+    g.add_argument("--siamlip-proj-dim", type=int, default=128, help="SiamLIP/BYOLIP projector output width")
+    g.add_argument("--siamlip-hidden-dim", type=int, default=2048, help="SiamLIP projector/predictor hidden width")
+    g.add_argument("--siamlip-no-last-bn", action="store_true", help="no BN (affine=False) after the projector")
+    g.add_argument("--momentum", action="store_true",
+                   help="SIAMLIP with a BYOL momentum target network (= the BYOLIP objective)")
+    g = p.add_argument_group("objective:byolip")
+    g.add_argument("--momentum-tau", type=float, default=0.99, help="EMA coefficient of the target network")
+    g.add_argument("--momentum-tau-schedule", default="constant", choices=["constant", "cosine"],
+                   help="constant tau (reference) or BYOL's cosine increase of tau to 1 over training")
+    g = p.add_argument_group("objective:siglip")
+    g.add_argument("--siglip-chunked", action="store_true",
+                   help="SIGLIP: pass the text blocks around the ring of ranks (B_local x B_local logits at a time) "
+                        "instead of gathering all texts; same loss and gradients, far less memory at large batch")
+    g = p.add_argument_group("objective:swalip")
+    g.add_argument("--sk-iters", type=int, default=3, help="Sinkhorn-Knopp iterations")
+    g.add_argument("--target-epsilon", type=float, default=0.05, help="Sinkhorn-Knopp entropy epsilon")
+    g.add_argument("--swalip-weight", type=float, default=0.2, help="weight of the swapped-prediction loss")
+    g = p.add_argument_group("objective:swalipv1")
+    g.add_argument("--swalip-proj-dim", type=int, default=128, help="SWALIPV1 projector output width")
+    g.add_argument("--swalip-hidden-dim", type=int, default=2048, help="SWALIPV1 projector hidden width")
+    g.add_argument("--swalip-num-proto", type=int, default=3000, help="SWALIPV1 learned prototypes")
+    g.add_argument("--swalip-temperature", type=float, default=0.1, help="SWALIPV1 softmax temperature")
+    g.add_argument("--swalip-learn-temperature", action="store_true", help="SWALIPV1: learn the temperature")
+    g.add_argument("--swalip-no-shared-proto", action="store_true", help="SWALIPV1: one prototype set per modality")
+    g.add_argument("--swalip-freeze-proto-iters", type=int, default=100,
+                   help="SWALIPV1: optimizer steps during which the prototypes do not move")
+    g = p.add_argument_group("augment:image")
+    g.add_argument("--multicrop-resize", type=int, default=None,
+                   help="strong-view resolution (default: --image-size; ViT backbones need the same size)")
+    g.add_argument("--multicrop-max-scale", type=float, default=1.0, help="upper crop scale of the strong views")
+    g.add_argument("--blur-prob", type=float, default=0.5, help="Gaussian blur probability of a strong view")
+    g.add_argument("--solarize-prob", type=float, default=0.0, help="solarization probability of a strong view")
+    g.add_argument("--grayscale-prob", type=float, default=0.2, help="grayscale probability of a strong view")
+    g.add_argument("--byol-augment", action="store_true",
+                   help="BYOL's asymmetric pair of strong pipelines (needs --num-augs 2)")
+    g.add_argument("--randaugment", nargs="?", const="rand-m9-mstd0.5", default=None, metavar="POLICY",
+                   help="append timm RandAugment (POLICY, default rand-m9-mstd0.5) to the strong views")
+    g = p.add_argument_group("augment:text")
+    g.add_argument("--text-augment", action="store_true",
+                   help="one EDA op per strong text (CL2L); CLIP-layout models get the weak text's stop-word removal")
+    g.add_argument("--clean-before-augment", action="store_true",
+                   help="ftfy + HTML unescape + whitespace + lower-case before augmenting (paper: YFCC15M)")
+    g.add_argument("--remove-stopwords-prob", type=float, default=0.8, help="stop-word removal probability")
+    g.add_argument("--no-text-augment-prob", type=float, default=0.0, help="EDA weight of leaving the text as is")
+    g.add_argument("--synonym-replacement-prob", type=float, default=0.4,
+                   help="EDA weight of WordNet synonym replacement (English; needs scripts/prepare_nltk_data.sh)")
+    g.add_argument("--random-swap-prob", type=float, default=0.4, help="EDA weight of swapping two words")
+    g.add_argument("--random-deletion-prob", type=float, default=0.2, help="EDA weight of deleting words (p=0.1)")
+
+
+def num_augs(spec: ModelSpec, args: argparse.Namespace) -> int:
+    """Strong views per sample: --num-augs, else the objective's registered default (0 for CLIP layouts)."""
+    return spec.objective.num_augs if args.num_augs is None else args.num_augs
+
+
+def parser_flag_groups(parser: argparse.ArgumentParser) -> dict[str, list[str]]:
+    """{argument group title: its flags' dest names}, in parser order (argparse keeps the groups in
+    `_action_groups`, the list its own help formatter walks)."""
+    return {group.title: [a.dest for a in group._group_actions] for group in parser._action_groups}
+
+
+def ignored_flag_errors(spec: ModelSpec, args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[str]:
+    """Flags of a family group (`objective:*`, `augment:image` of `parser`, main.get_args_parser(); the bases and
+    objectives above say who reads each) set away from the parser's defaults on a model that would not read them:
+    an ablation row must never be silently the baseline."""
+    defaults, errors = parser.parse_args([]), []
+    read, owned = flag_groups_read(spec, vars(args)), family_flag_groups()
+    for group, dests in parser_flag_groups(parser).items():
+        changed = [d for d in dests if getattr(args, d) != getattr(defaults, d)]
+        if changed and group in owned and group not in read:
+            it = "it" if len(changed) == 1 else "them"
+            errors.append(f"{', '.join('--' + d.replace('_', '-') for d in changed)}: used only by "
+                          f"{flag_group_readers(group)}; {args.model} would ignore {it}")
+    return errors
+
+
+def recipe_errors(spec: ModelSpec, args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[str]:
+    """Flag combinations of `parser`'s parsed `args` that make no sense for the model `spec` (main.py checks them
+    at parse time)."""
+    errors, name = ignored_flag_errors(spec, args, parser), spec.objective.name
+    if name == "SWALIP" and num_augs(spec, args) < 2:
+        errors.append("SWALIP swaps predictions between strong views: --num-augs must be >= 2")
+    if args.byol_augment and num_augs(spec, args) != 2:
+        errors.append("--byol-augment defines exactly 2 strong views: use --num-augs 2 with a CL2L-base model")
+    if args.num_augs is not None and args.num_augs < 0:
+        errors.append("--num-augs must be >= 0")
+    if args.patch_dropout and not spec.backbone.vit:
+        vits = ", ".join(name for name, backbone in BACKBONES.items() if backbone.vit)
+        errors.append(f"--patch-dropout drops ViT patch tokens; backbone {spec.backbone.name} of {args.model} has none "
+                      f"(ViT backbones: {vits})")
+    if not 0.0 <= args.patch_dropout < 1.0:
+        errors.append(f"--patch-dropout must be in [0, 1), got {args.patch_dropout}")
+    probs = ("text_dropout_prob", "text_drop_path_prob", "blur_prob", "solarize_prob", "grayscale_prob",
+             "remove_stopwords_prob", "no_text_augment_prob", "synonym_replacement_prob", "random_swap_prob",
+             "random_deletion_prob", "label_smoothing", "momentum_tau", "multicrop_max_scale")
+    errors += [f"--{k.replace('_', '-')} must be in [0, 1], got {getattr(args, k)}" for k in probs
+               if not 0.0 <= getattr(args, k) <= 1.0]
+    return errors
 
 
 # --------------------------------------------------------------------------- model descriptions

@@ -824,7 +824,7 @@ def test_caption_sampling_flag_reaches_the_training_dataset(tmp_path, photo, mod
     reader = multi_caption_reader(tmp_path, photo)
     for model in ("CLIP_VITT16_CLIP", "CL2L_VITT16_CL2L"):
         args = main.parse_args(["--model", model, "--dataset", "synthetic", "--caption-sampling", mode])
-        dataset = main.build_train_dataset(models.parse_model_name(model), args, reader, 16, caption_ids)
+        dataset = datasets.build_train_dataset(models.parse_model_name(model), args, reader, 16, caption_ids)
         assert dataset.caption_sampling == mode
     drawn = text_rows(dataset, epochs=4)  # CL2L: weak + 2 strong text views (no stop words in these captions)
     assert all(len(ids) == 3 for ids in drawn.values())

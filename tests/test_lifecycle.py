@@ -102,7 +102,7 @@ class FailAt(losses.CLIPLoss):
 def test_summary_says_failed_with_the_reason_and_the_last_metrics(tmp_path, monkeypatch):
     base = SMALL + ["--output-dir", str(tmp_path), "--name", "f", "--epochs", "2"]
     main.main(base + ["--max-steps", "4"])  # one epoch, evaluated
-    monkeypatch.setattr(main, "build_criterion", lambda *a: FailAt(3))
+    monkeypatch.setattr(losses, "build_criterion", lambda *a: FailAt(3))
     experiment.PREEMPTED.set()  # an earlier run in this process was preempted (the submitit trainer's flag)
     with pytest.raises(RuntimeError, match="boom"):
         main.main(base)
@@ -114,7 +114,7 @@ def test_summary_says_failed_with_the_reason_and_the_last_metrics(tmp_path, monk
 def test_a_nonfinite_stop_says_stopped(tmp_path, monkeypatch):
     from test_train import NaNAt
 
-    monkeypatch.setattr(main, "build_criterion", lambda *a: NaNAt({2}))
+    monkeypatch.setattr(losses, "build_criterion", lambda *a: NaNAt({2}))
     with pytest.raises(engine.NonFiniteStop):
         main.main(SMALL + ["--output-dir", str(tmp_path), "--name", "nan"])
     summary = summary_of(tmp_path / "nan")

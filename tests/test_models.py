@@ -97,7 +97,7 @@ def test_readme_flag_tables_are_the_parsers():
     import flag_tables
 
     tables = flag_tables.render(main.get_args_parser())
-    for group, dests in main.flag_groups(main.get_args_parser()).items():
+    for group, dests in registry.parser_flag_groups(main.get_args_parser()).items():
         assert all(f"`--{d.replace('_', '-')}`" in tables for d in dests), group
 
 

@@ -372,7 +372,7 @@ def test_a_flag_the_model_would_ignore_fails_at_parse_time(capsys):
 def test_registry_flag_groups_are_the_parsers_and_recipe_fields_are_flags():
     """Who reads which flags is registry data naming parser groups: every declared group exists, every family
     group of the parser is declared, and RecipeOptions is filled from the flags by field name (same defaults)."""
-    groups = main.flag_groups(main.get_args_parser())
+    groups = registry.parser_flag_groups(main.get_args_parser())
     family = {g for g in groups if g.startswith("objective:")} | {"augment:image"}
     assert registry.family_flag_groups() == family and family <= set(groups)
     assert [g for g, dests in groups.items() if dests][:4] == ["data", "model", "objective", "objective:cl2l"]
@@ -458,7 +458,7 @@ PAPER_COMMANDS = [
 def test_paper_commands_parse(command):
     args = main.parse_args(shlex.split(command))
     spec = models.parse_model_name(args.model)
-    assert main.num_augs(spec, args) == 2
+    assert registry.num_augs(spec, args) == 2
     recipe = registry.recipe_from_flags(vars(args))
     assert registry.config_from_flags(vars(args))["kwargs"]["recipe"] == dataclasses.asdict(recipe)
     assert recipe.separate_proj and recipe.text_dropout_prob == args.text_dropout_prob
@@ -496,8 +496,8 @@ def test_every_objective_trains_two_steps(name, extra):
     spec = models.parse_model_name(name)
     model = models.build_from_config(registry.config_from_flags(vars(args)))
     tokenizer = datasets.build_tokenizer(spec.base.tokenizer, spec.base.context_length)
-    dataset = main.build_train_dataset(spec, args, readers.build_reader("synthetic", "train"), 32, tokenizer)
-    criterion = main.build_criterion(spec, args, utils.DistEnv())
+    dataset = datasets.build_train_dataset(spec, args, readers.build_reader("synthetic", "train"), 32, tokenizer)
+    criterion = losses.build_criterion(spec, args, utils.DistEnv())
     if "--siglip-chunked" in extra:
         assert isinstance(criterion, losses.ChunkedSIGLIPLoss)
     optimizer = torch.optim.AdamW(engine.param_groups(model, args.wd), lr=args.lr)
@@ -587,4 +587,4 @@ def test_vit_strong_views_must_match_the_image_size():
     args = main.parse_args(["--model", "CL2L_VITT16_CL2L", "--multicrop-resize", "24"])
     spec = models.parse_model_name(args.model)
     with pytest.raises(SystemExit, match="takes one input size"):
-        main.build_train_dataset(spec, args, readers.build_reader("synthetic", "train"), 32, None)
+        datasets.build_train_dataset(spec, args, readers.build_reader("synthetic", "train"), 32, None)

@@ -101,7 +101,7 @@ def test_missing_wordnet_fails_at_start_with_the_fix(tmp_path, monkeypatch):
     args = main.parse_args(["--model", "CL2L_VITT16_CL2L", "--text-augment"])
     spec = registry.parse_model_name(args.model)
     with pytest.raises(SystemExit, match="scripts/ci_wordnet.sh"):
-        main.build_train_dataset(spec, args, readers.build_reader("synthetic", "train"), 32, None)
+        datasets.build_train_dataset(spec, args, readers.build_reader("synthetic", "train"), 32, None)
 
 
 def test_prepare_nltk_data_copies_and_generates_lexnames(tmp_path):

@@ -361,7 +361,7 @@ class NaNAt(losses.CLIPLoss):
 
 
 def test_nonfinite_loss_dumps_batch_and_stops(tiny_run_args, tmp_path, monkeypatch):
-    monkeypatch.setattr(main, "build_criterion", lambda *a: NaNAt({3}))
+    monkeypatch.setattr(losses, "build_criterion", lambda *a: NaNAt({3}))
     with pytest.raises(SystemExit) as info:
         main.main(tiny_run_args + ["--name", "nan"])
     message = str(info.value)
@@ -376,7 +376,7 @@ def test_nonfinite_loss_dumps_batch_and_stops(tiny_run_args, tmp_path, monkeypat
 
 
 def test_max_nonfinite_skips_and_the_epoch_completes(tiny_run_args, tmp_path, monkeypatch):
-    monkeypatch.setattr(main, "build_criterion", lambda *a: NaNAt({3}))
+    monkeypatch.setattr(losses, "build_criterion", lambda *a: NaNAt({3}))
     argv = flag(tiny_run_args, "--batch-size", "32") + ["--name", "skip", "--max-nonfinite", "1"]
     summary = main.main(argv)
     assert summary["epoch"] == 1 and summary["step"] == 8  # the skipped step consumed its batch, no update
@@ -388,7 +388,7 @@ def test_max_nonfinite_skips_and_the_epoch_completes(tiny_run_args, tmp_path, mo
 
 def test_nonfinite_skip_with_exact_accumulation(tiny_run_args, tmp_path, monkeypatch):
     """With --update-freq 2 the NaN shows up in the recompute pass; the step is skipped cleanly."""
-    monkeypatch.setattr(main, "build_criterion", lambda *a: NaNAt({4}))
+    monkeypatch.setattr(losses, "build_criterion", lambda *a: NaNAt({4}))
     summary = main.main(tiny_run_args + ["--name", "skipk", "--max-nonfinite", "1", "--update-freq", "2",
                                          "--max-steps", "3"])
     assert summary["step"] == 3

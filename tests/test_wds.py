@@ -22,7 +22,6 @@ import datasets
 import launch
 import main
 import readers
-import utils
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_CN = ["--model", "CNCLIP_VITT16_CLIP", "--text-model", "BERT-tiny-chinese", "--image-size", "32",
@@ -335,11 +334,11 @@ def test_mixture_draws_sources_by_weight_from_the_seed(tmp_path):
     samples = [int(sample[1][0]) for _, sample in zip(range(150), three)]
     assert [{1: 0, 2: 1, 0: 2}[i // 1000] for i in samples] == expected[:150]  # sources 0, 1 map-style, 2 wds
     args = main.parse_args(["--dataset", "synthetic,digits", "--batch-size", "8"])
-    stream = main.build_stream(args, composer(), [a, b], utils.DistEnv())
+    stream = datasets.build_stream(args, composer(), [a, b], main.dataset_weights(args))
     assert np.allclose(stream.probs, [50 / 80, 30 / 80]) and stream.batches_per_epoch == 80 // 8
     args = main.parse_args(["--dataset", "synthetic,digits", "--batch-size", "8", "--dataset-weights", "1,3",
                             "--samples-per-epoch", "200"])
-    stream = main.build_stream(args, composer(), [a, b], utils.DistEnv())
+    stream = datasets.build_stream(args, composer(), [a, b], main.dataset_weights(args))
     assert np.allclose(stream.probs, [0.25, 0.75]) and stream.batches_per_epoch == 200 // 8
 
 

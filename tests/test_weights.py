@@ -388,7 +388,7 @@ def test_finetune_recipe_from_cnclip_checkpoint(tmp_path, muge_sample_root):
     text = [k for k in released if k.startswith("text.bert.encoder")]
     assert any(not torch.equal(state[k], released[k]) for k in text)
     args = main.parse_args(flags)
-    dataset = main.build_train_dataset(models.parse_model_name(args.model), args, readers.SyntheticReader(4),
+    dataset = datasets.build_train_dataset(models.parse_model_name(args.model), args, readers.SyntheticReader(4),
                                        32, datasets.build_tokenizer("bert", 52))
     assert any(isinstance(t, timm.data.auto_augment.AutoAugment) for t in dataset.transform.transforms)
     assert isinstance(args, argparse.Namespace) and args.warmup_steps == 1
