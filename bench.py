@@ -21,6 +21,7 @@ import pickle
 import platform
 import resource
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -1200,6 +1201,26 @@ def _add_siglip_memory_args(p: argparse.ArgumentParser, global_batch: int) -> No
     p.add_argument("--siglip-dim", type=int, default=512, help="embedding width of that measurement")
 
 
+def _run_ranks(target: str, config: dict, world: int) -> list[dict]:
+    """`bench.<target>(json config)` on `world` fresh gloo processes on this machine; their printed JSON lines, in
+    rank order. RuntimeError with their stderr when one fails."""
+    with socket.socket() as sock:  # a free port for this process group
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    # a fixed mmap threshold: blocks >= 128 KiB go back to the OS when freed, so RSS follows the live tensors
+    # (glibc's dynamic threshold keeps the ring's freed 16 MB blocks in the heap: 216 MB instead of 60 at 4 ranks)
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world),
+               OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="131072")
+    here = os.path.dirname(os.path.abspath(__file__))
+    procs = [subprocess.Popen([sys.executable, "-c", f"import sys, bench; bench.{target}(sys.argv[1])",
+                               json.dumps(config)], cwd=here, env={**env, "RANK": str(r)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in range(world)]
+    outs = [p.communicate() for p in procs]
+    if any(p.returncode for p in procs):
+        raise RuntimeError(f"{target} {config} failed:\n" + "\n".join(err[-2000:] for _, err in outs))
+    return [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+
+
 def _siglip_loss_rank(config: str) -> None:
     """One gloo rank (RANK, WORLD_SIZE, MASTER_ADDR/PORT from the environment): the memory of one SigLIP loss
     forward + backward on random unit features of B = N / world rows, gathered (`SIGLIPLoss` with
@@ -1249,31 +1270,12 @@ def _siglip_loss_rank(config: str) -> None:
 def _siglip_loss_memory(args: argparse.Namespace) -> list[dict]:
     """`_siglip_loss_rank` on --siglip-ranks fresh processes, gathered then chunked; one row per form with the
     largest per-rank loss memory, and the (B, N) vs (B, B) fp32 logit matrix one rank holds."""
-    import os
-    import socket
-    import subprocess
-
     world, N = args.siglip_ranks, args.siglip_global_batch
     if N % world:
         raise SystemExit(f"--siglip-global-batch {N} is not divisible by --siglip-ranks {world}")
-    here, rows = os.path.dirname(os.path.abspath(__file__)), []
+    rows = []
     for chunked in (False, True):
-        with socket.socket() as sock:  # a free port for this process group
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        # a fixed mmap threshold: blocks >= 128 KiB go back to the OS when freed, so RSS follows the live tensors
-        # (glibc's dynamic threshold keeps the ring's freed 16 MB blocks in the heap: 216 MB instead of 60 at 4 ranks)
-        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world),
-                   OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="131072")
-        cfg = json.dumps({"global_batch": N, "dim": args.siglip_dim, "chunked": chunked})
-        procs = [subprocess.Popen([sys.executable, "-c", "import sys, bench; bench._siglip_loss_rank(sys.argv[1])",
-                                   cfg], cwd=here, env={**env, "RANK": str(r)}, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True) for r in range(world)]
-        outs = [p.communicate() for p in procs]
-        if any(p.returncode for p in procs):
-            raise RuntimeError(f"SigLIP loss memory (chunked={chunked}) failed:\n"
-                               + "\n".join(err[-2000:] for _, err in outs))
-        ranks = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+        ranks = _run_ranks("_siglip_loss_rank", {"global_batch": N, "dim": args.siglip_dim, "chunked": chunked}, world)
         B = N // world
         rows.append({"form": "chunked (ring)" if chunked else "gathered", "global_batch": N, "ranks": world,
                      "local_batch": B, "logits_MB": B * (B if chunked else N) * 4 / 2**20,
@@ -1414,6 +1416,104 @@ def bench_objectives(args: argparse.Namespace) -> dict:
     return {"device": str(device), "batch_size": args.batch_size, "image_size": args.image_size,
             "backbone": args.backbone, "load_average": [load_before, load_after], "rows": table, **aug,
             "two_worker_feed_ratio": feed, "siglip_loss_memory": siglip, "siglip_chunked_memory_ratio": ratio}
+
+
+# --------------------------------------------------------------------------- fsdp (issue 15)
+def _add_fsdp_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="CLIP_VITB16_CLIP", help="model name (default: ViT-B/16, 150 M parameters)")
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=8, help="per rank")
+    p.add_argument("--ranks", type=int, default=2, help="gloo CPU ranks")
+    p.add_argument("--steps", type=int, default=3, help="timed optimizer steps after one warm-up step")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+
+
+def _local_bytes(tensors) -> int:
+    """Bytes this rank holds of `tensors` (a DTensor's local shard)."""
+    total = 0
+    for t in tensors:
+        t = t.to_local() if hasattr(t, "to_local") else t
+        total += t.numel() * t.element_size()
+    return total
+
+
+def _fsdp_rank(config: str) -> None:
+    """One gloo rank (RANK, WORLD_SIZE, MASTER_ADDR/PORT from the environment) training `flags`' model as main.py
+    does, under DDP or `fsdp.shard_model`: one warm-up step (AdamW's state exists after it), then `steps` timed
+    steps. Prints {"params_mb", "adam_mb"} (the parameters and AdamW moments this rank holds), "base_mb" (RSS after
+    the warm-up), "peak_mb" (peak RSS over the timed steps) and "step_s" (median)."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    import engine
+    import fsdp
+    import losses
+    import main as trainer
+    import models
+    import registry
+
+    cfg = json.loads(config)
+    torch.set_num_threads(1)
+    utils.init_process_group("gloo")
+    env = utils.DistEnv(dist.get_rank(), dist.get_world_size(), 0, torch.device("cpu"))
+    args = trainer.parse_args(cfg["flags"])
+    spec = models.parse_model_name(args.model)
+    torch.manual_seed(0)
+    model = models.build_from_config(registry.config_from_flags(vars(args)))
+    model = fsdp.shard_model(model, args.precision) if cfg["fsdp"] else model
+    wrapped = model if cfg["fsdp"] else DistributedDataParallel(model)
+    optimizer = torch.optim.AdamW(engine.param_groups(model, args.wd), lr=1e-4)
+    criterion, scaler = losses.build_criterion(spec, args, env), torch.amp.GradScaler("cpu", enabled=False)
+    step_config, state = engine.StepConfig.from_args(args, env.device), engine.RunState()
+    g = torch.Generator().manual_seed(env.rank)
+    tokens = torch.randint(1, 4000, (args.batch_size, 77), generator=g)
+    tokens[:, 20] = 49407  # end of text: 21 tokens
+    batch = (torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=g), tokens)
+
+    def step() -> None:
+        engine.forward_backward(wrapped, criterion, [batch], step_config, scaler)
+        engine.optimizer_step(wrapped, optimizer, scaler, state, 100)
+        state.step += 1
+
+    step()
+    held = {"params_mb": _local_bytes(model.parameters()) / 2**20,
+            "adam_mb": _local_bytes(v for s in optimizer.state.values() for v in s.values()
+                                    if torch.is_tensor(v) and v.ndim) / 2**20}
+    gc.collect()
+    dist.barrier()
+    read_peak = _reset_cpu_peak()
+    base = _rss_bytes("VmRSS")
+    times = []
+    for _ in range(cfg["steps"]):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    peak = read_peak()
+    dist.barrier()
+    dist.destroy_process_group()
+    print(json.dumps({**held, "base_mb": base / 2**20, "peak_mb": peak / 2**20, "step_s": statistics.median(times)}))
+
+
+@subcommand("fsdp", _add_fsdp_args)
+def bench_fsdp(args: argparse.Namespace) -> dict:
+    """Per-rank memory and step time of `--fsdp` (fully_shard per block and tower) against DDP, on --ranks gloo
+    CPU processes of one thread each, same model, batch and seed: what sharding saves of the parameters and AdamW
+    state each rank holds, and what its all-gathers cost in time."""
+    flags = ["--model", args.model, "--image-size", str(args.image_size), "--batch-size", str(args.batch_size),
+             "--precision", args.precision, "--device", "cpu"]
+    load_before, rows = os.getloadavg()[0], []
+    for sharded in (False, True):
+        ranks = _run_ranks("_fsdp_rank", {"flags": flags, "fsdp": sharded, "steps": args.steps}, args.ranks)
+        rows.append({"impl": "fsdp" if sharded else "ddp", **{k: max(r[k] for r in ranks) for k in ranks[0]}})
+    ddp, fsdp_row = rows
+    ratios = {k: fsdp_row[k] / ddp[k] for k in ("params_mb", "adam_mb", "peak_mb", "step_s")}
+    print(f"{args.model} at {args.image_size} px, batch {args.batch_size} per rank, {args.precision}, {args.ranks} "
+          f"gloo CPU ranks of 1 thread; per rank, the largest of the ranks (load {load_before:.1f} -> "
+          f"{os.getloadavg()[0]:.1f})")
+    print(markdown_table(rows))
+    print("fsdp / ddp: " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items()))
+    return {"model": args.model, "image_size": args.image_size, "batch_size": args.batch_size, "ranks": args.ranks,
+            "precision": args.precision, "rows": rows, "fsdp_over_ddp": ratios}
 
 
 # --------------------------------------------------------------------------- launch (issue 5)

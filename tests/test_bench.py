@@ -87,6 +87,18 @@ def test_bench_siglip_loss_memory_runs_both_forms_on_gloo_ranks():
     assert math.isclose(rows[0]["mean_loss"], rows[1]["mean_loss"], rel_tol=1e-5)
 
 
+@pytest.mark.slow
+def test_bench_fsdp_holds_half_the_parameters_and_adam_state_per_rank(capsys):
+    """`bench.py fsdp` at toy size: DDP and --fsdp on 2 gloo ranks; each FSDP rank holds half of every sharded
+    parameter and of AdamW's moments (the 0-dim temperature stays whole: a few bytes)."""
+    result = bench.main(["fsdp", "--model", "CLIP_VITT16_CLIP", "--image-size", "32", "--steps", "1"])
+    assert [r["impl"] for r in result["rows"]] == ["ddp", "fsdp"]
+    assert result["fsdp_over_ddp"]["params_mb"] == pytest.approx(0.5, abs=0.01)
+    assert result["fsdp_over_ddp"]["adam_mb"] == pytest.approx(0.5, abs=0.01)
+    assert all(r["step_s"] > 0 and r["peak_mb"] > 0 for r in result["rows"])
+    assert "fsdp / ddp: params_mb 0.50" in capsys.readouterr().out
+
+
 def test_bench_retrieval_reports_processes_compute_and_extraction(tmp_path):
     """`bench.py retrieval` at toy scale without the reference: our two processes, the floor, the compute
     ratio and the VITB16 extract throughput are all reported."""
