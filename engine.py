@@ -604,7 +604,9 @@ NO_DECAY_KEYS = ("logit_scale", "token_embedding", "positional_embedding", "pos_
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: no decay for biases, norm weights (ndim < 2), embeddings and logit_scale."""
+    """AdamW groups: no decay for biases, norm weights (ndim < 2), embeddings and logit_scale. The decayed matrices
+    come first: under --fsdp --precision fp16, GradScaler's overflow check reads the placements of the first gradient
+    of its list, which must be a sharded one (a replicated 0-dim temperature first fails in DTensor's dispatch)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:

@@ -32,13 +32,16 @@ STATE_FILE = "state.pt"  # the non-tensor parts of a sharded checkpoint (torch.s
 
 
 def mixed_precision(precision: str):
-    """FSDP2's policy for `--precision`: parameters all-gathered (and the forward run) in bf16/fp16, gradients
-    reduce-scattered in fp32, the sharded master weights fp32; None for fp32 (no policy)."""
+    """FSDP2's policy for `--precision`: bf16 all-gathers the parameters (and runs the forward) in bf16 and
+    reduce-scatters the gradients in fp32, the sharded master weights fp32. None (no policy: fp32 all-gathers) for
+    fp32 and for fp16, whose forward runs under fp16 autocast as DDP's does: fp16 parameters throughout (layer norms,
+    softmax) overflowed the loss scaler's first step where DDP's autocast did not, so fp16 FSDP would not be the
+    same run as fp16 DDP. fp16's GradScaler needs nothing more: on DTensor gradients its overflow check is
+    all-reduced over the mesh by DTensor's dispatch (torch/distributed/tensor/_dispatch.py
+    `found_inf_reduce_handler`), so every rank skips an overflowed step together."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
-    return MixedPrecisionPolicy(param_dtype=dtypes[precision], reduce_dtype=torch.float32) \
-        if precision in dtypes else None
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if precision == "bf16" else None
 
 
 def shard_model(model: nn.Module, precision: str) -> nn.Module:

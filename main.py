@@ -608,9 +608,6 @@ def train(args: argparse.Namespace, env: utils.DistEnv, exp_dir: str) -> dict:
     import utils
     import weights
 
-    if args.fsdp and args.precision == "fp16":  # fp16 parameters + loss scaling under sharding: not verified
-        raise SystemExit("--fsdp with --precision fp16 is not supported (sharded fp16 gradients with the loss "
-                         "scaler diverged from DDP in our check): use --precision bf16 or fp32")
     if args.fsdp and not env.distributed:
         raise SystemExit("--fsdp needs a distributed launch (torchrun/srun, >= 2 ranks): one process holds the "
                          "whole model anyway; drop --fsdp (such a run also resumes an --fsdp checkpoint)")

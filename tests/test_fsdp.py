@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from conftest import TINY_RUN
+from conftest import TINY_RUN, run_gloo_ranks
 from test_train import EPS, assert_same_tensors, flag, load, log_records, run_subprocess
 
 import engine
@@ -119,11 +119,57 @@ def test_eval_and_weights_read_a_sharded_checkpoint(runs, tmp_path):
     assert (record["source_model"], record["step"]) == ("CLIP_VITT16_CLIP", 2)
 
 
-def test_fsdp_without_a_distributed_launch_or_with_fp16_is_refused(tiny_run_args):
+def test_fsdp_without_a_distributed_launch_is_refused(tiny_run_args):
     with pytest.raises(SystemExit, match="--fsdp needs a distributed launch"):
         main.main(tiny_run_args + ["--fsdp", "--max-steps", "1"])
-    with pytest.raises(SystemExit, match="--fsdp with --precision fp16 is not supported"):
-        main.main(tiny_run_args + ["--fsdp", "--precision", "fp16", "--max-steps", "1", "--name", "fp16"])
+
+
+@pytest.mark.slow
+def test_fsdp_fp16_equals_ddp_fp16(tmp_path):
+    """--precision fp16: FSDP with fp32 all-gathers under the same fp16 autocast as DDP gives DDP's parameters and
+    loss-scaler state after two exactly accumulated steps (fp16 all-gathered parameters overflowed the first step)."""
+    base = base_args(tmp_path) + ["--precision", "fp16", "--max-steps", "2", "--eval-freq", "0"]
+    run_subprocess(base + ["--name", "ddp"], launcher=TORCHRUN)
+    run_subprocess(base + ["--name", "fsdp", "--fsdp"], launcher=TORCHRUN)
+    sharded = fsdp.read_checkpoint(str(tmp_path / "fsdp" / "checkpoint.pt"))
+    ddp = load(tmp_path / "ddp" / "checkpoint.pt")
+    assert sharded["step"] == ddp["step"] == 2 and sharded["scaler"] == ddp["scaler"]
+    assert sharded["scaler"]["scale"] > 0
+    assert_same_tensors(sharded["model"], ddp["model"], atol=1e-6)
+
+
+def _overflow_on_rank_0(rank: int, world: int) -> dict:
+    """One fp16 step of a sharded tiny model in which only rank 0's shard of one gradient overflows."""
+    import losses
+    import registry
+    import utils
+
+    torch.manual_seed(0)
+    model = fsdp.shard_model(models.build_from_config(registry.config_from_flags(vars(main.parse_args(TINY_RUN)))),
+                             "fp16")
+    optimizer = torch.optim.AdamW(engine.param_groups(model, 0.1), lr=1e-3)  # as main.py builds them
+    scaler = torch.amp.GradScaler("cpu")
+    tokens = torch.randint(1, 400, (2, 77))
+    tokens[:, 5] = 49407
+    with utils.autocast("fp16", torch.device("cpu")):
+        out = model(torch.randn(2, 3, 32, 32), tokens)
+    scaler.scale(losses.CLIPLoss()(out)["loss"]).backward()
+    if rank == 0:
+        model.visual.blocks[0].attn.qkv.weight.grad.to_local()[0, 0] = float("inf")
+    local = lambda p: (p.to_local() if hasattr(p, "to_local") else p).detach().clone()  # noqa: E731
+    before = [local(p) for p in model.parameters()]
+    scaler.step(optimizer)
+    scaler.update()
+    return {"stepped": any(not torch.equal(b, local(p)) for b, p in zip(before, model.parameters())),
+            "scale": scaler.get_scale()}
+
+
+def test_fsdp_fp16_ranks_skip_an_overflowed_step_together(tmp_path):
+    """Each rank unscales only its gradient shards: when one shard overflows, every rank must skip the step (and
+    halve the scale), or the model becomes a mixture of stepped and unstepped shards. GradScaler's check on the
+    DTensor gradients is all-reduced (DTensor's dispatch), given main.py's optimizer groups (fsdp.mixed_precision)."""
+    ranks = run_gloo_ranks(_overflow_on_rank_0, 2, tmp_path)
+    assert ranks == [{"stepped": False, "scale": 32768.0}] * 2
 
 
 def test_replace_dir_keeps_the_old_checkpoint_until_the_new_one_is_in_place(tmp_path):
