@@ -227,6 +227,19 @@ def _rename(key: str, pairs: list[tuple[str, str]]) -> str | None:
     return None
 
 
+def _rename_blockwise(key: str, blocks: tuple[str, str], block_pairs: list[tuple[str, str]],
+                      top_pairs: list[tuple[str, str]], top_prefix: str = "") -> str | None:
+    """`key` in another layout: `{blocks[0]}.{i}.rest` -> `{blocks[1]}.{i}.` + rest renamed by `block_pairs`, else
+    `top_prefix` + the key renamed by `top_pairs`; None when neither table names it (a block key whose rest no
+    block pair names is tried against the top table)."""
+    m = re.match(rf"{re.escape(blocks[0])}\.(\d+)\.(.+)", key)
+    rest = _rename(m.group(2), block_pairs) if m else None
+    if rest is not None:
+        return f"{blocks[1]}.{m.group(1)}.{rest}"
+    top = _rename(key, top_pairs)
+    return None if top is None else top_prefix + top
+
+
 def openai_visual_to_ours(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """OpenAI/Chinese-CLIP `visual.*` keys (no prefix) -> ours (`visual.*` and `image_projection.weight`)."""
     out = {}
@@ -237,17 +250,14 @@ def openai_visual_to_ours(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
                  f"visual.{k.removeprefix('trunk.')}" if k.startswith("trunk.") else f"unexpected:visual.{k}"): v
                 for k, v in sd.items()}
     for key, value in sd.items():
-        m = re.match(r"transformer\.resblocks\.(\d+)\.(.+)", key)
         if key == "class_embedding":
             out["visual.cls_token"] = value.reshape(1, 1, -1)
         elif key == "positional_embedding":
             out["visual.pos_embed"] = value.unsqueeze(0)
         elif key == "proj":
             out["image_projection.weight"] = value.t().contiguous()
-        elif m and _rename(m.group(2), _VIT_BLOCK):
-            out[f"visual.blocks.{m.group(1)}.{_rename(m.group(2), _VIT_BLOCK)}"] = value
-        elif _rename(key, _VIT_TOP):
-            out["visual." + _rename(key, _VIT_TOP)] = value
+        elif new := _rename_blockwise(key, ("transformer.resblocks", "visual.blocks"), _VIT_BLOCK, _VIT_TOP, "visual."):
+            out[new] = value
         else:
             out["unexpected:visual." + key] = value
     return out
@@ -266,17 +276,14 @@ def ours_visual_to_openai(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
         if not key.startswith("visual."):
             continue
         key = key[len("visual."):]
-        m = re.match(r"blocks\.(\d+)\.(.+)", key)
         if resnet:
             out[key] = value
         elif key == "cls_token":
             out["class_embedding"] = value.reshape(-1)
         elif key == "pos_embed":
             out["positional_embedding"] = value.squeeze(0)
-        elif m and _rename(m.group(2), inv_block):
-            out[f"transformer.resblocks.{m.group(1)}.{_rename(m.group(2), inv_block)}"] = value
-        elif _rename(key, inv_top):
-            out[_rename(key, inv_top)] = value
+        elif new := _rename_blockwise(key, ("blocks", "transformer.resblocks"), inv_block, inv_top):
+            out[new] = value
         else:
             raise WeightsError(f"our vision key visual.{key} has no OpenAI/Chinese-CLIP equivalent")
     return out
@@ -411,10 +418,8 @@ def _transformer_to_hf(sd: dict[str, torch.Tensor], top: list[tuple[str, str]], 
             kind = m.group(2).rsplit("_", 1)[1]
             for name, part in zip(_QKV, value.chunk(3, dim=0)):  # in_proj rows are [q; k; v]
                 out[f"encoder.layers.{m.group(1)}.self_attn.{name}.{kind}"] = part.contiguous()
-        elif m and _rename(m.group(2), _HF_BLOCK):
-            out[f"encoder.layers.{m.group(1)}.{_rename(m.group(2), _HF_BLOCK)}"] = value
-        elif _rename(key, top):
-            out[_rename(key, top)] = value
+        elif new := _rename_blockwise(key, ("transformer.resblocks", "encoder.layers"), _HF_BLOCK, top):
+            out[new] = value
         else:
             raise WeightsError(f"{where}{key} has no equivalent in transformers' CLIP towers")
     return out
@@ -431,10 +436,8 @@ def _transformer_from_hf(sd: dict[str, torch.Tensor], top: list[tuple[str, str]]
         q = re.fullmatch(r"self_attn\.([qkv]_proj)\.(weight|bias)", m.group(2)) if m else None
         if q:
             qkv.setdefault((m.group(1), q.group(2)), {})[q.group(1)] = value
-        elif m and _rename(m.group(2), inv_block):
-            out[f"transformer.resblocks.{m.group(1)}.{_rename(m.group(2), inv_block)}"] = value
-        elif _rename(key, inv_top):
-            out[_rename(key, inv_top)] = value
+        elif new := _rename_blockwise(key, ("encoder.layers", "transformer.resblocks"), inv_block, inv_top):
+            out[new] = value
         elif not key.endswith(_HF_BUFFERS):
             out[where + key] = value
     for (layer, kind), parts in qkv.items():
