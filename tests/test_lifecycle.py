@@ -358,6 +358,9 @@ def test_lab_loop_sweep_requeue_rerun_and_report_on_slurm(tmp_path):
              or experiment.finished_summary(victim), 120, "the interrupted run's summary")
     for n in names:
         wait_for(lambda n=n: experiment.finished_summary(os.path.join(root, n)), 300, f"{n} to finish", poll=1)
+    # summary.json is not a run's last write: its "summary:" log line and the launcher's "end" event follow it
+    wait_for(lambda: not subprocess.run(["squeue", "-h", "-j", array], capture_output=True, text=True).stdout.strip(),
+             120, "every task's process to exit")
     events = [json.loads(x) for x in open(os.path.join(victim, "launch_events.jsonl"))]
     assert [e["event"] for e in events].count("start") == 2, events
     assert "preempted or timed out" in open(os.path.join(victim, "train.log")).read()
