@@ -713,10 +713,9 @@ def build_train_dataset(spec: registry.ModelSpec, args: argparse.Namespace, read
             clean_before_augment=args.clean_before_augment)
     if not multi_view:
         return ImageTextDataset(reader, weak, tokenizer, caption_sampling=args.caption_sampling,
-                                         max_bad_samples=args.max_bad_samples, text_augmenter=augmenter)
+                                max_bad_samples=args.max_bad_samples, text_augmenter=augmenter)
     strong = strong_view_transforms(
         registry.num_augs(spec, args), args.multicrop_resize or image_size, args.multicrop_max_scale, args.blur_prob,
         args.solarize_prob, args.grayscale_prob, args.byol_augment, args.randaugment)
     return MultiViewDataset(reader, weak, tokenizer, caption_sampling=args.caption_sampling,
-                                     max_bad_samples=args.max_bad_samples, strong_transforms=strong,
-                                     text_augmenter=augmenter)
+                            max_bad_samples=args.max_bad_samples, strong_transforms=strong, text_augmenter=augmenter)

@@ -456,14 +456,11 @@ def build_criterion(spec: registry.ModelSpec, args: argparse.Namespace, env: uti
     if spec.objective.loss == "siamlip":
         return SIAMLIPLoss(**common)
     if spec.objective.loss == "swalip":
-        return SWALIPLoss(**common, epsilon=args.target_epsilon, sk_iters=args.sk_iters,
-                                 weight=args.swalip_weight)
+        return SWALIPLoss(**common, epsilon=args.target_epsilon, sk_iters=args.sk_iters, weight=args.swalip_weight)
     if spec.objective.loss == "swalipv1":
-        return SWALIPV1Loss(**common, epsilon=args.target_epsilon, sk_iters=args.sk_iters,
-                                   weight=args.swalip_weight)
+        return SWALIPV1Loss(**common, epsilon=args.target_epsilon, sk_iters=args.sk_iters, weight=args.swalip_weight)
     if spec.objective.loss == "siglip" and args.siglip_chunked:
-        return ChunkedSIGLIPLoss(utils.ring_shift_with_grad if env.distributed else identity_gather,
-                                        env.world_size)
+        return ChunkedSIGLIPLoss(utils.ring_shift_with_grad if env.distributed else identity_gather, env.world_size)
     if spec.objective.loss == "siglip":
         return SIGLIPLoss(gather, env.rank)
     raise ValueError(f"objective {spec.objective.name}: loss {spec.objective.loss!r} is not implemented")
