@@ -5,9 +5,10 @@ What belongs here and nothing else:
   mixed-precision policy of `--precision`;
 - `gradient_sync`: the FSDP2 counterpart of DDP's `no_sync` for gradient accumulation;
 - sharded checkpoints (a `torch.distributed.checkpoint` directory in place of `checkpoint.pt`): `save_sharded`
-  (atomic: a complete directory renamed into place), `load_sharded` (onto a sharded or a plain model, any world
-  size), `read_model_state` (a plain state_dict without a process group, for evaluation and export),
-  `is_sharded_checkpoint` and `recover_interrupted_swap`.
+  (atomic: a complete directory renamed into place), `copy_sharded`, `load_sharded` (onto a sharded or a plain
+  model, any world size), `read_checkpoint` (a plain dict without a process group, for evaluation and export) and
+  `is_sharded_checkpoint`;
+- the 0-dim parameters FSDP leaves whole: `replicated_params`, `reduce_replicated_grads`.
 
 Upstream: torch/distributed/fsdp/_fully_shard/_fully_shard.py and torch/distributed/checkpoint/ (torch 2.14.1);
 the per-block then per-tower then root order follows torchtitan's `apply_fsdp` (models/llama3/parallelize.py).
@@ -208,23 +209,20 @@ _METADATA_GLOBALS = frozenset(
        ("pathlib", "PosixPath"), ("pathlib", "WindowsPath")})
 
 
-def load_sharded(path: str, model: nn.Module, optimizer) -> dict:
+def load_sharded(path: str, model: nn.Module, optimizer, param_groups: list[dict]) -> None:
     """Load the checkpoint directory `path` (`save_sharded`) into `model` and `optimizer`, sharded or plain, on
-    any world size (DCP reshards by parameter name); returns the other keys (state.pt, weights_only). A collective
-    when a process group is up. Tensors are read by DCP with torch.load(weights_only=True), `.metadata` by
-    `_reader`'s restricted unpickler; nothing else is unpickled."""
+    any world size (DCP reshards by parameter name); `param_groups` are the optimizer's, from the checkpoint's
+    state.pt, which the caller has read already (`read_checkpoint`, or utils.load_checkpoint of STATE_FILE). A
+    collective when a process group is up. Tensors are read by DCP with torch.load(weights_only=True), `.metadata`
+    by `_reader`'s restricted unpickler; nothing else is unpickled."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    import utils
-
-    extra = utils.load_checkpoint(os.path.join(path, STATE_FILE))
     state, _ = _tensor_state(model, optimizer)
     dcp.load(state, storage_reader=_reader(path), no_dist=not dist.is_initialized())
     set_state_dict(model, optimizer, model_state_dict=state["model"],
-                   optim_state_dict={"state": state["optimizer"]["state"], "param_groups": extra["param_groups"]})
-    return extra
+                   optim_state_dict={"state": state["optimizer"]["state"], "param_groups": param_groups})
 
 
 def read_checkpoint(path: str) -> dict:

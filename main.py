@@ -516,7 +516,7 @@ def restore(path: str, model, optimizer, scaler, state: engine.RunState, args,
         raise SystemExit(f"checkpoint {path} was written by a run with other flags ({experiment.describe_diff(diff)}):"
                          " resuming it would not continue that run; start from its weights with --pretrained instead")
     if sharded:  # any world size, into a sharded or a plain model (a collective when a process group is up)
-        fsdp.load_sharded(path, engine.unwrap(model), optimizer)
+        fsdp.load_sharded(path, engine.unwrap(model), optimizer, ckpt["param_groups"])
     else:
         weights.load_weights_dict(engine.unwrap(model), ckpt["model"], path)
         optimizer.load_state_dict(ckpt["optimizer"])

@@ -59,7 +59,7 @@ def plain_state(path: str) -> tuple[dict, dict]:
     ckpt = fsdp.read_checkpoint(path)
     model = models.build_from_config(ckpt["model_config"])
     optimizer = torch.optim.AdamW(engine.param_groups(model, 0.1))
-    fsdp.load_sharded(path, model, optimizer)
+    fsdp.load_sharded(path, model, optimizer, ckpt["param_groups"])
     return model.state_dict(), optimizer.state_dict()
 
 
